@@ -1,0 +1,139 @@
+"""Result types: one result per (step, host) task, and the run that collects them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from runbook.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE
+
+
+class Status(str, Enum):
+    """What happened to one task (or, in a dry run, what would happen)."""
+
+    OK = "ok"                    # ran (or would run) and changed nothing
+    CHANGED = "changed"          # ran and changed something
+    SKIPPED = "skipped"          # when false, guard satisfied, tag filter, upstream skipped
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+    DEFERRED = "deferred"        # the maintenance window closed before it could start
+    DRIFT = "drift"              # apply: remote state no longer matches the reviewed plan
+    NOT_RUN = "not_run"          # never started: upstream failure, max_failures, interrupt
+    UNKNOWN = "unknown"          # dry run: nothing can tell whether it would change
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Statuses that count as "this task is done" when resuming a run.
+DONE_STATUSES = frozenset({Status.OK, Status.CHANGED, Status.SKIPPED})
+
+
+@dataclass
+class TaskResult:
+    """The outcome of one step on one host."""
+
+    host: str
+    step_id: str
+    action: str
+    status: Status
+    changed: bool = False
+    rc: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    command: str | None = None
+    message: str = ""
+    duration: float = 0.0
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    diff: str | None = None
+    data: dict = field(default_factory=dict)   # action-specific facts (e.g. checksums, bytes)
+    ignored: bool = False                      # failed, but ignore_errors let the host go on
+
+    @property
+    def failed(self) -> bool:
+        """True when the task failed and the failure was not ignored."""
+        return self.status == Status.FAILED and not self.ignored
+
+    def as_dict(self) -> dict:
+        """Return a JSON-ready mapping."""
+        d = asdict(self)
+        d["status"] = self.status.value
+        return d
+
+
+@dataclass
+class RunResult:
+    """Every task result of a run, with the run's identity and how it ended."""
+
+    run_id: str
+    mode: str
+    hosts: list[str]
+    results: list[TaskResult] = field(default_factory=list)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    interrupted: bool = False
+    stop_reason: str | None = None       # e.g. "max_failures exceeded", "window closed"
+    unreachable: dict[str, str] = field(default_factory=dict)  # host -> reason
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from start to finish."""
+        return max(0.0, self.finished_at - self.started_at)
+
+    def for_host(self, host: str) -> list[TaskResult]:
+        """Results of one host, in completion order."""
+        return [r for r in self.results if r.host == host]
+
+    def get(self, host: str, step_id: str) -> TaskResult | None:
+        """The result of one task, if it has one."""
+        for r in self.results:
+            if r.host == host and r.step_id == step_id:
+                return r
+        return None
+
+    def recap(self) -> dict[str, Counter]:
+        """Counts per status per host, like Ansible's PLAY RECAP."""
+        table: dict[str, Counter] = {h: Counter() for h in self.hosts}
+        for r in self.results:
+            table.setdefault(r.host, Counter())[r.status.value] += 1
+        return table
+
+    def totals(self) -> Counter:
+        """Counts per status over all hosts."""
+        return Counter(r.status.value for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed, nothing was unreachable and the run was not interrupted."""
+        return self.exit_code() == EXIT_OK
+
+    def exit_code(self) -> int:
+        """The documented exit code for this outcome."""
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.unreachable or any(r.status == Status.UNREACHABLE for r in self.results):
+            return EXIT_UNREACHABLE
+        if any(r.failed or r.status == Status.DRIFT for r in self.results):
+            return EXIT_TASK_FAILED
+        return EXIT_OK
+
+    def as_dict(self) -> dict:
+        """Return a JSON-ready mapping."""
+        return {
+            "run_id": self.run_id,
+            "mode": self.mode,
+            "hosts": self.hosts,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "wall_time": round(self.wall_time, 3),
+            "interrupted": self.interrupted,
+            "stop_reason": self.stop_reason,
+            "unreachable": self.unreachable,
+            "totals": dict(self.totals()),
+            "recap": {h: dict(c) for h, c in self.recap().items()},
+            "exit_code": self.exit_code(),
+            "results": [r.as_dict() for r in self.results],
+        }
