@@ -7,7 +7,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PrivateAttr, field_validator, model_validator
 
 ACTIONS = ("shell", "command", "upload", "template", "fetch", "wait_for", "assert", "approve")
 GUARDS = ("creates", "removes", "unless", "only_if")
@@ -245,7 +245,9 @@ class Step(_Strict):
     approve: Annotated[ApproveSpec, BeforeValidator(_approve_shorthand)] | None = None
 
     when: str | None = None
-    register: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # `register` would shadow ABCMeta.register on the model class, hence the alias.
+    register_as: str | None = Field(None, alias="register", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="Name under which later steps of the host see this step's result.")
     sudo: bool | str = False
     timeout: Duration | None = None
     retries: int = Field(0, ge=0)
@@ -323,6 +325,9 @@ class Playbook(_Strict):
     host_key_checking: Literal["strict", "accept-new", "off"] | None = None
     steps: Annotated[list[Step], Field(min_length=1)]
     on_failure: list[Step] = Field(default_factory=list)
+
+    # Where the playbook came from: path and node positions (set by the loader, not part of the format).
+    _source: Any = PrivateAttr(None)
 
     @field_validator("batch")
     @classmethod

@@ -1,0 +1,208 @@
+"""Step graph and (step, host) task graph on networkx: defaults, cycles, order, layers, renderings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import networkx as nx
+
+from runbook.errors import PlaybookError, Problems, did_you_mean
+from runbook.model import Playbook, Step
+
+TaskKey = tuple[str, str]  # (step id, host name)
+
+
+def _locate(playbook: Playbook, section: str, index: int, key: str | None = None, item: int | None = None):
+    source = playbook._source
+    path: tuple = (section, index) + ((key,) if key else ()) + ((item,) if item is not None else ())
+    from runbook.errors import Location
+
+    return source.locate(path) if source else Location("<playbook>")
+
+
+@dataclass
+class StepGraph:
+    """Steps as a DAG: an edge a -> b means b needs a. Main steps and on_failure steps are separate graphs."""
+
+    playbook: Playbook
+    graph: nx.DiGraph
+    rescue: nx.DiGraph
+
+    @classmethod
+    def build(cls, playbook: Playbook) -> "StepGraph":
+        """Build both graphs, raising PlaybookError with every id, needs and cycle problem."""
+        problems = Problems()
+        seen: dict[str, tuple[str, int]] = {}
+        for section in ("steps", "on_failure"):
+            for i, step in enumerate(getattr(playbook, section)):
+                sid = step.step_id
+                if sid in seen:
+                    first_section, first_i = seen[sid]
+                    first = _locate(playbook, first_section, first_i)
+                    problems.add(f"duplicate step id `{sid}` (first used at line {first.line})",
+                                 _locate(playbook, section, i, "id" if step.id else "name"),
+                                 "give one of the steps an explicit, unique `id:`", code="duplicate-id")
+                else:
+                    seen[sid] = (section, i)
+        graphs = [cls._section_graph(playbook, section, problems) for section in ("steps", "on_failure")]
+        problems.raise_if_errors(PlaybookError)
+        return cls(playbook, graphs[0], graphs[1])
+
+    @staticmethod
+    def _section_graph(playbook: Playbook, section: str, problems: Problems) -> nx.DiGraph:
+        steps: list[Step] = getattr(playbook, section)
+        g = nx.DiGraph()
+        ids = [s.step_id for s in steps]
+        for i, step in enumerate(steps):
+            g.add_node(step.step_id, step=step, index=i)
+        for i, step in enumerate(steps):
+            sid = step.step_id
+            if step.needs is None:
+                needs = [ids[i - 1]] if i > 0 else []
+            else:
+                needs = step.needs
+            for j, need in enumerate(needs):
+                if need == sid:
+                    problems.add(f"step `{sid}` needs itself", _locate(playbook, section, i, "needs", j),
+                                 "remove it from its own `needs`", code="self-dependency")
+                elif need not in g:
+                    other = "on_failure" if section == "steps" else "steps"
+                    if any(s.step_id == need for s in getattr(playbook, other)):
+                        hint = f"`{need}` is in `{other}`; a step can only need steps of its own section"
+                    else:
+                        hint = did_you_mean(need, ids) or f"known ids: {', '.join(ids)}"
+                    problems.add(f"step `{sid}` needs unknown step `{need}`", _locate(playbook, section, i, "needs", j),
+                                 hint, code="unknown-needs")
+                else:
+                    g.add_edge(need, sid)
+        try:
+            cycle = nx.find_cycle(g)
+        except nx.NetworkXNoCycle:
+            cycle = None
+        if cycle:
+            path = [edge[0] for edge in cycle] + [cycle[0][0]]
+            first = g.nodes[cycle[0][1]]["index"]
+            problems.add(f"dependency cycle: {' -> '.join(path)}", _locate(playbook, section, first, "needs"),
+                         "remove one of these `needs` so the steps can run in order", code="cycle")
+        return g
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id."""
+        g = self.graph if step_id in self.graph else self.rescue
+        return g.nodes[step_id]["step"]
+
+    def order(self) -> list[str]:
+        """Main step ids in a topological order that keeps the file order where it can."""
+        return list(nx.lexicographical_topological_sort(self.graph, key=lambda n: self.graph.nodes[n]["index"]))
+
+    def rescue_order(self) -> list[str]:
+        """on_failure step ids in order."""
+        return list(nx.lexicographical_topological_sort(self.rescue, key=lambda n: self.rescue.nodes[n]["index"]))
+
+    def layers(self) -> list[list[str]]:
+        """Main steps in topological generations: the steps of one layer can run in parallel."""
+        return [sorted(layer, key=lambda n: self.graph.nodes[n]["index"]) for layer in nx.topological_generations(self.graph)]
+
+    def upstream(self, step_id: str) -> set[str]:
+        """Every step this step depends on, directly or not."""
+        return nx.ancestors(self.graph, step_id)
+
+    def critical_path_length(self, weight: dict[str, float]) -> float:
+        """The longest dependency chain under the given step weights (a lower bound for wall time)."""
+        best: dict[str, float] = {}
+        for n in self.order():
+            best[n] = weight.get(n, 0.0) + max((best[p] for p in self.graph.predecessors(n)), default=0.0)
+        return max(best.values(), default=0.0)
+
+    # --- renderings -------------------------------------------------------------------------
+
+    def to_text(self) -> str:
+        """Layers as text: each layer's steps can run at the same time."""
+        lines = [f"runbook: {self.playbook.runbook}"]
+        for i, layer in enumerate(self.layers(), 1):
+            parallel = "  (parallel)" if len(layer) > 1 else ""
+            lines.append(f"layer {i}{parallel}")
+            for sid in layer:
+                step = self.step(sid)
+                needs = sorted(self.graph.predecessors(sid), key=lambda n: self.graph.nodes[n]["index"])
+                after = f"  <- {', '.join(needs)}" if needs else ""
+                lines.append(f"  {sid} [{step.action}]{after}")
+        if self.rescue:
+            lines.append("on_failure")
+            for sid in self.rescue_order():
+                lines.append(f"  {sid} [{self.step(sid).action}]")
+        return "\n".join(lines)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT, one node per step, ranked by layer."""
+        def q(text: str) -> str:
+            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        out = [f"digraph {q(self.playbook.runbook)} {{", "  rankdir=TB;", "  node [shape=box, style=rounded];"]
+        for layer in self.layers():
+            out.append("  { rank=same; " + " ".join(q(s) for s in layer) + " }")
+        for sid in self.order():
+            step = self.step(sid)
+            out.append(f"  {q(sid)} [label={q(step.name + chr(10) + '[' + step.action + ']')}];")
+        for a, b in self.graph.edges:
+            out.append(f"  {q(a)} -> {q(b)};")
+        if self.rescue:
+            out.append('  subgraph "cluster_on_failure" { label="on_failure"; style=dashed;')
+            for sid in self.rescue_order():
+                out.append(f"    {q(sid)} [label={q(self.step(sid).name)}];")
+            for a, b in self.rescue.edges:
+                out.append(f"    {q(a)} -> {q(b)};")
+            out.append("  }")
+        out.append("}")
+        return "\n".join(out)
+
+    def to_mermaid(self) -> str:
+        """A Mermaid flowchart."""
+        ids = {sid: f"s{i}" for i, sid in enumerate([*self.order(), *self.rescue_order()])}
+
+        def label(sid: str) -> str:
+            step = self.step(sid)
+            return f'{ids[sid]}["{step.name.replace(chr(34), "#quot;")}<br/><small>{sid} · {step.action}</small>"]'
+
+        out = ["flowchart TD"]
+        for sid in self.order():
+            out.append(f"  {label(sid)}")
+        for a, b in self.graph.edges:
+            out.append(f"  {ids[a]} --> {ids[b]}")
+        if self.rescue:
+            out.append("  subgraph on_failure")
+            for sid in self.rescue_order():
+                out.append(f"    {label(sid)}")
+            for a, b in self.rescue.edges:
+                out.append(f"    {ids[a]} --> {ids[b]}")
+            out.append("  end")
+        return "\n".join(out)
+
+
+def expand(steps: StepGraph, hosts: Iterable[str], step_ids: Iterable[str] | None = None) -> nx.DiGraph:
+    """The (step, host) task DiGraph: each host gets its own copy of the step graph.
+
+    A `once: true` step becomes a single task on the first host, and every host's tasks that need it
+    wait for that one task. `step_ids` restricts the graph to some steps (e.g. for resume).
+    """
+    hosts = list(hosts)
+    g = nx.DiGraph()
+    if not hosts:
+        return g
+    wanted = set(step_ids) if step_ids is not None else set(steps.graph.nodes)
+    once = {sid for sid in steps.graph if steps.step(sid).once}
+    first = hosts[0]
+    for sid in steps.order():
+        if sid not in wanted:
+            continue
+        targets = [first] if sid in once else hosts
+        for h in targets:
+            g.add_node((sid, h))
+    for a, b in steps.graph.edges:
+        if a not in wanted or b not in wanted:
+            continue
+        for h in ([first] if b in once else hosts):
+            src = (a, first) if a in once else (a, h)
+            g.add_edge(src, (b, h))
+    return g
