@@ -104,6 +104,33 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
                                      Location(str(path), line, column), "save the file as UTF-8")]) from None
 
 
+# Bounds that keep hostile documents from exhausting the machine (an alias bomb expands exponentially).
+MAX_NODES = 200_000
+MAX_DEPTH = 200
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_Loader.add_implicit_resolver(_MERGE_TAG, re.compile(r"^(?:<<)$"), ["<"])
+
+
+class _TooBig(Exception):
+    """Raised inside the converter when a document exceeds MAX_NODES or MAX_DEPTH."""
+
+    def __init__(self, message: str, mark: yaml.Mark | None):
+        super().__init__(message)
+        self.message = message
+        self.mark = mark
+
+
+def _mark_location(filename: str, mark: yaml.Mark | None) -> Location:
+    return Location(filename, mark.line + 1, mark.column + 1) if mark is not None else Location(filename, 1, 1)
+
+
+def _offset_location(filename: str, text: str, offset: int) -> Location:
+    """Line and column of a character offset into `text`."""
+    offset = max(0, min(offset, len(text)))
+    line = text.count("\n", 0, offset) + 1
+    return Location(filename, line, offset - (text.rfind("\n", 0, offset) + 1) + 1)
+
+
 def parse_yaml(text: str, filename: str, error_cls: type[PlaybookError] = PlaybookError) -> LocatedDocument:
     """Parse one YAML document into data plus a SourceMap; duplicate keys are errors."""
     source = SourceMap(filename, text=text)
@@ -111,55 +138,126 @@ def parse_yaml(text: str, filename: str, error_cls: type[PlaybookError] = Playbo
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        loc = Location(filename, mark.line + 1, mark.column + 1) if mark else Location(filename)
         hint = "check the indentation and quoting around this line"
-        if "\t" in text and "tab" in str(exc.problem or ""):
+        if "\t" in str(exc.problem or "") or "tab" in str(exc.problem or ""):
             hint = "YAML does not allow tabs for indentation; use spaces"
-        raise error_cls([Problem(f"malformed YAML: {exc.problem or exc}", loc, hint)]) from None
+        raise error_cls([Problem(f"malformed YAML: {exc.problem or exc.context or 'cannot parse'}",
+                                 _mark_location(filename, mark), hint)]) from None
+    except yaml.reader.ReaderError as exc:
+        # Raised for control characters; it carries an offset instead of a mark.
+        raise error_cls([Problem(f"malformed YAML: unacceptable character #x{exc.character:04x} ({exc.reason})"
+                                 if isinstance(exc.character, int) else f"malformed YAML: {exc.reason}",
+                                 _offset_location(filename, text, exc.position),
+                                 "remove the control character, or write it as an escape inside double quotes")]) from None
     except yaml.YAMLError as exc:
-        raise error_cls([Problem(f"malformed YAML: {exc}", Location(filename))]) from None
+        raise error_cls([Problem(f"malformed YAML: {exc}", Location(filename, 1, 1))]) from None
+    except RecursionError:
+        raise error_cls([Problem("malformed YAML: the document is nested too deeply", Location(filename, 1, 1),
+                                 f"a playbook needs far fewer than {MAX_DEPTH} levels of nesting")]) from None
     if not nodes or nodes[0] is None:
         raise error_cls([Problem("the file is empty, expected a YAML mapping", Location(filename, 1, 1),
                                  "start with `runbook: NAME` and a list of `steps:`")])
     if len(nodes) > 1:
-        mark = nodes[1].start_mark
         raise error_cls([Problem("the file holds several YAML documents, expected one",
-                                 Location(filename, mark.line + 1, mark.column + 1), "remove the `---` separator")])
+                                 _mark_location(filename, nodes[1].start_mark), "remove the `---` separator")])
     problems = Problems()
-    loader = _Loader("")
-    data = _to_python(nodes[0], (), source, problems, loader)
+    converter = _Converter(source, problems)
+    try:
+        data = converter.convert(nodes[0], ())
+    except _TooBig as exc:
+        raise error_cls([Problem(exc.message, _mark_location(filename, exc.mark),
+                                 "simplify the document; anchors and aliases may not expand without bound")]) from None
+    except RecursionError:
+        raise error_cls([Problem("the document is nested too deeply", Location(filename, 1, 1))]) from None
     problems.raise_if_errors(error_cls)
     return LocatedDocument(data, source)
 
 
-def _to_python(node: yaml.Node, path: Path_, source: SourceMap, problems: Problems, loader: _Loader) -> Any:
-    source.values[path] = node.start_mark
-    if isinstance(node, yaml.MappingNode):
+class _Converter:
+    """Turns composed YAML nodes into Python data, recording positions, duplicate keys and bad values."""
+
+    def __init__(self, source: SourceMap, problems: Problems):
+        self.source = source
+        self.problems = problems
+        self.loader = _Loader("")
+        self.count = 0
+        self.active: set[int] = set()  # nodes being converted: an alias back to one of them is a cycle
+
+    def convert(self, node: yaml.Node, path: Path_, depth: int = 0) -> Any:
+        """Convert one node (and its children) at `path`."""
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _TooBig(f"the document is too large (more than {MAX_NODES} values once aliases are expanded)",
+                          node.start_mark)
+        if depth > MAX_DEPTH:
+            raise _TooBig(f"the document is nested more than {MAX_DEPTH} levels deep", node.start_mark)
+        self.source.values[path] = node.start_mark
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self.active:
+                self.problems.add("an alias refers to a node that contains it (a recursive structure)",
+                                  self.source.locate(path), "aliases must not refer to their own ancestors")
+                return None
+            self.active.add(id(node))
+            try:
+                if isinstance(node, yaml.MappingNode):
+                    return self._mapping(node, path, depth)
+                return [self.convert(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
+            finally:
+                self.active.discard(id(node))
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except Exception as exc:  # yaml, ValueError, KeyError, AttributeError...: all a bad scalar
+            reason = exc.problem if isinstance(exc, yaml.MarkedYAMLError) and exc.problem else f"cannot read {node.value!r} as {node.tag}"
+            self.problems.add(f"invalid value: {reason}", self.source.locate(path),
+                              "quote the value to make it a plain string")
+            return None
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_, depth: int) -> dict[Any, Any]:
         out: dict[Any, Any] = {}
-        loader.flatten_mapping(node)  # resolve `<<` merge keys
+        merges: list[tuple[yaml.Node, yaml.Node]] = []
         for key_node, value_node in node.value:
-            key = _to_python(key_node, path + ("<key>",), source, problems, loader)
+            if key_node.tag == _MERGE_TAG:
+                merges.append((key_node, value_node))
+                continue
+            key = self.convert(key_node, path + ("<key>",), depth + 1)
             if isinstance(key, (dict, list)):
-                problems.add("a mapping key must be a plain value", source.locate(path + ("<key>",)))
+                self.problems.add("a mapping key must be a plain value", self.source.locate(path + ("<key>",)))
                 continue
             if key in out:
-                first = source.keys.get(path + (key,))
+                first = self.source.keys.get(path + (key,))
                 where = f" (first defined at line {first.line + 1})" if first else ""
-                problems.add(f"duplicate key `{key}`{where}",
-                             Location(source.file, key_node.start_mark.line + 1, key_node.start_mark.column + 1),
-                             "remove one of them; YAML keeps only the last, which hides mistakes", code="duplicate-key")
+                self.problems.add(f"duplicate key `{key}`{where}", _mark_location(self.source.file, key_node.start_mark),
+                                  "remove one of them; YAML keeps only the last, which hides mistakes",
+                                  code="duplicate-key")
                 continue
-            source.keys[path + (key,)] = key_node.start_mark
-            out[key] = _to_python(value_node, path + (key,), source, problems, loader)
-        source.values.pop(path + ("<key>",), None)
+            self.source.keys[path + (key,)] = key_node.start_mark
+            out[key] = self.convert(value_node, path + (key,), depth + 1)
+        self.source.values.pop(path + ("<key>",), None)
+        # `<<: *defaults` (or a list of them): keys written in the mapping win, then earlier merges win.
+        for key_node, value_node in merges:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for src in sources:
+                if not isinstance(src, yaml.MappingNode):
+                    self.problems.add("`<<` merges only mappings (or a list of mappings)",
+                                      _mark_location(self.source.file, src.start_mark))
+                    continue
+                # Convert into a scratch map, then keep the positions of the keys that are actually merged.
+                outer, scratch = self.source, SourceMap(self.source.file, text="")
+                self.source = scratch
+                try:
+                    merged = self.convert(src, (), depth + 1)
+                finally:
+                    self.source = outer
+                taken = set()
+                for k, v in merged.items():
+                    if k not in out:
+                        out[k] = v
+                        taken.add(k)
+                for table, scratch_table in ((outer.values, scratch.values), (outer.keys, scratch.keys)):
+                    for p_, m in scratch_table.items():
+                        if p_ and p_[0] in taken:
+                            table[path + p_] = m
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(item, path + (i,), source, problems, loader) for i, item in enumerate(node.value)]
-    try:
-        return loader.construct_object(node, deep=True)
-    except (yaml.YAMLError, ValueError) as exc:
-        problems.add(f"invalid value: {exc}", source.locate(path))
-        return None
 
 
 def load_document(path: str | os.PathLike, error_cls: type[PlaybookError] = PlaybookError, what: str = "file") -> LocatedDocument:
@@ -204,47 +302,96 @@ def _describe(value: Any) -> str:
     return f"{kinds.get(type(value), type(value).__name__)}{' ' + shown if shown else ''}"
 
 
-def _walk(data: Any, loc: tuple) -> tuple[Path_, Any, list[str]]:
-    """Split a pydantic loc into the real document path, the value there, and union tags met on the way."""
+@dataclass
+class _Err:
+    """One pydantic error mapped onto the document: path to the value, the value, and union branch tags."""
+
+    err: dict
+    path: Path_
+    value: Any
+    tags: list[str]  # union branch names met on the way, outermost first
+    tag_paths: list[Path_]  # the document path at which each of those branches was chosen
+    missing: str | None = None
+
+    @property
+    def root(self) -> Path_:
+        """Where the outermost union sits (the error's own path when there is none)."""
+        return self.tag_paths[0] if self.tag_paths else self.path
+
+
+def _walk(data: Any, loc: tuple) -> tuple[Path_, Any, list[str], list[Path_]]:
+    """Split a pydantic loc into the document path, the value there, union tags and where each tag sits."""
     path: list[Any] = []
     tags: list[str] = []
+    tag_paths: list[Path_] = []
     current = data
     for part in loc:
+        if isinstance(current, dict) and part not in current and isinstance(part, str):
+            # pydantic names non-string keys by their str(): map back to the real key
+            part = next((k for k in current if not isinstance(k, str) and str(k) == part), part)
         if isinstance(current, dict) and part in current:
             path.append(part)
             current = current[part]
-        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+        elif isinstance(current, list) and isinstance(part, int) and not isinstance(part, bool) and 0 <= part < len(current):
             path.append(part)
             current = current[part]
+        elif part == "[key]":
+            continue  # a bad mapping key: the error is about the key at `path`
         else:
             tags.append(str(part))
-    return tuple(path), current, tags
+            tag_paths.append(tuple(path))
+    return tuple(path), current, tags, tag_paths
+
+
+def _is_type_error(e: _Err) -> bool:
+    """True when a union branch failed only because the value had the wrong type for it."""
+    return e.err["type"] in _EXPECTED and e.path == e.root
 
 
 def pydantic_problems(exc: pydantic.ValidationError, data: Any, source: SourceMap) -> list[Problem]:
-    """Turn pydantic errors into located problems with hints, merging alternatives of unions."""
-    grouped: dict[Path_, list[tuple[dict, Any, list[str]]]] = {}
+    """Turn pydantic errors into located problems with hints, reporting each union failure once."""
+    entries: list[_Err] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        path, value, tags = _walk(data, loc)
-        if err["type"] in ("missing", "extra_forbidden") or not tags:
-            grouped.setdefault(path + (("<%s>" % err["type"], *tags) if err["type"] == "missing" else ()), []).append((err, value, tags))
-        else:
-            grouped.setdefault(path, []).append((err, value, tags))
+        missing = None
+        if err["type"] == "missing" and loc:
+            missing, loc = str(loc[-1]), loc[:-1]
+        path, value, tags, tag_paths = _walk(data, loc)
+        entries.append(_Err(err, path, value, tags, tag_paths, missing))
     problems: list[Problem] = []
-    for key, errs in grouped.items():
-        path = tuple(p for p in key if not (isinstance(p, str) and p.startswith("<")))
-        # A union: when one alternative got past the type check, its errors are the relevant ones.
-        typed = [e for e in errs if e[0]["type"] not in _EXPECTED]
-        if len(errs) > 1 and typed and len(typed) < len(errs):
-            errs = typed
-        if len(errs) > 1 and all(e[0]["type"] in _EXPECTED for e in errs):
-            expected = " or ".join(dict.fromkeys(_EXPECTED[e[0]["type"]] for e in errs))
-            problems.append(_problem(path, f"expected {expected}, got {_describe(errs[0][1])}", None, source))
+    for e in _resolve_unions(entries):
+        problems.append(_one_problem(e, source))
+    # The same message at the same place says nothing new (e.g. one bad value seen by two union branches).
+    unique: dict[tuple, Problem] = {}
+    for p in problems:
+        unique.setdefault((p.message, p.location), p)
+    return list(unique.values())
+
+
+def _resolve_unions(entries: list[_Err]) -> list[_Err]:
+    """Keep, for every union, only the errors of the branch the author evidently meant."""
+    plain = [e for e in entries if not e.tags]
+    unions: dict[Path_, list[_Err]] = {}
+    for e in entries:
+        if e.tags:
+            unions.setdefault(e.root, []).append(e)
+    out = list(plain)
+    for root, errs in unions.items():
+        branches: dict[str, list[_Err]] = {}
+        for e in errs:
+            branches.setdefault(e.tags[0], []).append(e)
+        # A branch that got past the type check (its errors are deeper or about the value) is the one meant.
+        deeper = [b for b, es in branches.items() if not all(_is_type_error(e) for e in es)]
+        if deeper:
+            chosen = branches[deeper[0]]
+            out.extend(_resolve_unions([_Err(e.err, e.path, e.value, e.tags[1:], e.tag_paths[1:], e.missing)
+                                        for e in chosen]))
             continue
-        for err, value, tags in errs:
-            problems.append(_one_problem(err, path, value, source))
-    return problems
+        first = errs[0]
+        expected = " or ".join(dict.fromkeys(_EXPECTED[e.err["type"]] for e in errs))
+        merged = dict(first.err, type="union_type", msg=f"expected {expected}, got {_describe(first.value)}")
+        out.append(_Err(merged, root, first.value, [], []))
+    return out
 
 
 def _name(path: Path_) -> str:
@@ -259,18 +406,24 @@ def _problem(path: Path_, message: str, hint: str | None, source: SourceMap, *, 
     return Problem(f"`{label}`: {message}" if path else message, source.locate(path, key=key), hint, code=code)
 
 
-def _one_problem(err: dict, path: Path_, value: Any, source: SourceMap) -> Problem:
+def _one_problem(e: _Err, source: SourceMap) -> Problem:
+    err, path, value = e.err, e.path, e.value
     kind = err["type"]
     ctx = err.get("ctx") or {}
+    if kind == "union_type":
+        return _problem(path, err["msg"], None, source)
+    if kind == "invalid_key" or (err["loc"] and err["loc"][-1] == "[key]"):
+        return Problem(f"mapping keys must be strings, got {_describe(path[-1] if path else value)}",
+                       source.locate(path, key=True), "quote the key", code="invalid-key")
     if kind == "extra_forbidden":
         parent = path[:-1]
         model = _model_at(parent)
         allowed = _field_names(model) if model else []
-        word = str(path[-1])
+        word = str(path[-1]) if path else "?"
         hint = did_you_mean(word, allowed) or (f"allowed keys: {', '.join(allowed)}" if allowed else None)
         return Problem(f"unknown key `{word}`", source.locate(path, key=True), hint, code="unknown-key")
     if kind == "missing":
-        missing = str(err["loc"][-1])
+        missing = e.missing or "?"
         model = _model_at(path)
         hint = None
         if model is Step and missing == "name":
@@ -279,7 +432,10 @@ def _one_problem(err: dict, path: Path_, value: Any, source: SourceMap) -> Probl
             hint = "add `runbook: NAME` at the top"
         elif model is Playbook and missing == "steps":
             hint = "add a `steps:` list"
-        where = f" in `{_name(path)}`" if path else ""
+        elif model is not None:
+            hint = f"add `{missing}:`"
+        where = f" in `{_name(path)}`" if path and not isinstance(path[-1], int) else (
+            f" in step {path[-1] + 1}" if path else "")
         return Problem(f"missing required key `{missing}`{where}", source.locate(path), hint, code="missing-key")
     if kind in _EXPECTED:
         return _problem(path, f"expected {_EXPECTED[kind]}, got {_describe(value)}", None, source)
@@ -303,6 +459,11 @@ def _one_problem(err: dict, path: Path_, value: Any, source: SourceMap) -> Probl
         hint = None
         if "no action" in msg or "actions (" in msg:
             hint = f"use one of: {', '.join(ACTIONS)}"
+        if "actions (" in msg and isinstance(value, dict):
+            # point at the second action: the first one is the step's action, the second is the surprise
+            present = [k for k in value if k in ACTIONS]
+            if len(present) > 1:
+                return Problem(msg, source.locate(path + (present[1],), key=True), hint)
         return Problem(f"{msg}" if path and _model_at(path) is Step else (f"`{_name(path)}`: {msg}" if path else msg),
                        source.locate(path), hint)
     return _problem(path, str(err["msg"]), None, source)
@@ -334,7 +495,7 @@ def parse_playbook(text: str, filename: str = "<playbook>") -> Playbook:
     doc = parse_yaml(text, filename)
     if not isinstance(doc.data, dict):
         raise PlaybookError([Problem(f"expected a mapping at the top of the playbook, got {_describe(doc.data)}",
-                                     Location(filename, 1, 1), "a playbook starts with `runbook: NAME`, then `steps:`")])
+                                     doc.source.locate(()), "a playbook starts with `runbook: NAME`, then `steps:`")])
     try:
         playbook = Playbook.model_validate(doc.data)
     except pydantic.ValidationError as exc:

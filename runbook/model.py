@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ def parse_duration(value: Any) -> float:
             seconds = float(h or 0) * 3600 + float(mi or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
     else:
         raise ValueError(f"invalid duration {value!r}: expected a number with a unit, like 30s, 5m or 2h")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds")
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds
@@ -90,6 +93,37 @@ def parse_limit(value: Any) -> Limit:
 LimitValue = Annotated[Limit, BeforeValidator(parse_limit), PlainSerializer(str, return_type=str)]
 
 
+def _cron_valid(expr: str) -> bool:
+    """True for a five-field cron expression croniter accepts (it raises odd errors on odd input)."""
+    from croniter import croniter
+
+    if not expr.strip().startswith("@") and len(expr.split()) != 5:
+        return False  # croniter also takes 6-7 fields (seconds, years), which the format does not promise
+    try:
+        return bool(croniter.is_valid(expr))
+    except Exception:  # croniter may raise anything on hostile text; invalid is the honest answer
+        return False
+
+
+def _no_bool(value: Any) -> Any:
+    """Refuse true/false where a number is expected (pydantic would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got a boolean {str(value).lower()}")
+    return value
+
+
+def _none_as_empty(value: Any) -> Any:
+    """An empty YAML key (`vars:` with nothing under it) means an empty collection."""
+    return {} if value is None else value
+
+
+def _none_as_empty_list(value: Any) -> Any:
+    return [] if value is None else value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
 def slugify(name: str) -> str:
     """Default step id: lower-case words of the name joined by dashes."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
@@ -128,9 +162,7 @@ class Window(_Strict):
     @field_validator("cron")
     @classmethod
     def _cron(cls, v: str) -> str:
-        from croniter import croniter
-
-        if not croniter.is_valid(v):
+        if not _cron_valid(v):
             raise ValueError(f"invalid cron expression {v!r}: expected five fields, minute hour day-of-month month day-of-week")
         return v
 
@@ -148,7 +180,7 @@ class Window(_Strict):
 
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a directory, a too-long name
             raise ValueError(f"unknown timezone {v!r}: expected an IANA name like UTC or Europe/Berlin") from None
         return v
 
@@ -184,7 +216,7 @@ class FetchSpec(_Strict):
 class WaitForSpec(_Strict):
     """Wait until a TCP port accepts, a file exists, or a command succeeds."""
 
-    port: int | None = Field(None, ge=1, le=65535)
+    port: Int | None = Field(None, ge=1, le=65535)
     host: str = "127.0.0.1"
     path: str | None = None
     command: str | None = None
@@ -250,7 +282,7 @@ class Step(_Strict):
                                     description="Name under which later steps of the host see this step's result.")
     sudo: bool | str = False
     timeout: Duration | None = None
-    retries: int = Field(0, ge=0)
+    retries: Int = Field(0, ge=0)
     delay: Duration = 0.0
     until: str | None = None
     ignore_errors: bool = False
@@ -263,8 +295,8 @@ class Step(_Strict):
     read_only: bool = False
     on: Literal["controller"] | None = None
     once: bool = False
-    tags: StrList = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
+    tags: Annotated[StrList, BeforeValidator(_none_as_empty_list)] = Field(default_factory=list)
+    env: Annotated[dict[str, str], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
     max_duration: Duration | None = Field(None, description="Do not start when the maintenance window closes sooner than this.")
 
     @field_validator("env", mode="before")
@@ -314,17 +346,17 @@ class Playbook(_Strict):
     runbook: str = Field(description="The playbook's name.")
     description: str | None = None
     hosts: str = Field("all", description="Inventory host pattern, e.g. web:&prod.")
-    vars: dict[str, Any] = Field(default_factory=dict)
-    secrets: dict[str, Annotated[str, Field(pattern=r"^(env|file):.+$")]] = Field(
+    vars: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    secrets: Annotated[dict[str, Annotated[str, Field(pattern=r"^(env|file):.+$")]], BeforeValidator(_none_as_empty)] = Field(
         default_factory=dict, description="NAME: env:VAR or file:PATH; values are redacted everywhere.")
-    concurrency: int = Field(10, ge=1, description="Hosts at once.")
+    concurrency: Int = Field(10, ge=1, description="Hosts at once.")
     batch: LimitValue | None = Field(None, description="Rolling batch size: an integer or a percentage.")
     max_failures: LimitValue | None = Field(None, description="Failed hosts tolerated before no new host or batch starts.")
     window: Window | str | None = Field(None, description="A maintenance window, or the name of one in windows.yml.")
     schedule: str | None = Field(None, description="Cron expression for the scheduler, or `on-open`.")
     host_key_checking: Literal["strict", "accept-new", "off"] | None = None
     steps: Annotated[list[Step], Field(min_length=1)]
-    on_failure: list[Step] = Field(default_factory=list)
+    on_failure: Annotated[list[Step], BeforeValidator(_none_as_empty_list)] = Field(default_factory=list)
 
     # Where the playbook came from: path and node positions (set by the loader, not part of the format).
     _source: Any = PrivateAttr(None)
@@ -339,9 +371,7 @@ class Playbook(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str | None) -> str | None:
-        from croniter import croniter
-
-        if v is not None and v != "on-open" and not croniter.is_valid(v):
+        if v is not None and v != "on-open" and not _cron_valid(v):
             raise ValueError(f"invalid schedule {v!r}: expected a cron expression or `on-open`")
         return v
 
