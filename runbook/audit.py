@@ -605,7 +605,17 @@ def verify(path: str | Path) -> VerifyReport:
     open_runs: dict[str, None] = {}          # insertion-ordered set
     pending_torn: tuple[int, bytes] | None = None   # an unparseable line awaiting its seal
     with fh:
+        # A snapshot: writers append whole lines under LOCK_EX, so the size seen under LOCK_SH ends
+        # on a record boundary; a run writing meanwhile is not mistaken for a torn tail.
+        fcntl.flock(fh.fileno(), fcntl.LOCK_SH)
+        size = os.fstat(fh.fileno()).st_size
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        consumed = 0
         for number, raw in enumerate(fh, start=1):
+            if consumed >= size:
+                break
+            raw = raw[: size - consumed]
+            consumed += len(raw)
             terminated = raw.endswith(b"\n")
             body = raw[:-1] if terminated else raw
             record = _parse(body)
@@ -640,6 +650,9 @@ def verify(path: str | Path) -> VerifyReport:
                 open_runs[run_id] = None
             elif record.get("event") == "run.finished":
                 open_runs.pop(run_id, None)
+                if record.get("records", want) != want:
+                    return fail("sequence", number, f"run {run_id}: run.finished counts {record.get('records')} "
+                                                    f"records, the trail holds {want}")
             expected_prev, prev_line = record["hash"], number
             report.records += 1
     if pending_torn is not None:
