@@ -84,7 +84,7 @@ class Host:
     become_user: str | None = None
     proxy_jump: str | None = None
     groups: tuple[str, ...] = ()      # every group of the host, ancestors included, without `all`
-    vars: Mapping[str, Any] = field(default_factory=dict)
+    vars: dict[str, Any] = field(default_factory=dict)
     origins: Mapping[str, VarOrigin] = field(default_factory=dict, compare=False, repr=False)
     implicit: bool = False            # the implicit localhost, not part of `all`
 
