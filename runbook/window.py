@@ -387,6 +387,22 @@ class _PrefixedErrors:
         return [{**e, "loc": self._prefix + tuple(e["loc"])} for e in self._exc.errors()]
 
 
+_FIELD_HINTS = {
+    "cron": 'five fields, minute hour day-of-month month day-of-week, e.g. "0 2 * * SAT" (Saturdays at 02:00)',
+    "duration": "a positive duration like 90m, 2h or 1h30m",
+    "timezone": "an IANA timezone name like UTC, Europe/Berlin or America/New_York",
+}
+
+
+def _with_hint(problem: Problem) -> Problem:
+    """Add the field's usual hint to a model problem that has none."""
+    if problem.hint is None:
+        for key, hint in _FIELD_HINTS.items():
+            if problem.message.startswith(f"`{key}`:"):
+                return Problem(problem.message, problem.location, hint, problem.severity, problem.code)
+    return problem
+
+
 def load_windows_file(path: str | os.PathLike) -> dict[str, Window]:
     """Load a windows.yml (`windows: {NAME: {cron, duration, timezone, blackout}}`); raise WindowError with every problem."""
     filename = str(path)
@@ -431,7 +447,8 @@ def load_windows_file(path: str | os.PathLike) -> dict[str, Window]:
         try:
             window = Window.model_validate(known)
         except pydantic.ValidationError as exc:
-            problems.items.extend(pydantic_problems(_PrefixedErrors(exc, base), data, source))  # type: ignore[arg-type]
+            found = pydantic_problems(_PrefixedErrors(exc, base), data, source)  # type: ignore[arg-type]
+            problems.items.extend(_with_hint(p) for p in found)
             continue
         problems.items.extend(window_problems(window, source, base))
         windows[str(name)] = window
