@@ -59,7 +59,8 @@ class StepGraph:
         for i, step in enumerate(steps):
             sid = step.step_id
             if step.needs is None:
-                needs = [ids[i - 1]] if i > 0 else []
+                # a duplicate id (reported above) must not turn the default into a self-dependency
+                needs = [ids[i - 1]] if i > 0 and ids[i - 1] != sid else []
             else:
                 needs = step.needs
             for j, need in enumerate(needs):
@@ -71,7 +72,7 @@ class StepGraph:
                     if any(s.step_id == need for s in getattr(playbook, other)):
                         hint = f"`{need}` is in `{other}`; a step can only need steps of its own section"
                     else:
-                        hint = did_you_mean(need, ids) or f"known ids: {', '.join(ids)}"
+                        hint = did_you_mean(need, ids) or f"known ids: {', '.join(dict.fromkeys(ids))}"
                     problems.add(f"step `{sid}` needs unknown step `{need}`", _locate(playbook, section, i, "needs", j),
                                  hint, code="unknown-needs")
                 else:

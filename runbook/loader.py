@@ -13,7 +13,7 @@ import pydantic
 import yaml
 
 from runbook.errors import Location, PlaybookError, Problem, Problems, did_you_mean
-from runbook.model import (ACTIONS, ApproveSpec, AssertSpec, Blackout, FetchSpec, Playbook, Step, TemplateSpec,
+from runbook.model import (ACTIONS, action_count_problem, ApproveSpec, AssertSpec, Blackout, FetchSpec, Playbook, Step, TemplateSpec,
                            UploadSpec, WaitForSpec, Window)
 
 Path_ = tuple  # a path into the document: keys and list indexes
@@ -139,7 +139,7 @@ def parse_yaml(text: str, filename: str, error_cls: type[PlaybookError] = Playbo
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         hint = "check the indentation and quoting around this line"
-        if "\t" in str(exc.problem or "") or "tab" in str(exc.problem or ""):
+        if any(t in str(exc.problem or "") for t in ("\t", "\\t", "tab")):  # PyYAML writes the tab as `\t`
             hint = "YAML does not allow tabs for indentation; use spaces"
         raise error_cls([Problem(f"malformed YAML: {exc.problem or exc.context or 'cannot parse'}",
                                  _mark_location(filename, mark), hint)]) from None
@@ -499,10 +499,30 @@ def parse_playbook(text: str, filename: str = "<playbook>") -> Playbook:
     try:
         playbook = Playbook.model_validate(doc.data)
     except pydantic.ValidationError as exc:
-        raise PlaybookError(sorted(pydantic_problems(exc, doc.data, doc.source),
-                                   key=lambda p: (p.location.line or 0, p.location.column or 0))) from None
+        # pydantic skips the one-action check of a step whose fields are invalid: check it on the raw data.
+        found = _action_problems(doc.data, doc.source) + pydantic_problems(exc, doc.data, doc.source)
+        unique = list({(p.message, p.location): p for p in found}.values())
+        raise PlaybookError(sorted(unique, key=lambda p: (p.location.line or 0, p.location.column or 0))) from None
     playbook._source = doc.source
     return playbook
+
+
+def _action_problems(data: dict, source: SourceMap) -> list[Problem]:
+    """No-action and several-actions problems of every step mapping, from the raw document."""
+    found = []
+    for section in ("steps", "on_failure"):
+        steps = data.get(section)
+        if not isinstance(steps, list):
+            continue
+        for i, raw in enumerate(steps):
+            if not isinstance(raw, dict):
+                continue
+            present = [a for a in ACTIONS if raw.get(a) is not None]
+            message = action_count_problem(present)
+            if message:
+                path = (section, i) + ((present[1],) if len(present) > 1 else ())
+                found.append(Problem(message, source.locate(path, key=True), f"use one of: {', '.join(ACTIONS)}"))
+    return found
 
 
 def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = None) -> ValidationReport:

@@ -260,6 +260,15 @@ class ApproveSpec(_Strict):
     prompt: str = "Continue?"
 
 
+def action_count_problem(present: list[str]) -> str | None:
+    """The complaint about a step declaring these actions, or None when it declares exactly one."""
+    if not present:
+        return f"step has no action: expected exactly one of {', '.join(ACTIONS)}"
+    if len(present) > 1:
+        return f"step has {len(present)} actions ({', '.join(present)}): expected exactly one; split it into several steps"
+    return None
+
+
 class Step(_Strict):
     """One step of a playbook: exactly one action plus conditions, guards and options."""
 
@@ -308,11 +317,9 @@ class Step(_Strict):
 
     @model_validator(mode="after")
     def _one_action(self) -> "Step":
-        present = self.actions_present()
-        if not present:
-            raise ValueError(f"step has no action: expected exactly one of {', '.join(ACTIONS)}")
-        if len(present) > 1:
-            raise ValueError(f"step has {len(present)} actions ({', '.join(present)}): expected exactly one; split it into several steps")
+        problem = action_count_problem(self.actions_present())
+        if problem:
+            raise ValueError(problem)
         return self
 
     def actions_present(self) -> list[str]:

@@ -165,10 +165,49 @@ def build_context(*, playbook_vars: dict[str, Any], inventory_vars: dict[str, An
     ctx.update(extra_vars)
     ctx.update(builtins)
     ctx["secrets"] = dict(secrets)
-    for name, value in playbook_vars.items():
-        if ctx.get(name) is value and isinstance(value, str) and "{" in value:
-            ctx[name] = render(value, ctx)
+    _resolve_playbook_vars(ctx, playbook_vars)
     return ctx
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string inside a value."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+
+
+def _resolve_playbook_vars(ctx: dict[str, Any], playbook_vars: dict[str, Any]) -> None:
+    """Render templated playbook vars in dependency order, so `a: "{{ b }}/x"` sees `b` already rendered."""
+    pending = {name for name, value in playbook_vars.items()
+               if ctx.get(name) is value and any("{" in t for t in _strings(value))}
+    active: list[str] = []
+
+    def resolve(name: str) -> None:
+        if name not in pending:
+            return
+        if name in active:
+            chain = " -> ".join([*active[active.index(name):], name])
+            raise TemplateError([Problem(f"variables refer to each other in a loop: {chain}", None,
+                                         "give one of them a plain value")])
+        active.append(name)
+        for text in _strings(ctx[name]):
+            try:
+                deps = meta.find_undeclared_variables(environment().parse(text))
+            except jinja2.TemplateSyntaxError:
+                deps = set()  # render() below reports the syntax error
+            for dep in sorted(deps):
+                resolve(dep)
+        ctx[name] = render_value(ctx[name], ctx)
+        active.pop()
+        pending.discard(name)
+
+    for name in list(playbook_vars):
+        resolve(name)
 
 
 # --- static checks for `validate` -----------------------------------------------------------
