@@ -12,20 +12,32 @@ Both kinds give the same results for the same call, so actions never care where 
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import hashlib
+import logging
 import os
+import posixpath
 import re
+import select
 import shlex
 import signal
+import socket
 import stat as stat_mod
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from runbook.errors import RunbookError
+import fabric
+import paramiko
+
+from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
 
 #: Exit status reported for a command killed by its timeout (the same as coreutils `timeout`).
 TIMEOUT_RC = 124
@@ -305,3 +317,464 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+# ---------------------------------------------------------------------------------------------
+# SSH
+
+HOST_KEY_MODES = ("strict", "accept-new", "off")
+
+#: Seconds the client waits past a command's timeout for the remote `timeout` to report, before it
+#: gives up on the channel itself (when the host has no `timeout` binary, or it hangs).
+_CLIENT_GRACE = 2.0
+
+#: OpenSSH's MaxSessions default is 10 channels per connection; SFTP takes one. Stay below it so
+#: concurrent steps on one host wait for a free channel instead of failing to open one.
+DEFAULT_MAX_SESSIONS = 8
+
+# Serialises appends to known-hosts files within this process (flock covers other processes).
+_KNOWN_HOSTS_LOCK = threading.Lock()
+
+# paramiko logs transport failures (refused, bad banner) at ERROR with tracebacks; we raise them as
+# ConnectionFailed with a reason instead, so keep its records off the console's last-resort handler.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """Return a key's OpenSSH-style fingerprint: `SHA256:` and unpadded base64."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """Return the name a host is listed under in known_hosts (`[host]:port` off port 22)."""
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def load_known_hosts(paths: Sequence[Path]) -> paramiko.HostKeys:
+    """Read known_hosts files, skipping lines paramiko cannot parse (OpenSSH may know more types)."""
+    keys = paramiko.HostKeys()
+    for path in paths:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError as exc:
+            raise RunbookError(f"cannot read known-hosts file {path}: permission denied",
+                               hint="fix its permissions or pass another file with --known-hosts") from exc
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#") or line.startswith("@"):
+                continue  # markers (@cert-authority, @revoked) are not supported by paramiko
+            try:
+                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
+            except Exception:  # an unsupported or corrupt key: OpenSSH may still use it
+                entry = None
+            if entry is None or entry.key is None:
+                continue
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
+    return keys
+
+
+class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """Decide about keys of hosts absent from known_hosts (paramiko itself rejects changed keys)."""
+
+    def __init__(self, owner: SSHConnection) -> None:
+        self.owner = owner
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        owner = self.owner
+        if owner.host_key_checking == "off":
+            return
+        if owner.host_key_checking == "strict":
+            raise HostKeyError(
+                owner.name,
+                f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}); "
+                f"not in {owner.known_hosts}",
+                hint=f"verify the fingerprint, then add it (ssh-keyscan -p PORT HOST >> {owner.known_hosts}) "
+                     "or connect once with --host-key-checking accept-new")
+        owner._record_new_key(hostname, key)
+        client.get_host_keys().add(hostname, key.get_name(), key)
+
+
+class SSHConnection:
+    """One SSH connection (Fabric, paramiko underneath), opened once and shared by every call.
+
+    Concurrent `run` calls from several threads each get their own channel on the one transport
+    (no new handshake); SFTP operations share one SFTP client behind a lock.
+
+    Command timeouts: the command runs under coreutils `timeout` on the host when it has one (so
+    the remote process group is killed there, TERM then KILL a second later), and the client also
+    closes the channel a little after the deadline, whichever comes first. A host without
+    `timeout` may keep running a timed-out command after its channel is closed.
+    """
+
+    kind = "ssh"
+
+    def __init__(self, name: str, host: str, port: int | None = 22, user: str | None = None,
+                 key_filename: str | Sequence[str] | None = None, *,
+                 host_key_checking: str = "strict", known_hosts: str | os.PathLike[str] | None = None,
+                 connect_timeout: float = 10.0, keepalive: int = 15,
+                 sudo_password: str | None = None, proxy_jump: str | None = None,
+                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
+        if host_key_checking not in HOST_KEY_MODES:
+            raise RunbookError(f"unknown host key checking mode {host_key_checking!r}",
+                               hint="use one of: " + ", ".join(HOST_KEY_MODES))
+        self.name = name
+        self.host = host
+        self.port = port
+        self.user = user
+        self.key_filename = key_filename
+        self.host_key_checking = host_key_checking
+        self.known_hosts = Path(known_hosts).expanduser() if known_hosts else Path("~/.ssh/known_hosts").expanduser()
+        self.connect_timeout = connect_timeout
+        self.keepalive = keepalive
+        self.sudo_password = sudo_password
+        self.proxy_jump = proxy_jump
+        self._fabric: fabric.Connection | None = None
+        self._transport: paramiko.Transport | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._open_lock = threading.Lock()
+        self._sftp_lock = threading.Lock()
+        self._sessions = threading.BoundedSemaphore(max(1, max_sessions))
+
+    def __repr__(self) -> str:
+        return f"SSHConnection(name={self.name!r}, host={self.host!r}, port={self.port!r}, user={self.user!r})"
+
+    def __enter__(self) -> SSHConnection:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connecting ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect and authenticate once; later calls reuse the connection."""
+        with self._open_lock:
+            if self._transport is not None and self._transport.is_active():
+                return
+            self._close_quietly()
+            connect_kwargs: dict[str, object] = {
+                "banner_timeout": self.connect_timeout,
+                "auth_timeout": self.connect_timeout,
+            }
+            if self.key_filename:
+                connect_kwargs["key_filename"] = ([str(self.key_filename)] if isinstance(self.key_filename, (str, os.PathLike))
+                                                  else [str(k) for k in self.key_filename])
+            try:
+                gateway = self._jump_host() if self.proxy_jump else None
+                # fabric.Config loads ~/.ssh/config and /etc/ssh/ssh_config, so Host aliases,
+                # HostName, User, Port, IdentityFile and ProxyJump work as with `ssh`.
+                conn = fabric.Connection(self.host, user=self.user, port=self.port, config=fabric.Config(),
+                                         gateway=gateway, connect_kwargs=connect_kwargs)
+            except RunbookError:
+                raise
+            except Exception as exc:  # a malformed ssh_config or host string
+                raise ConnectionFailed(self.name, f"invalid SSH settings: {exc}",
+                                       hint="check ~/.ssh/config and the host's inventory variables") from exc
+            # Fabric truncates its connect_timeout to an int (0.5 would mean "none"): set it as given.
+            conn.connect_timeout = self.connect_timeout
+            self._arm(conn)
+            self._fabric = conn
+            try:
+                conn.open()
+            except BaseException as exc:
+                self._close_quietly()
+                if isinstance(exc, RunbookError):
+                    raise
+                if isinstance(exc, Exception):
+                    raise self._connect_error(exc, conn) from exc
+                raise
+            transport = conn.client.get_transport()
+            assert transport is not None
+            if self.keepalive:
+                transport.set_keepalive(int(self.keepalive))
+            self._transport = transport
+
+    def _jump_host(self) -> fabric.Connection:
+        """A Fabric connection to the ProxyJump host `[user@]host[:port]`."""
+        spec = str(self.proxy_jump)
+        return fabric.Connection(spec, config=fabric.Config(), connect_timeout=max(1, int(self.connect_timeout)))
+
+    def _arm(self, conn: fabric.Connection) -> None:
+        """Replace Fabric's accept-everything host key policy on this connection and its gateways."""
+        client = conn.client
+        keys = client.get_host_keys()
+        keys.clear()
+        if self.host_key_checking != "off":
+            loaded = load_known_hosts([self.known_hosts, Path("/etc/ssh/ssh_known_hosts")])
+            for entry_name in loaded.keys():
+                for key_type, key in loaded[entry_name].items():
+                    keys.add(entry_name, key_type, key)
+        client.set_missing_host_key_policy(_HostKeyPolicy(self))
+        if isinstance(conn.gateway, fabric.Connection):
+            self._arm(conn.gateway)
+
+    def _record_new_key(self, hostname: str, key: paramiko.PKey) -> None:
+        """Append a first-seen key to known_hosts (accept-new), refusing if another writer disagrees."""
+        path = self.known_hosts
+        with _KNOWN_HOSTS_LOCK:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "r+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                # Another run may have recorded this host meanwhile: trust the file, not our copy.
+                current = load_known_hosts([path]).lookup(hostname)
+                if current:
+                    known = current.get(key.get_name()) or next(iter(current.values()))
+                    if known == key:
+                        return
+                    raise self._changed(hostname, key, known)
+                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+                handle.flush()
+
+    def _changed(self, hostname: str, offered: paramiko.PKey, known: paramiko.PKey) -> HostKeyError:
+        return HostKeyError(
+            self.name,
+            f"host key for {hostname} has CHANGED: known {known.get_name()} {fingerprint(known)} "
+            f"(in {self.known_hosts}), offered {offered.get_name()} {fingerprint(offered)}",
+            hint="this may be an attack, or the host was reinstalled; verify the new fingerprint out "
+                 f"of band, then remove the old entry with: ssh-keygen -R '{hostname}' -f {self.known_hosts}")
+
+    def _connect_error(self, exc: Exception, conn: fabric.Connection) -> ConnectionFailed:
+        """Map paramiko and socket failures to a short reason and a hint."""
+        where = f"{conn.host}:{conn.port}"
+        if isinstance(exc, paramiko.BadHostKeyException):
+            return self._changed(known_hosts_name(conn.host, conn.port), exc.key, exc.expected_key)
+        if isinstance(exc, paramiko.AuthenticationException):
+            return ConnectionFailed(self.name, f"authentication failed for user {conn.user} at {where}",
+                                    hint="check the user and private key (ansible_user, ansible_ssh_private_key_file)")
+        if isinstance(exc, socket.gaierror):
+            return ConnectionFailed(self.name, f"cannot resolve host {conn.host}",
+                                    hint="check ansible_host in the inventory, or DNS")
+        if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
+            return ConnectionFailed(self.name, f"connection refused at {where}",
+                                    hint="is sshd running there, and is the port right (ansible_port)?")
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return ConnectionFailed(self.name, f"timed out after {self.connect_timeout:g}s connecting to {where}",
+                                    hint="check the address, firewalls, and that the host is up")
+        if isinstance(exc, paramiko.SSHException):
+            return ConnectionFailed(self.name, f"SSH error at {where}: {exc}",
+                                    hint="is this an SSH server? check the port and the server's logs")
+        if isinstance(exc, OSError):
+            return ConnectionFailed(self.name, f"cannot connect to {where}: {exc.strerror or exc}",
+                                    hint="check the address and the network")
+        return ConnectionFailed(self.name, f"cannot connect to {where}: {exc}",
+                                hint="check the host's connection settings")
+
+    def _active_transport(self) -> paramiko.Transport:
+        transport = self._transport
+        if transport is None:
+            self.open()
+            transport = self._transport
+        assert transport is not None
+        if not transport.is_active():
+            raise ConnectionFailed(self.name, "the SSH connection was lost",
+                                   hint="the host went away or closed the connection; check it and retry")
+        return transport
+
+    def close(self) -> None:
+        """Close the SFTP client and the SSH connection; safe to call twice."""
+        with self._open_lock:
+            self._close_quietly()
+
+    def _close_quietly(self) -> None:
+        with self._sftp_lock:
+            if self._sftp is not None:
+                try:
+                    self._sftp.close()
+                except Exception:
+                    pass
+                self._sftp = None
+        if self._fabric is not None:
+            try:
+                self._fabric.close()
+            except Exception:
+                pass
+            self._fabric = None
+        self._transport = None
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def command_line(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+                     timeout: float | None = None, sudo: bool | str = False) -> str:
+        """Return the remote shell line `run` sends: argv words are shlex-quoted, never re-split."""
+        body = command_argv(command, env, False, False)
+        prefix = sudo_words(sudo, self.sudo_password is not None)
+        plain = shlex.join([*prefix, *body])
+        if timeout is None:
+            return plain
+        # No `exec`: the login shell stays to report a signal death as 128+N, like a local run.
+        limited = shlex.join([*prefix, "timeout", "-k", "1", f"{timeout:g}s", *body])
+        return f"if command -v timeout >/dev/null 2>&1; then {limited}; else {plain}; fi"
+
+    def run(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+            timeout: float | None = None, sudo: bool | str = False,
+            stdin: str | None = None) -> CommandResult:
+        """Run a command on its own channel of the shared connection and collect its result."""
+        line = self.command_line(command, env=env, timeout=timeout, sudo=sudo)
+        data = sudo_stdin(sudo, self.sudo_password, stdin)
+        transport = self._active_transport()
+        with self._sessions:
+            started = time.monotonic()
+            try:
+                channel = transport.open_session(timeout=self.connect_timeout)
+                channel.exec_command(line)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                if not transport.is_active():
+                    raise ConnectionFailed(self.name, "the SSH connection was lost",
+                                           hint="the host went away or closed the connection; check it and retry") from exc
+                raise ConnectionFailed(self.name, f"cannot start a command: {exc}",
+                                       hint="the server refused a new session (MaxSessions?)") from exc
+            try:
+                rc, out, err, timed_out = self._collect(channel, data, started, timeout)
+            finally:
+                channel.close()
+        duration = time.monotonic() - started
+        if rc == -1 and not transport.is_active():
+            raise ConnectionFailed(self.name, "the SSH connection was lost during a command",
+                                   hint="the host went away or closed the connection; check it and retry")
+        if timeout is not None and rc == TIMEOUT_RC and duration >= timeout:
+            timed_out = True
+        return CommandResult(TIMEOUT_RC if timed_out else rc, decode(out), decode(err), duration, timed_out)
+
+    @staticmethod
+    def _collect(channel: paramiko.Channel, data: bytes | None, started: float,
+                 timeout: float | None) -> tuple[int, bytes, bytes, bool]:
+        """Feed stdin, read stdout and stderr until EOF and exit status, or the client deadline."""
+        if data:
+            if len(data) <= 65536:
+                channel.sendall(data)
+                channel.shutdown_write()
+            else:
+                # Large input in a thread, so a command that writes before reading cannot deadlock us.
+                def feed() -> None:
+                    try:
+                        channel.sendall(data)
+                        channel.shutdown_write()
+                    except (OSError, EOFError, paramiko.SSHException):
+                        pass
+                threading.Thread(target=feed, daemon=True).start()
+        else:
+            channel.shutdown_write()  # EOF at once: a command reading stdin must not hang
+        deadline = started + timeout + _CLIENT_GRACE if timeout is not None else None
+        out, err = bytearray(), bytearray()
+        ready_fd = channel.fileno()  # readable whenever stdout or stderr has data, or at EOF
+        while True:
+            while channel.recv_ready():
+                out += channel.recv(65536)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(65536)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return TIMEOUT_RC, bytes(out), bytes(err), True
+            wait = 1.0 if remaining is None else min(remaining, 1.0)
+            if channel.eof_received or channel.closed:
+                # Output is complete; the exit status may still be on its way.
+                if channel.status_event.wait(wait):
+                    while channel.recv_ready():
+                        out += channel.recv(65536)
+                    while channel.recv_stderr_ready():
+                        err += channel.recv_stderr(65536)
+                    return channel.recv_exit_status(), bytes(out), bytes(err), False
+                continue
+            select.select([ready_fd], [], [], wait)
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        """The one SFTP client (opened on first use); call with _sftp_lock held."""
+        if self._sftp is None:
+            transport = self._active_transport()
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(transport)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ConnectionFailed(self.name, f"cannot start SFTP: {exc}",
+                                       hint="enable the sftp subsystem in the host's sshd_config") from exc
+            if self._sftp is None:
+                raise ConnectionFailed(self.name, "cannot start SFTP",
+                                       hint="enable the sftp subsystem in the host's sshd_config")
+        return self._sftp
+
+    def put(self, data: bytes, remote_path: str, mode: int | None = None) -> None:
+        """Upload atomically over SFTP: a temp file beside the target, chmod, then posix-rename."""
+        directory, base = posixpath.split(remote_path)
+        tmp = posixpath.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.rbtmp")
+        with self._sftp_lock:
+            sftp = self._sftp_client()
+            try:
+                if mode is None:
+                    try:
+                        current = sftp.stat(remote_path).st_mode
+                        mode = stat_mod.S_IMODE(current) if current is not None else None
+                    except FileNotFoundError:
+                        mode = None  # a new file gets the server's default
+                try:
+                    with sftp.open(tmp, "wb") as handle:
+                        handle.set_pipelined(True)
+                        handle.write(data)
+                    if mode is not None:
+                        sftp.chmod(tmp, mode)
+                    sftp.posix_rename(tmp, remote_path)
+                except BaseException:
+                    try:
+                        sftp.remove(tmp)
+                    except Exception:
+                        pass
+                    raise
+            except FileNotFoundError as exc:
+                raise RunbookError(f"{self.name}: cannot write {remote_path}: directory {directory or '.'} does not exist",
+                                   hint="create the parent directory first (put creates no directories)") from exc
+            except PermissionError as exc:
+                raise RunbookError(f"{self.name}: cannot write {remote_path}: permission denied",
+                                   hint="use a path the SSH user may write") from exc
+            except OSError as exc:
+                raise RunbookError(f"{self.name}: cannot write {remote_path}: {exc}",
+                                   hint="check the path on the host") from exc
+
+    def get(self, remote_path: str, local_path: str) -> None:
+        """Download a file over SFTP to a local path."""
+        data = self.read(remote_path)
+        if data is None:
+            raise RunbookError(f"{self.name}: cannot fetch {remote_path}: no such file", hint="check the path on the host")
+        with open(local_path, "wb") as handle:
+            handle.write(data)
+
+    def read(self, remote_path: str) -> bytes | None:
+        """Return a remote file's bytes over SFTP, or None when it does not exist."""
+        with self._sftp_lock:
+            sftp = self._sftp_client()
+            try:
+                with sftp.open(remote_path, "rb") as handle:
+                    handle.prefetch()
+                    return handle.read()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise RunbookError(f"{self.name}: cannot read {remote_path}: {exc}",
+                                   hint="check the path and its permissions") from exc
+
+    def stat(self, remote_path: str) -> FileStat:
+        """Describe a remote path in one round trip: GNU stat for size/mode, sha256sum for content."""
+        quoted = shlex.quote(remote_path)
+        script = (f"p={quoted}; if [ -e \"$p\" ]; then stat -L -c '%s %f' -- \"$p\" || exit 3; "
+                  "if [ -f \"$p\" ] && [ -r \"$p\" ]; then sha256sum < \"$p\" 2>/dev/null || true; fi; "
+                  "else echo missing; fi")
+        res = self.run(script)
+        lines = res.stdout.split("\n")
+        if res.rc == 0 and lines and lines[0] == "missing":
+            return FileStat(exists=False)
+        try:
+            size_text, mode_hex = lines[0].split()
+            raw_mode = int(mode_hex, 16)
+            digest = lines[1].split()[0] if len(lines) > 1 and lines[1].strip() else None
+            if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+                digest = None
+            return FileStat(exists=True, size=int(size_text), mode=stat_mod.S_IMODE(raw_mode),
+                            sha256=digest if stat_mod.S_ISREG(raw_mode) else None)
+        except (ValueError, IndexError) as exc:
+            raise RunbookError(f"{self.name}: cannot stat {remote_path}: {res.stderr.strip() or res.stdout.strip()}",
+                               hint="the host needs GNU coreutils stat and sha256sum") from exc

@@ -1,0 +1,300 @@
+"""SSHConnection against real OpenSSH servers on 127.0.0.1 (no mocks)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from runbook.connection import TIMEOUT_RC, CommandResult, Connection, FileStat, SSHConnection, fingerprint
+from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
+from tests.sshd import SSHHost, write_known_hosts
+
+pytestmark = pytest.mark.ssh
+
+
+def connect(host: SSHHost, known_hosts: Path, **kwargs: object) -> SSHConnection:
+    """Open a connection to a test host, trusting the given known_hosts file."""
+    conn = SSHConnection(host.name, host.address, host.port, host.user, str(host.key_file),
+                         known_hosts=str(known_hosts), connect_timeout=5.0, **kwargs)  # type: ignore[arg-type]
+    conn.open()
+    return conn
+
+
+@pytest.fixture
+def conn(ssh_host: SSHHost, known_hosts: Path) -> Iterator[SSHConnection]:
+    c = connect(ssh_host, known_hosts)
+    yield c
+    c.close()
+
+
+def host_fingerprint(host: SSHHost) -> str:
+    key = paramiko.Ed25519Key(filename=str(host.host_key_file))
+    return fingerprint(key)
+
+
+def test_run_as_the_host_user_in_its_home(conn: SSHConnection, ssh_host: SSHHost) -> None:
+    assert isinstance(conn, Connection) and conn.kind == "ssh"
+    res = conn.run("id -un; pwd; echo err >&2; exit 3")
+    assert isinstance(res, CommandResult)
+    assert res.rc == 3
+    assert res.stdout == f"{ssh_host.user}\n{ssh_host.home}\n" or os.geteuid() != 0
+    assert res.stdout.startswith(ssh_host.user + "\n")
+    assert res.stderr == "err\n"
+    assert res.timed_out is False
+
+
+def test_argv_words_are_never_resplit(conn: SSHConnection) -> None:
+    words = ["a b", "$HOME", "*", "it's", 'say "hi"', "; rm -rf x", "", "\\n"]
+    res = conn.run(["printf", "<%s>", *words])
+    assert res.rc == 0, res.stderr
+    assert res.stdout == "".join(f"<{w}>" for w in words)
+
+
+def test_env_applies_and_output_decodes_with_replacement(conn: SSHConnection) -> None:
+    res = conn.run('printf "%s|%s" "$ONE" "$TWO"', env={"ONE": "x y", "TWO": "$(id) 'q'"})
+    assert res.stdout == "x y|$(id) 'q'"
+    assert conn.run(["printf", "caf\\303\\251 \\377"]).stdout == "café \ufffd"
+
+
+def test_stdin_and_eof(conn: SSHConnection) -> None:
+    assert conn.run("wc -l", stdin="a\nb\nc\n").stdout.strip() == "3"
+    big = "x" * 200_000 + "\n"
+    assert conn.run("wc -c", stdin=big).stdout.strip() == str(len(big))
+    # No stdin: the command sees EOF instead of hanging.
+    assert conn.run("cat", timeout=10).stdout == ""
+
+
+def test_large_output_on_both_streams(conn: SSHConnection) -> None:
+    res = conn.run("head -c 3000000 /dev/zero | tr '\\0' o; head -c 3000000 /dev/zero | tr '\\0' e >&2")
+    assert res.rc == 0
+    assert len(res.stdout) == 3_000_000 and set(res.stdout) == {"o"}
+    assert len(res.stderr) == 3_000_000 and set(res.stderr) == {"e"}
+
+
+def test_signal_death_reports_128_plus_signal(conn: SSHConnection) -> None:
+    assert conn.run("kill -KILL $$").rc == 128 + 9
+
+
+def test_timeout_kills_the_remote_command(conn: SSHConnection, ssh_host: SSHHost) -> None:
+    marker = ssh_host.home / "survived"
+    res = conn.run(f"echo started; (sleep 2; touch {marker}) & sleep 30", timeout=0.5)
+    assert res.timed_out is True
+    assert res.rc == TIMEOUT_RC
+    assert res.stdout == "started\n"
+    # The whole remote process group is gone: nothing of it is left to create the marker.
+    # ("[t]ouch" so that the probe's own command line does not match itself.)
+    probe = conn.run(["pgrep", "-f", f"[t]ouch {marker}"])
+    assert probe.rc == 1, probe.stdout
+    # The connection is still usable after a timeout.
+    assert conn.run("echo ok").stdout == "ok\n"
+
+
+def test_concurrent_runs_share_one_connection(conn: SSHConnection) -> None:
+    transport = conn._transport
+    results: dict[int, CommandResult] = {}
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        res = conn.run(f"sleep 0.2; echo {i}")
+        with lock:
+            results[i] = res
+
+    # More threads than sshd's MaxSessions (10): the connection queues them instead of failing.
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: (r.rc, r.stdout) for i, r in results.items()} == {i: (0, f"{i}\n") for i in range(14)}
+    assert conn._transport is transport  # no reconnect, no new handshake
+
+
+def test_put_get_read_stat(conn: SSHConnection, ssh_host: SSHHost, tmp_path: Path) -> None:
+    path = f"{ssh_host.home}/conf.txt"
+    data = b"hello \x00\xff world\n"
+    conn.put(data, path, mode=0o640)
+    assert conn.read(path) == data
+    st = conn.stat(path)
+    assert st == FileStat(True, len(data), 0o640, hashlib.sha256(data).hexdigest())
+    # Replace: atomic rename, previous mode kept, no temp file left behind.
+    conn.put(b"v2\n", path)
+    assert conn.read(path) == b"v2\n"
+    assert conn.stat(path).mode == 0o640
+    assert conn.run(["ls", "-A", str(ssh_host.home)]).stdout == "conf.txt\n"
+    local = tmp_path / "fetched"
+    conn.get(path, str(local))
+    assert local.read_bytes() == b"v2\n"
+    # Relative paths are relative to the login directory, for run and put alike.
+    conn.put(b"rel\n", "rel.txt")
+    assert conn.run("cat rel.txt").stdout == "rel\n"
+
+
+def test_missing_paths(conn: SSHConnection, ssh_host: SSHHost, tmp_path: Path) -> None:
+    missing = f"{ssh_host.home}/nope"
+    assert conn.read(missing) is None
+    assert conn.stat(missing) == FileStat(exists=False)
+    assert conn.stat("/tmp/it's a \"strange\" name") == FileStat(exists=False)
+    with pytest.raises(RunbookError):
+        conn.get(missing, str(tmp_path / "x"))
+    with pytest.raises(RunbookError) as info:
+        conn.put(b"x", f"{ssh_host.home}/no/dir/file")
+    assert "does not exist" in str(info.value)
+    assert conn.run(["test", "-e", f"{ssh_host.home}/no"]).rc == 1
+
+
+def test_stat_directory(conn: SSHConnection, ssh_host: SSHHost) -> None:
+    conn.run(["mkdir", "-m", "750", f"{ssh_host.home}/d"])
+    assert conn.stat(f"{ssh_host.home}/d") == FileStat(True, conn.stat(f"{ssh_host.home}/d").size, 0o750, None)
+
+
+def test_unknown_host_key_is_rejected_by_default(ssh_host: SSHHost, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    with pytest.raises(HostKeyError) as info:
+        connect(ssh_host, empty)
+    message = str(info.value)
+    assert "unknown host key" in message
+    assert host_fingerprint(ssh_host) in message
+    assert info.value.hint
+    assert not empty.exists()  # strict never writes
+
+
+def test_accept_new_records_the_key_then_strict_trusts_it(ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    kh = tmp_path / "sub" / "known_hosts"
+    # Several hosts at once, as a parallel run would: every key is recorded, none lost.
+    conns: list[SSHConnection] = []
+    errors: list[BaseException] = []
+
+    def first(host: SSHHost) -> None:
+        try:
+            conns.append(connect(host, kh, host_key_checking="accept-new"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first, args=(h,)) for h in ssh_hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for c in conns:
+        c.close()
+    assert stat.S_IMODE(kh.stat().st_mode) == 0o600
+    lines = kh.read_text().splitlines()
+    assert sorted(lines) == sorted(h.host_public_key for h in ssh_hosts)
+    # OpenSSH agrees with what was written.
+    for h in ssh_hosts:
+        found = subprocess.run(["ssh-keygen", "-F", h.known_hosts_name, "-f", str(kh)], capture_output=True)
+        assert found.returncode == 0
+    again = connect(ssh_hosts[0], kh)  # strict now succeeds
+    assert again.run("echo ok").stdout == "ok\n"
+    again.close()
+    assert len(kh.read_text().splitlines()) == len(ssh_hosts)  # nothing appended twice
+
+
+@pytest.mark.parametrize("mode", ["strict", "accept-new"])
+def test_changed_host_key_is_refused_with_both_fingerprints(ssh_host: SSHHost, tmp_path: Path, mode: str) -> None:
+    impostor = paramiko.Ed25519Key.from_private_key_file  # noqa: F841 (documenting the key type)
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    pub = other.with_suffix(".pub").read_text().split()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"{ssh_host.known_hosts_name} {pub[0]} {pub[1]}\n")
+    before = kh.read_text()
+    with pytest.raises(HostKeyError) as info:
+        connect(ssh_host, kh, host_key_checking=mode)
+    message = str(info.value)
+    assert "CHANGED" in message and ssh_host.known_hosts_name in message
+    assert fingerprint(paramiko.Ed25519Key(filename=str(other))) in message   # the known one
+    assert host_fingerprint(ssh_host) in message                              # the offered one
+    assert kh.read_text() == before  # accept-new never overwrites a changed key
+
+
+def test_off_accepts_any_key_and_writes_nothing(ssh_host: SSHHost, tmp_path: Path) -> None:
+    kh = tmp_path / "known_hosts"
+    c = connect(ssh_host, kh, host_key_checking="off")
+    assert c.run("echo ok").stdout == "ok\n"
+    c.close()
+    assert not kh.exists()
+
+
+def test_invalid_host_key_mode() -> None:
+    with pytest.raises(RunbookError) as info:
+        SSHConnection("x", "127.0.0.1", host_key_checking="yes-please")
+    assert "accept-new" in (info.value.hint or "")
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port that is bound but not listening refuses connections
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        c = SSHConnection("dead", "127.0.0.1", port, "nobody", known_hosts=str(tmp_path / "kh"), connect_timeout=3)
+        with pytest.raises(ConnectionFailed) as info:
+            c.open()
+    assert not isinstance(info.value, HostKeyError)
+    assert info.value.host == "dead"
+    assert "refused" in info.value.reason
+    assert info.value.hint
+
+
+def test_not_an_ssh_server_times_out(tmp_path: Path) -> None:
+    with socket.socket() as server:  # accepts, never speaks SSH
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        c = SSHConnection("mute", "127.0.0.1", port, "nobody", known_hosts=str(tmp_path / "kh"), connect_timeout=0.5)
+        with pytest.raises(ConnectionFailed) as info:
+            c.open()
+    assert info.value.host == "mute" and info.value.hint
+
+
+def test_unresolvable_host(tmp_path: Path) -> None:
+    c = SSHConnection("ghost", "no-such-host.invalid", 22, "nobody", known_hosts=str(tmp_path / "kh"), connect_timeout=3)
+    with pytest.raises(ConnectionFailed) as info:
+        c.open()
+    assert "resolve" in info.value.reason
+
+
+def test_authentication_failure(ssh_host: SSHHost, known_hosts: Path, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    c = SSHConnection(ssh_host.name, ssh_host.address, ssh_host.port, ssh_host.user, str(wrong),
+                      known_hosts=str(known_hosts), connect_timeout=5)
+    with pytest.raises(ConnectionFailed) as info:
+        c.open()
+    assert not isinstance(info.value, HostKeyError)
+    assert "authentication failed" in info.value.reason and ssh_host.user in info.value.reason
+    assert info.value.hint
+
+
+def test_connection_lost_is_reported(ssh_host: SSHHost, known_hosts: Path) -> None:
+    c = connect(ssh_host, known_hosts)
+    c._transport.close()  # the peer going away looks the same from here
+    with pytest.raises(ConnectionFailed):
+        c.run("true")
+    c.close()
+    c.close()  # twice is fine
+
+
+@pytest.mark.skipif(shutil.which("sudo") is None, reason="sudo is not installed on this machine")
+def test_sudo_to_another_test_user(conn: SSHConnection, ssh_hosts: list[SSHHost]) -> None:
+    if os.geteuid() != 0 or len(ssh_hosts) < 2:
+        pytest.skip("per-host users (and the sudoers rule between them) need root and two hosts")
+    other = ssh_hosts[1].user
+    res = conn.run('echo "$(whoami) $HOME $X"', sudo=other, env={"X": "kept"})
+    assert res.rc == 0, res.stderr
+    assert res.stdout == f"{other} {ssh_hosts[1].home} kept\n"
+    argv = conn.run(["whoami"], sudo=other, timeout=10)
+    assert argv.stdout == f"{other}\n"
+    # Never to root: the rule names the test users only, and -n fails instead of prompting.
+    denied = conn.run("whoami", sudo=True)
+    assert denied.rc != 0 and "root" not in denied.stdout
