@@ -362,52 +362,60 @@ def _yaml_group(b: _Builder, src: SourceMap, name: str, data: Any, path: tuple, 
             hint = did_you_mean(str(key), list(_GROUP_KEYS)) or "a group holds only `hosts:`, `children:` and `vars:`"
             b.problems.add(f"group `{name}`: unknown key `{key}`", src.locate(path + (key,), key=True), hint,
                            code="unknown-key")
-    variables = data.get("vars")
-    if variables is not None:
-        if not isinstance(variables, dict):
-            b.problems.add(f"group `{name}`: `vars` must be a mapping, got {_kind(variables)}", src.locate(path + ("vars",)))
-        else:
-            for k, v in variables.items():
-                b.set_group_var(name, str(k), v, src.locate(path + ("vars", k), key=True), f"group {name} (inline)")
-    children = data.get("children")
-    if children is not None:
-        if not isinstance(children, dict):
-            b.problems.add(f"group `{name}`: `children` must be a mapping of groups, got {_kind(children)}",
-                           src.locate(path + ("children",)),
-                           "write each child group as a key ending in `:`" if isinstance(children, list) else None)
-        else:
-            for child, cdata in children.items():
-                if not isinstance(child, str):
-                    b.problems.add(f"a group name must be a string, got {child!r}",
-                                   src.locate(path + ("children", child), key=True))
-                    continue
-                _yaml_group(b, src, child, cdata, path + ("children", child), parent=name)
-    hosts = data.get("hosts")
-    if hosts is not None:
-        if not isinstance(hosts, dict):
-            hint = ("`hosts` is a mapping: write each host as a key ending in `:` (e.g. `web01:`), not a `- web01` list"
-                    if isinstance(hosts, (list, str)) else None)
-            b.problems.add(f"group `{name}`: `hosts` must be a mapping of host names, got {_kind(hosts)}",
-                           src.locate(path + ("hosts",)), hint)
-            return
-        for entry, hvars in hosts.items():
-            hpath = path + ("hosts", entry)
-            hloc = src.locate(hpath, key=True)
-            try:
-                names, port = parse_host_pattern(str(entry))
-            except ValueError as exc:
-                b.problems.add(str(exc), hloc, _range_hint(str(exc)), code="invalid-host")
-                continue
-            if hvars is not None and not isinstance(hvars, dict):
-                b.problems.add(f"host `{entry}`: expected a mapping of variables or nothing, got {_kind(hvars)}",
-                               src.locate(hpath), "write `key: value` pairs under the host, or leave it empty")
-                hvars = None
-            for hname in names:
-                b.add_host(name, hname, hloc)
-                if port is not None:
-                    b.set_host_var(hname, "ansible_port", port, hloc)
-                for k, v in (hvars or {}).items():
-                    b.set_host_var(hname, str(k), v, src.locate(hpath + (k,), key=True))
+    # Sections are read in file order, so hosts keep the order in which the file lists them.
+    for key, value in data.items():
+        if key == "vars" and value is not None:
+            _yaml_group_vars(b, src, name, value, path + ("vars",))
+        elif key == "children" and value is not None:
+            _yaml_children(b, src, name, value, path + ("children",))
+        elif key == "hosts" and value is not None:
+            _yaml_hosts(b, src, name, value, path + ("hosts",))
+
+
+def _yaml_group_vars(b: _Builder, src: SourceMap, name: str, variables: Any, path: tuple) -> None:
+    if not isinstance(variables, dict):
+        b.problems.add(f"group `{name}`: `vars` must be a mapping, got {_kind(variables)}", src.locate(path))
+        return
+    for k, v in variables.items():
+        b.set_group_var(name, str(k), v, src.locate(path + (k,), key=True), f"group {name} (inline)")
+
+
+def _yaml_children(b: _Builder, src: SourceMap, name: str, children: Any, path: tuple) -> None:
+    if not isinstance(children, dict):
+        b.problems.add(f"group `{name}`: `children` must be a mapping of groups, got {_kind(children)}", src.locate(path),
+                       "write each child group as a key ending in `:`" if isinstance(children, list) else None)
+        return
+    for child, cdata in children.items():
+        if not isinstance(child, str):
+            b.problems.add(f"a group name must be a string, got {child!r}", src.locate(path + (child,), key=True))
+            continue
+        _yaml_group(b, src, child, cdata, path + (child,), parent=name)
+
+
+def _yaml_hosts(b: _Builder, src: SourceMap, name: str, hosts: Any, path: tuple) -> None:
+    if not isinstance(hosts, dict):
+        hint = ("`hosts` is a mapping: write each host as a key ending in `:` (e.g. `web01:`), not a `- web01` list"
+                if isinstance(hosts, (list, str)) else None)
+        b.problems.add(f"group `{name}`: `hosts` must be a mapping of host names, got {_kind(hosts)}", src.locate(path), hint)
+        return
+    for entry, hvars in hosts.items():
+        hpath = path + (entry,)
+        hloc = src.locate(hpath, key=True)
+        try:
+            names, port = parse_host_pattern(str(entry))
+        except ValueError as exc:
+            b.problems.add(str(exc), hloc, _range_hint(str(exc)), code="invalid-host")
+            continue
+        if hvars is not None and not isinstance(hvars, dict):
+            b.problems.add(f"host `{entry}`: expected a mapping of variables or nothing, got {_kind(hvars)}",
+                           src.locate(hpath), "write `key: value` pairs under the host, or leave it empty")
+            hvars = None
+        for hname in names:
+            b.add_host(name, hname, hloc)
+            if port is not None:
+                b.set_host_var(hname, "ansible_port", port, hloc)
+            for k, v in (hvars or {}).items():
+                b.set_host_var(hname, str(k), v, src.locate(hpath + (k,), key=True))
 
 
 def _range_hint(message: str) -> str | None:
@@ -949,13 +957,8 @@ def split_pattern(pattern: str) -> list[str]:
         return [pattern]
     except ValueError:
         pass
-    terms: list[str] = []
-    for part in pattern.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        terms.extend(t.strip() for t in re.findall(r"(?:[^:\[\]{}]|\[[^\]]*\]|\{[^}]*\})+", part) if t.strip())
-    return terms
+    # `,` and `:` separate terms, except inside [ranges/classes] and {regex repeats}.
+    return [t.strip() for t in re.findall(r"(?:[^:,\[\]{}]|\[[^\]]*\]|\{[^}]*\})+", pattern) if t.strip()]
 
 
 _SUBSCRIPT_RE = re.compile(r"^(.+)\[(?:(-?\d+)|(\d+)?([:-])(\d*))\]$")
@@ -1055,6 +1058,14 @@ def _resolve(b: _Builder, sources: list[str], ssh_config: str | os.PathLike | No
                                      did_you_mean(stem, list(names)) or "its variables are not used", severity="warning",
                                      code="unused-vars-file")
 
+    listed: dict[tuple[Path, str], list[Path]] = {}
+
+    def vars_files(base: Path, name: str) -> list[Path]:
+        # Many hosts share groups: look each group's files up once.
+        if (base, name) not in listed:
+            listed[(base, name)] = _vars_files(base, name) if base.is_dir() else []
+        return listed[(base, name)]
+
     hosts: dict[str, Host] = {}
     ssh_lookup = _ssh_config_lookup(ssh_config, problems)
     warned: set[Location | None] = set()
@@ -1076,16 +1087,16 @@ def _resolve(b: _Builder, sources: list[str], ssh_config: str | os.PathLike | No
         for g in mine:
             apply((k, v, g.var_origins[k]) for k, v in g.vars.items())
         for d in seen_dirs:
-            for f in _vars_files(d / "group_vars", "all"):
+            for f in vars_files(d / "group_vars", "all"):
                 apply((k, v, VarOrigin(loc, f"group_vars/all", _RANK["group_vars_all"])) for k, v, loc in _load_vars_file(b, f, cache))
         for d in seen_dirs:
             for g in mine:
-                for f in _vars_files(d / "group_vars", g.name):
+                for f in vars_files(d / "group_vars", g.name):
                     apply((k, v, VarOrigin(loc, f"group_vars/{g.name}", _RANK["group_vars"]))
                           for k, v, loc in _load_vars_file(b, f, cache))
         apply((k, v, hdef.var_origins[k]) for k, v in hdef.vars.items())
         for d in seen_dirs:
-            for f in _vars_files(d / "host_vars", name):
+            for f in vars_files(d / "host_vars", name):
                 apply((k, v, VarOrigin(loc, f"host_vars/{name}", _RANK["host_vars"])) for k, v, loc in _load_vars_file(b, f, cache))
         for k in IGNORED_VARS:
             if k in merged and origins[k].location not in warned:
@@ -1242,7 +1253,7 @@ def inventory_report(inventory: Inventory, *, mode: Literal["list", "graph", "ho
                      host: str | None = None, group: str = "all") -> str:
     """The text `runbook inventory --list | --graph | --host NAME` prints."""
     if mode == "list":
-        return json.dumps(inventory.to_ansible_json(limit), indent=4, sort_keys=False)
+        return json.dumps(inventory.to_ansible_json(limit), indent=4, sort_keys=True)  # as ansible-inventory prints it
     if mode == "graph":
         return inventory.graph(group, limit)
     if host is None:
