@@ -83,8 +83,14 @@ class StepGraph:
             cycle = None
         if cycle:
             path = [edge[0] for edge in cycle] + [cycle[0][0]]
-            first = g.nodes[cycle[0][1]]["index"]
-            problems.add(f"dependency cycle: {' -> '.join(path)}", _locate(playbook, section, first, "needs"),
+            # Point at an explicit `needs` entry that makes the loop (a default edge has no text to point at).
+            where = _locate(playbook, section, g.nodes[cycle[-1][1]]["index"], "needs")
+            for u, v in reversed(cycle):
+                target: Step = g.nodes[v]["step"]
+                if target.needs is not None and u in target.needs:
+                    where = _locate(playbook, section, g.nodes[v]["index"], "needs", target.needs.index(u))
+                    break
+            problems.add(f"dependency cycle: {' -> '.join(path)}", where,
                          "remove one of these `needs` so the steps can run in order", code="cycle")
         return g
 
@@ -138,7 +144,8 @@ class StepGraph:
     def to_dot(self) -> str:
         """Graphviz DOT, one node per step, ranked by layer."""
         def q(text: str) -> str:
-            return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", "").replace("\n", "\\n")
+            return '"' + escaped + '"'
 
         out = [f"digraph {q(self.playbook.runbook)} {{", "  rankdir=TB;", "  node [shape=box, style=rounded];"]
         for layer in self.layers():
@@ -164,7 +171,7 @@ class StepGraph:
 
         def label(sid: str) -> str:
             step = self.step(sid)
-            return f'{ids[sid]}["{step.name.replace(chr(34), "#quot;")}<br/><small>{sid} · {step.action}</small>"]'
+            return f'{ids[sid]}["{_mermaid_text(step.name)}<br/><small>{_mermaid_text(sid)} · {step.action}</small>"]'
 
         out = ["flowchart TD"]
         for sid in self.order():
@@ -179,6 +186,12 @@ class StepGraph:
                 out.append(f"    {ids[a]} --> {ids[b]}")
             out.append("  end")
         return "\n".join(out)
+
+
+def _mermaid_text(text: str) -> str:
+    """Text safe inside a quoted Mermaid label: quotes and angle brackets as entity codes, newlines as breaks."""
+    return (text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#60;").replace(">", "#62;")
+            .replace("\r", "").replace("\n", "<br/>"))
 
 
 def expand(steps: StepGraph, hosts: Iterable[str], step_ids: Iterable[str] | None = None) -> nx.DiGraph:

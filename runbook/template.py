@@ -295,7 +295,14 @@ def check_playbook_templates(playbook: Playbook, *, known_vars: set[str] | None 
     problems: list[Problem] = []
 
     def locate(path: tuple) -> Location:
-        return source.locate(path) if source else Location("<playbook>")
+        if source is None:
+            return Location("<playbook>")
+        if path not in source.values and "that" in path:
+            # `assert: [expr, ...]` is shorthand for `assert: {that: [...]}`: the text has no `that` level
+            short = tuple(p for p in path if p != "that")
+            if short in source.values:
+                return source.locate(short)
+        return source.locate(path)
 
     def check(path: tuple, text: str, kind: str, shell: bool) -> None:
         try:
