@@ -173,3 +173,12 @@ def test_stat(local: LocalConnection, tmp_path: Path) -> None:
     assert d.exists and d.sha256 is None and d.mode == stat.S_IMODE(tmp_path.stat().st_mode)
     assert local.stat(str(tmp_path / "nope")) == FileStat(exists=False)
     assert local.stat(str(f / "under-a-file")) == FileStat(exists=False)
+
+
+def test_sudo_password_is_the_first_stdin_line_only_with_sudo() -> None:
+    from runbook.connection import sudo_stdin
+
+    assert sudo_stdin("app", "s3cret", "data\n") == b"s3cret\ndata\n"
+    assert sudo_stdin(True, "s3cret", None) == b"s3cret\n"
+    assert sudo_stdin(False, "s3cret", "data\n") == b"data\n"   # never leaked without sudo
+    assert sudo_stdin("app", None, None) is None
