@@ -81,6 +81,229 @@ def schema() -> None:
     click.echo(json.dumps(doc, indent=2))
 
 
+# --- running ------------------------------------------------------------------------------------
+
+def parse_extra_vars(values: tuple[str, ...]) -> dict[str, Any]:
+    """`-e key=value`, `-e @file.yml` (YAML or JSON) and `-e '{"json": 1}'`, later ones win."""
+    from runbook.errors import ValidationError
+    from runbook.loader import load_document
+
+    out: dict[str, Any] = {}
+    for raw in values:
+        if raw.startswith("@"):
+            doc = load_document(raw[1:], what="extra vars file")
+            if not isinstance(doc.data, dict):
+                raise ValidationError(f"extra vars file {raw[1:]} must hold a mapping", hint="write `key: value` lines")
+            out.update(doc.data)
+        elif raw.lstrip().startswith("{"):
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValidationError(f"-e {raw!r}: invalid JSON: {exc.msg}", hint="or use -e key=value") from None
+            out.update(data)
+        else:
+            key, eq, value = raw.partition("=")
+            if not eq or not key.strip():
+                raise ValidationError(f"-e {raw!r}: expected key=value, @file.yml or a JSON object",
+                                      hint="for example: -e threshold=90")
+            out[key.strip()] = value
+    return out
+
+
+def _run_options(f):
+    """Flags shared by run, plan and apply."""
+    opts = [
+        click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory file, directory or `a,b,` list (repeatable)."),
+        click.option("-l", "--limit", help="Further limit the selected hosts with a pattern."),
+        click.option("-e", "--extra-vars", "extra", multiple=True, help="key=value, @file.yml or JSON (highest precedence)."),
+        click.option("-t", "--tags", "tags", multiple=True, help="Only run steps with these tags (comma-separated)."),
+        click.option("--skip-tags", "skip_tags", multiple=True, help="Skip steps with these tags."),
+        click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]),
+                     help="Unknown host keys: reject (strict, the default), record them (accept-new), or ignore (off)."),
+        click.option("--known-hosts", type=click.Path(dir_okay=False), help="Known-hosts file (default ~/.ssh/known_hosts)."),
+        click.option("--connect-timeout", type=float, default=10.0, show_default=True),
+        click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Hosts at once (overrides the playbook)."),
+        click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                     help="json: one JSON document on stdout with every task result."),
+        click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG",
+                     help="Audit trail file (default: .runbook/audit.jsonl beside the playbook)."),
+        click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: the OS user)."),
+        click.option("-v", "--verbose", is_flag=True, help="Show commands, diffs and messages of every task."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _split(values: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(t.strip() for v in values for t in v.split(",") if t.strip())
+
+
+def _request(kw: dict[str, Any], mode: str, **extra: Any):
+    from runbook.runner import RunRequest
+
+    return RunRequest(mode=mode, limit=kw["limit"], extra_vars=parse_extra_vars(kw["extra"]), tags=_split(kw["tags"]),
+                      skip_tags=_split(kw["skip_tags"]), host_key_checking=kw["host_key_checking"],
+                      known_hosts=kw["known_hosts"], connect_timeout=kw["connect_timeout"],
+                      concurrency=kw["concurrency"], operator=kw["operator"], audit_log=kw["audit_log"],
+                      handle_signals=True, **extra)
+
+
+def _inventory_arg(kw: dict[str, Any]):
+    return list(kw["inventory"]) if kw["inventory"] else None
+
+
+def _finish(result, kw: dict[str, Any], redactor) -> None:
+    if kw["output"] == "json":
+        click.echo(json.dumps(redactor.redact(result.as_dict()), indent=2, default=str))
+    sys.exit(result.exit_code())
+
+
+def _ask(prompt: str) -> bool:
+    return click.confirm(prompt, default=False, err=True)
+
+
+def _window_guard(prepared, kw: dict[str, Any], request) -> None:
+    """Refuse to start outside the playbook's window (exit 5) unless --ignore-window --reason."""
+    from runbook.window import SystemClock, WindowGuard, check_can_start, resolve_window
+
+    schedule = resolve_window(prepared.playbook, prepared.playbook_path)
+    if schedule is None:
+        return
+    clock = SystemClock()
+    if kw.get("ignore_window"):
+        request.details["ignore_window"] = True
+        request.details["reason"] = kw["reason"]
+        prepared.info.details.update(ignore_window=True, reason=kw["reason"])
+        return
+    check_can_start(schedule, clock)
+    request.window_guard = WindowGuard(schedule, clock)
+
+
+def _window_options(f):
+    f = click.option("--reason", help="Why the window is ignored (required with --ignore-window; recorded).")(f)
+    f = click.option("--ignore-window", is_flag=True, help="Run outside the maintenance window (recorded in the audit trail).")(f)
+    return f
+
+
+def _check_window_flags(kw: dict[str, Any]) -> None:
+    from runbook.errors import ValidationError
+
+    if kw.get("ignore_window") and not (kw.get("reason") or "").strip():
+        raise ValidationError("--ignore-window needs --reason \"...\"", hint="say why the run cannot wait for the window")
+
+
+@cli.command()
+@click.argument("playbook", type=click.Path())
+@_run_options
+@_window_options
+@click.option("--dry-run", "--check", "dry_run", is_flag=True, help="Plan only: predict every change, change nothing.")
+@click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
+def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
+    """Run a playbook on the selected hosts."""
+    if dry_run:
+        return _plan(playbook, out=None, kw=kw)
+    _check_window_flags(kw)
+    from runbook.console import ConsoleView, make_console
+    from runbook.runner import execute, prepare
+
+    request = _request(kw, "run", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask)
+    prepared = prepare(playbook, _inventory_arg(kw), request)
+    _window_guard(prepared, kw, request)
+    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    _finish(execute(prepared, request), kw, prepared.redactor)
+
+
+def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
+    from runbook.console import ConsoleView, make_console, render_plan
+    from runbook.plan import build_plan, write_plan
+    from runbook.runner import execute, prepare
+
+    request = _request(kw, "plan")
+    prepared = prepare(playbook, _inventory_arg(kw), request)
+    console = make_console()
+    request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"]))
+    result = execute(prepared, request)
+    doc = build_plan(prepared, request, result)
+    if out:
+        write_plan(doc, out)
+    if kw["output"] == "json":
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        render_plan(make_console(sys.stdout), doc, prepared.redactor)
+        if out:
+            click.echo(f"\nSaved to {out}. Review it with `runbook show {out}`; run exactly this with `runbook apply {out}`.")
+    code = result.exit_code()
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("playbook", type=click.Path())
+@_run_options
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Save the plan for review and `runbook apply`.")
+def plan(playbook: str, out: str | None, **kw: Any) -> None:
+    """Dry run: predict every step on every host (+ change, = no change, - skip, ? unknown); change nothing."""
+    _plan(playbook, out, kw)
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@click.option("--no-diff", is_flag=True, help="Hide content diffs.")
+def show(plan_file: str, no_diff: bool) -> None:
+    """Render a saved plan again for review."""
+    from runbook.console import make_console, render_plan
+    from runbook.plan import load_plan
+
+    render_plan(make_console(sys.stdout), load_plan(plan_file, max_age=float("inf")), diffs=not no_diff)
+
+
+@cli.command()
+@click.argument("plan_file", type=click.Path())
+@click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory (default: the plan's).")
+@click.option("-e", "--extra-vars", "extra", multiple=True, help="Needed again only for values the plan redacted.")
+@click.option("--allow-drift", is_flag=True, help="Go on when a host's state no longer matches the plan.")
+@click.option("--max-age", default="24h", show_default=True, help="Refuse plans older than this.")
+@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]))
+@click.option("--known-hosts", type=click.Path(dir_okay=False))
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
+@click.option("-c", "--concurrency", type=click.IntRange(min=1))
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
+@click.option("--operator", envvar="RUNBOOK_OPERATOR")
+@click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
+@click.option("-v", "--verbose", is_flag=True)
+@_window_options
+def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any) -> None:
+    """Execute exactly a reviewed plan; refuse when the playbook, inventory, vars or hosts drifted."""
+    from runbook.console import ConsoleView, make_console
+    from runbook.errors import DriftError, ValidationError
+    from runbook.model import parse_duration
+    from runbook.plan import drift_between, load_plan, plan_hash, saved_predictions
+    from runbook.runner import execute, prepare
+
+    _check_window_flags(kw)
+    try:
+        age = parse_duration(max_age)
+    except ValueError as exc:
+        raise ValidationError(f"--max-age: {exc}") from None
+    doc = load_plan(plan_file, max_age=age)
+    extra = parse_extra_vars(kw["extra"]) if kw["extra"] else dict(doc["extra_vars"])
+    kw.update(limit=doc["limit"], tags=tuple(doc["tags"]), skip_tags=tuple(doc["skip_tags"]), extra=())
+    kw["host_key_checking"] = kw["host_key_checking"] or doc.get("host_key_checking")
+    request = _request(kw, "apply", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
+                       plan_hash=plan_hash(doc), predictions=saved_predictions(doc), allow_drift=allow_drift)
+    request.extra_vars = extra
+    saved = [src for src in doc["inventory"]["source"].split(", ") if Path(src).exists() or src.endswith(",")]
+    inventory = list(kw["inventory"]) if kw["inventory"] else (saved or None)
+    prepared = prepare(doc["playbook"]["path"], inventory, request)
+    drifted = drift_between(doc, prepared, extra)
+    if drifted:
+        raise DriftError("the plan no longer matches:\n  - " + "\n  - ".join(drifted),
+                         hint="review a new plan: runbook plan ... --out FILE")
+    _window_guard(prepared, kw, request)
+    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    _finish(execute(prepared, request), kw, prepared.redactor)
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""
     try:

@@ -1,0 +1,52 @@
+"""`fetch:` — copy a file from the host into DEST/HOST/ on the control machine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
+
+
+class Fetch(Action):
+    """Copy a remote file to a local directory, one subdirectory per host; `changed` when the local copy changed."""
+
+    name = "fetch"
+
+    def _paths(self, env: TaskEnv) -> tuple[str, Path]:
+        src = env.render(self.spec.src)
+        # Relative destinations start from the current directory, where the operator runs runbook.
+        dest = Path(os.path.expanduser(env.render(self.spec.dest))) / env.host / os.path.basename(src.rstrip("/"))
+        return src, dest
+
+    def describe(self, env: TaskEnv) -> str | None:
+        src, dest = self._paths(env)
+        return f"fetch {src} -> {dest}"
+
+    def plan(self, env: TaskEnv) -> Prediction:
+        src, dest = self._paths(env)
+        st = env.conn.stat(src)
+        if not st.exists:
+            return Prediction("unknown", f"{src} does not exist on the host now; the fetch would fail unless an "
+                              "earlier step creates it", state="absent", command=self.describe(env))
+        local = hashlib.sha256(dest.read_bytes()).hexdigest() if dest.is_file() else None
+        if local is not None and local == st.sha256:
+            return Prediction("ok", f"{dest} already matches ({st.size} bytes)", state=st.sha256, command=self.describe(env))
+        return Prediction("change", f"would fetch {st.size} bytes to {dest}", state=st.sha256,
+                          command=self.describe(env), data={"size": st.size})
+
+    def apply(self, env: TaskEnv) -> Outcome:
+        src, dest = self._paths(env)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        before = hashlib.sha256(dest.read_bytes()).hexdigest() if dest.is_file() else None
+        tmp = dest.with_name(f".{dest.name}.runbook-tmp")
+        try:
+            env.conn.get(src, str(tmp))
+        except (OSError, IOError) as exc:
+            tmp.unlink(missing_ok=True)
+            return Outcome(failed=True, message=f"cannot fetch {src}: {exc}", command=self.describe(env))
+        after = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, dest)
+        return Outcome(changed=before != after, message=f"{dest.stat().st_size} bytes -> {dest}",
+                       command=self.describe(env), data={"dest": str(dest), "size": dest.stat().st_size, "sha256": after})

@@ -1,0 +1,110 @@
+"""`upload:` — copy a local file to the host when its checksum or mode differs."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import shlex
+
+from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
+from runbook.errors import RunbookError
+from runbook.template import resolve_local
+
+DIFF_LIMIT = 256 * 1024   # larger files are summarised, not diffed
+
+
+def _is_text(data: bytes) -> bool:
+    if b"\x00" in data[:8192]:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def content_diff(old: bytes | None, new: bytes, dest: str) -> str:
+    """A unified diff of two file contents, or a size/checksum summary for binary or large files."""
+    if old is not None and old == new:
+        return ""
+    if (old is not None and not _is_text(old)) or not _is_text(new) or len(new) > DIFF_LIMIT or (old and len(old) > DIFF_LIMIT):
+        before = f"{len(old)} bytes, sha256 {hashlib.sha256(old).hexdigest()[:16]}" if old is not None else "absent"
+        after = f"{len(new)} bytes, sha256 {hashlib.sha256(new).hexdigest()[:16]}"
+        return f"binary or large file {dest}: {before} -> {after}\n"
+    a = old.decode("utf-8").splitlines(keepends=True) if old is not None else []
+    b = new.decode("utf-8").splitlines(keepends=True)
+    lines = difflib.unified_diff(a, b, fromfile=f"{dest} (on host)" if old is not None else "/dev/null",
+                                 tofile=f"{dest} (new)")
+    return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
+
+
+class Upload(Action):
+    """Put a file on the host; report `changed` only when content or mode had to change."""
+
+    name = "upload"
+
+    def content(self, env: TaskEnv) -> bytes:
+        """The bytes the file on the host should hold."""
+        src = resolve_local(env.playbook, env.render(self.spec.src))
+        try:
+            return src.read_bytes()
+        except OSError as exc:
+            raise RunbookError(f"cannot read {src}: {exc.strerror}", hint="paths are relative to the playbook's directory") from None
+
+    def _target(self, env: TaskEnv) -> tuple[str, int | None, bytes]:
+        dest = env.render(self.spec.dest)
+        mode = int(self.spec.mode, 8) if self.spec.mode else None
+        return dest, mode, self.content(env)
+
+    def describe(self, env: TaskEnv) -> str | None:
+        return f"{self.name} {self.spec.src} -> {self.spec.dest}"
+
+    def _compare(self, env: TaskEnv, dest: str, mode: int | None, data: bytes) -> tuple[bool, str, str | None, str]:
+        """(needs change, reason, diff, state fingerprint) from one stat (and a read when it differs)."""
+        st = env.conn.stat(dest)
+        want = hashlib.sha256(data).hexdigest()
+        state = f"{st.sha256}:{st.mode:o}" if st.exists and st.mode is not None else ("absent" if not st.exists else str(st.sha256))
+        if not st.exists:
+            return True, f"{dest} does not exist", content_diff(None, data, dest), state
+        content_same = st.sha256 == want
+        mode_same = mode is None or st.mode == mode
+        if content_same and mode_same:
+            return False, "checksum and mode match", None, state
+        reasons = []
+        diff = None
+        if not content_same:
+            reasons.append("content differs")
+            old = env.conn.read(dest) if st.size <= DIFF_LIMIT else None
+            diff = content_diff(old, data, dest) if old is not None else (
+                f"large file {dest}: {st.size} bytes -> {len(data)} bytes\n")
+        if not mode_same:
+            reasons.append(f"mode {st.mode:04o} -> {mode:04o}")
+        return True, ", ".join(reasons), diff, state
+
+    def plan(self, env: TaskEnv) -> Prediction:
+        dest, mode, data = self._target(env)
+        change, reason, diff, state = self._compare(env, dest, mode, data)
+        return Prediction("change" if change else "ok", reason, diff=diff, state=state, command=self.describe(env))
+
+    def apply(self, env: TaskEnv) -> Outcome:
+        dest, mode, data = self._target(env)
+        change, reason, diff, _ = self._compare(env, dest, mode, data)
+        if not change:
+            return Outcome(changed=False, message=reason, command=self.describe(env))
+        sudo = env.sudo()
+        if sudo:
+            # Write as the login user, then let sudo move it into place with the right mode.
+            tmp = f"/tmp/.runbook-{os.urandom(6).hex()}"
+            env.conn.put(data, tmp, 0o600)
+            argv = ["sh", "-c", f"install -m {mode or 0o644:o} {shlex.quote(tmp)} {shlex.quote(dest)}; rc=$?; rm -f {shlex.quote(tmp)}; exit $rc"]
+            res = env.run(argv)
+            if res.rc != 0:
+                return Outcome(failed=True, rc=res.rc, stderr=res.stderr, message=f"cannot install {dest}: {res.stderr.strip()}")
+        else:
+            try:
+                env.conn.put(data, dest, mode)
+            except OSError as exc:
+                return Outcome(failed=True, message=f"cannot write {dest}: {exc}", command=self.describe(env))
+        return Outcome(changed=True, message=reason, diff=diff, command=self.describe(env),
+                       data={"dest": dest, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})

@@ -1,0 +1,195 @@
+"""Dry run support: the read-only connection, saved plan files, and drift checks for `apply`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from runbook.errors import ReadOnlyViolation
+
+if TYPE_CHECKING:
+    from runbook.connection import CommandResult, Connection, FileStat
+
+
+class ReadOnlyConnection:
+    """Wraps a connection for the dry run: reads pass, every mutating call raises ReadOnlyViolation.
+
+    `allow_run` is granted only for work that is read-only by contract (guards and `read_only` steps);
+    `put` is never allowed, and `sudo` only together with `allow_run`.
+    """
+
+    def __init__(self, inner: "Connection", *, allow_run: bool = False):
+        self._inner = inner
+        self.allow_run = allow_run
+        self.name = inner.name
+        self.kind = inner.kind
+
+    def open(self) -> None:
+        self._inner.open()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def run(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
+            timeout: float | None = None, sudo: bool | str = False, stdin: str | None = None) -> "CommandResult":
+        """Run only when this wrapper was granted read-only command execution."""
+        if not self.allow_run:
+            raise ReadOnlyViolation(f"{self.name}: a dry run may not run `{command}`",
+                                    hint="only guards and read_only steps run in a dry run")
+        return self._inner.run(command, env=env, timeout=timeout, sudo=sudo, stdin=stdin)
+
+    def put(self, data: bytes, remote_path: str, mode: int | None = None) -> None:
+        """Never allowed in a dry run."""
+        raise ReadOnlyViolation(f"{self.name}: a dry run may not write {remote_path}")
+
+    def get(self, remote_path: str, local_path: str) -> None:
+        """Copying from the host changes nothing on it; allowed for read_only steps."""
+        if not self.allow_run:
+            raise ReadOnlyViolation(f"{self.name}: a dry run may only fetch in read_only steps")
+        self._inner.get(remote_path, local_path)
+
+    def read(self, remote_path: str) -> bytes | None:
+        return self._inner.read(remote_path)
+
+    def stat(self, remote_path: str) -> "FileStat":
+        return self._inner.stat(remote_path)
+
+
+# --- saved plans ---------------------------------------------------------------------------------
+
+PLAN_FORMAT = "runbook-plan"
+PLAN_VERSION = 1
+
+
+def canonical(obj: object) -> str:
+    """Canonical JSON (sorted keys, no spaces) for hashing."""
+    import json
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    """sha256 hex of a text."""
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def vars_hash(extra_vars: dict) -> str:
+    """Hash of the extra vars, so apply can tell that they are the same without storing secrets in clear."""
+    return sha256_text(canonical(extra_vars))
+
+
+def build_plan(prepared, request, result) -> dict:
+    """The plan document of a dry run: identity, inputs' hashes, and every prediction (secrets redacted)."""
+    import time
+
+    from runbook import __version__
+
+    red = prepared.redactor
+    order = {sid: i for i, sid in enumerate(prepared.steps.order())}
+    preds = []
+    for r in sorted((r for r in result.results if not r.step_id.startswith("rescue:")),
+                    key=lambda r: (prepared.info.hosts.index(r.host) if r.host in prepared.info.hosts else 0,
+                                   order.get(r.step_id, 0))):
+        kind = r.data.get("prediction") or {"not_run": "not_run", "unreachable": "unknown", "failed": "fail"}.get(
+            r.status.value, r.status.value)
+        preds.append(red.redact({
+            "host": r.host, "step_id": r.step_id, "action": r.action, "prediction": kind, "reason": r.message,
+            "diff": r.diff, "state": r.data.get("state"), "command": r.command, "gate": bool(r.data.get("gate")),
+            "read_only": bool(r.data.get("read_only")),
+        }))
+    doc = {
+        "format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_ts": time.time(),
+        "operator": prepared.info.operator, "control_host": prepared.info.control_host, "run_id": prepared.info.run_id,
+        "playbook": {"path": prepared.playbook_path, "name": prepared.playbook.runbook, "hash": prepared.info.playbook_hash},
+        "inventory": {"source": prepared.info.inventory_source, "hash": prepared.info.inventory_hash},
+        "limit": request.limit, "tags": sorted(request.tags), "skip_tags": sorted(request.skip_tags),
+        "extra_vars": red.redact(dict(request.extra_vars)), "extra_vars_hash": vars_hash(dict(request.extra_vars)),
+        "host_key_checking": prepared.info.host_key_checking,
+        "hosts": list(prepared.info.hosts), "unreachable": red.redact(dict(result.unreachable)),
+        "predictions": preds,
+    }
+    doc["hash"] = sha256_text(canonical(doc))
+    return doc
+
+
+def write_plan(doc: dict, path: str) -> None:
+    """Save a plan file (0600: it describes the fleet)."""
+    import json
+    import os
+
+    from runbook.state import write_atomic
+    from pathlib import Path
+
+    write_atomic(Path(path), json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    os.chmod(path, 0o600)
+
+
+def load_plan(path: str, *, max_age: float = 24 * 3600, now: float | None = None) -> dict:
+    """Read a plan file and refuse it when corrupt, foreign, edited or too old."""
+    import json
+    import time
+    from pathlib import Path
+
+    from runbook import __version__
+    from runbook.errors import Location, PlanFileError
+
+    loc = Location(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanFileError(f"plan file not found: {path}", location=loc, hint="make one with `runbook plan PLAYBOOK --out FILE`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanFileError(f"cannot read plan file: {exc}", location=loc) from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanFileError(f"corrupt plan file: {exc.msg}", location=Location(path, exc.lineno, exc.colno),
+                            hint="make a new plan with `runbook plan ... --out FILE`") from None
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+        raise PlanFileError("not a runbook plan file", location=loc, hint="make one with `runbook plan ... --out FILE`")
+    if doc.get("version") != PLAN_VERSION or doc.get("runbook_version") != __version__:
+        raise PlanFileError(f"plan made by runbook {doc.get('runbook_version')} (plan format {doc.get('version')}); "
+                            f"this is runbook {__version__} (plan format {PLAN_VERSION})", location=loc,
+                            hint="plan again with this version")
+    body = {k: v for k, v in doc.items() if k != "hash"}
+    if doc.get("hash") != sha256_text(canonical(body)):
+        raise PlanFileError("plan file was modified after it was made (hash mismatch)", location=loc,
+                            hint="a reviewed plan must not be edited; plan again")
+    age = (now if now is not None else time.time()) - float(doc.get("created_ts", 0))
+    if age > max_age:
+        raise PlanFileError(f"plan is {age / 3600:.1f} h old (limit {max_age / 3600:g} h)", location=loc,
+                            hint="plan again, or raise the limit with --max-age")
+    return doc
+
+
+def plan_hash(doc: dict) -> str:
+    """The hash that ties an apply run to the reviewed plan."""
+    return str(doc["hash"])
+
+
+def drift_between(doc: dict, prepared, extra_vars: dict) -> list[str]:
+    """What differs between a plan and the inputs of the apply run: playbook, inventory, vars, hosts."""
+    out = []
+    if doc["playbook"]["hash"] != prepared.info.playbook_hash:
+        out.append(f"playbook {doc['playbook']['path']} changed since the plan")
+    if doc["inventory"]["hash"] != prepared.info.inventory_hash:
+        out.append(f"inventory {doc['inventory']['source']} changed since the plan")
+    if doc["extra_vars_hash"] != vars_hash(extra_vars):
+        out.append("extra vars (-e) differ from the plan's")
+    if list(doc["hosts"]) != list(prepared.info.hosts):
+        added = sorted(set(prepared.info.hosts) - set(doc["hosts"]))
+        removed = sorted(set(doc["hosts"]) - set(prepared.info.hosts))
+        out.append("selected hosts differ" + (f"; new: {', '.join(added)}" if added else "")
+                   + (f"; gone: {', '.join(removed)}" if removed else ""))
+    return out
+
+
+def saved_predictions(doc: dict) -> dict:
+    """The plan's predictions keyed by (step id, host), for the executor."""
+    from runbook.executor import SavedPrediction
+
+    return {(p["step_id"], p["host"]): SavedPrediction(p["prediction"], p.get("reason") or "", p.get("state"))
+            for p in doc["predictions"]}

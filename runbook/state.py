@@ -1,0 +1,148 @@
+"""Run state: each run's per-task outcome under `.runbook/runs/RUN_ID.json`, so `runbook resume` can continue it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from runbook.audit import Redactor
+from runbook.errors import RunbookError, ValidationError
+from runbook.events import Observer, RunInfo
+from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult
+
+if TYPE_CHECKING:
+    from runbook.runner import RunRequest
+
+STATE_VERSION = 1
+_FLUSH_EVERY = 0.5   # seconds; a crash loses at most this much state, and resume re-runs those tasks
+
+
+def task_key(step_id: str, host: str) -> str:
+    """The key of a task in a state file."""
+    return f"{step_id}@{host}"
+
+
+class RunState(Observer):
+    """An observer that keeps a run's state file up to date (atomically replaced, secrets redacted)."""
+
+    def __init__(self, directory: str | os.PathLike, redactor: Redactor, request: "RunRequest"):
+        self.dir = Path(directory)
+        self.redactor = redactor
+        self.request = request
+        self.doc: dict[str, Any] = {}
+        self._last_flush = 0.0
+        self._lock = threading.Lock()
+
+    def run_started(self, run: RunInfo) -> None:
+        self.doc = {
+            "version": STATE_VERSION, "run_id": run.run_id, "mode": run.mode, "status": "running",
+            "playbook_path": run.playbook_path, "playbook_name": run.playbook_name,
+            "playbook_hash": run.playbook_hash, "inventory_source": run.inventory_source,
+            "inventory_hash": run.inventory_hash, "hosts": run.hosts, "operator": run.operator,
+            "limit": self.request.limit, "extra_vars": run.extra_vars,
+            "tags": sorted(self.request.tags), "skip_tags": sorted(self.request.skip_tags),
+            "plan_hash": run.plan_hash, "details": self.redactor.redact(run.details),
+            "started_at": run.started_at, "finished_at": None, "tasks": {},
+        }
+        self._flush(force=True)
+
+    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        if result.step_id.startswith("rescue:"):
+            return
+        d = self.redactor.redact(result.as_dict())
+        with self._lock:
+            self.doc["tasks"][task_key(result.step_id, result.host)] = d
+        self._flush()
+
+    def run_interrupted(self, run: RunInfo, reason: str) -> None:
+        self.doc["status"] = "interrupted"
+        self._flush(force=True)
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        with self._lock:
+            for r in result.results:
+                if not r.step_id.startswith("rescue:"):
+                    self.doc["tasks"][task_key(r.step_id, r.host)] = self.redactor.redact(r.as_dict())
+            self.doc["finished_at"] = result.finished_at
+            self.doc["exit_code"] = result.exit_code()
+            self.doc["stop_reason"] = result.stop_reason
+            self.doc["status"] = ("interrupted" if result.interrupted else "deferred" if any(
+                r.status == Status.DEFERRED for r in result.results) else "ok" if result.ok else "failed")
+        self._flush(force=True)
+
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_flush < _FLUSH_EVERY:
+            return
+        with self._lock:
+            self._last_flush = now
+            text = json.dumps(self.doc, indent=1, sort_keys=True, default=str)
+        write_atomic(self.dir / f"{self.doc['run_id']}.json", text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file in one step so readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
+    """Read a run's state file; a run id prefix is enough when it is unique."""
+    d = Path(directory)
+    path = d / f"{run_id}.json"
+    if not path.exists():
+        matches = sorted(d.glob(f"{run_id}*.json")) if d.is_dir() else []
+        if len(matches) != 1:
+            known = ", ".join(p.stem for p in sorted(d.glob("*.json"))[-5:]) if d.is_dir() else ""
+            raise RunbookError(f"no run `{run_id}` in {d}" + (" (ambiguous prefix)" if matches else ""),
+                               hint=f"recent runs: {known}" if known else "`runbook runs` lists recent runs")
+        path = matches[0]
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"cannot read run state {path}: {exc}") from None
+
+
+def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, Any]]:
+    """Recent runs, newest first, with their status and counts."""
+    d = Path(directory)
+    out = []
+    for p in sorted(d.glob("*.json"), reverse=True)[:limit] if d.is_dir() else []:
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        counts: dict[str, int] = {}
+        for t in doc.get("tasks", {}).values():
+            counts[t["status"]] = counts.get(t["status"], 0) + 1
+        out.append({"run_id": doc.get("run_id"), "mode": doc.get("mode"), "status": doc.get("status"),
+                    "playbook": doc.get("playbook_name"), "operator": doc.get("operator"),
+                    "started_at": doc.get("started_at"), "hosts": len(doc.get("hosts", [])), "counts": counts})
+    return out
+
+
+def resumable(doc: dict[str, Any]) -> tuple[dict[tuple[str, str], TaskResult], dict[str, dict[str, Any]]]:
+    """Tasks of a saved run that are done (not to be re-run), and the registers they left."""
+    done: dict[tuple[str, str], TaskResult] = {}
+    for d in doc.get("tasks", {}).values():
+        status = Status(d["status"])
+        if status in DONE_STATUSES:
+            fields = {k: v for k, v in d.items() if k in TaskResult.__dataclass_fields__}
+            fields["status"] = status
+            fields["data"] = {**fields.get("data", {}), "from_run": doc["run_id"]}
+            done[(d["step_id"], d["host"])] = TaskResult(**fields)
+    return done, {}
