@@ -656,6 +656,10 @@ class SSHConnection:
         if rc == -1 and not transport.is_active():
             raise ConnectionFailed(self.name, "the SSH connection was lost during a command",
                                    hint="the host went away or closed the connection; check it and retry")
+        if rc == -1:
+            # The channel closed without an exit status (the login shell itself died by a signal,
+            # reported as exit-signal, which paramiko ignores): 255, as the ssh client reports it.
+            rc = 255
         if timeout is not None and rc == TIMEOUT_RC and duration >= timeout:
             timed_out = True
         return CommandResult(TIMEOUT_RC if timed_out else rc, decode(out), decode(err), duration, timed_out)
