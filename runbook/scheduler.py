@@ -117,10 +117,18 @@ class SchedulerState:
             entry = self._data.get(key)
             return dict(entry) if entry else None
 
-    def record(self, key: str, due: datetime, outcome: str, exit_code: int | None = None) -> None:
-        """Record that the due time `due` of `key` was handled, and save at once."""
+    def record(self, key: str, due: datetime, outcome: str) -> None:
+        """Record that the due time `due` of `key` was handled (started or skipped), and save at once."""
         with self._lock:
-            self._data[key] = {"last_due": due.astimezone(UTC).isoformat(), "outcome": outcome, "exit_code": exit_code}
+            entry = self._data.setdefault(key, {})
+            entry.update({"last_due": due.astimezone(UTC).isoformat(), "outcome": outcome})
+            self._save()
+
+    def record_run(self, key: str, due: datetime, outcome: str, exit_code: int | None = None) -> None:
+        """Record how the run for `due` ended; never moves `last_due` (a later due time may be handled already)."""
+        with self._lock:
+            entry = self._data.setdefault(key, {"last_due": due.astimezone(UTC).isoformat(), "outcome": "started"})
+            entry["last_run"] = {"due": due.astimezone(UTC).isoformat(), "outcome": outcome, "exit_code": exit_code}
             self._save()
 
     def _save(self) -> None:
@@ -316,11 +324,11 @@ class Scheduler:
             try:
                 code = self.run_playbook(sp.path)
             except Exception as exc:  # a failing run is logged; the scheduler carries on
-                self.state.record(sp.key, due, "failed")
+                self.state.record_run(sp.key, due, "failed")
                 self.log("schedule.run_failed", {**fields, "error": f"{type(exc).__name__}: {exc}"})
                 return
             outcome = "finished" if code == 0 else "failed"
-            self.state.record(sp.key, due, outcome, code)
+            self.state.record_run(sp.key, due, outcome, code)
             self.log("schedule.run_finished" if code == 0 else "schedule.run_failed", {**fields, "exit_code": code})
         finally:
             lock.release()

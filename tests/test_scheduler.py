@@ -93,7 +93,8 @@ def test_starts_a_due_cron_playbook_once_and_not_again_after_a_restart(dirs: tup
     assert restarted.tick() == []  # the state on disk remembers it
     state = json.loads((dirs[1] / STATE_FILE).read_text())
     assert state["playbooks"]["hourly.yml"]["last_due"] == "2024-01-01T10:00:00+00:00"
-    assert state["playbooks"]["hourly.yml"]["outcome"] == "finished"
+    assert state["playbooks"]["hourly.yml"]["last_run"] == {
+        "due": "2024-01-01T10:00:00+00:00", "outcome": "finished", "exit_code": 0}
 
     clock.set(utc(2024, 1, 1, 11, 0, 5))
     assert restarted.tick() == ["hourly.yml"]
@@ -192,6 +193,11 @@ def test_skips_an_overlapping_start_of_its_own_long_run(dirs: tuple[Path, Path])
     run.release.set()
     scheduler.join()
     assert len(run.calls) == 1
+    # The first run ending late must not make the skipped 11:00 start look unhandled.
+    assert scheduler.tick() == []
+    state = json.loads((dirs[1] / STATE_FILE).read_text())["playbooks"]["hourly.yml"]
+    assert state["last_due"] == "2024-01-01T11:00:00+00:00" and state["outcome"] == "skipped-overlap"
+    assert state["last_run"]["due"] == "2024-01-01T10:00:00+00:00"
     assert not lock_path(dirs[1], "hourly.yml").exists() or PlaybookLock(lock_path(dirs[1], "hourly.yml")).acquire()
 
 
