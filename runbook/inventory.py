@@ -625,6 +625,10 @@ def _load_file(b: _Builder, path: Path) -> None:
         except InventoryError as exc:
             b.problems.items.extend(exc.problems)
     else:
+        if all(not ln.strip() or ln.lstrip()[0] in "#;" for ln in text.splitlines()):
+            b.problems.add("the inventory file is empty", Location(str(path), 1, 1), "add `[group]` sections with hosts",
+                           severity="warning", code="empty-inventory")
+            return
         before = len(b.problems.errors)
         _load_ini_inventory(b, path, text)
         if len(b.problems.errors) > before and re.match(r"^\s*(---|all:|[\w.-]+:\s*$)", text):

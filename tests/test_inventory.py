@@ -622,3 +622,11 @@ def test_warnings_for_clashes_and_unused_vars_files(tmp_path: Path) -> None:
     codes = sorted(w.code for w in inv.warnings)
     assert codes == ["host-group-clash", "unused-vars-file", "unused-vars-file"]
     assert any("did you mean `web`" in (w.hint or "") for w in inv.warnings)
+
+
+@pytest.mark.parametrize("name,text", [("hosts", "# nothing yet\n"), ("hosts.yml", "---\n# nothing yet\n")])
+def test_an_empty_inventory_file_warns_and_selects_nothing(tmp_path: Path, name: str, text: str) -> None:
+    inv = Inventory.load(write(tmp_path, name, text), ssh_config=False)
+    assert [w.code for w in inv.warnings] == ["empty-inventory"]
+    with pytest.raises(InventoryError, match="selects no host"):
+        inv.select("all")
