@@ -876,7 +876,8 @@ class Inventory:
             names[base] = None   # Ansible's implicit localhost
         if not names and not groups:
             known = self._group_names()
-            hint = did_you_mean(base, known + list(self.hosts)) or f"known groups: {_listing(known)}"
+            guess = did_you_mean(base, known + list(self.hosts))
+            hint = f"{guess + ' ' if guess else ''}known groups: {_listing(known)}"
             raise InventoryError([Problem(f"`{base}` in host pattern `{whole}` matches no group and no host", None, hint,
                                           code="no-hosts")])
         order = {n: i for i, n in enumerate(self.hosts)}
