@@ -598,18 +598,20 @@ def test_content_hash_changes_with_any_file_read(tmp_path: Path) -> None:
     assert Inventory.load(inv_file, ssh_config=False).content_hash() != before
 
 
-def test_cli_inventory_list_matches_the_expected_json() -> None:
+def test_cli_inventory_list_matches_the_expected_json(capsys: pytest.CaptureFixture[str]) -> None:
     cli_mod = pytest.importorskip("runbook.cli")
-    from click.testing import CliRunner
-
     if "inventory" not in getattr(cli_mod.cli, "commands", {}):
         pytest.skip("`runbook inventory` is not wired into the CLI yet")
-    runner = CliRunner()
-    result = runner.invoke(cli_mod.cli, ["inventory", "-i", str(YAML_SITE), "--list"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == expected_list("yaml")
-    bad = runner.invoke(cli_mod.cli, ["inventory", "-i", str(YAML_SITE), "--limit", "nope", "--list"])
-    assert bad.exit_code == EXIT_INVALID and "Traceback" not in bad.output
+    assert cli_mod.main(["inventory", "-i", str(YAML_SITE), "--list"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected_list("yaml")
+    assert cli_mod.main(["inventory", "-i", str(INI_SITE), "--limit", "east", "--graph"]) == 0
+    assert capsys.readouterr().out.strip() == Inventory.load(INI_SITE, ssh_config=False).graph(limit="east")
+    assert cli_mod.main(["inventory", "-i", str(YAML_SITE), "--limit", "nope", "--list"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "`nope`" in err and "known groups:" in err and "Traceback" not in err
+    bad = FIXTURES / "yaml_site" / "missing.yml"
+    assert cli_mod.main(["inventory", "-i", str(bad), "--list"]) == EXIT_INVALID
+    assert "inventory not found" in capsys.readouterr().err
 
 
 def test_warnings_for_clashes_and_unused_vars_files(tmp_path: Path) -> None:
