@@ -304,6 +304,174 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
     request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
     _finish(execute(prepared, request), kw, prepared.redactor)
 
+
+# --- audit trail, run history, resume -----------------------------------------------------------
+
+def _audit_file(audit_log: str | None) -> Path:
+    from runbook.audit import default_audit_path
+
+    return Path(audit_log) if audit_log else default_audit_path(None)
+
+
+@cli.group()
+def audit() -> None:
+    """The tamper-evident audit trail: verify it, read its history."""
+
+
+@audit.command("verify")
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG",
+              help="Audit trail file (default: ./.runbook/audit.jsonl).")
+def audit_verify(audit_log: str | None) -> None:
+    """Check the whole hash chain; report the first broken or missing record by line (exit 2 when broken)."""
+    from runbook.audit import verify
+
+    report = verify(_audit_file(audit_log))
+    click.echo(report.render())
+    if not report.ok:
+        sys.exit(2)
+
+
+@audit.command("show")
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
+@click.option("--run", "run_id", help="One run (id or prefix).")
+@click.option("--host", help="Only records about this host.")
+@click.option("--since", help="ISO date or date-time, e.g. 2026-11-23 or 2026-11-23T18:00.")
+@click.option("--event", help="Event name or glob, e.g. task.*")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def audit_show(audit_log: str | None, run_id: str | None, host: str | None, since: str | None, event: str | None,
+               fmt: str) -> None:
+    """A readable history: who changed which host, when, with what result."""
+    from datetime import datetime
+
+    from runbook.audit import format_table, read_records
+    from runbook.errors import ValidationError
+
+    when = None
+    if since:
+        try:
+            when = datetime.fromisoformat(since)
+        except ValueError:
+            raise ValidationError(f"--since {since!r}: expected an ISO date like 2026-11-23 or 2026-11-23T18:00") from None
+    records = read_records(_audit_file(audit_log), run=run_id, host=host, since=when, event=event)
+    if fmt == "json":
+        click.echo(json.dumps(records, indent=2))
+    else:
+        click.echo(format_table(records))
+
+
+@cli.command()
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Run state directory (default: runs/ beside the audit trail).")
+@click.option("-n", "--count", default=20, show_default=True)
+def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
+    """List recent runs with their status."""
+    from runbook.state import list_runs
+
+    directory = Path(state_dir) if state_dir else _audit_file(audit_log).parent / "runs"
+    items = list_runs(directory, count)
+    if not items:
+        click.echo(f"no runs in {directory}")
+    for r in items:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))
+        click.echo(f"{r['run_id']}  {r['mode']:<6} {r['status']:<11} {r['playbook']}  "
+                   f"{r['hosts']} host(s)  by {r['operator']}  [{counts}]")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory (default: the run's).")
+@click.option("--force", is_flag=True, help="Resume even though the playbook or inventory changed (recorded).")
+@click.option("--state-dir", type=click.Path(file_okay=False))
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
+@click.option("--operator", envvar="RUNBOOK_OPERATOR")
+@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]))
+@click.option("--known-hosts", type=click.Path(dir_okay=False))
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("-y", "--yes", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+@_window_options
+def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
+    """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
+    from runbook.console import ConsoleView, make_console
+    from runbook.errors import DriftError
+    from runbook.runner import RunRequest, execute, prepare
+    from runbook.state import load_state, resumable
+
+    _check_window_flags(kw)
+    directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
+    doc = load_state(directory, run_id)
+    done, registers = resumable(doc)
+    request = RunRequest(mode="resume", limit=doc.get("limit"), extra_vars=dict(doc.get("extra_vars") or {}),
+                         tags=frozenset(doc.get("tags") or ()), skip_tags=frozenset(doc.get("skip_tags") or ()),
+                         host_key_checking=kw["host_key_checking"], known_hosts=kw["known_hosts"],
+                         operator=kw["operator"], audit_log=kw["audit_log"], state_dir=directory,
+                         handle_signals=True, assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
+                         previous=done, details={"resumed_from": doc["run_id"], "force": force})
+    saved = [src for src in doc["inventory_source"].split(", ") if Path(src).exists() or src.endswith(",")]
+    inventory = list(kw["inventory"]) if kw["inventory"] else (saved or None)
+    prepared = prepare(doc["playbook_path"], inventory, request)
+    changed = []
+    if prepared.info.playbook_hash != doc["playbook_hash"]:
+        changed.append("the playbook changed since the run")
+    if prepared.info.inventory_hash != doc["inventory_hash"]:
+        changed.append("the inventory changed since the run")
+    if changed and not force:
+        raise DriftError("cannot resume: " + "; ".join(changed), hint="plan a new run, or pass --force (recorded)")
+    if changed:
+        prepared.info.details["forced"] = changed
+    _window_guard(prepared, kw, request)
+    from runbook.state import registers_from
+    request.registers = registers_from(prepared.playbook, done)
+    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    _finish(execute(prepared, request), kw, prepared.redactor)
+
+
+# --- inventory, windows, schedule -----------------------------------------------------------------
+
+@cli.command()
+@click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory file, directory or `a,b,` list.")
+@click.option("-l", "--limit", help="Only hosts matching this pattern.")
+@click.option("--list", "as_list", is_flag=True, help="JSON like `ansible-inventory --list`.")
+@click.option("--graph", "as_graph", is_flag=True, help="A tree of groups.")
+@click.option("--host", help="One host's merged variables and where each came from.")
+def inventory(inventory: tuple[str, ...], limit: str | None, as_list: bool, as_graph: bool, host: str | None) -> None:
+    """Show an inventory: --list, --graph or --host NAME."""
+    from runbook.errors import ValidationError
+    from runbook.inventory import Inventory, inventory_report
+
+    if sum([as_list, as_graph, host is not None]) != 1:
+        raise ValidationError("choose one of --list, --graph or --host NAME")
+    inv = Inventory.load(list(inventory) if inventory else None)
+    for w in inv.warnings:
+        _echo_err(w.render())
+    mode = "list" if as_list else "graph" if as_graph else "host"
+    click.echo(inventory_report(inv, mode=mode, limit=limit, host=host))
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("-n", "--count", default=5, show_default=True, help="How many openings to list.")
+def windows(target: str | None, count: int) -> None:
+    """Whether a maintenance window is open now, and its next openings (a playbook or a name in windows.yml)."""
+    from runbook.cli_windows import show_windows
+
+    click.echo(show_windows(target, count))
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="playbooks", show_default=True)
+@click.option("-i", "--inventory", "inventory", multiple=True)
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Scheduler state and locks (default: DIR/.runbook/schedule).")
+@click.option("--interval", type=float, default=30.0, show_default=True, help="Seconds between checks.")
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
+@click.option("--once", is_flag=True, help="Check once, start what is due, wait for it, and exit.")
+def schedule(directory: str, inventory: tuple[str, ...], state_dir: str | None, interval: float,
+             audit_log: str | None, once: bool) -> None:
+    """Foreground scheduler: start playbooks when their schedule or window opens (for systemd or a container)."""
+    from runbook.cli_windows import run_scheduler
+
+    sys.exit(run_scheduler(directory, list(inventory) or None, state_dir, interval, audit_log, once))
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""
     try:

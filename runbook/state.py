@@ -146,3 +146,19 @@ def resumable(doc: dict[str, Any]) -> tuple[dict[tuple[str, str], TaskResult], d
             fields["data"] = {**fields.get("data", {}), "from_run": doc["run_id"]}
             done[(d["step_id"], d["host"])] = TaskResult(**fields)
     return done, {}
+
+
+def registers_from(playbook, done: dict[tuple[str, str], TaskResult]) -> dict[str, dict[str, Any]]:
+    """Registers that finished tasks left, rebuilt from their saved results (output as saved: redacted)."""
+    out: dict[str, dict[str, Any]] = {}
+    for (sid, host), r in done.items():
+        try:
+            step = playbook.step(sid)
+        except KeyError:
+            continue
+        if step.register_as:
+            out.setdefault(host, {})[step.register_as] = {
+                "stdout": r.stdout, "stderr": r.stderr, "rc": r.rc, "changed": r.changed,
+                "failed": False, "skipped": r.status == Status.SKIPPED, "status": r.status.value,
+                "duration": r.duration, "stdout_lines": r.stdout.splitlines(), "msg": r.message, "data": r.data}
+    return out
