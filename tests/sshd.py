@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-USER_PREFIX = "rbt-h"
+# Helpers and parallel sessions may set RUNBOOK_TEST_USER_PREFIX so that their test users do not collide.
+USER_PREFIX = os.environ.get("RUNBOOK_TEST_USER_PREFIX", "rbt-h")
 HOME_ROOT = Path("/home")
 SUDOERS_DIR = Path("/etc/sudoers.d")
 
