@@ -94,7 +94,11 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     except OSError as exc:
         raise PlaybookError([Problem(f"cannot read {what}: {exc.strerror}", loc, "check the file's permissions")]) from None
     if b"\x00" in raw:
-        raise PlaybookError([Problem(f"{what} looks binary (it contains NUL bytes), expected YAML text", loc)])
+        at = raw.index(b"\x00")
+        line = raw.count(b"\n", 0, at) + 1
+        column = at - (raw.rfind(b"\n", 0, at) + 1) + 1  # in bytes: the text before it may not decode
+        raise PlaybookError([Problem(f"{what} looks binary (it contains NUL bytes), expected YAML text",
+                                     Location(str(path), line, column), "name a YAML text file")])
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

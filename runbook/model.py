@@ -8,7 +8,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PrivateAttr, StringConstraints, field_validator,
+                      model_validator)
 
 ACTIONS = ("shell", "command", "upload", "template", "fetch", "wait_for", "assert", "approve")
 GUARDS = ("creates", "removes", "unless", "only_if")
@@ -45,7 +46,10 @@ def _format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(_format_duration, return_type=str)]
+# What editors see in the JSON Schema: the text forms the validators accept, not the parsed result.
+_DURATION_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*(\d+(\.\d+)?\s*(h|m|s|ms)?\s*)+$")]
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=Annotated[float, Field(ge=0)] | _DURATION_TEXT),
+                     PlainSerializer(_format_duration, return_type=str)]
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,9 @@ def parse_limit(value: Any) -> Limit:
     raise ValueError(f"invalid limit {value!r}: expected an integer like 5 or a percentage like 25%")
 
 
-LimitValue = Annotated[Limit, BeforeValidator(parse_limit), PlainSerializer(str, return_type=str)]
+_LIMIT_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*\d+(\.\d+)?\s*%?\s*$")]
+LimitValue = Annotated[Limit, BeforeValidator(parse_limit, json_schema_input_type=Annotated[int, Field(ge=0)] | _LIMIT_TEXT),
+                       PlainSerializer(str, return_type=str)]
 
 
 def _cron_valid(expr: str) -> bool:
@@ -135,7 +141,7 @@ def _str_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
-StrList = Annotated[list[str], BeforeValidator(_str_list)]
+StrList = Annotated[list[str], BeforeValidator(_str_list, json_schema_input_type=str | list[str])]
 
 
 class _Strict(BaseModel):
@@ -282,8 +288,8 @@ class Step(_Strict):
     template: TemplateSpec | None = None
     fetch: FetchSpec | None = None
     wait_for: WaitForSpec | None = None
-    assert_: Annotated[AssertSpec, BeforeValidator(_assert_shorthand)] | None = Field(None, alias="assert")
-    approve: Annotated[ApproveSpec, BeforeValidator(_approve_shorthand)] | None = None
+    assert_: Annotated[AssertSpec, BeforeValidator(_assert_shorthand, json_schema_input_type=str | list[str] | AssertSpec)] | None = Field(None, alias="assert")
+    approve: Annotated[ApproveSpec, BeforeValidator(_approve_shorthand, json_schema_input_type=str | ApproveSpec)] | None = None
 
     when: str | None = None
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
@@ -304,8 +310,8 @@ class Step(_Strict):
     read_only: bool = False
     on: Literal["controller"] | None = None
     once: bool = False
-    tags: Annotated[StrList, BeforeValidator(_none_as_empty_list)] = Field(default_factory=list)
-    env: Annotated[dict[str, str], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    tags: Annotated[StrList, BeforeValidator(_none_as_empty_list, json_schema_input_type=str | list[str] | None)] = Field(default_factory=list)
+    env: Annotated[dict[str, str], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, str | int | float | bool] | None)] = Field(default_factory=dict)
     max_duration: Duration | None = Field(None, description="Do not start when the maintenance window closes sooner than this.")
 
     @field_validator("env", mode="before")
@@ -353,7 +359,7 @@ class Playbook(_Strict):
     runbook: str = Field(description="The playbook's name.")
     description: str | None = None
     hosts: str = Field("all", description="Inventory host pattern, e.g. web:&prod.")
-    vars: Annotated[dict[str, Any], BeforeValidator(_none_as_empty)] = Field(default_factory=dict)
+    vars: Annotated[dict[str, Any], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, Any] | None)] = Field(default_factory=dict)
     secrets: Annotated[dict[str, Annotated[str, Field(pattern=r"^(env|file):.+$")]], BeforeValidator(_none_as_empty)] = Field(
         default_factory=dict, description="NAME: env:VAR or file:PATH; values are redacted everywhere.")
     concurrency: Int = Field(10, ge=1, description="Hosts at once.")
@@ -363,7 +369,7 @@ class Playbook(_Strict):
     schedule: str | None = Field(None, description="Cron expression for the scheduler, or `on-open`.")
     host_key_checking: Literal["strict", "accept-new", "off"] | None = None
     steps: Annotated[list[Step], Field(min_length=1)]
-    on_failure: Annotated[list[Step], BeforeValidator(_none_as_empty_list)] = Field(default_factory=list)
+    on_failure: Annotated[list[Step], BeforeValidator(_none_as_empty_list, json_schema_input_type=list[Step] | None)] = Field(default_factory=list)
 
     # Where the playbook came from: path and node positions (set by the loader, not part of the format).
     _source: Any = PrivateAttr(None)
