@@ -147,7 +147,10 @@ def evaluate(expr: str | bool, context: dict[str, Any]) -> Any:
 def truth(expr: str | bool, context: dict[str, Any]) -> bool:
     """Evaluate an expression as a condition; the strings 'false', 'no', '0' and '' are false."""
     value = evaluate(expr, context)
-    return _bool(value) if isinstance(value, str) else bool(value)
+    if isinstance(value, str):
+        # a non-empty string is true (as in jinja2), except the words that spell false
+        return value.strip().lower() not in ("", "false", "no", "0", "off", "n")
+    return bool(value)
 
 
 def build_context(*, playbook_vars: dict[str, Any], inventory_vars: dict[str, Any], registers: dict[str, Any],

@@ -100,10 +100,11 @@ def test_other_filters() -> None:
 
 @pytest.mark.parametrize("expr, expected", [
     ("x > 1", True), ("x > 5", False), ("{{ x > 1 }}", True), ("'false'", False), ("'no'", False), ("''", False),
-    ("'yes'", True), (True, True), (False, False), ("out.rc == 0", True),
+    ("'yes'", True), ("'OFF'", False), ("' 0 '", False), ("'hello'", True), ("out.stdout", True), ("out.err", False),
+    (True, True), (False, False), ("out.rc == 0", True), ("[]", False),
 ])
 def test_truth(expr: Any, expected: bool) -> None:
-    assert truth(expr, {"x": 2, "out": {"rc": 0}}) is expected
+    assert truth(expr, {"x": 2, "out": {"rc": 0, "stdout": "/dev/sda1", "err": ""}}) is expected
 
 
 def test_evaluate_returns_values() -> None:
