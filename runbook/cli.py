@@ -106,8 +106,23 @@ def parse_extra_vars(values: tuple[str, ...]) -> dict[str, Any]:
             if not eq or not key.strip():
                 raise ValidationError(f"-e {raw!r}: expected key=value, @file.yml or a JSON object",
                                       hint="for example: -e threshold=90")
-            out[key.strip()] = value
+            out[key.strip()] = _scalar(value)
     return out
+
+
+def _scalar(text: str) -> Any:
+    """`-e n=90` gives the number 90 and `-e on=true` a boolean (YAML 1.2 scalars); anything else stays text."""
+    import yaml
+
+    from runbook.loader import _Loader
+
+    try:
+        value = yaml.load(text, Loader=_Loader) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, int) and text.strip().lstrip("+-").startswith("0") and len(text.strip().lstrip("+-")) > 1:
+        return text  # 0644 is a mode or an id, not the number 644
+    return value if isinstance(value, (int, float, bool)) else text
 
 
 def _run_options(f):
