@@ -219,14 +219,23 @@ def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
     if dry_run:
         return _plan(playbook, out=None, kw=kw)
     _check_window_flags(kw)
-    from runbook.console import ConsoleView, make_console
     from runbook.runner import execute, prepare
 
     request = _request(kw, "run", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask)
     prepared = prepare(playbook, _inventory_arg(kw), request)
     _window_guard(prepared, kw, request)
-    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    request.observers.append(_console_view(prepared, kw))
     _finish(execute(prepared, request), kw, prepared.redactor)
+
+
+def _console_view(prepared, kw: dict[str, Any]):
+    """The terminal observer; no live redraw when an approval prompt may appear, and inventory warnings first."""
+    from runbook.console import ConsoleView, make_console
+
+    for w in prepared.inventory.warnings:
+        _echo_err(w.render())
+    gates = any(s.action == "approve" for s in prepared.playbook.all_steps())
+    return ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"], live=False if gates else None)
 
 
 def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
@@ -290,7 +299,6 @@ def show(plan_file: str, no_diff: bool) -> None:
 @_window_options
 def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any) -> None:
     """Execute exactly a reviewed plan; refuse when the playbook, inventory, vars or hosts drifted."""
-    from runbook.console import ConsoleView, make_console
     from runbook.errors import DriftError, ValidationError
     from runbook.model import parse_duration
     from runbook.plan import drift_between, load_plan, plan_hash, saved_predictions
@@ -316,7 +324,7 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
         raise DriftError("the plan no longer matches:\n  - " + "\n  - ".join(drifted),
                          hint="review a new plan: runbook plan ... --out FILE")
     _window_guard(prepared, kw, request)
-    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    request.observers.append(_console_view(prepared, kw))
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
@@ -407,7 +415,6 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @_window_options
 def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
     """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
-    from runbook.console import ConsoleView, make_console
     from runbook.errors import DriftError
     from runbook.runner import RunRequest, execute, prepare
     from runbook.state import load_state, resumable
@@ -437,7 +444,7 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     _window_guard(prepared, kw, request)
     from runbook.state import registers_from
     request.registers = registers_from(prepared.playbook, done)
-    request.observers.append(ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"]))
+    request.observers.append(_console_view(prepared, kw))
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 

@@ -104,9 +104,6 @@ class ConsoleView(Observer):
             self._live = None
         if self._mode == "plan":
             return  # the plan itself is rendered by render_plan
-        for r in result.results:
-            if r.step_id.startswith("rescue:") and r.status == Status.FAILED:
-                self._print_result(r)
         self.console.print(recap_table(result))
         if result.stop_reason:
             self.console.print(f"[yellow]stopped: {self._r(result.stop_reason)}[/]")

@@ -108,6 +108,7 @@ class Executor:
         self.host_stopped: dict[str, str] = {}
         self._lock = threading.RLock()
         self._cancel = threading.Event()
+        self._ask_lock = threading.Lock()
         self._register_names = {s.register_as: s.step_id for s in playbook.all_steps() if s.register_as}
         self._drift_checkable = self._compute_drift_checkable()
 
@@ -358,8 +359,13 @@ class Executor:
             self.events.approval(self.info, host, step.step_id, granted, who)
 
         return TaskEnv(step=step, host=host, conn=conn, vars=ctx, playbook=self.playbook, become_user=become,
-                       assume_yes=self.opt.assume_yes, interactive=self.opt.interactive, ask=self.opt.ask,
+                       assume_yes=self.opt.assume_yes, interactive=self.opt.interactive, ask=self._ask,
                        on_approval=approval, cancelled=self._cancel.is_set)
+
+    def _ask(self, prompt: str) -> bool:
+        """Ask the operator, one question at a time even when several hosts reach a gate together."""
+        with self._ask_lock:
+            return bool(self.opt.ask and self.opt.ask(prompt))
 
     def _conn_for(self, host: str, step: Step) -> Connection:
         return self.local if step.on == "controller" else self.conns[host]
@@ -372,6 +378,8 @@ class Executor:
         step = self.steps.step(sid)
         action = self.actions[sid]
         res = TaskResult(host, sid, step.action, Status.OK, started_at=time.time())
+        if rescue:
+            res.data["on_failure"] = True
         try:
             conn = self._conn_for(host, step)
             ctx = self._context(host, step)
