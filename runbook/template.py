@@ -24,13 +24,24 @@ BUILTINS = frozenset({"host", "inventory_hostname", "groups", "hostvars", "run",
                       "True", "False", "None"})
 
 # Filters whose output is safe to put into a shell command unquoted (numbers or quoted strings).
-SHELL_SAFE_FILTERS = frozenset({"quote", "int", "float", "length", "count", "abs", "round"})
+SHELL_SAFE_FILTERS = frozenset({"quote", "quote_path", "int", "float", "length", "count", "abs", "round"})
 
 
 def _quote(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(shlex.quote(str(v)) for v in value)
     return shlex.quote(str(value))
+
+
+def _quote_path(value: Any) -> str:
+    """Shell-quote a path, keeping a leading `~` or `~/` as the host's $HOME (quoting alone would stop the shell expanding it)."""
+    text = str(value)
+    if text == "~":
+        return '"$HOME"'
+    if text.startswith("~/"):
+        rest = text[2:]
+        return '"$HOME"/' + shlex.quote(rest) if rest else '"$HOME"/'
+    return shlex.quote(text)
 
 
 def _regex_search(value: Any, pattern: str, group: int = 0) -> str | None:
@@ -60,6 +71,7 @@ def environment() -> ImmutableSandboxedEnvironment:
                                        autoescape=False)
     env.filters.update({
         "quote": _quote,
+        "quote_path": _quote_path,
         "to_json": lambda v, **kw: json.dumps(v, sort_keys=True, **kw),
         "from_json": json.loads,
         "b64encode": lambda v: base64.b64encode(str(v).encode()).decode(),
