@@ -104,6 +104,7 @@ class Executor:
         self.registers: dict[str, dict[str, Any]] = {h: dict(options.registers.get(h, {})) for h in self.host_order}
         self.shared_registers: dict[str, Any] = {}
         self.unknown_registers: dict[str, dict[str, str]] = {h: {} for h in self.host_order}  # plan: name -> step
+        self._stale_registers: set[tuple[str, str]] = set()   # plan: (host, name) read before a planned change
         self.host_failed: set[str] = set()
         self.host_stopped: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -539,10 +540,27 @@ class Executor:
         res.data["prediction"] = pred.kind
         if pred.state is not None:
             res.data["state"] = pred.state
-        if step.register_as and not step.read_only and pred.kind != "skip":
+        # A read_only step after a predicted (or possible) change read the host as it is *before* that
+        # change, so later steps must not predict from its output: its register is unknown too.
+        stale = step.read_only and self._after_change(step, host)
+        if step.register_as and (not step.read_only or stale) and pred.kind != "skip":
             with self._lock:
                 self.unknown_registers.setdefault(host, {})[step.register_as] = step.step_id
+                if stale:
+                    self._stale_registers.add((host, step.register_as))
             res.data["registered"] = True   # nothing real to register
+
+    def _after_change(self, step: Step, host: str) -> bool:
+        """True when a task this one waits for is predicted to change something, or may (unknown)."""
+        with self._lock:
+            return any(a in self.results and self.results[a].data.get("prediction") in ("change", "unknown")
+                       for a in nx.ancestors(self.tasks, (step.step_id, host)))
+
+    def _why_unknown(self, host: str, name: str) -> str:
+        sid = self.unknown_registers[host][name]
+        if (host, name) in self._stale_registers:
+            return f"registered by `{sid}`, which reads the host before changes planned ahead of it"
+        return f"registered by `{sid}`, which cannot run in a dry run"
 
     def predict(self, step: Step, action: Action, host: str, conn: Connection, ctx: dict[str, Any],
                 res: TaskResult | None = None) -> Prediction:
@@ -551,8 +569,8 @@ class Executor:
             return Prediction("skip", "tag filter")
         unknown = self._unknown_inputs(host, step)
         if unknown:
-            name, sid = unknown[0]
-            return Prediction("unknown", f"`when` reads `{name}`, registered by `{sid}`, which cannot run in a dry run")
+            name, _sid = unknown[0]
+            return Prediction("unknown", f"`when` reads `{name}`, {self._why_unknown(host, name)}")
         try:
             if step.when is not None and not truth(step.when, ctx):
                 return Prediction("skip", f"when: `{step.when}` is false")
@@ -569,13 +587,14 @@ class Executor:
                 kind = "fail" if probe.status == Status.FAILED else ("skip" if probe.status == Status.SKIPPED else "ok")
                 return Prediction(kind, probe.message or "read_only: ran for real", command=probe.command,
                                   state=state, data={"read_only": True})
-            env = self._env(host, step, ReadOnlyConnection(conn, allow_run=False), ctx)
+            # wait_for's probe (test -e, a port probe, its command) is a condition check, read-only by
+            # contract like a guard; every other action's plan() only reads files.
+            env = self._env(host, step, ReadOnlyConnection(conn, allow_run=step.action == "wait_for"), ctx)
             pred = action.plan(env)
         except RunbookError as exc:
             missing = [n for n in self.unknown_registers.get(host, {}) if f"'{n}'" in str(exc)]
             if missing:
-                return Prediction("unknown", f"needs `{missing[0]}`, registered by "
-                                  f"`{self.unknown_registers[host][missing[0]]}`, which cannot run in a dry run")
+                return Prediction("unknown", f"needs `{missing[0]}`, {self._why_unknown(host, missing[0])}")
             raise
         if passed and pred.kind == "unknown" and step.action in ("shell", "command"):
             return Prediction("change", "would run: " + "; ".join(passed), state=state, command=pred.command)
