@@ -145,7 +145,7 @@ StrList = Annotated[list[str], BeforeValidator(_str_list, json_schema_input_type
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
 class Blackout(_Strict):
