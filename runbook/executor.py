@@ -169,7 +169,8 @@ class Executor:
             """Record a terminal result and release or block the successors."""
             self._record(node, res)
             host_left[node[1]] -= 1
-            block = res.status in BLOCKING or res.failed
+            # An ignored failure (ignore_errors) lets the host go on to the next steps.
+            block = (res.status in BLOCKING and not res.ignored) or res.failed
             for succ in self.tasks.successors(node):
                 if succ in self.results:
                     continue
