@@ -1,0 +1,336 @@
+"""Dry-run change review against real sshd hosts: plan, saved plans, apply, drift, no-write proof, accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import re
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runbook.audit import read_records
+from runbook.cli import main
+from tests.sshd import SSHHost, write_inventory
+
+pytestmark = pytest.mark.ssh
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "s3cr3t-Tok3n-rbph"
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
+    """Run `runbook ARGS` in process (real exit code from runbook.cli.main) and return (code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def chown_tree(root: Path, user: str) -> None:
+    """Give a seeded tree to the host's user, so its steps may change what the test prepared."""
+    pw = pwd.getpwnam(user)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, pw.pw_uid, pw.pw_gid)
+
+
+def seed(host: SSHHost, files: dict[str, bytes | str], modes: dict[str, int] | None = None) -> None:
+    """Write files (relative to the host's home) owned by the host's user."""
+    for rel, content in files.items():
+        path = host.home / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        path.chmod((modes or {}).get(rel, 0o644))
+    chown_tree(host.home, host.user)
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple]:
+    """Every path under root (root included): type, size, mode, owner, mtime_ns, ctime_ns and sha256 of files."""
+    snap: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for path in [Path(dirpath), *(Path(dirpath) / n for n in dirnames + filenames)]:
+            st = path.lstat()
+            digest = None
+            if stat.S_ISREG(st.st_mode):
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                digest = os.readlink(path)
+            # ctime too: it moves on any chmod/chown/write, even one that restores mtime.
+            snap[str(path)] = (stat.S_IFMT(st.st_mode), st.st_size, stat.S_IMODE(st.st_mode), st.st_uid,
+                               st.st_mtime_ns, st.st_ctime_ns, digest)
+    return snap
+
+
+def tmp_files_of(hosts: list[SSHHost]) -> set[str]:
+    """Top-level /tmp entries owned by the test users (a sudo upload would stage a file there)."""
+    uids = {pwd.getpwnam(h.user).pw_uid for h in hosts}
+    out = set()
+    for entry in os.scandir("/tmp"):
+        try:
+            if entry.stat(follow_symlinks=False).st_uid in uids:
+                out.add(entry.path)
+        except FileNotFoundError:
+            continue
+    return out
+
+
+def snapshot(hosts: list[SSHHost]) -> dict[str, object]:
+    """The state of every test host: its whole home, and what its user owns in /tmp."""
+    return {"homes": {h.name: snapshot_tree(h.home) for h in hosts}, "tmp": tmp_files_of(hosts)}
+
+
+def assert_same(before: dict[str, object], after: dict[str, object], what: str) -> None:
+    """Fail with the exact paths that differ."""
+    if before == after:
+        return
+    problems = []
+    for name in before["homes"]:  # type: ignore[union-attr]
+        b, a = before["homes"][name], after["homes"][name]  # type: ignore[index]
+        for path in sorted(set(b) | set(a)):
+            if b.get(path) != a.get(path):
+                problems.append(f"{name}: {path}: {b.get(path)} -> {a.get(path)}")
+    if before["tmp"] != after["tmp"]:
+        problems.append(f"/tmp: {sorted(before['tmp'])} -> {sorted(after['tmp'])}")  # type: ignore[arg-type]
+    pytest.fail(f"{what} changed the hosts:\n" + "\n".join(problems))
+
+
+def inventory_for(path: Path, hosts: list[SSHHost], per_host: Callable[[SSHHost], dict] | None = None) -> Path:
+    """An inventory where every host knows its home as `home` (plus per-host vars)."""
+    host_vars = {h.name: {"home": str(h.home), **(per_host(h) if per_host else {})} for h in hosts}
+    return write_inventory(path, hosts, host_vars=host_vars)
+
+
+def preds(doc: dict) -> dict[tuple[str, str], dict]:
+    """A plan's predictions keyed by (host, step id)."""
+    return {(p["host"], p["step_id"]): p for p in doc["predictions"]}
+
+
+def plan_sections(out: str) -> dict[str, str]:
+    """The rendered plan split per host section (the text between a host's name and the next one)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for ln in out.splitlines():
+        if ln.startswith("Plan: "):
+            break
+        if ln and not ln.startswith(" ") and not ln.startswith("Plan for "):
+            current = sections.setdefault(ln.strip(), [])
+        elif current is not None:
+            current.append(ln)
+    return {h: "\n".join(lines) for h, lines in sections.items()}
+
+
+def task_lines(section: str) -> list[str]:
+    """The `  MARK step  label — reason` lines of a host section (diff lines are indented further)."""
+    return [ln for ln in section.splitlines() if re.match(r"^  [-+=?!·] \S", ln)]
+
+
+def audit_events(path: Path, event: str) -> list[dict]:
+    """The audit records of one kind."""
+    return [r for r in read_records(path) if r.get("event") == event]
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, known_hosts: Path) -> Iterator[Path]:
+    """An empty working directory for the control machine, with the audit trail and known hosts set."""
+    wd = tmp_path / "work"
+    wd.mkdir()
+    monkeypatch.chdir(wd)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.setenv("RUNBOOK_OPERATOR", "reviewer-rbph")
+    monkeypatch.setenv("RBPH_TOKEN", SECRET)
+    yield wd
+
+
+def kh(known_hosts: Path) -> list[str]:
+    return ["--known-hosts", str(known_hosts)]
+
+
+# --- a small remediation playbook used by several tests ----------------------------------------
+
+REMEDIATE = """\
+runbook: remediate-app
+description: put the app config in place and count remediations
+hosts: all
+secrets: {api_token: env:RBPH_TOKEN}
+vars: {app: "{{ home }}/app"}
+steps:
+  - name: app dir
+    shell: mkdir -p {{ app | quote }}
+    creates: "{{ app }}"
+  - name: config
+    upload: {src: files/app.conf, dest: "{{ app }}/app.conf", mode: "0640"}
+  - name: count
+    # Appends: running it when the plan said skip would be visible in the counter.
+    shell: echo run >> {{ app | quote }}/counter
+    unless: test -f {{ app | quote }}/done.flag
+  - name: status
+    shell: echo status >> {{ app | quote }}/status-counter
+    changed_when: false
+  - name: token
+    shell: printf '%s' {{ api_token | quote }} | sha256sum > {{ app | quote }}/token.sum
+    creates: "{{ app }}/token.sum"
+"""
+
+
+def write_remediate(dirpath: Path, conf: str = "port = 8080\nworkers = 4\n") -> Path:
+    """The remediation playbook and its files in a directory of its own."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "files").mkdir(exist_ok=True)
+    (dirpath / "files" / "app.conf").write_text(conf)
+    pb = dirpath / "remediate.yml"
+    pb.write_text(REMEDIATE)
+    return pb
+
+
+# --- plan output -------------------------------------------------------------------------------
+
+OUTPUT_PB = """\
+runbook: plan-output
+hosts: all
+vars: {d: "{{ home }}/po"}
+steps:
+  - name: probe
+    read_only: true
+    shell: cat {{ d | quote }}/level 2>/dev/null || echo 0
+    register: level
+  - name: raise level
+    when: level.stdout | int < 5
+    shell: echo 5 > {{ d | quote }}/level
+    unless: test "$(cat {{ d | quote }}/level 2>/dev/null)" = 5
+  - name: unguarded
+    shell: date > {{ d | quote }}/stamp
+  - name: guarded by creates
+    shell: touch {{ d | quote }}/made
+    creates: "{{ d }}/made"
+  - name: only when allowed
+    shell: touch {{ d | quote }}/allowed
+    only_if: test -f {{ d | quote }}/allow
+  - name: registered blindly
+    shell: wc -l < {{ d | quote }}/level
+    register: count
+  - name: depends on it
+    when: count.stdout | int > 0
+    shell: echo x >> {{ d | quote }}/log
+  - name: no change by contract
+    shell: uptime
+    changed_when: false
+  - name: debug only
+    shell: echo debug >> {{ d | quote }}/debug
+    tags: [debug]
+  - name: binary
+    upload: {src: files/blob.bin, dest: "{{ d }}/blob.bin"}
+  - name: rendered
+    template: {src: files/motd.j2, dest: "{{ d }}/motd", mode: "0644"}
+  - name: fetch level
+    fetch: {src: "{{ d }}/level", dest: fetched}
+  - name: wait for level
+    wait_for: {path: "{{ d }}/level", timeout: 1}
+  - name: check level
+    assert: {that: "level.stdout | int >= 0", success_msg: "level is {{ level.stdout }}"}
+  - name: confirm
+    approve: {prompt: "roll out to {{ inventory_hostname }}?"}
+"""
+
+
+def write_output_pb(dirpath: Path) -> Path:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "files").mkdir(exist_ok=True)
+    (dirpath / "files" / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    (dirpath / "files" / "motd.j2").write_text("welcome to {{ inventory_hostname }}\nlevel {{ level.stdout | trim }}\n")
+    pb = dirpath / "output.yml"
+    pb.write_text(OUTPUT_PB)
+    return pb
+
+
+def test_plan_prints_every_prediction_with_reasons_and_totals(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    h0, h1, h2 = clean_ssh_hosts[:3]
+    seed(h0, {"po/level": "5\n", "po/made": "", "po/allow": "", "po/blob.bin": bytes(range(256)) * 4,
+              "po/motd": "welcome to h0\nlevel 5\n"})
+    seed(h1, {"po/level": "2\n", "po/blob.bin": b"\x00\x01old", "po/motd": "welcome to h1\nlevel 1\n"})
+    seed(h2, {})
+    inv = inventory_for(tmp_path / "inv.yml", clean_ssh_hosts[:3])
+    pb = write_output_pb(tmp_path / "pb")
+    before = snapshot(clean_ssh_hosts)
+
+    code, out, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), "--skip-tags", "debug")
+    assert code == 0, err + out
+    assert "Planning plan-output on 3 host(s)" in err
+    sections = plan_sections(out)
+    assert list(sections) == ["h0", "h1", "h2"]
+    # Per host, in dependency order.
+    assert [ln.split()[1] for ln in task_lines(sections["h0"])] == [
+        "probe", "raise-level", "unguarded", "guarded-by-creates", "only-when-allowed", "registered-blindly",
+        "depends-on-it", "no-change-by-contract", "debug-only", "binary", "rendered", "fetch-level",
+        "wait-for-level", "check-level", "confirm"]
+
+    def line(host: str, step: str) -> str:
+        return next(ln for ln in task_lines(sections[host]) if ln.split()[1] == step)
+
+    # h0: already remediated.
+    assert line("h0", "probe").startswith("  = probe  no change")
+    assert line("h0", "raise-level").startswith("  - raise-level  skip — when: `level.stdout | int < 5` is false")
+    assert line("h0", "guarded-by-creates").startswith("  - guarded-by-creates  skip — creates:")
+    assert "/po/made exists" in line("h0", "guarded-by-creates")
+    assert line("h0", "only-when-allowed").startswith("  + only-when-allowed  change — would run: only_if:")
+    assert line("h0", "binary").startswith("  = binary  no change — checksum and mode match")
+    assert line("h0", "rendered").startswith("  = rendered  no change")
+    # h1: half done. The guard of `raise level` is evaluated for real.
+    assert line("h1", "raise-level").startswith("  + raise-level  change — would run: unless:")
+    assert line("h1", "only-when-allowed").startswith("  - only-when-allowed  skip — only_if:")
+    assert line("h1", "binary").startswith("  + binary  change — content differs")
+    assert f"binary or large file {h1.home}/po/blob.bin: 5 bytes, sha256" in sections["h1"]
+    assert "-level 1" in sections["h1"] and "+level 2" in sections["h1"]   # template diff: host vs rendered
+    # h2: nothing there.
+    assert line("h2", "guarded-by-creates").startswith("  + guarded-by-creates  change — would run: creates:")
+    assert line("h2", "binary").startswith("  + binary  change — ")
+    assert line("h2", "fetch-level").startswith("  ? fetch-level  unknown — ")
+    assert line("h2", "wait-for-level").startswith("  ? wait-for-level  unknown — the condition does not hold now")
+    for host in ("h0", "h1", "h2"):
+        assert line(host, "unguarded").startswith("  ? unguarded  unknown — a command cannot be predicted")
+        assert line(host, "registered-blindly").startswith("  ? registered-blindly  unknown")
+        assert line(host, "depends-on-it").startswith(
+            "  ? depends-on-it  unknown — `when` reads `count`, registered by `registered-blindly`")
+        assert line(host, "no-change-by-contract").startswith("  = no-change-by-contract  no change — changed_when: false")
+        assert line(host, "debug-only").startswith("  - debug-only  skip — tag filter")
+        assert line(host, "check-level").startswith("  = check-level  no change")
+        assert line(host, "confirm").startswith(f'  ! confirm  gate — gate: the real run stops here and asks "roll out to {host}?"')
+    # read_only ran for real: the assert and the template saw the real value.
+    assert "level is 5" in line("h0", "check-level") and "level is 2" in line("h1", "check-level")
+    # fetch reports the remote size.
+    assert "would fetch 2 bytes" in line("h0", "fetch-level")
+    # Totals per host and overall.
+    overall: Counter[str] = Counter()
+    for host in ("h0", "h1", "h2"):
+        marks = Counter(ln.split()[0] for ln in task_lines(sections[host]))
+        overall.update(marks)
+        labels = {"+": "change", "=": "no change", "-": "skip", "?": "unknown", "!": "gate"}
+        expected = ", ".join(f"{n} {labels[m]}" for m, n in sorted(marks.items(), key=lambda kv: labels[kv[0]]))
+        assert sections[host].rstrip().splitlines()[-1].strip() == expected
+    totals = out.split("\nPlan: ")[1].splitlines()[0]
+    assert totals == (f"{overall['+']} change, {overall['=']} no change, {overall['-']} skip, "
+                      f"{overall['?']} unknown, {overall['!']} gate")
+    # h0: + only-when-allowed, fetch; h1: + raise, creates, binary, template, fetch; h2: as h1 but fetch
+    # and wait_for unknown (no level file yet).
+    assert overall == {"+": 2 + 5 + 4, "=": 6 + 4 + 3, "-": 3 + 2 + 2, "?": 3 + 3 + 5, "!": 3}
+    assert "% of steps unknown" in out
+    assert_same(before, snapshot(clean_ssh_hosts), "plan")
+    assert sorted(p.name for p in work.iterdir()) == []   # the fetch only predicted
+
+    # `run --dry-run` and `--check` print the same plan.
+    for flag in ("--dry-run", "--check"):
+        code2, out2, _ = cli(capsys, "run", pb, "-i", inv, *kh(known_hosts), "--skip-tags", "debug", flag)
+        assert code2 == 0
+        assert out2.split("\nPlan: ")[1].splitlines()[0] == totals
+        assert [ln for ln in out2.splitlines() if ln.startswith("  ")] == \
+            [ln for ln in out.splitlines() if ln.startswith("  ")]
+    assert_same(before, snapshot(clean_ssh_hosts), "run --dry-run/--check")
