@@ -35,6 +35,8 @@ def _quote(value: Any) -> str:
 
 def _quote_path(value: Any) -> str:
     """Shell-quote a path, keeping a leading `~` or `~/` as the host's $HOME (quoting alone would stop the shell expanding it)."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_quote_path(v) for v in value)
     text = str(value)
     if text == "~":
         return '"$HOME"'
