@@ -586,6 +586,12 @@ class Executor:
                 probe = res or TaskResult(host, step.step_id, step.action, Status.OK)
                 self._real_task(step, action, host, ReadOnlyConnection(conn, allow_run=True), ctx, probe)
                 kind = "fail" if probe.status == Status.FAILED else ("skip" if probe.status == Status.SKIPPED else "ok")
+                if kind == "fail" and self._after_change(step, host):
+                    # It read the host before the changes planned ahead of it (e.g. a check of what an
+                    # earlier step uploads): failing now says nothing about the real run.
+                    return Prediction("unknown", "reads the host before changes planned ahead of it; now: "
+                                      + (probe.message or "fails"), command=probe.command, state=state,
+                                      data={"read_only": True})
                 return Prediction(kind, probe.message or "read_only: ran for real", command=probe.command,
                                   state=state, data={"read_only": True})
             # wait_for's probe (test -e, a port probe, its command) is a condition check, read-only by
