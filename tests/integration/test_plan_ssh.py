@@ -334,3 +334,202 @@ def test_plan_prints_every_prediction_with_reasons_and_totals(
         assert [ln for ln in out2.splitlines() if ln.startswith("  ")] == \
             [ln for ln in out.splitlines() if ln.startswith("  ")]
     assert_same(before, snapshot(clean_ssh_hosts), "run --dry-run/--check")
+
+
+# --- saved plans, show, apply ----------------------------------------------------------------------
+
+def seed_remediate_states(hosts: list[SSHHost], conf: str) -> None:
+    """h0 already remediated (and flagged done), h1 half done (wrong config mode), h2 untouched."""
+    h0, h1, h2 = hosts[:3]
+    seed(h0, {"app/app.conf": conf, "app/done.flag": "", "app/token.sum": "old\n"}, {"app/app.conf": 0o640})
+    seed(h1, {"app/app.conf": conf}, {"app/app.conf": 0o644})
+    seed(h2, {})
+
+
+def test_saved_plan_show_and_apply_run_exactly_the_reviewed_plan(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from runbook.inventory import Inventory
+    from runbook.plan import canonical, sha256_text
+
+    hosts = clean_ssh_hosts[:3]
+    h0, h1, h2 = hosts
+    conf = "port = 8080\nworkers = 4\n"
+    pb = write_remediate(tmp_path / "pb", conf)
+    seed_remediate_states(hosts, conf)
+    inv = inventory_for(tmp_path / "inv.yml", hosts)
+    before = snapshot(clean_ssh_hosts)
+    extra = ["-e", "release=42", "-e", "db_password=pw-rbph-9"]
+
+    code, out, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), *extra, "--out", "plan.json")
+    assert code == 0, err + out
+    assert_same(before, snapshot(clean_ssh_hosts), "plan --out")
+    plan_file = work / "plan.json"
+    text = plan_file.read_text()
+    assert SECRET not in text and "pw-rbph-9" not in text and SECRET not in out + err
+    assert stat.S_IMODE(plan_file.stat().st_mode) == 0o600
+    doc = json.loads(text)
+    assert doc["format"] == "runbook-plan" and doc["version"] == 1
+    assert doc["hash"] == sha256_text(canonical({k: v for k, v in doc.items() if k != "hash"}))
+    assert doc["playbook"] == {"path": str(pb.resolve()), "name": "remediate-app",
+                               "hash": hashlib.sha256(pb.read_bytes()).hexdigest()}
+    assert doc["inventory"]["hash"] == Inventory.load(str(inv)).content_hash()
+    assert str(doc["extra_vars"]["release"]) == "42" and doc["extra_vars"]["db_password"] != "pw-rbph-9"
+    assert doc["hosts"] == ["h0", "h1", "h2"]
+    assert doc["operator"] == "reviewer-rbph"
+    assert doc["created_at"].endswith("Z") and abs(doc["created_ts"] - __import__("time").time()) < 600
+    p = preds(doc)
+    assert len(p) == 15
+    expected = {
+        "h0": {"app-dir": "skip", "config": "ok", "count": "skip", "status": "ok", "token": "skip"},
+        "h1": {"app-dir": "skip", "config": "change", "count": "change", "status": "ok", "token": "change"},
+        "h2": {"app-dir": "change", "config": "change", "count": "change", "status": "ok", "token": "change"},
+    }
+    assert {h: {s: p[(h, s)]["prediction"] for s in expected[h]} for h in expected} == expected
+    assert p[("h1", "config")]["reason"] == "mode 0644 -> 0640"
+    assert p[("h2", "config")]["diff"].startswith("--- /dev/null\n")
+    assert "api_token" not in p[("h1", "token")]["command"] and SECRET not in p[("h1", "token")]["command"]
+
+    # `show` renders the same review again.
+    code, shown, _ = cli(capsys, "show", plan_file)
+    assert code == 0
+    assert shown.strip() == out.split("\nSaved to ")[0].strip()
+
+    # Redacted -e values are not in the plan, so apply needs them again; without them it refuses.
+    code, out2, err2 = cli(capsys, "apply", plan_file, *kh(known_hosts), "-y")
+    assert code == 4 and "extra vars (-e) differ from the plan's" in err2
+    assert_same(before, snapshot(clean_ssh_hosts), "a refused apply")
+
+    code, out3, err3 = cli(capsys, "apply", plan_file, *kh(known_hosts), *extra, "-y", "--output", "json")
+    assert code == 0, err3
+    result = json.loads(out3)
+    statuses = {(r["host"], r["step_id"]): r["status"] for r in result["results"]}
+    assert statuses[("h2", "app-dir")] == "changed" and statuses[("h0", "config")] == "ok"
+    assert statuses[("h1", "config")] == "changed" and statuses[("h0", "count")] == "skipped"
+    # Real effects: the reviewed changes happened, and only them.
+    for h in (h1, h2):
+        assert (h.home / "app/app.conf").read_text() == conf
+        assert stat.S_IMODE((h.home / "app/app.conf").stat().st_mode) == 0o640
+        assert (h.home / "app/counter").read_text() == "run\n"
+        assert (h.home / "app/token.sum").read_text().split()[0] == hashlib.sha256(SECRET.encode()).hexdigest()
+    assert not (h0.home / "app/counter").exists()          # planned skip: not run
+    assert (h0.home / "app/token.sum").read_text() == "old\n"
+    for h in hosts:                                        # planned `no change`: never run
+        assert not (h.home / "app/status-counter").exists()
+    # The run records the plan it executed.
+    audit = Path(os.environ["RUNBOOK_AUDIT_LOG"])
+    started = [r for r in audit_events(audit, "run.started") if r.get("mode") == "apply"]
+    assert len(started) == 1 and started[0]["plan_hash"] == doc["hash"]
+    assert SECRET not in audit.read_text() and "pw-rbph-9" not in audit.read_text()
+
+
+def test_apply_refuses_when_inputs_drifted_and_runs_nothing(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = clean_ssh_hosts[:3]
+    pb = write_remediate(tmp_path / "pb")
+    inv = inventory_for(tmp_path / "inv.yml", hosts)
+    code, _, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), "-e", "release=1", "--out", "plan.json")
+    assert code == 0, err
+    before = snapshot(clean_ssh_hosts)
+    audit = Path(os.environ["RUNBOOK_AUDIT_LOG"])
+    runs_before = len(audit_events(audit, "run.started"))
+
+    # Each input alone, then all together: the message lists exactly what drifted.
+    original_pb, original_inv = pb.read_text(), inv.read_text()
+    pb.write_text(original_pb + "# reviewed? no\n")
+    code, _, err = cli(capsys, "apply", "plan.json", *kh(known_hosts), "-e", "release=1", "-y")
+    assert code == 4 and f"playbook {pb.resolve()} changed since the plan" in err
+    assert "inventory" not in err.split("no longer matches")[1].split("hint")[0]
+    pb.write_text(original_pb)
+    code, _, err = cli(capsys, "apply", "plan.json", *kh(known_hosts), "-e", "release=2", "-y")
+    assert code == 4 and "extra vars (-e) differ from the plan's" in err and "playbook" not in err.split("match")[1]
+    inventory_for(inv, hosts, lambda h: {"extra": 1})
+    pb.write_text(original_pb + "\n")
+    code, _, err = cli(capsys, "apply", "plan.json", *kh(known_hosts), "-e", "release=3", "-y")
+    assert code == 4
+    listed = [ln.strip()[2:] for ln in err.splitlines() if ln.strip().startswith("- ")]
+    assert [ln.split()[0] for ln in listed] == ["playbook", "inventory", "extra"], err
+    pb.write_text(original_pb)
+    inventory_for(inv, hosts[:2])   # h2 left the inventory
+    code, _, err = cli(capsys, "apply", "plan.json", *kh(known_hosts), "-e", "release=1", "-y")
+    assert code == 4 and "selected hosts differ; gone: h2" in err
+    inv.write_text(original_inv)
+    assert_same(before, snapshot(clean_ssh_hosts), "refused applies")
+    assert len(audit_events(audit, "run.started")) == runs_before   # nothing started at all
+
+
+DRIFT_PB = """\
+runbook: drift-check
+hosts: all
+steps:
+  - name: flag
+    shell: touch {{ home | quote }}/app.flag
+    creates: "{{ home }}/app.flag"
+  - name: config
+    upload: {src: files/app.conf, dest: "{{ home }}/app.conf", mode: "0644"}
+  - name: count
+    shell: echo run >> {{ home | quote }}/counter
+"""
+
+
+def prepare_drift(tmp_path: Path, hosts: list[SSHHost], conf: str) -> tuple[Path, Path]:
+    """h0 untouched; h1 flagged and configured already (its plan is skip, no change); h2 untouched."""
+    for h in hosts:
+        h.clear_home()
+    seed(hosts[1], {"app.flag": "", "app.conf": conf})
+    d = tmp_path / "drift"
+    (d / "files").mkdir(parents=True, exist_ok=True)
+    (d / "files" / "app.conf").write_text(conf)
+    (d / "drift.yml").write_text(DRIFT_PB)
+    return d / "drift.yml", inventory_for(tmp_path / "inv.yml", hosts)
+
+
+def test_remote_drift_stops_that_host_only_unless_allowed(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = clean_ssh_hosts[:3]
+    h0, h1, h2 = hosts
+    conf = "listen 80\n"
+    pb, inv = prepare_drift(tmp_path, hosts, conf)
+    code, out, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), "--out", "plan.json", "--output", "json")
+    assert code == 0, err
+    p = preds(json.loads(out))
+    assert [p[("h1", s)]["prediction"] for s in ("flag", "config", "count")] == ["skip", "ok", "unknown"]
+    assert [p[("h2", s)]["prediction"] for s in ("flag", "config", "count")] == ["change", "change", "unknown"]
+    # Between review and apply: someone edits h1's config, someone creates h2's flag.
+    seed(h1, {"app.conf": "listen 8080\n"})
+    seed(h2, {"app.flag": ""})
+
+    code, out, err = cli(capsys, "apply", "plan.json", *kh(known_hosts), "-y", "--output", "json")
+    assert code == 2, err
+    st = {(r["host"], r["step_id"]): r for r in json.loads(out)["results"]}
+    assert [st[("h0", s)]["status"] for s in ("flag", "config", "count")] == ["changed", "changed", "changed"]
+    assert st[("h1", "config")]["status"] == "drift"
+    assert st[("h1", "config")]["message"].startswith("drift: the plan said ok (checksum and mode match); now change")
+    assert st[("h2", "flag")]["status"] == "drift"
+    assert "the plan said change" in st[("h2", "flag")]["message"] and "now skip" in st[("h2", "flag")]["message"]
+    assert st[("h1", "count")]["status"] == st[("h2", "config")]["status"] == st[("h2", "count")]["status"] == "not_run"
+    # Effects: h0 done; h1's edited file kept as the operator left it; nothing ran on h2.
+    assert (h0.home / "counter").read_text() == "run\n" and (h0.home / "app.conf").read_text() == conf
+    assert (h1.home / "app.conf").read_text() == "listen 8080\n" and not (h1.home / "counter").exists()
+    assert not (h2.home / "app.conf").exists() and not (h2.home / "counter").exists()
+
+    # Same story with --allow-drift: warned, and every host goes on with the reviewed plan. A step the
+    # review said needs no change still does not run (h1's edited config is left alone); a planned change
+    # runs for real, guards re-checked (h2's flag is now skipped).
+    pb, inv = prepare_drift(tmp_path, hosts, conf)
+    code, _, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), "--out", "plan2.json")
+    assert code == 0, err
+    seed(h1, {"app.conf": "listen 8080\n"})
+    seed(h2, {"app.flag": ""})
+    code, out, err = cli(capsys, "apply", "plan2.json", *kh(known_hosts), "-y", "--allow-drift", "--output", "json")
+    assert code == 0, err
+    assert "h1: drift: the plan said ok" in err and "h2: drift: the plan said change" in err and "(--allow-drift)" in err
+    st = {(r["host"], r["step_id"]): r["status"] for r in json.loads(out)["results"]}
+    assert [st[("h1", s)] for s in ("flag", "config", "count")] == ["skipped", "ok", "changed"], st
+    assert [st[("h2", s)] for s in ("flag", "config", "count")] == ["skipped", "changed", "changed"], st
+    assert (h1.home / "app.conf").read_text() == "listen 8080\n"
+    assert (h2.home / "app.conf").read_text() == conf
+    for h in hosts:
+        assert (h.home / "counter").read_text() == "run\n"
