@@ -303,7 +303,8 @@ class _Builder:
         h.var_origins[key] = VarOrigin(location, "host vars (inline)", _RANK["host"])
 
     def note_file(self, path: str, text: str) -> None:
-        self.files.append((path, hashlib.sha256(text.encode()).hexdigest()))
+        # Absolute: the hash must not depend on the directory the inventory was named from (resume, apply).
+        self.files.append((os.path.abspath(path), hashlib.sha256(text.encode()).hexdigest()))
 
 
 def _read(path: Path, what: str) -> str:
