@@ -739,3 +739,86 @@ def test_accuracy_predictions_match_what_apply_and_a_real_run_do(
     with capsys.disabled():
         print("plan -> real run: " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
     assert not wrong, "\n".join(wrong)
+
+
+# --- safety: a dry run writes nothing, proven byte for byte ---------------------------------------
+
+# Extra vars a shipped playbook needs to be planned here (hosts' own paths come from the `home` host var).
+# Values are chosen to make the plan do as much read-only work as it can: thresholds that trigger the
+# remediation, so that every guard is evaluated against the seeded files.
+SHIPPED_VARS: dict[str, list[str]] = {
+    "disk-pressure.yml": ["threshold_pct=0"],
+    "health-check.yml": [],
+    "backup.yml": ["backup_dir={out}/backups"],
+    # Made by a real backup run before the snapshot, so that the restore plan compares real archives.
+    "restore.yml": ["backup_dir={out}/backups"],
+    # Its read_only `on: controller` step writes the snapshot on the control machine even in a dry
+    # run (by design: "a dry run does the same reads"); sent outside the working dir checked below.
+    "diagnostics.yml": ["diagnostics_dir={out}/diagnostics"],
+}
+
+
+def seed_everything(hosts: list[SSHHost]) -> None:
+    """Varied content in every home: the accuracy states, old logs, scratch files, a symlink, odd modes."""
+    seed_accuracy(hosts)
+    old = 40 * 86400
+    for h in hosts:
+        seed(h, {"app/logs/old.log": "x" * 1000, "app/logs/older.log.gz": b"\x1f\x8b" + b"0" * 100,
+                 "app/tmp/scratch.bin": os.urandom(2048), "po/level": "3\n", "readonly.txt": "ro",
+                 "app/config/app.ini": "[a]\nb = 1\n"},
+             {"readonly.txt": 0o444})
+        for rel in ("app/logs/old.log", "app/logs/older.log.gz", "app/tmp/scratch.bin"):
+            os.utime(h.home / rel, (os.path.getmtime(h.home / rel) - old,) * 2)
+        link = h.home / "link-to-conf"
+        if not link.is_symlink():
+            link.symlink_to("app/app.conf")
+            os.lchown(link, pwd.getpwnam(h.user).pw_uid, -1)
+
+
+def test_dry_runs_of_every_playbook_change_nothing_on_any_host(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = clean_ssh_hosts
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(work / "audit.jsonl"))
+    shipped = sorted(p for p in (REPO / "playbooks").iterdir() if p.suffix in (".yml", ".yaml"))
+    assert shipped, "no shipped playbooks found"
+    scenarios = tmp_path / "scenarios"
+    own = [write_remediate(scenarios / "remediate"), write_output_pb(scenarios / "output"),
+           write_accuracy_pb(scenarios / "accuracy")]
+    (scenarios / "drift" / "files").mkdir(parents=True)
+    (scenarios / "drift" / "files" / "app.conf").write_text("listen 80\n")
+    (scenarios / "drift" / "drift.yml").write_text(DRIFT_PB)
+    own.append(scenarios / "drift" / "drift.yml")
+    inv = inventory_for(tmp_path / "inv.yml", hosts)
+    seed_everything(hosts)
+    if (REPO / "playbooks" / "backup.yml").exists():
+        code, _, err = cli(capsys, "run", REPO / "playbooks" / "backup.yml", "-i", inv, *kh(known_hosts),
+                           "-e", f"backup_dir={tmp_path / 'out' / 'backups'}",
+                           "--audit-log", tmp_path / "setup" / "audit.jsonl")
+        assert code == 0, err
+    before = snapshot(hosts)
+
+    planned = []
+    for i, pb in enumerate(shipped + own):
+        extra = [w for v in SHIPPED_VARS.get(pb.name, []) for w in ("-e", v.format(out=tmp_path / "out"))]
+        extra += ["-e", f"fetch_dir={tmp_path / 'fetched'}"] if pb.name == "accuracy.yml" else []
+        code, out, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), *extra, "--out", f"plan-{i}.json")
+        # 2 is fine: a health check may predict a failing assert on this machine.
+        assert code in (0, 2), f"{pb}: exit {code}\n{err}\n{out}"
+        assert "\nPlan: " in out, f"{pb}: no plan rendered\n{err}\n{out}"
+        # A safety stop would mean a plan() tried to write: the wrapper held, but the engine has a bug.
+        assert "dry-run safety stop" not in out + err, f"{pb}:\n{out}"
+        doc = json.loads((work / f"plan-{i}.json").read_text())
+        assert {q["host"] for q in doc["predictions"]} == {h.name for h in hosts}
+        planned.append(pb.name)
+    # Also `run --dry-run` and `--check` of a mutating scenario.
+    for flag in ("--dry-run", "--check"):
+        code, out, err = cli(capsys, "run", own[2], "-i", inv, *kh(known_hosts), "-e",
+                             f"fetch_dir={tmp_path / 'fetched'}", flag)
+        assert code == 0 and "\nPlan: " in out, err
+
+    assert_same(before, snapshot(hosts), "dry runs of " + ", ".join(planned))
+    # The control machine: the plan files and the audit trail, nothing else (no fetched files, no state).
+    made = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    assert made == sorted(["audit.jsonl", *(f"plan-{i}.json" for i in range(len(planned)))]), made
+    assert not (tmp_path / "fetched").exists()
