@@ -227,6 +227,13 @@ class Executor:
                             step = self.steps.step(node[0])
                             guard = self.opt.window_guard
                             if guard is not None and not guard.allows_start(step.max_duration):
+                                if step.max_duration is not None and guard.allows_start(None):
+                                    # Only this step cannot finish before the close: defer it (its
+                                    # successors wait for it); other tasks may still start while it is open.
+                                    finish(node, TaskResult(h, node[0], step.action, Status.DEFERRED,
+                                                            message="not started: max_duration does not fit "
+                                                                    "before the maintenance window closes"))
+                                    continue
                                 ready.appendleft(node)
                                 stopping = True
                                 self.result.stop_reason = WINDOW_CLOSED
