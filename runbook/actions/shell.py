@@ -22,6 +22,10 @@ class Shell(Action):
         if self.step.changed_when is False or (isinstance(self.step.changed_when, str)
                                                and self.step.changed_when.strip().lower() == "false"):
             return Prediction("ok", "changed_when: false — the step never changes anything", command=cmd)
+        if self.step.changed_when is True or (isinstance(self.step.changed_when, str)
+                                              and self.step.changed_when.strip().lower() == "true"):
+            # e.g. a service restart: it always changes something when it runs
+            return Prediction("change", "changed_when: true — the step always changes something", command=cmd)
         return Prediction("unknown", "a command cannot be predicted without running it; add a guard "
                           "(creates, removes, unless, only_if) or mark it read_only", command=cmd)
 
