@@ -404,6 +404,7 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.argument("run_id")
 @click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory (default: the run's).")
 @click.option("--force", is_flag=True, help="Resume even though the playbook or inventory changed (recorded).")
+@click.option("-e", "--extra-vars", "extra", multiple=True, help="Needed again for the values the run state redacted.")
 @click.option("--state-dir", type=click.Path(file_okay=False))
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
 @click.option("--operator", envvar="RUNBOOK_OPERATOR")
@@ -423,7 +424,14 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
     doc = load_state(directory, run_id)
     done, registers = resumable(doc)
-    request = RunRequest(mode="resume", limit=doc.get("limit"), extra_vars=dict(doc.get("extra_vars") or {}),
+    # The state file holds secret-looking -e values masked: they must be given again, never run as "***".
+    extra = {**(doc.get("extra_vars") or {}), **parse_extra_vars(kw["extra"])}
+    masked = sorted(k for k, v in extra.items() if v == "***")
+    if masked:
+        from runbook.errors import ValidationError
+        raise ValidationError(f"the run's extra vars {', '.join(masked)} were redacted in its state",
+                              hint="give them again: " + " ".join(f"-e {k}=..." for k in masked))
+    request = RunRequest(mode="resume", limit=doc.get("limit"), extra_vars=extra,
                          tags=frozenset(doc.get("tags") or ()), skip_tags=frozenset(doc.get("skip_tags") or ()),
                          host_key_checking=kw["host_key_checking"], known_hosts=kw["known_hosts"],
                          operator=kw["operator"], audit_log=kw["audit_log"], state_dir=directory,
