@@ -160,8 +160,7 @@ def test_second_interrupt_aborts_the_running_step_and_resume_reruns_it(clean_ssh
         assert "second interrupt" in state["tasks"][f"two@{h.name}"]["message"]
         assert counts(h) == {"one": 1, "two": 1, "three": 0, "four": 0}
     assert cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
-    # Make the re-run of step two quick: the playbook may not change, so the sleep reads a file... instead,
-    # resume with --force after editing the playbook; the forced change is recorded.
+    # Editing the playbook (here: a quick step two) makes resume refuse; --force goes on and is recorded.
     playbook.write_text(PLAYBOOK.format(sleep=0))
     refused = cli("resume", run_id, "--audit-log", str(trail), "--known-hosts", str(work / "known_hosts"))
     assert refused.returncode == 4, refused.stderr
@@ -179,3 +178,39 @@ def test_second_interrupt_aborts_the_running_step_and_resume_reruns_it(clean_ssh
     assert details["force"] is True and details["resumed_from"] == run_id
     assert details["forced"] == ["the playbook changed since the run"]
     assert cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
+
+
+SECRET_PLAYBOOK = """\
+runbook: secret-resume
+steps:
+  - name: first
+    shell: echo run >> count-one
+  - name: uses key
+    shell: test -e go && printf '%s' {{ api_key | quote }} > key.txt
+"""
+
+
+def test_resume_needs_redacted_extra_vars_again(clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    # The run state stores -e values redacted; resuming must not run with the mask "***" as the value.
+    host = clean_ssh_hosts[0]
+    playbook = tmp_path / "secret.yml"
+    playbook.write_text(SECRET_PLAYBOOK)
+    inventory = write_inventory(tmp_path / "inventory.yml", [host])
+    known = write_known_hosts(tmp_path / "known_hosts", [host])
+    trail = tmp_path / "audit.jsonl"
+    first = cli("run", str(playbook), "-i", str(inventory), "--known-hosts", str(known), "--audit-log", str(trail),
+                "-e", "api_key=rk-SECRET-4242", "-e", "other=plain")
+    assert first.returncode == 2, first.stderr        # no `go` file yet: the second step fails
+    run_id = records(trail)[0]["run_id"]
+    state_text = (tmp_path / "runs" / f"{run_id}.json").read_text()
+    assert "rk-SECRET-4242" not in state_text
+    (host.home / "go").touch()
+    common = ["resume", run_id, "--audit-log", str(trail), "--known-hosts", str(known)]
+    refused = cli(*common)
+    assert refused.returncode == 4, refused.stderr
+    assert "api_key" in refused.stderr and not (host.home / "key.txt").exists()
+    resumed = cli(*common, "-e", "api_key=rk-SECRET-4242")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (host.home / "key.txt").read_text() == "rk-SECRET-4242"
+    assert counts(host)["one"] == 1
+    assert "rk-SECRET-4242" not in trail.read_text() + resumed.stdout + resumed.stderr
