@@ -126,7 +126,9 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
     """Recent runs, newest first, with their status and counts."""
     d = Path(directory)
     out = []
-    for p in sorted(d.glob("*.json"), reverse=True)[:limit] if d.is_dir() else []:
+    for p in sorted(d.glob("*.json"), reverse=True) if d.is_dir() else []:
+        if len(out) >= limit:   # counted after skipping unreadable files, so a torn one does not hide a run
+            break
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
