@@ -1,0 +1,152 @@
+"""Run state files (`runs/RUN_ID.json`): the observer, listing, loading by prefix, and what resume re-runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from runbook.audit import Redactor
+from runbook.errors import RunbookError, ValidationError
+from runbook.events import RunInfo
+from runbook.loader import load_playbook
+from runbook.results import RunResult, Status, TaskResult
+from runbook.runner import RunRequest
+from runbook.state import RunState, list_runs, load_state, registers_from, resumable, task_key
+
+SECRET = "s3cr3t-state-value"
+
+
+def info(run_id: str = "20260101T000000Z-aaaaaa", inventory_source: str = "inv.yml") -> RunInfo:
+    """A RunInfo as the runner would build it."""
+    return RunInfo(run_id=run_id, mode="run", playbook_path="/p/pb.yml", playbook_name="pb", playbook_hash="ph",
+                   inventory_source=inventory_source, inventory_hash="ih", hosts=["a", "b"], operator="op",
+                   control_host="ctl", host_key_checking="strict", extra_vars={"api_key": "***"},
+                   started_at=1.0, details={"note": f"uses {SECRET}"})
+
+
+def result(host: str, step: str, status: Status, stdout: str = "") -> TaskResult:
+    """A task result."""
+    return TaskResult(host, step, "shell", status, changed=status == Status.CHANGED, rc=0, stdout=stdout,
+                      started_at=1.0, finished_at=2.0)
+
+
+def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inv.yml").write_text("all: {}\n")
+    state = RunState(tmp_path / "runs", Redactor([SECRET]), RunRequest(limit="a:b", tags=frozenset({"x"})))
+    run = info()
+    state.run_started(run)
+    path = tmp_path / "runs" / f"{run.run_id}.json"
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "running" and doc["tasks"] == {} and doc["limit"] == "a:b" and doc["tags"] == ["x"]
+    # A relative inventory path is stored absolute, so resume finds it from any directory.
+    assert doc["inventory_source"] == str(tmp_path / "inv.yml")
+    assert doc["details"] == {"note": "uses ***"}
+    first = result("a", "one", Status.CHANGED, stdout=f"token {SECRET}\n")
+    state.task_finished(run, first)     # the first flush after run_started may be throttled; run_finished forces it
+    final = RunResult(run.run_id, "run", ["a", "b"], [first, result("b", "one", Status.DEFERRED)], 1.0, 3.0,
+                      stop_reason="maintenance window closed")
+    state.run_finished(run, final)
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "deferred" and doc["finished_at"] == 3.0 and doc["exit_code"] == 0
+    assert doc["tasks"][task_key("one", "a")]["stdout"] == "token ***\n"
+    assert doc["tasks"]["one@b"]["status"] == "deferred"
+    assert SECRET not in path.read_text()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [path.name]   # no temp files left
+
+
+@pytest.mark.parametrize("statuses, interrupted, expected", [
+    ([Status.OK, Status.CHANGED, Status.SKIPPED], False, "ok"),
+    ([Status.OK, Status.FAILED], False, "failed"),
+    ([Status.OK, Status.UNREACHABLE], False, "failed"),
+    ([Status.OK, Status.NOT_RUN], True, "interrupted"),
+    ([Status.DEFERRED, Status.FAILED], False, "deferred"),
+])
+def test_final_status(tmp_path: Path, statuses: list[Status], interrupted: bool, expected: str) -> None:
+    state = RunState(tmp_path, Redactor(), RunRequest())
+    run = info()
+    state.run_started(run)
+    results = [result("a", f"s{i}", s) for i, s in enumerate(statuses)]
+    state.run_finished(run, RunResult(run.run_id, "run", ["a"], results, interrupted=interrupted))
+    assert json.loads((tmp_path / f"{run.run_id}.json").read_text())["status"] == expected
+
+
+def test_interrupt_is_saved_at_once(tmp_path: Path) -> None:
+    state = RunState(tmp_path, Redactor(), RunRequest())
+    run = info()
+    state.run_started(run)
+    state.run_interrupted(run, "interrupted")
+    assert json.loads((tmp_path / f"{run.run_id}.json").read_text())["status"] == "interrupted"
+
+
+def write_state(directory: Path, run_id: str, tasks: dict[str, dict], status: str = "failed") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{run_id}.json").write_text(json.dumps({
+        "run_id": run_id, "mode": "run", "status": status, "playbook_name": "pb", "operator": "op",
+        "started_at": 1.0, "hosts": ["a", "b"], "tasks": tasks}))
+
+
+def test_load_state_by_id_and_prefix(tmp_path: Path) -> None:
+    write_state(tmp_path, "20260101T000000Z-aaaaaa", {})
+    write_state(tmp_path, "20260102T000000Z-bbbbbb", {})
+    assert load_state(tmp_path, "20260101T000000Z-aaaaaa")["run_id"] == "20260101T000000Z-aaaaaa"
+    assert load_state(tmp_path, "20260102")["run_id"] == "20260102T000000Z-bbbbbb"
+    with pytest.raises(RunbookError, match="ambiguous prefix"):
+        load_state(tmp_path, "2026010")
+    with pytest.raises(RunbookError, match="no run `nope`") as exc:
+        load_state(tmp_path, "nope")
+    assert "20260102T000000Z-bbbbbb" in str(exc.value)       # the hint lists recent runs
+    (tmp_path / "20260103T000000Z-cccccc.json").write_text("{not json")
+    with pytest.raises(ValidationError, match="cannot read run state"):
+        load_state(tmp_path, "20260103T000000Z-cccccc")
+    with pytest.raises(RunbookError, match="runbook runs"):
+        load_state(tmp_path / "missing", "x")
+
+
+def test_list_runs_newest_first_with_counts(tmp_path: Path) -> None:
+    write_state(tmp_path, "20260101T000000Z-aaaaaa", {"one@a": {"status": "ok"}, "one@b": {"status": "failed"}})
+    write_state(tmp_path, "20260102T000000Z-bbbbbb", {"one@a": {"status": "ok"}, "one@b": {"status": "ok"}}, "ok")
+    (tmp_path / "20260103T000000Z-cccccc.json").write_text("{torn")
+    runs = list_runs(tmp_path)
+    assert [r["run_id"] for r in runs] == ["20260102T000000Z-bbbbbb", "20260101T000000Z-aaaaaa"]
+    assert runs[0]["counts"] == {"ok": 2} and runs[0]["status"] == "ok"
+    assert runs[1]["counts"] == {"ok": 1, "failed": 1} and runs[1]["hosts"] == 2
+    assert list_runs(tmp_path, limit=1)[0]["run_id"] == "20260102T000000Z-bbbbbb"  # the torn newest is skipped
+    assert list_runs(tmp_path / "none") == []
+
+
+def test_resumable_keeps_only_finished_tasks(tmp_path: Path) -> None:
+    tasks = {task_key(r.step_id, r.host): r.as_dict() for r in [
+        result("a", "one", Status.OK, "x\n"), result("a", "two", Status.CHANGED), result("a", "three", Status.SKIPPED),
+        result("b", "one", Status.FAILED), result("b", "two", Status.NOT_RUN), result("b", "three", Status.UNREACHABLE),
+        result("a", "four", Status.DEFERRED)]}
+    done, _ = resumable({"run_id": "r1", "tasks": tasks})
+    assert set(done) == {("one", "a"), ("two", "a"), ("three", "a")}
+    assert done[("one", "a")].status == Status.OK and done[("one", "a")].stdout == "x\n"
+    assert all(r.data["from_run"] == "r1" for r in done.values())
+
+
+def test_registers_are_rebuilt_from_saved_results(tmp_path: Path) -> None:
+    pb = tmp_path / "pb.yml"
+    pb.write_text("runbook: r\nsteps:\n  - name: one\n    shell: echo hi\n    register: greeting\n"
+                  "  - name: two\n    shell: echo {{ greeting.stdout }}\n")
+    done = {("one", "a"): result("a", "one", Status.CHANGED, "hi\nthere\n"), ("gone", "a"): result("a", "gone", Status.OK)}
+    regs = registers_from(load_playbook(pb), done)
+    assert regs == {"a": {"greeting": {
+        "stdout": "hi\nthere\n", "stderr": "", "rc": 0, "changed": True, "failed": False, "skipped": False,
+        "status": "changed", "duration": 0.0, "stdout_lines": ["hi", "there"], "msg": "", "data": {}}}}
+
+
+def test_state_file_replaced_atomically(tmp_path: Path) -> None:
+    # Readers never see a half-written file: the file's inode changes on every save.
+    state = RunState(tmp_path, Redactor(), RunRequest())
+    run = info()
+    state.run_started(run)
+    path = tmp_path / f"{run.run_id}.json"
+    before = os.stat(path).st_ino
+    state.run_finished(run, RunResult(run.run_id, "run", ["a"], [result("a", "one", Status.OK)]))
+    assert os.stat(path).st_ino != before
+    assert json.loads(path.read_text())["status"] == "ok"
