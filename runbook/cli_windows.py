@@ -70,7 +70,9 @@ def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | 
     base = Path(directory)
     state = Path(state_dir) if state_dir else base / ".runbook" / "schedule"
     trail = AuditTrail(Path(audit_log) if audit_log else default_audit_path(str(base / "x.yml")))
-    scheduler_id = f"scheduler-{os.getpid()}"
+    # Unique per start: a restart with the same pid (PID 1 in a container) must not restart this id's
+    # sequence numbers at 1, which `audit verify` reports as a broken sequence.
+    scheduler_id = f"scheduler-{os.getpid()}-{os.urandom(3).hex()}"
 
     def log(event: str, fields: dict[str, Any]) -> None:
         trail.append(scheduler_id, event, fields)
