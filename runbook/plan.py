@@ -110,6 +110,7 @@ def build_plan(prepared, request, result) -> dict:
         "host_key_checking": prepared.info.host_key_checking,
         "hosts": list(prepared.info.hosts), "unreachable": red.redact(dict(result.unreachable)),
         "predictions": preds,
+        "local_files": local_files(prepared.playbook),
     }
     doc["hash"] = sha256_text(canonical(doc))
     return doc
@@ -170,9 +171,34 @@ def plan_hash(doc: dict) -> str:
     return str(doc["hash"])
 
 
+def local_files(playbook) -> dict[str, str]:
+    """sha256 of each control-machine file an upload/template step sends (its content is reviewed as a diff)."""
+    import hashlib
+
+    from runbook.template import resolve_local
+
+    out: dict[str, str] = {}
+    for step in playbook.all_steps():
+        src = getattr(step.action_spec, "src", None) if step.action in ("upload", "template") else None
+        if not isinstance(src, str) or "{" in src:
+            continue  # a templated path is only known per host; its content shows in the diff
+        path = resolve_local(playbook, src)
+        try:
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            out[str(path)] = "unreadable"
+    return out
+
+
 def drift_between(doc: dict, prepared, extra_vars: dict) -> list[str]:
     """What differs between a plan and the inputs of the apply run: playbook, inventory, vars, hosts."""
     out = []
+    # Files uploaded or rendered by the playbook are inputs too: otherwise apply would send content
+    # nobody reviewed (plans made before this check have no `local_files`).
+    now = local_files(prepared.playbook)
+    for path, digest in sorted((doc.get("local_files") or {}).items()):
+        if now.get(path) != digest:
+            out.append(f"file {path} changed since the plan")
     if doc["playbook"]["hash"] != prepared.info.playbook_hash:
         out.append(f"playbook {doc['playbook']['path']} changed since the plan")
     if doc["inventory"]["hash"] != prepared.info.inventory_hash:
