@@ -292,3 +292,31 @@ def test_show_renders_a_saved_plan_even_when_old(saved: Path, capsys: pytest.Cap
     saved.write_text(json.dumps(doc))
     code, _, err = cli(capsys, "show", saved)
     assert code == 4 and "hash mismatch" in err
+
+
+def test_apply_refuses_when_an_uploaded_file_changed_after_the_review(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reviewed diff was made from the old content; applying the new one would send unreviewed bytes.
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "app.conf").write_text("workers = 8\n")
+    (tmp_path / "files" / "motd.j2").write_text("hi {{ inventory_hostname }}\n")
+    (tmp_path / "app.conf").write_text("workers = 4\n")
+    pb = tmp_path / "pb.yml"
+    pb.write_text("runbook: up\nsteps:\n"
+                  "  - name: conf\n    upload: {src: files/app.conf, dest: \"{{ playbook_dir }}/app.conf\"}\n"
+                  "  - name: motd\n    template: {src: files/motd.j2, dest: \"{{ playbook_dir }}/motd\"}\n")
+    code, out, err = cli(capsys, "plan", pb, "--out", tmp_path / "plan.json")
+    assert code == 0 and "+workers = 8" in out, err
+    (tmp_path / "files" / "app.conf").write_text("workers = 666\n")
+    (tmp_path / "files" / "motd.j2").write_text("owned\n")
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 4
+    assert f"file {tmp_path}/files/app.conf changed since the plan" in err
+    assert f"file {tmp_path}/files/motd.j2 changed since the plan" in err
+    assert (tmp_path / "app.conf").read_text() == "workers = 4\n" and not (tmp_path / "motd").exists()
+    (tmp_path / "files" / "app.conf").write_text("workers = 8\n")
+    (tmp_path / "files" / "motd.j2").write_text("hi {{ inventory_hostname }}\n")
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 0, err
+    assert (tmp_path / "app.conf").read_text() == "workers = 8\n"
