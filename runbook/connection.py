@@ -455,6 +455,8 @@ class SSHConnection:
         self._open_lock = threading.Lock()
         self._sftp_lock = threading.Lock()
         self._sessions = threading.BoundedSemaphore(max(1, max_sessions))
+        self._channels: set[paramiko.Channel] = set()   # commands running now (stopped on close)
+        self._channels_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SSHConnection(name={self.name!r}, host={self.host!r}, port={self.port!r}, user={self.user!r})"
@@ -596,9 +598,34 @@ class SSHConnection:
         return transport
 
     def close(self) -> None:
-        """Close the SFTP client and the SSH connection; safe to call twice."""
+        """Stop commands still running, close the SFTP client and the SSH connection; safe to call twice."""
+        self._stop_running()
         with self._open_lock:
             self._close_quietly()
+
+    def _stop_running(self) -> None:
+        """Ask sshd to TERM the process group of every command still running (an aborted run).
+
+        Without a pty, closing a channel or the connection leaves the remote command running; the
+        `signal` channel request (OpenSSH 8.1+) reaches the session's whole process group. A command
+        under a step `timeout` runs in coreutils timeout's own group, which this does not reach: it
+        still ends at its timeout.
+        """
+        with self._channels_lock:
+            channels = list(self._channels)
+        for channel in channels:
+            try:
+                if channel.closed or channel.exit_status_ready():
+                    continue
+                msg = paramiko.Message()
+                msg.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+                msg.add_int(channel.remote_chanid)
+                msg.add_string("signal")
+                msg.add_boolean(False)
+                msg.add_string("TERM")
+                channel.transport._send_user_message(msg)
+            except Exception:  # best effort: the connection may already be gone
+                pass
 
     def _close_quietly(self) -> None:
         with self._sftp_lock:
@@ -641,6 +668,8 @@ class SSHConnection:
             started = time.monotonic()
             try:
                 channel = transport.open_session(timeout=self.connect_timeout)
+                with self._channels_lock:
+                    self._channels.add(channel)
                 channel.exec_command(line)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 if not transport.is_active():
@@ -651,6 +680,8 @@ class SSHConnection:
             try:
                 rc, out, err, timed_out = self._collect(channel, data, started, timeout)
             finally:
+                with self._channels_lock:
+                    self._channels.discard(channel)
                 channel.close()
         duration = time.monotonic() - started
         if rc == -1 and not transport.is_active():
