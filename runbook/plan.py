@@ -204,7 +204,9 @@ def drift_between(doc: dict, prepared, extra_vars: dict) -> list[str]:
     if doc["inventory"]["hash"] != prepared.info.inventory_hash:
         out.append(f"inventory {doc['inventory']['source']} changed since the plan")
     if doc["extra_vars_hash"] != vars_hash(extra_vars):
-        out.append("extra vars (-e) differ from the plan's")
+        redacted = sorted(k for k, v in (doc.get("extra_vars") or {}).items() if isinstance(v, str) and "***" in v)
+        out.append("extra vars (-e) differ from the plan's" + (
+            f"; the plan stores {', '.join(redacted)} redacted: pass the same -e values to apply again" if redacted else ""))
     if list(doc["hosts"]) != list(prepared.info.hosts):
         added = sorted(set(prepared.info.hosts) - set(doc["hosts"]))
         removed = sorted(set(doc["hosts"]) - set(prepared.info.hosts))
