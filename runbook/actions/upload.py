@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
-import os
-import shlex
 
 from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
-from runbook.errors import RunbookError
+from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.template import resolve_local
+
+# Under `sudo: USER` the file is written by USER: the content arrives base64 on stdin (so the
+# login user needs no readable temp file USER could read), lands in a temp file beside the
+# target, and is renamed into place.
+_SUDO_WRITE = ('set -e; t=$(mktemp "$(dirname -- "$1")/.runbook-XXXXXX"); trap \'rm -f "$t"\' EXIT; '
+               'base64 -d > "$t"; chmod "$2" "$t"; mv -f "$t" "$1"; trap - EXIT')
 
 DIFF_LIMIT = 256 * 1024   # larger files are summarised, not diffed
 
@@ -60,9 +65,29 @@ class Upload(Action):
     def describe(self, env: TaskEnv) -> str | None:
         return f"{self.name} {self.spec.src} -> {self.spec.dest}"
 
+    @staticmethod
+    def _sudo_read(env: TaskEnv, path: str) -> bytes | None:
+        """The file's bytes read as the sudo user (the login user may not read them), or None."""
+        try:
+            res = env.conn.run(["base64", "--", path], timeout=env.step.timeout or 60.0, sudo=env.sudo())
+        except ReadOnlyViolation:  # a dry run may not run commands here
+            return None
+        if res.rc != 0:
+            return None
+        try:
+            return base64.b64decode(res.stdout)
+        except ValueError:
+            return None
+
     def _compare(self, env: TaskEnv, dest: str, mode: int | None, data: bytes) -> tuple[bool, str, str | None, str]:
         """(needs change, reason, diff, state fingerprint) from one stat (and a read when it differs)."""
         st = env.conn.stat(dest)
+        sudo_old = None
+        if st.exists and st.sha256 is None and env.sudo() and st.size <= DIFF_LIMIT * 16:
+            # Unreadable by the login user: compare as the user the step writes as.
+            sudo_old = self._sudo_read(env, dest)
+            if sudo_old is not None:
+                st.sha256 = hashlib.sha256(sudo_old).hexdigest()
         want = hashlib.sha256(data).hexdigest()
         state = f"{st.sha256}:{st.mode:o}" if st.exists and st.mode is not None else ("absent" if not st.exists else str(st.sha256))
         if not st.exists:
@@ -75,7 +100,7 @@ class Upload(Action):
         diff = None
         if not content_same:
             reasons.append("content differs")
-            old = env.conn.read(dest) if st.size <= DIFF_LIMIT else None
+            old = sudo_old if sudo_old is not None else (env.conn.read(dest) if st.size <= DIFF_LIMIT else None)
             diff = content_diff(old, data, dest) if old is not None else (
                 f"large file {dest}: {st.size} bytes -> {len(data)} bytes\n")
         if not mode_same:
@@ -94,11 +119,8 @@ class Upload(Action):
             return Outcome(changed=False, message=reason, command=self.describe(env))
         sudo = env.sudo()
         if sudo:
-            # Write as the login user, then let sudo move it into place with the right mode.
-            tmp = f"/tmp/.runbook-{os.urandom(6).hex()}"
-            env.conn.put(data, tmp, 0o600)
-            argv = ["sh", "-c", f"install -m {mode or 0o644:o} {shlex.quote(tmp)} {shlex.quote(dest)}; rc=$?; rm -f {shlex.quote(tmp)}; exit $rc"]
-            res = env.run(argv)
+            argv = ["sh", "-c", _SUDO_WRITE, "sh", dest, f"{mode or 0o644:o}"]
+            res = env.conn.run(argv, timeout=env.step.timeout, sudo=sudo, stdin=base64.b64encode(data).decode("ascii"))
             if res.rc != 0:
                 return Outcome(failed=True, rc=res.rc, stderr=res.stderr, message=f"cannot install {dest}: {res.stderr.strip()}")
         else:

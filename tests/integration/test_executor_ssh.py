@@ -594,3 +594,30 @@ def test_second_sigint_aborts_running_tasks(tmp_path: Path, hosts: list[SSHHost]
             ps = subprocess.run(["pgrep", "-u", h.user, "-x", "sleep"], capture_output=True, text=True)
         assert ps.returncode != 0, f"{h.name}: sleep still running after the abort: {ps.stdout}"
         assert not (h.home / "nap.done").exists()
+
+
+def test_upload_and_template_with_sudo_to_another_user(tmp_path: Path, hosts: list[SSHHost], inv: Path,
+                                                       known_hosts: Path) -> None:
+    if shutil.which("sudo") is None:
+        pytest.skip("sudo is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("per-host test users (and the sudoers drop-in between them) need the tests to run as root")
+    login, target = hosts[0], hosts[1]
+    (tmp_path / "conf").write_text("owned by the target\n")
+    (tmp_path / "t.j2").write_text("rendered for {{ inventory_hostname }}\n")
+    pb = playbook(tmp_path / "pb.yml", [
+        {"name": "up", "upload": {"src": "conf", "dest": f"{target.home}/conf", "mode": "0600"}, "sudo": target.user},
+        {"name": "tpl", "template": {"src": "t.j2", "dest": f"{target.home}/t.txt"}, "sudo": target.user},
+    ], hosts=login.name)
+    first = go(pb, inv, known_hosts)
+    assert first.exit_code() == 0, [(r.step_id, r.status.value, r.message) for r in first.results]
+    conf = target.home / "conf"
+    assert conf.read_text() == "owned by the target\n" and conf.stat().st_mode & 0o777 == 0o600
+    assert conf.owner() == target.user and (target.home / "t.txt").owner() == target.user
+    assert (target.home / "t.txt").read_text() == f"rendered for {login.name}\n"
+    # No temporary copies left behind in /tmp by the login user.
+    leftovers = subprocess.run(["find", "/tmp", "-maxdepth", "1", "-name", ".runbook-*", "-user", login.user],
+                               capture_output=True, text=True).stdout
+    assert leftovers == ""
+    second = go(pb, inv, known_hosts)
+    assert {r.status for r in second.results} == {Status.OK}, [(r.step_id, r.status.value, r.message) for r in second.results]
