@@ -497,12 +497,20 @@ def windows(target: str | None, count: int) -> None:
 @click.option("--interval", type=float, default=30.0, show_default=True, help="Seconds between checks.")
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
 @click.option("--once", is_flag=True, help="Check once, start what is due, wait for it, and exit.")
+@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]))
+@click.option("--known-hosts", type=click.Path(dir_okay=False))
 def schedule(directory: str, inventory: tuple[str, ...], state_dir: str | None, interval: float,
-             audit_log: str | None, once: bool) -> None:
+             audit_log: str | None, once: bool, host_key_checking: str | None, known_hosts: str | None) -> None:
     """Foreground scheduler: start playbooks when their schedule or window opens (for systemd or a container)."""
     from runbook.cli_windows import run_scheduler
+    from runbook.errors import Location, ValidationError
 
-    sys.exit(run_scheduler(directory, list(inventory) or None, state_dir, interval, audit_log, once))
+    if not Path(directory).is_dir():
+        raise ValidationError("playbook directory not found", location=Location(directory),
+                              hint="pass the directory that holds the playbooks with --dir")
+    passthrough = ([f"--host-key-checking={host_key_checking}"] if host_key_checking else []) + (
+        [f"--known-hosts={known_hosts}"] if known_hosts else [])
+    sys.exit(run_scheduler(directory, list(inventory) or None, state_dir, interval, audit_log, once, passthrough))
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""

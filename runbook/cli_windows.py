@@ -61,7 +61,7 @@ def show_windows(target: str | None, count: int) -> str:
 
 
 def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | None, interval: float,
-                  audit_log: str | None, once: bool) -> int:
+                  audit_log: str | None, once: bool, passthrough: list[str] | None = None) -> int:
     """Run the foreground scheduler until SIGTERM or SIGINT; each run is a `runbook run` subprocess."""
     from runbook.audit import AuditTrail, default_audit_path
     from runbook.scheduler import Scheduler
@@ -85,6 +85,7 @@ def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | 
             argv += ["-i", inv]
         if audit_log:
             argv += ["--audit-log", audit_log]
+        argv += passthrough or []
         return subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
 
     scheduler = Scheduler(base, run_playbook, SystemClock(), state, log, interval=interval)

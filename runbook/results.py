@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
-from runbook.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE
+from runbook.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
 
 
 class Status(str, Enum):
@@ -118,6 +118,8 @@ class RunResult:
             return EXIT_UNREACHABLE
         if any(r.failed or r.status == Status.DRIFT for r in self.results):
             return EXIT_TASK_FAILED
+        if any(r.status == Status.DEFERRED for r in self.results):
+            return EXIT_WINDOW_CLOSED   # unfinished: the window closed; `runbook resume` continues it
         return EXIT_OK
 
     def as_dict(self) -> dict:

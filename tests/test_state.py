@@ -51,7 +51,7 @@ def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pyte
                       stop_reason="maintenance window closed")
     state.run_finished(run, final)
     doc = json.loads(path.read_text())
-    assert doc["status"] == "deferred" and doc["finished_at"] == 3.0 and doc["exit_code"] == 0
+    assert doc["status"] == "deferred" and doc["finished_at"] == 3.0 and doc["exit_code"] == 5
     assert doc["tasks"][task_key("one", "a")]["stdout"] == "token ***\n"
     assert doc["tasks"]["one@b"]["status"] == "deferred"
     assert SECRET not in path.read_text()
