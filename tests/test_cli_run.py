@@ -26,10 +26,10 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def inventory(tmp: Path, names: list[str] = ["a", "b"], extra: dict[str, dict] | None = None) -> Path:
-    """Local hosts with a per-host directory `dir`."""
+def inventory(tmp: Path, names: list[str] | None = None, extra: dict[str, dict] | None = None) -> Path:
+    """Local hosts (default a and b) with a per-host directory `dir`."""
     hosts: dict[str, dict] = {}
-    for n in names:
+    for n in names or ["a", "b"]:
         (tmp / "hosts" / n).mkdir(parents=True, exist_ok=True)
         hosts[n] = {"ansible_connection": "local", "dir": str(tmp / "hosts" / n)}
     hosts.update(extra or {})
@@ -68,7 +68,7 @@ def test_json_output_and_exit_0(workdir: Path, capsys: pytest.CaptureFixture[str
     inv = inventory(workdir)
     pb = playbook(workdir, [{"name": "hello", "shell": "echo hi {{ inventory_hostname }} | tee {{ dir }}/hello"},
                             {"name": "skip", "shell": "true", "when": "false"}])
-    code, doc, err = cli_json(capsys, ["run", str(pb), "-i", str(inv)])
+    code, doc, _ = cli_json(capsys, ["run", str(pb), "-i", str(inv)])
     assert code == 0 and doc["exit_code"] == 0
     tasks = by_task(doc)
     assert set(tasks) == {(h, s) for h in "ab" for s in ("hello", "skip")}
@@ -95,7 +95,7 @@ def test_unreachable_host_exits_3(workdir: Path, capsys: pytest.CaptureFixture[s
     dead = {"ansible_host": "127.0.0.1", "ansible_port": free_port(), "ansible_user": "nobody"}
     inv = inventory(workdir, ["a"], extra={"dead": dead})
     pb = playbook(workdir, [{"name": "one", "shell": "touch {{ dir | default('/nonexistent') }}/one"}])
-    code, doc, err = cli_json(capsys, ["run", str(pb), "-i", str(inv), "--connect-timeout", "3"])
+    code, doc, _ = cli_json(capsys, ["run", str(pb), "-i", str(inv), "--connect-timeout", "3"])
     assert code == 3
     assert "connection refused" in doc["unreachable"]["dead"]
     assert by_task(doc)[("a", "one")]["status"] == "changed"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def test_concurrency_one_runs_hosts_one_at_a_time(tmp_path: Path) -> None:
     assert result.exit_code() == 0
     spans = sorted((float((hdir(tmp_path, h) / "s").read_text()), float((hdir(tmp_path, h) / "e").read_text()))
                    for h in "abc")
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end
 
 

@@ -8,6 +8,7 @@ the steps wrote themselves, never from the wall time the test took.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import yaml
 from runbook import run
 from runbook.connection import fingerprint
 from runbook.results import RunResult, Status
-from tests.sshd import SSHHost, free_port, write_inventory, write_known_hosts
+from tests.sshd import SSHHost, free_port, write_inventory
 
 pytestmark = pytest.mark.ssh
 
@@ -61,7 +62,7 @@ def cli(args: list[str], tmp: Path, **kw: Any) -> subprocess.CompletedProcess[st
     """Run `python -m runbook ARGS` as a subprocess (stdin not a terminal)."""
     env = {**os.environ, "RUNBOOK_AUDIT_LOG": str(tmp / "audit.jsonl"), "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "runbook", *args], capture_output=True, text=True, cwd=tmp,
-                          env=env, stdin=subprocess.DEVNULL, timeout=kw.pop("timeout", 60), **kw)
+                          env=env, stdin=subprocess.DEVNULL, timeout=kw.pop("timeout", 60), check=False, **kw)
 
 
 def ts(host: SSHHost, name: str) -> float:
@@ -238,7 +239,7 @@ def test_command_timeout_fails_the_step_and_kills_the_command(tmp_path: Path, ho
     assert not (hosts[0].home / "after").exists()
     # The remote command was killed on the host, not just abandoned.
     for _ in range(40):
-        ps = subprocess.run(["pgrep", "-u", hosts[0].user, "-f", "sleep 7.25"], capture_output=True, text=True)
+        ps = subprocess.run(["pgrep", "-u", hosts[0].user, "-f", "sleep 7.25"], capture_output=True, text=True, check=False)
         if ps.returncode != 0:
             break
         time.sleep(0.05)
@@ -283,7 +284,7 @@ def test_batches_run_one_after_another(tmp_path: Path, hosts: list[SSHHost], inv
     ], batch=1)
     result = go(pb, inv, known_hosts)
     assert result.exit_code() == 0
-    for before, after in zip(hosts, hosts[1:]):
+    for before, after in itertools.pairwise(hosts):
         assert ts(after, "start") >= ts(before, "end"), (before.name, after.name)
 
 
@@ -424,7 +425,7 @@ def test_once_runs_once_and_controller_steps_run_locally_per_host(tmp_path: Path
     shared = ran[0].stdout.strip()
     assert all((h.home / "use").read_text().strip() == shared for h in hosts)
     colors = yaml.safe_load(inv.read_text())["all"]["hosts"]
-    me = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    me = subprocess.run(["id", "-un"], capture_output=True, text=True, check=False).stdout.strip()
     assert sorted(local.read_text().splitlines()) == sorted(f"{h.name} {colors[h.name]['color']} {me}" for h in hosts)
 
 
@@ -586,12 +587,12 @@ def test_second_sigint_aborts_running_tasks(tmp_path: Path, hosts: list[SSHHost]
         assert by[(h.name, "last")]["status"] == "not_run"
     # The aborted commands were stopped on the hosts too, not left running behind a closed channel.
     for h in hosts:
-        ps = subprocess.run(["pgrep", "-u", h.user, "-x", "sleep"], capture_output=True, text=True)
+        ps = subprocess.run(["pgrep", "-u", h.user, "-x", "sleep"], capture_output=True, text=True, check=False)
         for _ in range(40):
             if ps.returncode != 0:
                 break
             time.sleep(0.05)
-            ps = subprocess.run(["pgrep", "-u", h.user, "-x", "sleep"], capture_output=True, text=True)
+            ps = subprocess.run(["pgrep", "-u", h.user, "-x", "sleep"], capture_output=True, text=True, check=False)
         assert ps.returncode != 0, f"{h.name}: sleep still running after the abort: {ps.stdout}"
         assert not (h.home / "nap.done").exists()
 
@@ -617,7 +618,7 @@ def test_upload_and_template_with_sudo_to_another_user(tmp_path: Path, hosts: li
     assert (target.home / "t.txt").read_text() == f"rendered for {login.name}\n"
     # No temporary copies left behind in /tmp by the login user.
     leftovers = subprocess.run(["find", "/tmp", "-maxdepth", "1", "-name", ".runbook-*", "-user", login.user],
-                               capture_output=True, text=True).stdout
+                               capture_output=True, text=True, check=False).stdout
     assert leftovers == ""
     second = go(pb, inv, known_hosts)
     assert {r.status for r in second.results} == {Status.OK}, [(r.step_id, r.status.value, r.message) for r in second.results]
