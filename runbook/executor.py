@@ -130,8 +130,8 @@ class Executor:
             for conn in list(self.conns.values()):
                 _quiet_close(conn)
         self.result.finished_at = time.time()
-        self.result.results.sort(key=lambda r: (self.host_order.index(r.host) if r.host in self.host_order else 0,
-                                                r.started_at or 0.0))
+        position = {h: i for i, h in enumerate(self.host_order)}  # not list.index: O(tasks x hosts) at scale
+        self.result.results.sort(key=lambda r: (position.get(r.host, 0), r.started_at or 0.0))
         self.events.run_finished(self.info, self.result)
         return self.result
 
@@ -308,7 +308,8 @@ class Executor:
         # Whatever never started: deferred (window), or not run (interrupt, max_failures).
         status = Status.DEFERRED if self.result.stop_reason == WINDOW_CLOSED else Status.NOT_RUN
         reason = self.result.stop_reason or "not started"
-        for node in nx.lexicographical_topological_sort(self.tasks, key=str):
+        missing = any(node not in self.results for node in self.tasks)  # the sort below is O(N log N): skip it when all ran
+        for node in nx.lexicographical_topological_sort(self.tasks, key=str) if missing else ():
             if node not in self.results:
                 self._record(node, TaskResult(node[1], node[0], self.steps.step(node[0]).action, status,
                                               message=f"not started: {reason}"))
