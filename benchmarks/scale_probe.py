@@ -43,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     hosts = timed("select_hosts", lambda: inventory.select(playbook.hosts, None))
     steps = timed("step_graph", lambda: StepGraph.build(playbook))
     tasks = timed("expand_task_graph", lambda: expand(steps, [h.name for h in hosts]))
-    # The order the executor falls back on (and the order a plan lists tasks in).
-    order = timed("order_tasks", lambda: list(nx.lexicographical_topological_sort(tasks, key=str)))
+    # A dependency order of every task (what a scheduler needs before it starts), and the order a
+    # plan lists its predictions in: host by host, steps in playbook order.
+    order = timed("order_tasks", lambda: list(nx.topological_sort(tasks)))
+    position = {h.name: i for i, h in enumerate(hosts)}
+    step_index = {sid: i for i, sid in enumerate(steps.order())}
+    timed("plan_listing_order", lambda: sorted(tasks, key=lambda n: (position[n[1]], step_index[n[0]])))
     total = round(sum(phases.values()), 6)
     print(json.dumps({
         "hosts": len(hosts), "steps": len(steps.graph), "tasks": tasks.number_of_nodes(),

@@ -1,0 +1,57 @@
+"""Smoke test of the benchmark suite: every code path at tiny size; the JSON has the expected keys.
+
+Never asserts on time: figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.sshd import SSHDUnavailable, find_sshd
+
+pytestmark = pytest.mark.ssh
+
+
+def test_benchmark_suite_tiny(tmp_path, capsys):
+    if find_sshd() is None:
+        pytest.skip("sshd is not installed")
+    from benchmarks.suite import main
+
+    try:
+        code = main(["--hosts", "1", "--steps", "2", "--reps", "1", "--wide-reps", "1", "--scale-hosts", "20",
+                     "--scale-steps", "5", "--scale-reps", "1", "--no-ansible", "--quiet", "--out", str(tmp_path)])
+    except SSHDUnavailable as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(str(exc))
+    assert code == 0
+    doc = json.loads((tmp_path / "latest.json").read_text())
+    assert {"machine", "settings", "fanout", "wide", "dry_run", "scale", "targets", "duration"} <= doc.keys()
+    assert doc["ansible_skipped"] == "--no-ansible"
+    (fan,) = doc["fanout"]
+    assert fan["hosts"] == 1 and fan["steps"] == 2
+    for side in ("runbook", "floor"):
+        assert {"wall_median", "exec_median", "walls", "peak_rss_mib"} <= fan[side].keys()
+        assert fan[side]["peak_rss_mib"] > 0
+    assert fan["ratio"] > 0
+    (wide,) = doc["wide"]
+    assert wide["critical_path"] == pytest.approx(1.0)
+    assert {"exec_median", "wall_median", "exec_ratio", "wall_ratio", "peak_rss_mib"} <= wide.keys()
+    (dry,) = doc["dry_run"]
+    assert {"runbook_plan", "floor", "ratio"} <= dry.keys()
+    scale = doc["scale"]
+    assert scale["hosts"] == 20 and scale["steps"] == 5 and scale["tasks"] == 100
+    assert {"load_inventory", "load_validate_playbook", "expand_task_graph", "order_tasks"} <= scale["phases_median"].keys()
+    assert {t["target"].split()[0] for t in doc["targets"]} >= {"fan-out", "wide", "scale"}
+    out = capsys.readouterr().out
+    assert "fan-out H=1 M=2" in out and "JSON:" in out
+
+
+def test_floor_script_reports_failures(tmp_path):
+    """The floor script exits 1 and names the host when it cannot connect (no sshd needed)."""
+    from benchmarks.floor import main
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"hosts": [{"host": "127.0.0.1", "port": 1, "user": "nobody",
+                                           "key_file": str(tmp_path / "missing")}], "commands": ["true"]}))
+    assert main([str(spec)]) == 1
