@@ -36,7 +36,7 @@ def test_benchmark_suite_tiny(tmp_path, capsys):
     assert fan["ratio"] > 0
     (wide,) = doc["wide"]
     assert wide["critical_path"] == pytest.approx(1.0)
-    assert {"exec_median", "wall_median", "exec_ratio", "wall_ratio", "peak_rss_mib"} <= wide.keys()
+    assert {"exec_median", "wall_median", "exec_ratio", "wall_ratio", "peak_rss_mib", "floor_exec_median"} <= wide.keys()
     (dry,) = doc["dry_run"]
     assert {"runbook_plan", "floor", "ratio"} <= dry.keys()
     scale = doc["scale"]
