@@ -35,11 +35,13 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
     """Check playbooks: structure, step graph, templates and the shell-safety lint."""
     from runbook.loader import validate_playbook
 
-    reports = [validate_playbook(p) for p in playbooks]
+    reports = [_validate_windows_file(p) if Path(p).name in ("windows.yml", "windows.yaml") else validate_playbook(p)
+               for p in playbooks]
     failed = any(r.errors or (strict and r.warnings) for r in reports)
     if fmt == "json":
         click.echo(json.dumps([{
             "file": r.path, "valid": not r.errors,
+            "kind": "windows" if r.summary else "playbook",
             "steps": len(r.playbook.all_steps()) if r.playbook else None,
             "problems": [p.as_dict() for p in r.problems],
         } for r in reports], indent=2))
@@ -49,6 +51,8 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
                 _echo_err(p.render())
             if r.errors:
                 click.echo(f"{r.path}: invalid ({len(r.errors)} error(s), {len(r.warnings)} warning(s))")
+            elif r.summary:
+                click.echo(r.summary)
             else:
                 pb = r.playbook
                 assert pb is not None
@@ -57,6 +61,19 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
                            f"{f' + {len(pb.on_failure)} on_failure' if pb.on_failure else ''}{warn}")
     if failed:
         sys.exit(EXIT_INVALID)
+
+
+def _validate_windows_file(path: str):
+    """A `windows.yml` next to the playbooks is validated as named windows, so `validate playbooks/*.yml` works."""
+    from runbook.errors import ValidationError
+    from runbook.loader import ValidationReport
+    from runbook.window import load_windows_file
+
+    try:
+        names = load_windows_file(path)
+    except ValidationError as exc:
+        return ValidationReport(path, None, exc.problems)
+    return ValidationReport(path, None, [], summary=f"{path}: ok — {len(names)} named window(s): {', '.join(sorted(names))}")
 
 
 @cli.command()

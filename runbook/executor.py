@@ -646,7 +646,8 @@ class Executor:
                         self.host_stopped[host] = f"host stopped: `{step.step_id}` drifted from the plan"
                     return None
                 self.events.notice(self.info, "warning", f"{host}: {message} (--allow-drift)")
-        if saved.kind in ("ok", "skip") and not step.read_only:
+        # Checks (assert, wait_for) change nothing and are the point of a run: they always run again.
+        if saved.kind in ("ok", "skip") and not step.read_only and step.action not in ("assert", "wait_for"):
             res.status = Status.SKIPPED if saved.kind == "skip" else Status.OK
             res.message = f"as planned: {saved.reason}"
             return None

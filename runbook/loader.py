@@ -482,6 +482,7 @@ class ValidationReport:
     path: str
     playbook: Playbook | None
     problems: list[Problem]
+    summary: str | None = None     # set for files that are not playbooks (windows.yml)
 
     @property
     def errors(self) -> list[Problem]:

@@ -328,7 +328,9 @@ def check_playbook_templates(playbook: Playbook, *, known_vars: set[str] | None 
             problems.append(Problem(f"template syntax error: {exc.message}", locate(path),
                                     "check the {{ }} and {% %} pairs and the expression", code="template-syntax"))
             return
-        for name in sorted(meta.find_undeclared_variables(tree) - defined):
+        # `changed_when`, `failed_when` and `until` also see the step's own result as `result`.
+        local = defined | {"result"} if path and path[-1] in ("changed_when", "failed_when", "until") else defined
+        for name in sorted(meta.find_undeclared_variables(tree) - local):
             if known_vars is not None:
                 problems.append(Problem(f"undefined variable `{name}`", locate(path),
                                         _undefined_hint(name, defined), code="undefined-variable"))

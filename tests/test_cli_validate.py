@@ -152,7 +152,7 @@ def test_json_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     code, out, err = run(["validate", "--format", "json", str(good), str(bad)], capsys)
     assert code == 4 and err == ""
     doc = json.loads(out)
-    assert doc[0] == {"file": str(good), "valid": True, "steps": 5, "problems": []}
+    assert doc[0] == {"file": str(good), "kind": "playbook", "valid": True, "steps": 5, "problems": []}
     assert doc[1]["valid"] is False and doc[1]["steps"] is None
     assert doc[1]["problems"] == [{"severity": "error", "code": "unknown-key", "message": "unknown key `reigster`",
                                    "hint": "did you mean `register`?", "file": str(bad), "line": 5, "column": 5}]
@@ -394,3 +394,14 @@ def test_fuzz_through_the_cli(text: str) -> None:
         assert "Traceback" not in err.getvalue()
         if argv[1] == "--format":
             json.loads(out.getvalue())
+
+
+def test_validate_accepts_windows_file_beside_playbooks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`runbook validate playbooks/*.yml` also checks windows.yml, as named windows rather than as a playbook."""
+    good = tmp_path / "windows.yml"
+    good.write_text("windows:\n  sat:\n    cron: '0 2 * * SAT'\n    duration: 2h\n")
+    assert main(["validate", str(good)]) == 0
+    assert "1 named window(s): sat" in capsys.readouterr().out
+    good.write_text("windows:\n  sat:\n    cron: '0 2 * * SAT'\n    duration: 0s\n")
+    assert main(["validate", str(good)]) == 4
+    assert f"{good}:4:" in capsys.readouterr().err

@@ -345,3 +345,20 @@ def test_plan_mode_changes_nothing_but_runs_read_only_steps(tmp_path: Path) -> N
     assert result.get("a", "probe").data["prediction"] == "ok"
     assert result.get("a", "write").data["prediction"] == "unknown"
     assert result.get("a", "guarded").data["prediction"] == "skip"
+
+
+def test_apply_runs_checks_again_but_not_steps_planned_unchanged(tmp_path: Path) -> None:
+    """In apply, a step planned `ok` is not run, but an assert planned `ok` is checked again (it may fail now)."""
+    from runbook.executor import SavedPrediction
+
+    steps = [
+        {"name": "noop", "shell": "echo ran >> {{ dir | quote }}/noop", "changed_when": False},
+        {"name": "check", "assert": {"that": "threshold | int < 10", "msg": "threshold too high"}},
+    ]
+    predictions = {("noop", "a"): SavedPrediction("ok", "changed_when: false"),
+                   ("check", "a"): SavedPrediction("ok", "all assertions passed")}
+    result = go(tmp_path, steps, mode="apply", predictions=predictions, extra_vars={"threshold": 50})
+    assert not (hdir(tmp_path, "a") / "noop").exists()       # planned no change: not run
+    assert st(result, "a", "noop") == Status.OK
+    check = result.get("a", "check")
+    assert check is not None and check.status == Status.FAILED and check.message == "threshold too high"

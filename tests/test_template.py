@@ -265,3 +265,21 @@ def test_resolve_local_is_relative_to_the_playbook(tmp_path: Path) -> None:
     assert report.playbook is not None
     assert resolve_local(report.playbook, "files/a") == tmp_path.resolve() / "files/a"
     assert resolve_local(report.playbook, "/abs") == Path("/abs")
+
+
+def test_result_is_defined_in_changed_when_failed_when_and_until_only() -> None:
+    """The step's own result is `result` in changed_when/failed_when/until; elsewhere it is undefined."""
+    problems = pb_problems("""
+        runbook: t
+        steps:
+          - name: a
+            shell: "true"
+            changed_when: result.rc == 0
+            failed_when: result.rc > 1
+            until: result.stdout != ''
+            retries: 2
+          - name: b
+            shell: "echo {{ result.stdout | quote }}"
+        """)
+    undefined = [p for p in problems if p.code == "undefined-variable"]
+    assert len(undefined) == 1 and undefined[0].location.line == 11  # only in step b's shell
