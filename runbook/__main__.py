@@ -1,7 +1,5 @@
 """`python -m runbook` runs the CLI."""
 
-import sys
+from runbook.cli import entry
 
-from runbook.cli import main
-
-sys.exit(main())
+entry()

@@ -394,6 +394,10 @@ class AuditTrail(Observer):
         self.redactor = redactor or Redactor()
         self.output_limit = max(0, int(output_limit))
         self._lock = threading.Lock()
+        self._fd: int | None = None                  # kept open from run.started to run.finished
+        # (inode, size, hash) after our last write: when the file is still exactly that, the tail
+        # need not be read again (another writer would have changed its size).
+        self._known_end: tuple[int, int, str] | None = None
         self._sink = _LockedFileSink()
         self._seq = SequenceNumbers()
         self._chain = HashChain()
@@ -437,10 +441,15 @@ class AuditTrail(Observer):
             if key in fields:
                 raise ValueError(f"audit field {key!r} is reserved")
         with self._lock:
-            fd = self._open()
+            fd = self._fd if self._fd is not None else self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                tail = _read_tail(fd)
+                st = os.fstat(fd)
+                known = self._known_end
+                if known is not None and known[:2] == (st.st_ino, st.st_size):
+                    tail = _Tail(known[2], False, None)
+                else:
+                    tail = _read_tail(fd)
                 self._sink.fd = fd
                 if tail.needs_newline:
                     os.write(fd, b"\n")
@@ -453,13 +462,28 @@ class AuditTrail(Observer):
                 log.msg(event, **fields)
                 if sync or tail.torn is not None:
                     os.fsync(fd)
+                self._known_end = (st.st_ino, os.fstat(fd).st_size, self._chain.prev)
             except OSError as exc:
+                self._known_end = None
                 raise AuditError(f"cannot write the audit trail: {exc.strerror}",
                                  location=Location(str(self.path)),
                                  hint="check free space and permissions of the audit file") from exc
             finally:
                 self._sink.fd = None
-                os.close(fd)   # closing releases the flock
+                if fd == self._fd:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                else:
+                    os.close(fd)   # closing releases the flock
+
+    def _keep_open(self, keep: bool) -> None:
+        """Hold the file open for a whole run (fewer syscalls per record); release it at the end."""
+        with self._lock:
+            if keep and self._fd is None:
+                self._fd = self._open()
+            elif not keep and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                self._known_end = None
 
     # -- the Observer hooks -------------------------------------------------------------------
 
@@ -469,6 +493,7 @@ class AuditTrail(Observer):
         fields.pop("run_id")
         fields["extra_vars"] = self.redactor.redact(fields.get("extra_vars") or {})
         fields["pid"] = os.getpid()
+        self._keep_open(True)
         self.append(run.run_id, "run.started", fields, sync=True)
 
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
@@ -528,6 +553,7 @@ class AuditTrail(Observer):
             "unreachable": self.redactor.redact(result.unreachable),
             "records": self._seq.current(run.run_id) + 1,
         }, sync=True)
+        self._keep_open(False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -554,3 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
+
+
+def entry() -> None:
+    """Console-script entry point: run, then exit without the interpreter's final sweep of every object."""
+    import gc
+
+    code = main()
+    # Everything is flushed and closed by now; freezing skips a final garbage-collector pass over
+    # the ~0.5 M objects of our dependencies (about 60 ms of exit time), atexit handlers still run.
+    gc.freeze()
+    sys.exit(code)
