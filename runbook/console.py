@@ -105,7 +105,10 @@ class ConsoleView(Observer):
             self._live = None
         if self._mode == "plan":
             return  # the plan itself is rendered by render_plan
-        self.console.print(recap_table(result))
+        if self._plain:
+            self._print(recap_text(result))
+        else:
+            self.console.print(recap_table(result))
         if result.stop_reason:
             self.console.print(f"[yellow]stopped: {self._r(result.stop_reason)}[/]")
         self.console.print(f"[dim]wall time {result.wall_time:.2f}s, exit code {result.exit_code()}[/]")
@@ -182,6 +185,19 @@ def recap_table(result: RunResult) -> Table:
     for host, counts in recap.items():
         t.add_row(host, *[Text(str(counts.get(c, 0)), style=STYLE.get(c, "") if counts.get(c) else "dim") for c in present])
     return t
+
+
+def recap_text(result: RunResult) -> str:
+    """The recap as plain aligned text (for logs and pipes; the rich table is for terminals)."""
+    cols = ["ok", "changed", "skipped", "failed", "unreachable", "not_run", "deferred", "drift"]
+    recap = result.recap()
+    present = [c for c in cols if c in ("ok", "changed", "skipped", "failed", "unreachable")
+               or any(counts.get(c) for counts in recap.values())]
+    width = max([len("host"), *(len(h) for h in recap)])
+    lines = ["RECAP", " ".join(["host".ljust(width), *(c.rjust(len(c)) for c in present)])]
+    for host, counts in recap.items():
+        lines.append(" ".join([host.ljust(width), *(str(counts.get(c, 0)).rjust(len(c)) for c in present)]))
+    return "\n".join(lines)
 
 
 def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | None = None, *, diffs: bool = True) -> None:

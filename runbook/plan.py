@@ -89,7 +89,7 @@ def build_plan(prepared, request, result) -> dict:
     red = prepared.redactor
     order = {sid: i for i, sid in enumerate(prepared.steps.order())}
     preds = []
-    for r in sorted((r for r in result.results if not r.step_id.startswith("rescue:")),
+    for r in sorted((r for r in result.results if not r.data.get("on_failure")),
                     key=lambda r: (prepared.info.hosts.index(r.host) if r.host in prepared.info.hosts else 0,
                                    order.get(r.step_id, 0))):
         kind = r.data.get("prediction") or {"not_run": "not_run", "unreachable": "unknown", "failed": "fail"}.get(

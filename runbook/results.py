@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 
 from runbook.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
@@ -59,8 +59,10 @@ class TaskResult:
 
     def as_dict(self) -> dict:
         """Return a JSON-ready mapping."""
-        d = asdict(self)
+        # Shallow on purpose: asdict() deep-copies every nested value, which dominates large runs.
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["status"] = self.status.value
+        d["data"] = dict(self.data)
         return d
 
 

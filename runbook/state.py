@@ -52,7 +52,7 @@ class RunState(Observer):
         self._flush(force=True)
 
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:
-        if result.step_id.startswith("rescue:"):
+        if result.data.get("on_failure"):
             return
         d = self.redactor.redact(result.as_dict())
         with self._lock:
@@ -66,8 +66,9 @@ class RunState(Observer):
     def run_finished(self, run: RunInfo, result: RunResult) -> None:
         with self._lock:
             for r in result.results:
-                if not r.step_id.startswith("rescue:"):
-                    self.doc["tasks"][task_key(r.step_id, r.host)] = self.redactor.redact(r.as_dict())
+                key = task_key(r.step_id, r.host)
+                if key not in self.doc["tasks"] and not r.data.get("on_failure"):   # each was saved as it finished
+                    self.doc["tasks"][key] = self.redactor.redact(r.as_dict())
             self.doc["finished_at"] = result.finished_at
             self.doc["exit_code"] = result.exit_code()
             self.doc["stop_reason"] = result.stop_reason
