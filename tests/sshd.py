@@ -245,6 +245,11 @@ class SSHDHarness:
         """Let every test user sudo to every other test user (never to root), without a password."""
         if shutil.which("sudo") is None or not SUDOERS_DIR.is_dir():
             return
+        # Drop-ins left by harnesses that were killed before stop(): their process is gone.
+        for stale in SUDOERS_DIR.glob("runbook-tests-*"):
+            pid = stale.name.removeprefix("runbook-tests-")
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                stale.unlink(missing_ok=True)
         users = [h.user for h in self.hosts]
         lines = [f"{u} ALL=({','.join(users)}) NOPASSWD: ALL\n" for u in users]
         # sudo ignores drop-ins whose names contain a dot, so no suffix.
