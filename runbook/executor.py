@@ -27,6 +27,8 @@ from runbook.template import build_context, environment, strip_braces, truth
 BLOCKING = frozenset({Status.FAILED, Status.UNREACHABLE, Status.NOT_RUN, Status.DRIFT, Status.DEFERRED})
 
 WINDOW_CLOSED = "maintenance window closed"
+ABORTED = "aborted by a second interrupt"
+ABORT_WAIT = 3.0   # seconds to let tasks whose connections were closed report before giving up on them
 
 _PREDICTION_STATUS = {"change": Status.CHANGED, "ok": Status.OK, "skip": Status.SKIPPED,
                       "unknown": Status.UNKNOWN, "fail": Status.FAILED}
@@ -109,6 +111,7 @@ class Executor:
         self.host_stopped: dict[str, str] = {}
         self._lock = threading.RLock()
         self._cancel = threading.Event()
+        self._aborting = False
         self._ask_lock = threading.Lock()
         self._register_names = {s.register_as: s.step_id for s in playbook.all_steps() if s.register_as}
         self._drift_checkable = self._compute_drift_checkable()
@@ -295,14 +298,22 @@ class Executor:
                                                 "finish (interrupt again to abort them)")
         except _Stop:
             # Second interrupt or grace over: drop the connections so running commands end now.
+            self._aborting = True
             self._cancel.set()
             for conn in list(self.conns.values()):
                 _quiet_close(conn)
+            # With their connections gone the running tasks end at once; record what they report.
+            done, _ = wait(list(running), timeout=ABORT_WAIT)
+            for fut in done:
+                key = running.pop(fut)
+                if len(key) == 2 and key not in self.results:
+                    self._record(key, fut.result())
             for fut, key in list(running.items()):
                 if len(key) == 2 and key not in self.results:
                     step = self.steps.step(key[0])
-                    self._record(key, TaskResult(key[1], key[0], step.action, Status.FAILED,
-                                                 message="aborted by a second interrupt"))
+                    res = TaskResult(key[1], key[0], step.action, Status.FAILED, message=ABORTED)
+                    self._record(key, res)
+                    self.events.task_finished(self.info, res)
         finally:
             pool.shutdown(wait=not self.result.interrupted, cancel_futures=True)
         # Whatever never started: deferred (window), or not run (interrupt, max_failures).
@@ -408,6 +419,8 @@ class Executor:
             res.status, res.message = Status.FAILED, f"connection error: {exc}"
         except Exception as exc:  # a bug or an unexpected library error must not kill the whole run
             res.status, res.message = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+        if self._aborting and res.status == Status.FAILED:
+            res.message = f"{ABORTED}: {res.message}" if res.message else ABORTED
         res.finished_at = time.time()
         res.duration = round(res.finished_at - (res.started_at or res.finished_at), 6)
         if res.status == Status.FAILED and step.ignore_errors and self.opt.mode != "plan":
