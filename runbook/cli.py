@@ -556,10 +556,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+# Commands that run playbooks load the whole engine; the others (validate, graph, ...) stay light.
+_ENGINE_COMMANDS = frozenset({"run", "plan", "apply", "resume", "schedule"})
+
+
 def entry() -> None:
     """Console-script entry point: run, then exit without the interpreter's final sweep of every object."""
     import gc
 
+    if len(sys.argv) > 1 and sys.argv[1] in _ENGINE_COMMANDS:
+        # Importing the engine creates ~0.5 M long-lived objects: collecting cycles among them while
+        # they are being created is wasted work (~40 ms). Freeze them, then collect normally.
+        gc.disable()
+        import runbook.actions  # noqa: F401
+        import runbook.console  # noqa: F401
+        import runbook.runner  # noqa: F401
+
+        gc.freeze()
+        gc.enable()
     code = main()
     # Everything is flushed and closed by now; freezing skips a final garbage-collector pass over
     # the ~0.5 M objects of our dependencies (about 60 ms of exit time), atexit handlers still run.
