@@ -203,15 +203,19 @@ def recap_text(result: RunResult) -> str:
 def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | None = None, *, diffs: bool = True) -> None:
     """Render a plan document (see runbook.plan) per host and step, then totals, like `terraform plan`."""
     red = redactor.redact_text if redactor else (lambda s: s)
-    console.print(f"[bold]Plan for {plan['playbook']['name']}[/] ({plan['playbook']['path']}) "
-                  f"[dim]made {plan['created_at']} by {plan['operator']}[/]")
+    out: list[Any] = []
+    out.append(Text.assemble((f"Plan for {plan['playbook']['name']}", "bold"), f" ({plan['playbook']['path']}) ",
+                             (f"made {plan['created_at']} by {plan['operator']}", "dim")))
     totals: Counter[str] = Counter()
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for p in plan["predictions"]:
+        by_host.setdefault(p["host"], []).append(p)
     for host in plan["hosts"]:
-        console.print(Text(f"\n{host}", style="bold"))
+        out.append(Text(f"\n{host}", style="bold"))
         per_host: Counter[str] = Counter()
         if host in plan.get("unreachable", {}):
-            console.print(Text(f"  unreachable: {red(plan['unreachable'][host])}", style=STYLE["unreachable"]))
-        for p in [p for p in plan["predictions"] if p["host"] == host]:
+            out.append(Text(f"  unreachable: {red(plan['unreachable'][host])}", style=STYLE["unreachable"]))
+        for p in by_host.get(host, []):
             mark, style, label = PLAN_MARK.get(p["prediction"], ("?", "", p["prediction"]))
             if p.get("gate"):
                 mark, style, label = "!", "bold blue", "gate"
@@ -219,18 +223,24 @@ def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | Non
             line = Text.assemble(("  " + mark + " ", style), (p["step_id"], "bold"), ("  " + label, style))
             if p.get("reason"):
                 line.append(f" — {red(p['reason'])}", style="dim" if p["prediction"] in ("ok", "skip") else "")
-            console.print(line)
+            out.append(line)
             if diffs and p.get("diff"):
-                console.print(diff_text(red(p["diff"])))
-        console.print(Text("  " + ", ".join(f"{v} {k}" for k, v in sorted(per_host.items())), style="dim"))
+                out.append(diff_text(red(p["diff"])))
+        out.append(Text("  " + ", ".join(f"{v} {k}" for k, v in sorted(per_host.items())), style="dim"))
         totals.update(per_host)
-    console.print(Text("\nPlan: " + ", ".join(f"{totals.get(k, 0)} {k}" for k in
+    out.append(Text("\nPlan: " + ", ".join(f"{totals.get(k, 0)} {k}" for k in
                                                ("change", "no change", "skip", "unknown", "would fail", "gate")
                                                if totals.get(k) or k in ("change", "unknown")), style="bold"))
     known = sum(v for k, v in totals.items() if k != "unknown")
     if totals:
-        console.print(Text(f"{totals.get('unknown', 0) * 100 / sum(totals.values()):.0f}% of steps unknown "
+        out.append(Text(f"{totals.get('unknown', 0) * 100 / sum(totals.values()):.0f}% of steps unknown "
                            f"({known} of {sum(totals.values())} predicted)", style="dim"))
+    if console.is_terminal:
+        for item in out:
+            console.print(item)
+    else:
+        # A pipe or a file: plain text in one write (rich's per-line layout is slow for big plans).
+        console.file.write("\n".join(i.plain.rstrip("\n") if isinstance(i, Text) else str(i) for i in out) + "\n")
 
 
 def now_iso() -> str:
