@@ -461,7 +461,7 @@ class Executor:
                 passed.append(f"{name}: {text} {'does not exist' if name == 'creates' else 'exists'}")
             else:
                 r = env.conn.run(text, env={k: str(env.render(v)) for k, v in step.env.items()} or None,
-                                 timeout=step.timeout or 60.0, sudo=env.sudo())
+                                 timeout=step.timeout, sudo=env.sudo())
                 state.append(f"{name}:{int(r.rc == 0)}")
                 if name == "unless" and r.rc == 0:
                     return f"unless: `{_short(text)}` succeeded", "|".join(state), passed
