@@ -55,7 +55,8 @@ def show_windows(target: str | None, count: int) -> str:
         state = (f"OPEN now, closes {format_local_and_utc(current[1], s.tz)}" if current else "closed now")
         lines.append(f"{s.describe()}: {state}")
         for opening, closing in s.next_openings(now, count):
-            lines.append(f"  opens  {format_local_and_utc(opening, s.tz)}  for {format_duration((closing - opening).total_seconds())}")
+            lines.append(f"  opens  {format_local_and_utc(opening, s.tz)}  closes {format_local_and_utc(closing, s.tz)}"
+                         f"  for {format_duration((closing - opening).total_seconds())}")
         lines.append("")
     return "\n".join(lines).rstrip()
 
