@@ -172,12 +172,17 @@ def diff_text(diff: str) -> Text:
     return out
 
 
+def _recap_columns(recap: dict[str, Counter]) -> list[str]:
+    """The recap's columns: the five Ansible ones always, the others when some host has them."""
+    always = ("ok", "changed", "skipped", "failed", "unreachable")
+    return [c for c in (*always, "not_run", "deferred", "drift")
+            if c in always or any(counts.get(c) for counts in recap.values())]
+
+
 def recap_table(result: RunResult) -> Table:
     """Per-host counts like Ansible's PLAY RECAP."""
-    cols = ["ok", "changed", "skipped", "failed", "unreachable", "not_run", "deferred", "drift"]
     recap = result.recap()
-    present = [c for c in cols if c in ("ok", "changed", "skipped", "failed", "unreachable")
-               or any(counts.get(c) for counts in recap.values())]
+    present = _recap_columns(recap)
     t = Table(title="RECAP", title_justify="left", box=None, header_style="bold")
     t.add_column("host")
     for c in present:
@@ -189,10 +194,8 @@ def recap_table(result: RunResult) -> Table:
 
 def recap_text(result: RunResult) -> str:
     """The recap as plain aligned text (for logs and pipes; the rich table is for terminals)."""
-    cols = ["ok", "changed", "skipped", "failed", "unreachable", "not_run", "deferred", "drift"]
     recap = result.recap()
-    present = [c for c in cols if c in ("ok", "changed", "skipped", "failed", "unreachable")
-               or any(counts.get(c) for counts in recap.values())]
+    present = _recap_columns(recap)
     width = max([len("host"), *(len(h) for h in recap)])
     lines = ["RECAP", " ".join(["host".ljust(width), *(c.rjust(len(c)) for c in present)])]
     for host, counts in recap.items():

@@ -13,26 +13,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import cli, records
 from tests.sshd import SSHHost, free_port, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `python -m runbook ARGS` as a real subprocess and capture both streams."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_AUDIT_LOG", "RUNBOOK_OPERATOR")}
-    full_env["PYTHONPATH"] = str(REPO)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "runbook", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=timeout)
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a trail file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def seq_output(name: str, n: int) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,11 +12,12 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import cli, records
+from tests.helpers import cli_env as env
 from tests.sshd import SSHHost, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = ("one", "two", "three", "four")
 
 # Every step appends a line to its own counter file on the host, so re-runs show up as extra lines.
@@ -33,24 +33,6 @@ steps:
   - name: four
     shell: echo run >> count-four
 """
-
-
-def env() -> dict[str, str]:
-    """The environment of a CLI subprocess: this checkout, no inherited audit or operator settings."""
-    out = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_AUDIT_LOG", "RUNBOOK_OPERATOR")}
-    out["PYTHONPATH"] = str(REPO)
-    return out
-
-
-def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `python -m runbook ARGS` and capture both streams."""
-    return subprocess.run([sys.executable, "-m", "runbook", *args], capture_output=True, text=True, env=env(),
-                          cwd=cwd, timeout=timeout)
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a trail file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def counts(host: SSHHost) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -25,31 +24,13 @@ from runbook.loader import load_playbook
 from runbook.results import RunResult, Status, TaskResult
 from runbook.runner import RunRequest, execute, prepare
 from runbook.window import FakeClock, WindowGuard, resolve_window
+from tests.helpers import cli, records
+from tests.helpers import cli_env as env
 from tests.sshd import SSHHost, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
-REPO = Path(__file__).resolve().parents[2]
 UTC = timezone.utc
-
-
-def env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: this checkout, no inherited audit or operator settings."""
-    out = {k: v for k, v in os.environ.items() if k not in ("RUNBOOK_AUDIT_LOG", "RUNBOOK_OPERATOR")}
-    out["PYTHONPATH"] = str(REPO)
-    out.update(extra)
-    return out
-
-
-def cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run `python -m runbook ARGS` and capture both streams."""
-    return subprocess.run([sys.executable, "-m", "runbook", *args], capture_output=True, text=True, env=env(),
-                          cwd=cwd, timeout=timeout)
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    """Every record of a trail file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def closed_window(tz: str) -> tuple[str, datetime]:
