@@ -447,6 +447,7 @@ def _one_problem(e: _Err, source: SourceMap) -> Problem:
         return _problem(path, f"expected {ctx.get('expected', 'one of the allowed values')}, got {_describe(value)}", None, source)
     if kind == "string_pattern_mismatch":
         hints = {"id": "ids are letters, digits, `-`, `_` and `.`, starting with a letter or digit",
+                 "port": "a port number 1-65535, or a template that renders to one, like '{{ app_port }}'",
                  "register": "a register name is an identifier: letters, digits and `_`",
                  }
         name = _name(path)

@@ -222,7 +222,8 @@ class FetchSpec(_Strict):
 class WaitForSpec(_Strict):
     """Wait until a TCP port accepts, a file exists, or a command succeeds."""
 
-    port: Int | None = Field(None, ge=1, le=65535)
+    port: Annotated[Int, Field(ge=1, le=65535)] | Annotated[str, Field(pattern=r"\{\{")] | None = Field(
+        None, description="A TCP port, or a template that renders to one, e.g. '{{ app_port }}'.")
     host: str = "127.0.0.1"
     path: str | None = None
     command: str | None = None

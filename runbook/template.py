@@ -229,7 +229,7 @@ def _resolve_playbook_vars(ctx: dict[str, Any], playbook_vars: dict[str, Any]) -
 
 # --- static checks for `validate` -----------------------------------------------------------
 
-TEMPLATE_FIELDS = ("shell", "creates", "removes", "unless", "only_if")
+TEMPLATE_FIELDS = ("shell", "creates", "removes", "unless", "only_if", "sudo")
 EXPRESSION_FIELDS = ("when", "until", "changed_when", "failed_when")
 SHELL_FIELDS = ("shell", "unless", "only_if")
 
@@ -254,8 +254,8 @@ def step_templates(step: Step) -> Iterator[tuple[tuple, str, str]]:
         yield (step.action, "src"), spec.src, "template"
         yield (step.action, "dest"), spec.dest, "template"
     elif step.action == "wait_for":
-        for f in ("host", "path", "command"):
-            if getattr(spec, f):
+        for f in ("host", "path", "command", "port"):
+            if isinstance(getattr(spec, f), str):
                 yield ("wait_for", f), getattr(spec, f), "template"
     elif step.action == "assert":
         for i, cond in enumerate(spec.that):

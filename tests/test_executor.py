@@ -362,3 +362,25 @@ def test_apply_runs_checks_again_but_not_steps_planned_unchanged(tmp_path: Path)
     assert st(result, "a", "noop") == Status.OK
     check = result.get("a", "check")
     assert check is not None and check.status == Status.FAILED and check.message == "threshold too high"
+
+
+def test_wait_for_port_and_sudo_may_come_from_variables(tmp_path: Path) -> None:
+    """`wait_for.port` and `sudo` accept templates, rendered per host."""
+    import os
+    import shutil
+    import socket
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        steps = [{"name": "up", "wait_for": {"port": "{{ app_port }}", "timeout": "5s"}}]
+        result = go(tmp_path, steps, host_vars={"a": {"app_port": port}})
+    assert st(result, "a", "up") == Status.OK
+    bad = go(tmp_path, steps, host_vars={"a": {"app_port": "http"}})
+    assert st(bad, "a", "up") == Status.FAILED and "expected a port number" in bad.get("a", "up").message
+    if os.geteuid() != 0 or shutil.which("sudo") is None:
+        pytest.skip("sudo to another user needs root and sudo on the test machine")
+    who = go(tmp_path, [{"name": "who", "command": ["whoami"], "sudo": "{{ app_user }}", "register": "w"}],
+             host_vars={"a": {"app_user": "nobody"}})
+    assert who.get("a", "who").stdout.strip() == "nobody"

@@ -148,7 +148,8 @@ def test_two_actions_and_no_action_are_refused() -> None:
 ])
 def test_invalid_values_are_refused_at_their_location(data: dict[str, Any], loc: tuple) -> None:
     locs = [tuple(e["loc"]) for e in _errors(data)]
-    assert loc in locs
+    # A union (e.g. `port`: a number or a template) adds its alternatives' tags after the location.
+    assert any(found[:len(loc)] == loc for found in locs), locs
 
 
 @pytest.mark.parametrize("window, field", [

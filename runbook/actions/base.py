@@ -40,6 +40,9 @@ class TaskEnv:
         sudo = self.step.sudo
         if sudo is True and self.become_user:
             return self.become_user
+        if isinstance(sudo, str) and "{" in sudo:
+            sudo = str(self.render(sudo)).strip()   # e.g. `sudo: "{{ app_user }}"`; empty means no sudo
+            return sudo or False
         return sudo
 
     def run(self, command: str | list[str], *, timeout: float | None = None, sudo: bool | str | None = None) -> "CommandResult":

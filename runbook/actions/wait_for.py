@@ -6,6 +6,7 @@ import shlex
 import time
 
 from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
+from runbook.errors import RunbookError
 
 # Probe a TCP port from the host itself with whatever it has: bash's /dev/tcp, nc, or python3.
 _PORT_PROBE = ("h={h}; p={p}; "
@@ -24,16 +25,24 @@ class WaitFor(Action):
         spec = self.spec
         if spec.port is not None:
             host = env.render(spec.host)
-            cmd = _PORT_PROBE.format(h=shlex.quote(host), p=int(spec.port))
+            cmd = _PORT_PROBE.format(h=shlex.quote(host), p=self._port(env))
             return cmd, spec.state in ("present", "started")
         if spec.path is not None:
             return f"test -e {shlex.quote(env.render(spec.path))}", spec.state in ("present", "started")
         return env.render(spec.command), spec.state in ("present", "started")
 
+    def _port(self, env: TaskEnv) -> int:
+        """The port, rendered when it is a template."""
+        text = str(env.render(self.spec.port)).strip() if isinstance(self.spec.port, str) else str(self.spec.port)
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise RunbookError(f"wait_for port `{self.spec.port}` rendered to {text!r}, expected a port number 1-65535",
+                               hint="check the variable it refers to")
+        return int(text)
+
     def describe(self, env: TaskEnv) -> str | None:
         spec = self.spec
         if spec.port is not None:
-            return f"wait for port {env.render(spec.host)}:{spec.port} ({spec.state})"
+            return f"wait for port {env.render(spec.host)}:{self._port(env)} ({spec.state})"
         if spec.path is not None:
             return f"wait for {env.render(spec.path)} ({spec.state})"
         return f"wait for `{env.render(spec.command)}` to succeed"
