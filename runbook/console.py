@@ -82,7 +82,9 @@ class ConsoleView(Observer):
         if self._mode == "plan":
             self._refresh()
             return
-        if self._live is None or result.status in (Status.FAILED, Status.UNREACHABLE, Status.DRIFT):
+        if result.status == Status.UNREACHABLE:
+            pass  # said once per host by host_unreachable, not once per step
+        elif self._live is None or result.status in (Status.FAILED, Status.DRIFT):
             self._print_result(result)
         self._refresh()
 

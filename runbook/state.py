@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
-from runbook.errors import RunbookError, ValidationError
+from runbook.errors import ValidationError
 from runbook.events import Observer, RunInfo
 from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult
 
@@ -114,7 +114,7 @@ def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
         matches = sorted(d.glob(f"{run_id}*.json")) if d.is_dir() else []
         if len(matches) != 1:
             known = ", ".join(p.stem for p in sorted(d.glob("*.json"))[-5:]) if d.is_dir() else ""
-            raise RunbookError(f"no run `{run_id}` in {d}" + (" (ambiguous prefix)" if matches else ""),
+            raise ValidationError(f"no run `{run_id}` in {d}" + (" (ambiguous prefix)" if matches else ""),
                                hint=f"recent runs: {known}" if known else "`runbook runs` lists recent runs")
         path = matches[0]
     try:
