@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -350,9 +351,18 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
 # --- audit trail, run history, resume -----------------------------------------------------------
 
 def _audit_file(audit_log: str | None) -> Path:
+    """The trail the audit/runs/resume commands read: the flag or env, else ./.runbook, else ./playbooks/.runbook.
+
+    Runs write beside their playbook, so from a repository root whose playbooks live in playbooks/
+    the trail is one level down; looking there too saves typing --audit-log every time.
+    """
     from runbook.audit import default_audit_path
 
-    return Path(audit_log) if audit_log else default_audit_path(None)
+    if audit_log:
+        return Path(audit_log)
+    here = default_audit_path(None)
+    below = Path.cwd() / "playbooks" / ".runbook" / "audit.jsonl"
+    return below if not here.exists() and below.exists() and "RUNBOOK_AUDIT_LOG" not in os.environ else here
 
 
 @cli.group()

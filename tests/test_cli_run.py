@@ -207,3 +207,19 @@ def test_signal_stops_the_run_with_130(tmp_path: Path, sig: signal.Signals) -> N
     events = [json.loads(line)["event"] for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert events[-1] == "run.finished" and "run.interrupted" in events
     assert events.count("task.finished") == 3
+
+
+def test_audit_commands_find_the_trail_beside_playbooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """From a repository root, `runbook audit verify` and `runbook runs` find playbooks/.runbook/ by themselves."""
+    monkeypatch.delenv("RUNBOOK_AUDIT_LOG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks" / "pb.yml").write_text("runbook: t\nsteps:\n  - name: a\n    command: ['true']\n")
+    assert main(["run", "playbooks/pb.yml"]) == 0
+    assert (tmp_path / "playbooks" / ".runbook" / "audit.jsonl").is_file()
+    capsys.readouterr()
+    assert main(["audit", "verify"]) == 0
+    assert "playbooks/.runbook/audit.jsonl: ok" in capsys.readouterr().out
+    assert main(["runs"]) == 0
+    assert " run " in capsys.readouterr().out
