@@ -272,6 +272,7 @@ class Executor:
                                 reason = err.reason if isinstance(err, ConnectionFailed) else f"{type(err).__name__}: {err}"
                                 self.result.unreachable[h] = reason
                                 self.events.host_unreachable(self.info, h, reason)
+                                self._rehome_once_steps(h, pending_preds, host_left, host_ready, finish)
                                 for node in [n for n in self.tasks if n[1] == h]:
                                     if node not in self.results:
                                         finish(node, TaskResult(h, node[0], self.steps.step(node[0]).action,
@@ -324,6 +325,43 @@ class Executor:
             if node not in self.results:
                 self._record(node, TaskResult(node[1], node[0], self.steps.step(node[0]).action, status,
                                               message=f"not started: {reason}"))
+
+    def _rehome_once_steps(self, lost: str, pending_preds: dict[TaskKey, int], host_left: dict[str, int],
+                           host_ready: dict[str, deque[TaskKey]],
+                           finish: Callable[[TaskKey, TaskResult], None]) -> None:
+        """Move the `once: true` tasks of an unreachable host to the next host that may still run them.
+
+        A once step (notify, open a ticket) must not be lost because the first selected host is the
+        sick one; it runs on the next host instead, after that host's own copies of what it needs.
+        """
+        once = [n for n in nx.topological_sort(self.tasks)
+                if n[1] == lost and n not in self.results and self.steps.step(n[0]).once]
+        target = next((h for h in self.host_order if h != lost and h not in self.result.unreachable
+                       and host_left[h] > 0), None)
+        if not once or target is None:
+            return
+        moved: dict[TaskKey, TaskKey] = {}
+        for node in once:
+            new = (node[0], target)
+            preds = [moved.get(p, (p[0], target) if p[1] == lost else p) for p in self.tasks.predecessors(node)]
+            succs = list(self.tasks.successors(node))
+            self.tasks.remove_node(node)
+            self.tasks.add_node(new)
+            self.tasks.add_edges_from((p, new) for p in preds if p in self.tasks)
+            self.tasks.add_edges_from((new, q) for q in succs)
+            moved[node] = new
+            host_left[lost] -= 1
+            host_left[target] += 1
+            pending_preds.pop(node, None)
+            self.events.notice(self.info, "warning", f"{lost} is unreachable: once step `{node[0]}` runs on {target}")
+            done = [p for p in self.tasks.predecessors(new) if p in self.results]
+            blocked = next((p for p in done if self.results[p].status in BLOCKING or self.results[p].failed), None)
+            if blocked is not None:
+                self._block(new, blocked, self.results[blocked], finish)
+                continue
+            pending_preds[new] = sum(1 for p in self.tasks.predecessors(new) if p not in self.results)
+            if pending_preds[new] == 0:
+                host_ready[target].append(new)
 
     def _block(self, node: TaskKey, cause: TaskKey, res: TaskResult, finish: Callable[[TaskKey, TaskResult], None]) -> None:
         if res.status == Status.UNREACHABLE and node[1] == cause[1]:

@@ -384,3 +384,24 @@ def test_wait_for_port_and_sudo_may_come_from_variables(tmp_path: Path) -> None:
     who = go(tmp_path, [{"name": "who", "command": ["whoami"], "sudo": "{{ app_user }}", "register": "w"}],
              host_vars={"a": {"app_user": "nobody"}})
     assert who.get("a", "who").stdout.strip() == "nobody"
+
+
+def test_once_step_moves_to_the_next_host_when_the_first_is_unreachable(tmp_path: Path) -> None:
+    """A once step (notify, ticket) is not lost because the first selected host is the sick one."""
+    inv = local_inventory(tmp_path, ["b", "c"])
+    doc = yaml.safe_load(inv.read_text())
+    doc["all"]["hosts"] = {"a": {"ansible_host": "127.0.0.1", "ansible_port": 1}, **doc["all"]["hosts"]}
+    inv.write_text(yaml.safe_dump(doc, sort_keys=False))
+    pb = playbook(tmp_path, [
+        {"name": "prep", "shell": "echo prep > {{ dir | quote }}/prep"},
+        {"name": "notify", "once": True, "shell": "echo {{ inventory_hostname | quote }} >> {{ dir | quote }}/notified",
+         "register": "note"},
+        {"name": "after", "shell": "echo {{ note.stdout | default('') | quote }} > {{ dir | quote }}/after"},
+    ])
+    result = run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"),
+                 host_key_checking="off", connect_timeout=2)
+    assert result.unreachable.keys() == {"a"} and result.exit_code() == 3
+    assert (hdir(tmp_path, "b") / "notified").read_text() == "b\n"        # once, on the next host
+    assert not (hdir(tmp_path, "c") / "notified").exists()
+    assert st(result, "b", "notify") == Status.CHANGED and st(result, "c", "after") == Status.CHANGED
+    assert {r.host for r in result.results if r.step_id == "notify"} == {"b"}
