@@ -607,9 +607,8 @@ class SSHConnection:
         """Ask sshd to TERM the process group of every command still running (an aborted run).
 
         Without a pty, closing a channel or the connection leaves the remote command running; the
-        `signal` channel request (OpenSSH 8.1+) reaches the session's whole process group. A command
-        under a step `timeout` runs in coreutils timeout's own group, which this does not reach: it
-        still ends at its timeout.
+        `signal` channel request (OpenSSH 8.1+) reaches the session's process. A command under a step
+        `timeout` is exec'd by coreutils timeout, which passes the signal on to it.
         """
         with self._channels_lock:
             channels = list(self._channels)
@@ -653,9 +652,12 @@ class SSHConnection:
         plain = shlex.join([*prefix, *body])
         if timeout is None:
             return plain
-        # No `exec`: the login shell stays to report a signal death as 128+N, like a local run.
+        # `exec` so that `timeout` *is* the session's process: an aborted run's TERM (sent to the
+        # session by sshd) reaches it, and it passes the signal on to the command in its own process
+        # group. The price: a command under a timeout that dies by a signal reports 255 (no exit
+        # status) instead of 128+N. Without `timeout` on the host, the shell stays as before.
         limited = shlex.join([*prefix, "timeout", "-k", "1", f"{timeout:g}s", *body])
-        return f"if command -v timeout >/dev/null 2>&1; then {limited}; else {plain}; fi"
+        return f"if command -v timeout >/dev/null 2>&1; then exec {limited}; else {plain}; fi"
 
     def run(self, command: str | Sequence[str], *, env: Mapping[str, str] | None = None,
             timeout: float | None = None, sudo: bool | str = False,

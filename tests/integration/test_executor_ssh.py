@@ -520,10 +520,14 @@ def test_approve_needs_yes_when_not_interactive(tmp_path: Path, hosts: list[SSHH
     assert (hosts[0].home / "acted").exists()
 
 
-def _start_interruptible(tmp_path: Path, inv: Path, known_hosts: Path, sleep: float) -> tuple[subprocess.Popen[str], Path]:
+def _start_interruptible(tmp_path: Path, inv: Path, known_hosts: Path, sleep: float,
+                         step_timeout: str | None = None) -> tuple[subprocess.Popen[str], Path]:
+    nap: dict[str, Any] = {"name": "nap", "shell": f"{stamp('nap.start')}; sleep {sleep}; touch {{{{ home }}}}/nap.done"}
+    if step_timeout:
+        nap["timeout"] = step_timeout   # the command then runs under coreutils timeout on the host
     pb = playbook(tmp_path / "pb.yml", [
         {"name": "first", "shell": "touch {{ home }}/first"},
-        {"name": "nap", "shell": f"{stamp('nap.start')}; sleep {sleep}; touch {{{{ home }}}}/nap.done"},
+        nap,
         {"name": "last", "shell": "touch {{ home }}/last"},
     ])
     env = {**os.environ, "RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "COLUMNS": "200"}
@@ -566,9 +570,10 @@ def test_sigint_lets_running_tasks_finish_then_exits_130(tmp_path: Path, hosts: 
     assert all(h.name in err.split("stopped:")[0].rsplit("interrupted", 1)[-1] for h in hosts)
 
 
+@pytest.mark.parametrize("step_timeout", [None, "60s"])
 def test_second_sigint_aborts_running_tasks(tmp_path: Path, hosts: list[SSHHost], inv: Path,
-                                            known_hosts: Path) -> None:
-    proc, _ = _start_interruptible(tmp_path, inv, known_hosts, sleep=5)
+                                            known_hosts: Path, step_timeout: str | None) -> None:
+    proc, _ = _start_interruptible(tmp_path, inv, known_hosts, sleep=5, step_timeout=step_timeout)
     try:
         _wait_for_files([h.home / "nap.start" for h in hosts], proc)
         proc.send_signal(signal.SIGINT)
