@@ -323,6 +323,7 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
     from runbook.model import parse_duration
     from runbook.plan import drift_between, load_plan, plan_hash, saved_predictions
     from runbook.runner import execute, prepare
+    from runbook.state import reusable_sources
 
     _check_window_flags(kw)
     try:
@@ -336,8 +337,7 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
     request = _request(kw, "apply", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
                        plan_hash=plan_hash(doc), predictions=saved_predictions(doc), allow_drift=allow_drift)
     request.extra_vars = extra
-    saved = [src for src in doc["inventory"]["source"].split(", ") if Path(src).exists() or src.endswith(",")]
-    inventory = list(kw["inventory"]) if kw["inventory"] else (saved or None)
+    inventory = list(kw["inventory"]) if kw["inventory"] else reusable_sources(doc["inventory"]["source"])
     prepared = prepare(doc["playbook"]["path"], inventory, request)
     drifted = drift_between(doc, prepared, extra)
     if drifted:
@@ -447,6 +447,7 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
     from runbook.errors import DriftError
     from runbook.runner import RunRequest, execute, prepare
+    from runbook.state import reusable_sources
     from runbook.state import load_state, resumable
 
     _check_window_flags(kw)
@@ -466,8 +467,7 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
                          operator=kw["operator"], audit_log=kw["audit_log"], state_dir=directory,
                          handle_signals=True, assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
                          previous=done, details={"resumed_from": doc["run_id"], "force": force})
-    saved = [src for src in doc["inventory_source"].split(", ") if Path(src).exists() or src.endswith(",")]
-    inventory = list(kw["inventory"]) if kw["inventory"] else (saved or None)
+    inventory = list(kw["inventory"]) if kw["inventory"] else reusable_sources(doc["inventory_source"])
     prepared = prepare(doc["playbook_path"], inventory, request)
     changed = []
     if prepared.info.playbook_hash != doc["playbook_hash"]:

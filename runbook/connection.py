@@ -146,6 +146,14 @@ def command_argv(command: str | Sequence[str], env: Mapping[str, str] | None,
     return [*sudo_words(sudo, with_password), *argv]
 
 
+def save_read(data: bytes | None, remote_path: str, local_path: str, who: str) -> None:
+    """Write what `read` returned to a local file (both kinds' `get`); a missing file is an error."""
+    if data is None:
+        raise RunbookError(f"{who}cannot fetch {remote_path}: no such file", hint="check the path on the host")
+    with open(local_path, "wb") as handle:
+        handle.write(data)
+
+
 def decode(data: bytes) -> str:
     """Decode command output as UTF-8, replacing invalid bytes."""
     return data.decode("utf-8", errors="replace")
@@ -267,11 +275,7 @@ class LocalConnection:
 
     def get(self, remote_path: str, local_path: str) -> None:
         """Copy a file to a local path (both are local here)."""
-        data = self.read(remote_path)
-        if data is None:
-            raise RunbookError(f"cannot fetch {remote_path}: no such file", hint="check the path on the host")
-        with open(local_path, "wb") as handle:
-            handle.write(data)
+        save_read(self.read(remote_path), remote_path, local_path, "")
 
     def read(self, remote_path: str) -> bytes | None:
         """Return the file's bytes, or None when it does not exist."""
@@ -793,11 +797,7 @@ class SSHConnection:
 
     def get(self, remote_path: str, local_path: str) -> None:
         """Download a file over SFTP to a local path."""
-        data = self.read(remote_path)
-        if data is None:
-            raise RunbookError(f"{self.name}: cannot fetch {remote_path}: no such file", hint="check the path on the host")
-        with open(local_path, "wb") as handle:
-            handle.write(data)
+        save_read(self.read(remote_path), remote_path, local_path, f"{self.name}: ")
 
     def read(self, remote_path: str) -> bytes | None:
         """Return a remote file's bytes over SFTP, or None when it does not exist."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections import Counter
 from typing import Any, TextIO
 
@@ -247,7 +246,3 @@ def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | Non
         # A pipe or a file: plain text in one write (rich's per-line layout is slow for big plans).
         console.file.write("\n".join(i.plain.rstrip("\n") if isinstance(i, Text) else str(i) for i in out) + "\n")
 
-
-def now_iso() -> str:
-    """The current UTC time, ISO 8601."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

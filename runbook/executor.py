@@ -14,7 +14,7 @@ import networkx as nx
 from jinja2 import meta
 
 from runbook.actions import Action, Outcome, Prediction, TaskEnv, action_for
-from runbook.connection import CommandResult, Connection, LocalConnection
+from runbook.connection import Connection, LocalConnection
 from runbook.errors import ConnectionFailed, ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey, expand
@@ -113,7 +113,6 @@ class Executor:
         self._cancel = threading.Event()
         self._aborting = False
         self._ask_lock = threading.Lock()
-        self._register_names = {s.register_as: s.step_id for s in playbook.all_steps() if s.register_as}
         self._drift_checkable = self._compute_drift_checkable()
 
     # --- public ------------------------------------------------------------------------------
@@ -498,8 +497,7 @@ class Executor:
                     return f"removes: {text} does not exist", "|".join(state), passed
                 passed.append(f"{name}: {text} {'does not exist' if name == 'creates' else 'exists'}")
             else:
-                r = env.conn.run(text, env={k: str(env.render(v)) for k, v in step.env.items()} or None,
-                                 timeout=step.timeout, sudo=env.sudo())
+                r = env.run(text)   # the step's env, sudo and timeout, like the step itself
                 state.append(f"{name}:{int(r.rc == 0)}")
                 if name == "unless" and r.rc == 0:
                     return f"unless: `{_short(text)}` succeeded", "|".join(state), passed
@@ -720,7 +718,3 @@ def _quiet_close(conn: Connection) -> None:
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
-
-def command_result_ok(r: CommandResult) -> bool:
-    """True when a command exited 0."""
-    return r.rc == 0

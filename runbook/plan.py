@@ -85,6 +85,7 @@ def build_plan(prepared, request, result) -> dict:
     import time
 
     from runbook import __version__
+    from runbook.state import absolute_sources
 
     red = prepared.redactor
     order = {sid: i for i, sid in enumerate(prepared.steps.order())}
@@ -104,7 +105,7 @@ def build_plan(prepared, request, result) -> dict:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_ts": time.time(),
         "operator": prepared.info.operator, "control_host": prepared.info.control_host, "run_id": prepared.info.run_id,
         "playbook": {"path": prepared.playbook_path, "name": prepared.playbook.runbook, "hash": prepared.info.playbook_hash},
-        "inventory": {"source": _absolute_sources(prepared.info.inventory_source), "hash": prepared.info.inventory_hash},
+        "inventory": {"source": absolute_sources(prepared.info.inventory_source), "hash": prepared.info.inventory_hash},
         "limit": request.limit, "tags": sorted(request.tags), "skip_tags": sorted(request.skip_tags),
         "extra_vars": red.redact(dict(request.extra_vars)), "extra_vars_hash": vars_hash(dict(request.extra_vars)),
         "host_key_checking": prepared.info.host_key_checking,
@@ -114,12 +115,6 @@ def build_plan(prepared, request, result) -> dict:
     }
     doc["hash"] = sha256_text(canonical(doc))
     return doc
-
-
-def _absolute_sources(source: str) -> str:
-    from runbook.state import _absolute_sources as absolute
-
-    return absolute(source)
 
 
 def write_plan(doc: dict, path: str) -> None:

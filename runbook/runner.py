@@ -119,11 +119,6 @@ def host_key_mode(request: RunRequest, playbook: Playbook, hosts: list[Host]) ->
     return "strict"
 
 
-def file_hash(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str | os.PathLike | None,

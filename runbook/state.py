@@ -42,7 +42,7 @@ class RunState(Observer):
         self.doc = {
             "version": STATE_VERSION, "run_id": run.run_id, "mode": run.mode, "status": "running",
             "playbook_path": run.playbook_path, "playbook_name": run.playbook_name,
-            "playbook_hash": run.playbook_hash, "inventory_source": _absolute_sources(run.inventory_source),
+            "playbook_hash": run.playbook_hash, "inventory_source": absolute_sources(run.inventory_source),
             "inventory_hash": run.inventory_hash, "hosts": run.hosts, "operator": run.operator,
             "limit": self.request.limit, "extra_vars": run.extra_vars,
             "tags": sorted(self.request.tags), "skip_tags": sorted(self.request.skip_tags),
@@ -86,9 +86,14 @@ class RunState(Observer):
         write_atomic(self.dir / f"{self.doc['run_id']}.json", text)
 
 
-def _absolute_sources(source: str) -> str:
-    """Inventory sources with existing paths made absolute, so `resume` finds them from any directory."""
+def absolute_sources(source: str) -> str:
+    """Inventory sources with existing paths made absolute, so plans and resumes work from any directory."""
     return ", ".join(os.path.abspath(s) if s and Path(s).exists() else s for s in source.split(", "))
+
+
+def reusable_sources(source: str) -> list[str] | None:
+    """The inventory sources recorded by a plan or run that can be loaded again (None: the default)."""
+    return [s for s in source.split(", ") if Path(s).exists() or s.endswith(",")] or None
 
 
 def write_atomic(path: Path, text: str) -> None:
