@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runbook.errors import ReadOnlyViolation
+from runbook import __version__
+from runbook.errors import Location, PlanFileError, ReadOnlyViolation
+from runbook.state import absolute_sources, write_atomic
+from runbook.template import resolve_local
 
 if TYPE_CHECKING:
     from runbook.connection import CommandResult, Connection, FileStat
@@ -63,15 +71,11 @@ PLAN_VERSION = 1
 
 def canonical(obj: object) -> str:
     """Canonical JSON (sorted keys, no spaces) for hashing."""
-    import json
-
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def sha256_text(text: str) -> str:
     """sha256 hex of a text."""
-    import hashlib
-
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -82,11 +86,6 @@ def vars_hash(extra_vars: dict) -> str:
 
 def build_plan(prepared, request, result) -> dict:
     """The plan document of a dry run: identity, inputs' hashes, and every prediction (secrets redacted)."""
-    import time
-
-    from runbook import __version__
-    from runbook.state import absolute_sources
-
     red = prepared.redactor
     order = {sid: i for i, sid in enumerate(prepared.steps.order())}
     preds = []
@@ -119,25 +118,12 @@ def build_plan(prepared, request, result) -> dict:
 
 def write_plan(doc: dict, path: str) -> None:
     """Save a plan file (0600: it describes the fleet)."""
-    import json
-    import os
-
-    from runbook.state import write_atomic
-    from pathlib import Path
-
     write_atomic(Path(path), json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
     os.chmod(path, 0o600)
 
 
 def load_plan(path: str, *, max_age: float = 24 * 3600, now: float | None = None) -> dict:
     """Read a plan file and refuse it when corrupt, foreign, edited or too old."""
-    import json
-    import time
-    from pathlib import Path
-
-    from runbook import __version__
-    from runbook.errors import Location, PlanFileError
-
     loc = Location(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -174,10 +160,6 @@ def plan_hash(doc: dict) -> str:
 
 def local_files(playbook) -> dict[str, str]:
     """sha256 of each control-machine file an upload/template step sends (its content is reviewed as a diff)."""
-    import hashlib
-
-    from runbook.template import resolve_local
-
     out: dict[str, str] = {}
     for step in playbook.all_steps():
         src = getattr(step.action_spec, "src", None) if step.action in ("upload", "template") else None
