@@ -8,18 +8,19 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import networkx as nx
 from jinja2 import meta
 
 from runbook.actions import Action, Outcome, Prediction, TaskEnv, action_for
-from runbook.connection import Connection, LocalConnection
+from runbook.connections import Connection, ReadOnlyConnection
+from runbook.connections.local import LocalConnection
 from runbook.errors import ConnectionFailed, ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey, expand
 from runbook.model import Playbook, Step
-from runbook.plan import ReadOnlyConnection
 from runbook.results import RunResult, Status, TaskResult
 from runbook.template import build_context, environment, strip_braces, truth
 

@@ -28,12 +28,14 @@ import shlex
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from runbook.connections import CONNECTIONS
 from runbook.errors import InventoryError, Location, Problem, Problems, ValidationError, did_you_mean
 from runbook.loader import SourceMap, parse_yaml, read_text
 
-Connection = Literal["ssh", "local"]
+Connection = str   # a connection kind: `ssh`, `local`, or a plugin's (runbook.connections)
 
 YAML_EXTENSIONS = (".yml", ".yaml", ".json")
 VARS_EXTENSIONS = ("", ".yml", ".yaml", ".json")
@@ -719,7 +721,7 @@ class Inventory:
 
     @classmethod
     def load(cls, sources: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
-             ssh_config: str | os.PathLike | None | Literal[False] = None) -> "Inventory":
+             ssh_config: str | os.PathLike | None | Literal[False] = None) -> Inventory:
         """Load inventories (files, directories or `a,b,` host lists); None means the default inventory.
 
         `ssh_config`: a path, None for ~/.ssh/config when it exists, or False to ignore SSH config.
@@ -735,7 +737,7 @@ class Inventory:
 
     @classmethod
     def from_text(cls, text: str, *, fmt: Literal["yaml", "ini"] = "yaml", filename: str | None = None,
-                  ssh_config: str | os.PathLike | None | Literal[False] = False) -> "Inventory":
+                  ssh_config: str | os.PathLike | None | Literal[False] = False) -> Inventory:
         """Load an inventory from a string (tests, embedding); no group_vars/host_vars are read."""
         b = _Builder()
         name = filename or f"<inventory.{'yml' if fmt == 'yaml' else 'ini'}>"
@@ -750,7 +752,7 @@ class Inventory:
         return _resolve(b, [name], ssh_config)
 
     @classmethod
-    def local(cls) -> "Inventory":
+    def local(cls) -> Inventory:
         """The local machine only: `localhost` with `connection: local`, for a first run without SSH."""
         b = _Builder()
         b.add_host("ungrouped", "localhost", None)
@@ -761,7 +763,7 @@ class Inventory:
 
     @classmethod
     def default(cls, cwd: str | os.PathLike | None = None, *,
-                ssh_config: str | os.PathLike | None | Literal[False] = None) -> "Inventory":
+                ssh_config: str | os.PathLike | None | Literal[False] = None) -> Inventory:
         """With no -i: `./inventory/` when it exists, else the local machine only."""
         base = Path(cwd) if cwd is not None else Path.cwd()
         directory = base / DEFAULT_INVENTORY_DIR
@@ -1094,7 +1096,7 @@ def _resolve(b: _Builder, sources: list[str], ssh_config: str | os.PathLike | No
             apply((k, v, g.var_origins[k]) for k, v in g.vars.items())
         for d in seen_dirs:
             for f in vars_files(d / "group_vars", "all"):
-                apply((k, v, VarOrigin(loc, f"group_vars/all", _RANK["group_vars_all"])) for k, v, loc in _load_vars_file(b, f, cache))
+                apply((k, v, VarOrigin(loc, "group_vars/all", _RANK["group_vars_all"])) for k, v, loc in _load_vars_file(b, f, cache))
         for d in seen_dirs:
             for g in mine:
                 for f in vars_files(d / "group_vars", g.name):
@@ -1160,9 +1162,12 @@ def _make_host(name: str, merged: dict[str, Any], origins: dict[str, VarOrigin],
     if "connection" in values:
         raw = str(values["connection"]).strip().lower()
         if raw in _SSH_ALIASES:
-            connection = _SSH_ALIASES[raw]  # type: ignore[assignment]
+            connection = _SSH_ALIASES[raw]
+        elif raw in CONNECTIONS:
+            connection = raw
         else:
-            bad("connection", f"unsupported connection `{values['connection']}`", "use `ssh` or `local`")
+            bad("connection", f"unsupported connection `{values['connection']}`",
+                f"use one of: {', '.join(CONNECTIONS.names())}")
     port: int | None = None
     if "port" in values:
         raw_port = values["port"]

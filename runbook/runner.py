@@ -8,10 +8,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from runbook.audit import AuditTrail, Redactor, default_audit_path, git_commit_of, is_secret_name, operator_name
-from runbook.connection import Connection, LocalConnection
+from runbook.connections import Connection, ConnectOptions, connect
 from runbook.errors import Location, PlaybookError, Problem
 from runbook.events import EventStream, Observer, RunInfo
 from runbook.executor import ExecOptions, Executor, SavedPrediction
@@ -151,18 +152,10 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
 
 
 def connector(request: RunRequest, mode: str, sudo_password: str | None) -> Callable[[Host], Connection]:
-    """A function that builds the (unopened) connection for an inventory host."""
-    from runbook.connection import SSHConnection
-
-    def connect(host: Host) -> Connection:
-        if host.is_local:
-            return LocalConnection(host.name, sudo_password=sudo_password)
-        return SSHConnection(host.name, host.address, port=host.port, user=host.user, key_filename=host.key_file,
-                             host_key_checking=mode, known_hosts=request.known_hosts,
-                             connect_timeout=request.connect_timeout, sudo_password=sudo_password,
-                             proxy_jump=host.proxy_jump)
-
-    return connect
+    """A function that builds the (unopened) connection for an inventory host, of the kind it names."""
+    options = ConnectOptions(host_key_checking=mode, known_hosts=request.known_hosts,
+                             connect_timeout=request.connect_timeout, sudo_password=sudo_password)
+    return lambda host: connect(host, host.connection, options)
 
 
 def state_dir_for(request: RunRequest, prepared: Prepared) -> Path:

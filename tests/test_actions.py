@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from runbook.actions import REGISTRY, Action, TaskEnv, action_for
-from runbook.connection import LocalConnection
+from runbook.connections.local import LocalConnection
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.loader import load_playbook
-from runbook.plan import ReadOnlyConnection
+from runbook.connections import ReadOnlyConnection
 
 
 def make(tmp_path: Path, step: dict[str, Any], vars: dict[str, Any] | None = None, *,

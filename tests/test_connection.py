@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from runbook.connection import (
-    TIMEOUT_RC,
-    CommandResult,
-    Connection,
-    FileStat,
-    LocalConnection,
-    command_argv,
-)
+from runbook.connections import TIMEOUT_RC, CommandResult, Connection, FileStat
+from runbook.connections.base import command_argv
+from runbook.connections.local import LocalConnection
 from runbook.errors import RunbookError
 
 
@@ -176,7 +171,7 @@ def test_stat(local: LocalConnection, tmp_path: Path) -> None:
 
 
 def test_sudo_password_is_the_first_stdin_line_only_with_sudo() -> None:
-    from runbook.connection import sudo_stdin
+    from runbook.connections.base import sudo_stdin
 
     assert sudo_stdin("app", "s3cret", "data\n") == b"s3cret\ndata\n"
     assert sudo_stdin(True, "s3cret", None) == b"s3cret\n"

@@ -267,7 +267,7 @@ class Host:
 
 
 def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path) -> None:
-    from runbook.connection import LocalConnection
+    from runbook.connections.local import LocalConnection
 
     pb = load_playbook(playbook(tmp_path, [
         {"name": "one", "shell": "touch {{ dir }}/one"},
@@ -297,7 +297,7 @@ def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path) -> Non
 
 
 def test_window_closing_defers_the_rest(tmp_path: Path) -> None:
-    from runbook.connection import LocalConnection
+    from runbook.connections.local import LocalConnection
 
     class Guard:
         """Allows the first two task starts, then says the window closed."""

@@ -10,9 +10,10 @@ import pytest
 
 from runbook.audit import read_records
 from runbook.cli import main
-from runbook.connection import LocalConnection
+from runbook.connections.local import LocalConnection
 from runbook.errors import PlanFileError, ReadOnlyViolation
-from runbook.plan import ReadOnlyConnection, canonical, load_plan, sha256_text
+from runbook.connections import ReadOnlyConnection
+from runbook.plan import canonical, load_plan, sha256_text
 from runbook.runner import run
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Callable
 
 from runbook.template import render, render_value
 
 if TYPE_CHECKING:
-    from runbook.connection import CommandResult, Connection
+    from runbook.connections import CommandResult, Connection
     from runbook.model import Playbook, Step
 
 PredictionKind = Literal["change", "ok", "skip", "unknown", "fail"]
@@ -19,11 +20,11 @@ PredictionKind = Literal["change", "ok", "skip", "unknown", "fail"]
 class TaskEnv:
     """Everything an action needs to act on one host: the step, the connection and the variables."""
 
-    step: "Step"
+    step: Step
     host: str
-    conn: "Connection"
+    conn: Connection
     vars: dict[str, Any]
-    playbook: "Playbook"
+    playbook: Playbook
     become_user: str | None = None
     assume_yes: bool = False
     interactive: bool = False
@@ -45,7 +46,7 @@ class TaskEnv:
             return sudo or False
         return sudo
 
-    def run(self, command: str | list[str], *, timeout: float | None = None, sudo: bool | str | None = None) -> "CommandResult":
+    def run(self, command: str | list[str], *, timeout: float | None = None, sudo: bool | str | None = None) -> CommandResult:
         """Run a command on the host with the step's environment, timeout and sudo."""
         env = {k: str(self.render(v)) for k, v in self.step.env.items()} or None
         return self.conn.run(command, env=env, timeout=timeout if timeout is not None else self.step.timeout,
@@ -84,7 +85,7 @@ class Action:
 
     name: ClassVar[str] = ""
 
-    def __init__(self, step: "Step"):
+    def __init__(self, step: Step):
         self.step = step
         self.spec = step.action_spec
 

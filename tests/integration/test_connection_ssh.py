@@ -15,7 +15,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from runbook.connection import TIMEOUT_RC, CommandResult, Connection, FileStat, SSHConnection, fingerprint
+from runbook.connections import TIMEOUT_RC, CommandResult, Connection, FileStat
+from runbook.connections.ssh import SSHConnection, fingerprint
 from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
 from tests.sshd import SSHHost, write_known_hosts
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from runbook import run
-from runbook.connection import fingerprint
+from runbook.connections.ssh import fingerprint
 from runbook.results import RunResult, Status
 from tests.sshd import SSHHost, free_port, write_inventory
 

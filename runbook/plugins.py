@@ -1,0 +1,91 @@
+"""Plugin registries: built-in kinds by import path, third-party ones through entry-point groups."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable, Mapping
+from importlib.metadata import EntryPoint, entry_points
+from typing import Generic, TypeVar
+
+from runbook.errors import RunbookError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> class. Built-ins are import paths; entry points of `group` add names (never replace a built-in).
+
+    Nothing is imported until a name is asked for, so a run that uses only `local` never imports SSH.
+    """
+
+    def __init__(self, group: str, what: str, builtins: Mapping[str, str], check: Callable[[str, object], T]):
+        self.group = group
+        self.what = what
+        self._builtins = dict(builtins)
+        self._check = check
+        self._sources: dict[str, str | EntryPoint] | None = None
+        self._classes: dict[str, T] = {}
+        self._lock = threading.RLock()
+
+    def _table(self) -> dict[str, str | EntryPoint]:
+        with self._lock:
+            if self._sources is None:
+                sources: dict[str, str | EntryPoint] = dict(self._builtins)
+                for ep in entry_points(group=self.group):
+                    sources.setdefault(ep.name, ep)
+                self._sources = sources
+            return self._sources
+
+    def get(self, name: str) -> T:
+        """The class registered under `name`; an unknown name is an error listing the known ones."""
+        with self._lock:
+            if name in self._classes:
+                return self._classes[name]
+            table = self._table()
+            if name not in table:
+                raise RunbookError(f"unknown {self.what} `{name}`", hint=f"known: {', '.join(self.names())}")
+            source = table[name]
+            try:
+                loaded = _import(source) if isinstance(source, str) else source.load()
+            except Exception as exc:  # a broken plugin is named, not a traceback
+                raise RunbookError(f"cannot load {self.what} plugin `{name}`: {type(exc).__name__}: {exc}",
+                                   hint=f"fix or uninstall the package that provides it (entry-point group `{self.group}`)") from None
+            self._classes[name] = self._check(name, loaded)
+            return self._classes[name]
+
+    def names(self) -> list[str]:
+        """Every registered name, built-ins first."""
+        with self._lock:
+            return list(dict.fromkeys([*self._table(), *self._classes]))
+
+    def all(self) -> dict[str, T]:
+        """Every registered class, loaded (for the schema, the docs and validation)."""
+        return {name: self.get(name) for name in self.names()}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.names()
+
+    def add(self, name: str, cls: object) -> None:
+        """Register a class at run time (embedding programs, tests); entry points are the usual way."""
+        with self._lock:
+            checked = self._check(name, cls)
+            self._table()[name] = f"<added {name}>"
+            self._classes[name] = checked
+
+    def remove(self, name: str) -> None:
+        """Forget a class added with `add`; built-ins and entry points come back on the next lookup."""
+        with self._lock:
+            self._classes.pop(name, None)
+            self._sources = None
+
+    def reload(self) -> None:
+        """Read the entry points again (after installing a plugin into the running interpreter)."""
+        with self._lock:
+            self._sources = None
+            self._classes.clear()
+
+
+def _import(target: str) -> object:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
