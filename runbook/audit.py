@@ -42,7 +42,7 @@ import subprocess
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import date, datetime, UTC
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -763,7 +763,7 @@ def format_table(records: list[dict]) -> str:
     rows: list[tuple[str, ...]] = [header]
     for r in records:
         when = _record_time(r)
-        stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if when else "-"
+        stamp = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if when else "-"
         host = r.get("host")
         if host is None and r.get("event") == "run.started":
             hosts = r.get("hosts") or []

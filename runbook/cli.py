@@ -578,8 +578,8 @@ def entry() -> None:
         # Importing the engine creates ~0.5 M long-lived objects: collecting cycles among them while
         # they are being created is wasted work (~40 ms). Freeze them, then collect normally.
         gc.disable()
-        import runbook.actions  # noqa: F401
-        import runbook.console  # noqa: F401
+        import runbook.actions
+        import runbook.console
         import runbook.runner  # noqa: F401
 
         gc.freeze()

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def show_windows(target: str | None, count: int) -> str:
 
     found = _schedule_for(target)
     schedules = found if isinstance(found, list) else [found]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     lines: list[str] = []
     for s in schedules:
         current = s.current(now)
@@ -77,7 +77,7 @@ def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | 
 
     def log(event: str, fields: dict[str, Any]) -> None:
         trail.append(scheduler_id, event, fields)
-        print(f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} {event} "
+        print(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {event} "
               + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
 
     def run_playbook(path: Path) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
 
 import networkx as nx
 
@@ -30,7 +30,7 @@ class StepGraph:
     rescue: nx.DiGraph
 
     @classmethod
-    def build(cls, playbook: Playbook) -> "StepGraph":
+    def build(cls, playbook: Playbook) -> StepGraph:
         """Build both graphs, raising PlaybookError with every id, needs and cycle problem."""
         problems = Problems()
         seen: dict[str, tuple[str, int]] = {}

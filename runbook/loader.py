@@ -333,10 +333,7 @@ def _walk(data: Any, loc: tuple) -> tuple[Path_, Any, list[str], list[Path_]]:
         if isinstance(current, dict) and part not in current and isinstance(part, str):
             # pydantic names non-string keys by their str(): map back to the real key
             part = next((k for k in current if not isinstance(k, str) and str(k) == part), part)
-        if isinstance(current, dict) and part in current:
-            path.append(part)
-            current = current[part]
-        elif isinstance(current, list) and isinstance(part, int) and not isinstance(part, bool) and 0 <= part < len(current):
+        if isinstance(current, dict) and part in current or isinstance(current, list) and isinstance(part, int) and not isinstance(part, bool) and 0 <= part < len(current):
             path.append(part)
             current = current[part]
         elif part == "[key]":

@@ -232,7 +232,7 @@ class WaitForSpec(_Strict):
     interval: Duration = 1.0
 
     @model_validator(mode="after")
-    def _one_target(self) -> "WaitForSpec":
+    def _one_target(self) -> WaitForSpec:
         targets = [k for k in ("port", "path", "command") if getattr(self, k) is not None]
         if len(targets) != 1:
             raise ValueError("wait_for needs exactly one of `port`, `path` or `command`")
@@ -323,7 +323,7 @@ class Step(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_action(self) -> "Step":
+    def _one_action(self) -> Step:
         problem = action_count_problem(self.actions_present())
         if problem:
             raise ValueError(problem)

@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -17,7 +17,7 @@ from runbook.errors import Location, RunbookError
 from runbook.loader import load_playbook
 from runbook.window import WINDOWS_FILES, Clock, CronSeries, WindowSchedule, resolve_window
 
-UTC = timezone.utc
+UTC = UTC
 
 LogFn = Callable[[str, dict[str, Any]], None]
 RunFn = Callable[[Path], int]

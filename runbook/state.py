@@ -30,7 +30,7 @@ def task_key(step_id: str, host: str) -> str:
 class RunState(Observer):
     """An observer that keeps a run's state file up to date (atomically replaced, secrets redacted)."""
 
-    def __init__(self, directory: str | os.PathLike, redactor: Redactor, request: "RunRequest"):
+    def __init__(self, directory: str | os.PathLike, redactor: Redactor, request: RunRequest):
         self.dir = Path(directory)
         self.redactor = redactor
         self.request = request

@@ -9,7 +9,8 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import jinja2
 from jinja2 import meta, nodes

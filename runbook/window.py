@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo
@@ -20,7 +20,7 @@ from runbook.errors import Location, PlaybookError, Problem, Problems, WindowClo
 from runbook.loader import SourceMap, parse_yaml, pydantic_problems, read_text
 from runbook.model import Playbook, Window
 
-UTC = timezone.utc
+UTC = UTC
 
 # File names of the shared named-window file, nearest first in each directory searched.
 WINDOWS_FILES = ("windows.yml", "windows.yaml")

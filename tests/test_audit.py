@@ -7,7 +7,7 @@ import json
 import multiprocessing
 import os
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 
 import pytest
@@ -454,7 +454,7 @@ def test_read_records_filters_and_table(clean_trail: Path) -> None:
     web02 = read_records(clean_trail, host="web02")
     assert [r["event"] for r in web02] == ["run.started", "host.unreachable"] * 2
     assert len(read_records(clean_trail, event="task.*")) == 12
-    future = datetime.now(timezone.utc) + timedelta(days=1)
+    future = datetime.now(UTC) + timedelta(days=1)
     assert read_records(clean_trail, since=future) == []
     assert len(read_records(clean_trail, since=datetime.now() - timedelta(days=1))) == 18
     table = format_table(read_records(clean_trail, host="web01", event="task.finished"))

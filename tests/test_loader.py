@@ -207,7 +207,7 @@ def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
         runbook: y
     """)
     assert [(p.code, at(p)) for p in found] == [("duplicate-key", (5, 5)), ("duplicate-key", (6, 1))]
-    assert "duplicate key `shell` (first defined at line 4)" == found[0].message
+    assert found[0].message == "duplicate key `shell` (first defined at line 4)"
 
 
 def test_merge_keys_work_and_explicit_keys_win(tmp_path: Path) -> None:

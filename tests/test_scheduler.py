@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from runbook.errors import RunbookError
 from runbook.scheduler import STATE_FILE, PlaybookLock, Scheduler, lock_path
 from runbook.window import FakeClock, SystemClock
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def utc(*args: int) -> datetime:

@@ -43,7 +43,7 @@ class Fetch(Action):
         tmp = dest.with_name(f".{dest.name}.runbook-tmp")
         try:
             env.conn.get(src, str(tmp))
-        except (OSError, IOError) as exc:
+        except OSError as exc:
             tmp.unlink(missing_ok=True)
             return Outcome(failed=True, message=f"cannot fetch {src}: {exc}", command=self.describe(env))
         after = hashlib.sha256(tmp.read_bytes()).hexdigest()

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,7 +30,7 @@ from tests.sshd import SSHHost, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def closed_window(tz: str) -> tuple[str, datetime]:
