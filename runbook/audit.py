@@ -71,12 +71,22 @@ class AuditError(RunbookError):
 # Redaction
 # --------------------------------------------------------------------------------------------
 
-_SECRET_NAME = re.compile(r"password|passwd|token|secret", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"password|passwd|passphrase|token|secret|credential|api[-_]?key", re.IGNORECASE)
+_SECRET_SUFFIX = re.compile(r"[-_](?:key|pass)$", re.IGNORECASE)
+
+# A number under a secret-named key is masked only from this many characters on (as written in
+# decimal, sign and point included): a shorter one has too few values for masking to hide it from
+# anyone who can guess, and masking it would blank exit codes, ports, counts and durations in every
+# output. A short numeric secret written as a string (`pin_secret: "4711"`) is always masked.
+MIN_SECRET_NUMBER_LEN = 6
+# A line of a multi-line secret (a PEM key) is masked on its own from this length on, so output
+# that shows only part of the secret does not show those lines in clear either.
+MIN_SECRET_LINE_LEN = 8
 
 
 def is_secret_name(name: str) -> bool:
-    """True when a variable name looks like it holds a secret (`*password*`, `*token*`, `*_key`...)."""
-    return bool(_SECRET_NAME.search(name)) or name.lower().endswith("_key")
+    """True when a variable name looks like it holds a secret (`*password*`, `*token*`, `*_key`, `*_pass`...)."""
+    return bool(_SECRET_NAME.search(name) or _SECRET_SUFFIX.search(name))
 
 
 def secret_var_names(vars: Mapping[str, Any]) -> set[str]:
@@ -90,26 +100,48 @@ def secret_var_names(vars: Mapping[str, Any]) -> set[str]:
     return found
 
 
-def _leaf_strings(value: Any) -> Iterator[str]:
-    """Every scalar under a value, stringified (bools and None are not secrets)."""
+def _secret_forms(value: Any) -> Iterator[str]:
+    """The texts to mask for one scalar found under a secret name (bools and None are not secrets)."""
     if value is None or isinstance(value, bool):
         return
-    if isinstance(value, Mapping):
-        for v in value.values():
-            yield from _leaf_strings(v)
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        for v in value:
-            yield from _leaf_strings(v)
-    else:
-        yield str(value)
+    if isinstance(value, (int, float)):
+        text = str(value)
+        if len(text) >= MIN_SECRET_NUMBER_LEN:
+            yield text
+        return
+    text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
+    if not text:
+        return
+    yield text
+    # Commands and files often trim a value or show it line by line.
+    if text.strip() and text.strip() != text:
+        yield text.strip()
+    if "\n" in text:
+        yield from (line.strip() for line in text.splitlines() if len(line.strip()) >= MIN_SECRET_LINE_LEN)
 
 
-def _secret_values(vars: Mapping[str, Any]) -> Iterator[str]:
-    for name, value in vars.items():
-        if is_secret_name(str(name)):
-            yield from _leaf_strings(value)
-        elif isinstance(value, Mapping):
-            yield from _secret_values(value)
+def secret_values_in(values: Mapping[Any, Any]) -> Iterator[str]:
+    """Every text to mask in a mapping of variables, at any depth.
+
+    Under a secret-named key (`api_tokens: [...]`, `svc_secret: {user: .., pw: ..}`) every scalar
+    is a secret, at any depth; elsewhere mappings and lists are searched for secret-named keys
+    (`svc: {token: x}`, `users: [{password: x}]`). Keys themselves are never secrets. Iterative,
+    and each container is visited once, so deep or self-referencing data cannot exhaust the stack.
+    """
+    stack: list[tuple[Any, bool]] = [(values, False)]
+    seen: set[int] = set()
+    while stack:
+        value, secret = stack.pop()
+        if isinstance(value, (Mapping, list, tuple, set, frozenset)):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, Mapping):
+                stack.extend((v, secret or is_secret_name(str(k))) for k, v in value.items())
+            else:
+                stack.extend((v, secret) for v in value)
+        elif secret:
+            yield from _secret_forms(value)
 
 
 class Redactor:
@@ -117,8 +149,8 @@ class Redactor:
 
     Any non-empty value is a secret once added; a very short secret (say `"1"`) is masked
     everywhere it occurs, which makes output hard to read, so keep secrets long. Encoded forms
-    of a secret (base64, URL-encoding) are not recognised. Reading (`redact*`) is thread-safe;
-    `add` swaps in a new compiled pattern atomically.
+    of a secret (base64, URL-encoding, a hash) are not recognised. Reading (`redact*`) is
+    thread-safe; `add` swaps in a new compiled pattern atomically.
     """
 
     def __init__(self, secret_values: Iterable[str] = (), mask: str = "***"):
@@ -126,16 +158,16 @@ class Redactor:
         self._lock = threading.Lock()
         self._secrets: frozenset[str] = frozenset()
         self._pattern: re.Pattern[str] | None = None
-        for value in secret_values:
-            self.add(value)
+        self.add_all(secret_values)
 
     @classmethod
     def from_vars(cls, vars: Mapping[str, Any], declared_secrets: Mapping[str, str] | None = None,
                   mask: str = "***") -> Redactor:
         """A redactor for the values of secret-looking variables plus the declared `secrets:`."""
-        values = list(_secret_values(vars))
-        values += [str(v) for v in (declared_secrets or {}).values() if v is not None]
-        return cls(values, mask=mask)
+        redactor = cls(mask=mask)
+        redactor.add_secrets_in(vars)
+        redactor.add_all(str(v) for v in (declared_secrets or {}).values() if v is not None)
+        return redactor
 
     @property
     def secrets(self) -> frozenset[str]:
@@ -144,18 +176,24 @@ class Redactor:
 
     def add(self, value: str) -> None:
         """Register one more secret value (empty values are ignored)."""
-        value = str(value)
-        if not value:
-            return
+        self.add_all((value,))
+
+    def add_all(self, values: Iterable[str]) -> None:
+        """Register several secret values at once (one pattern rebuild; empty values are ignored)."""
+        new = {str(v) for v in values} - {""}
         with self._lock:
-            if value in self._secrets:
+            if new <= self._secrets:
                 return
-            secrets = self._secrets | {value}
+            secrets = self._secrets | new
             # Longest first: alternation takes the first alternative that matches, so a secret
             # that contains another is masked whole, leaving no tail of it behind.
             ordered = sorted(secrets, key=lambda s: (-len(s), s))
             pattern = re.compile("|".join(re.escape(s) for s in ordered))
             self._secrets, self._pattern = secrets, pattern
+
+    def add_secrets_in(self, values: Mapping[Any, Any]) -> None:
+        """Register every secret inside a mapping of variables, at any depth (see `secret_values_in`)."""
+        self.add_all(secret_values_in(values))
 
     def redact_text(self, s: str) -> str:
         """Return `s` with every secret replaced by the mask."""
@@ -165,7 +203,7 @@ class Redactor:
         return pattern.sub(self.mask, s)
 
     def redact(self, obj: Any) -> Any:
-        """Return a redacted copy of str / list / tuple / dict / dataclass (as dict); other values as is."""
+        """Return a redacted copy of str / list / tuple / set (as list) / dict / dataclass or pydantic model (as dict); other values as is."""
         if isinstance(obj, Enum):
             obj = obj.value
         if isinstance(obj, str):
@@ -180,6 +218,8 @@ class Redactor:
             return [self.redact(v) for v in sorted(obj, key=str)]
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return self.redact(dataclasses.asdict(obj))
+        if not isinstance(obj, type) and callable(getattr(obj, "model_dump", None)):
+            return self.redact(obj.model_dump())      # a pydantic model
         if isinstance(obj, (int, float)) and not isinstance(obj, bool) and self._pattern is not None:
             # A numeric secret (a PIN in a var) must not survive as a JSON number.
             text = str(obj)
