@@ -11,13 +11,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from runbook.audit import AuditTrail
 
 # Rejected requests are audited at most this often per minute; past that they are only counted, so a
 # flood of bad requests cannot fill the disk through the audit trail.
 REJECTIONS_AUDITED_PER_MINUTE = 60
+
+
+# `*_created` series double the exposition and say nothing an operator needs here.
+disable_created_metrics()
 
 
 class Metrics:

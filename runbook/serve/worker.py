@@ -78,7 +78,7 @@ class Worker:
     def start(self) -> None:
         """Resume what a previous server left, then start dispatching."""
         for job in self.queue.recover():
-            self.rec.event("remediation.recovered", job_id=job.id, rule=job.rule, host=job.host, run_id=job.run_id,
+            self.rec.event("remediation.recovered", job_id=job.id, rule=job.rule, host=job.host, run=job.run_id,
                            note="left running by a stopped server: queued again, resuming its run")
         for rule, host in self.queue.open_breakers():
             self.rec.metrics.breaker.labels(rule, host).set(1)
@@ -222,7 +222,7 @@ class Worker:
             self.rec.metrics.started.labels(rule.name, job.kind).inc()
         self.rec.metrics.running.inc()
         self.rec.event("remediation.started", job_id=job.id, rule=rule.name, host=job.host, kind=job.kind, phase=job.phase,
-                       run_id=run_id, playbook=job.playbook, fingerprint=details["serve"]["alert_fingerprint"],
+                       run=run_id, playbook=job.playbook, fingerprint=details["serve"]["alert_fingerprint"],
                        resumes=job.resume_run_id)
         try:
             outcome = self._call_engine(job, run_id, details)
@@ -251,14 +251,14 @@ class Worker:
             later = window.next_open if window and not window.open and window.next_open else 0.0
             self.queue.update(job.id, state=QUEUED, resume_run_id=o.run_id, not_before=later, results=o.results,
                               reason="checkpointed: " + (o.stop_reason or "stopped early"))
-            self.rec.event("remediation.checkpointed", job_id=job.id, rule=rule.name, host=job.host, run_id=o.run_id,
+            self.rec.event("remediation.checkpointed", job_id=job.id, rule=rule.name, host=job.host, run=o.run_id,
                            resume_at=later or None)
             return
         if job.phase == "plan" and o.exit_code == 0 and o.plan_path:
             self.queue.update(job.id, state=AWAITING, plan_path=o.plan_path, exit_code=o.exit_code, results=o.results,
                               reason="plan saved: approve or reject it")
             self.rec.event("approval.requested", job_id=job.id, approval_id=job.id, rule=rule.name, host=job.host,
-                           plan=o.plan_path, run_id=o.run_id)
+                           plan=o.plan_path, run=o.run_id)
             return
         state = "succeeded" if o.exit_code == 0 else "failed"
         self._finish(job, state, o, reason=o.error or o.stop_reason)
@@ -268,7 +268,7 @@ class Worker:
                           exit_code=o.exit_code if o else None, results=o.results if o else None)
         (self.rec.metrics.succeeded if state == "succeeded" else self.rec.metrics.failed).labels(job.rule, job.kind).inc()
         self.rec.event("remediation.finished", job_id=job.id, rule=job.rule, host=job.host, kind=job.kind, state=state,
-                       run_id=o.run_id if o else None, exit_code=o.exit_code if o else None, reason=reason)
+                       run=o.run_id if o else None, exit_code=o.exit_code if o else None, reason=reason)
 
     def decide(self, job_id: int, approve: bool, by: str, reason: str | None) -> Job | None:
         """Approve or reject a pending plan (the HTTP endpoint's work; the CLI writes the queue directly)."""
