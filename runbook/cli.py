@@ -234,8 +234,11 @@ def _check_window_flags(kw: dict[str, Any]) -> None:
 @_window_options
 @click.option("--dry-run", "--check", "dry_run", is_flag=True, help="Plan only: predict every change, change nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
     """Run a playbook on the selected hosts."""
+    if dry_run and kw["report"]:
+        raise click.UsageError("--report needs a real run; for a dry run: runbook plan ... --out plan.json, then runbook show plan.json --html FILE")
     if dry_run:
         return _plan(playbook, out=None, kw=kw)
     _check_window_flags(kw)
@@ -245,6 +248,8 @@ def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
     prepared = prepare(playbook, _inventory_arg(kw), request)
     _window_guard(prepared, kw, request)
     request.observers.append(_console_view(prepared, kw))
+    from runbook.cli_report import add_report
+    add_report(prepared, request, kw["report"])
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
@@ -293,11 +298,15 @@ def plan(playbook: str, out: str | None, **kw: Any) -> None:
 @cli.command()
 @click.argument("plan_file", type=click.Path())
 @click.option("--no-diff", is_flag=True, help="Hide content diffs.")
-def show(plan_file: str, no_diff: bool) -> None:
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write the plan as a self-contained HTML review page instead.")
+def show(plan_file: str, no_diff: bool, html_file: str | None) -> None:
     """Render a saved plan again for review."""
     from runbook.console import make_console, render_plan
     from runbook.plan import load_plan
 
+    if html_file:
+        from runbook.cli_report import write_plan_page
+        return write_plan_page(load_plan(plan_file, max_age=float("inf")), plan_file, html_file)
     render_plan(make_console(sys.stdout), load_plan(plan_file, max_age=float("inf")), diffs=not no_diff)
 
 
@@ -317,6 +326,7 @@ def show(plan_file: str, no_diff: bool) -> None:
 @click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
 @click.option("-v", "--verbose", is_flag=True)
 @_window_options
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any) -> None:
     """Execute exactly a reviewed plan; refuse when the playbook, inventory, vars or hosts drifted."""
     from runbook.errors import DriftError, ValidationError
@@ -345,6 +355,8 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
                          hint="review a new plan: runbook plan ... --out FILE")
     _window_guard(prepared, kw, request)
     request.observers.append(_console_view(prepared, kw))
+    from runbook.cli_report import add_report
+    add_report(prepared, request, kw["report"])
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
@@ -443,6 +455,7 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.option("-y", "--yes", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 @_window_options
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
     """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
     from runbook.errors import DriftError
@@ -482,6 +495,8 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     from runbook.state import registers_from
     request.registers = registers_from(prepared.playbook, done)
     request.observers.append(_console_view(prepared, kw))
+    from runbook.cli_report import add_report
+    add_report(prepared, request, kw["report"])
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
@@ -538,6 +553,11 @@ def schedule(directory: str, inventory: tuple[str, ...], state_dir: str | None, 
     passthrough = ([f"--host-key-checking={host_key_checking}"] if host_key_checking else []) + (
         [f"--known-hosts={known_hosts}"] if known_hosts else [])
     sys.exit(run_scheduler(directory, list(inventory) or None, state_dir, interval, audit_log, once, passthrough))
+
+
+from runbook.cli_report import report as _report_command  # noqa: E402  (its own module, like cli_windows)
+
+cli.add_command(_report_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""
