@@ -56,7 +56,7 @@ def map_hosts(inventory: Inventory, names: list[str]) -> tuple[list[str], list[s
             match = candidates[0] if candidates else None
         if match is None:
             missing.append(f"`{name}` is not in the inventory")
-        elif not _SELECTABLE.match(match) or match in inventory.groups:
+        elif not _SELECTABLE.fullmatch(match) or match in inventory.groups:
             missing.append(f"inventory host `{match}` cannot be selected alone (its name is a group's or has pattern characters)")
         elif match not in found:
             found.append(match)
@@ -65,7 +65,7 @@ def map_hosts(inventory: Inventory, names: list[str]) -> tuple[list[str], list[s
 
 def exact_limit(host: str) -> str:
     """A host pattern that selects exactly this inventory host (a checked name, anchored and escaped)."""
-    if not _SELECTABLE.match(host):
+    if not _SELECTABLE.fullmatch(host):
         raise ValueError(f"unsafe host name {host!r}")
     return "~^" + re.escape(host) + "$"
 

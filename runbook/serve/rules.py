@@ -219,7 +219,7 @@ def check_host_text(name: str) -> str:
         return str(ipaddress.ip_address(name))
     except ValueError:
         pass
-    if not _HOST_RE.match(name):
+    if not _HOST_RE.fullmatch(name):
         raise TargetError(f"{name[:80]!r} is not a host name or IP address")
     return name
 
