@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,7 +123,10 @@ def records(path: Path) -> list[dict[str, Any]]:
 def live(site: Site, *, token: str | None = TOKEN, concurrency: int | None = None, max_body: int = 1024 * 1024,
          hooks: dict[str, Any] | None = None) -> Iterator[tuple[Any, Any]]:
     """An in-process server (real queue, worker and engine) behind Starlette's test client."""
-    from starlette.testclient import TestClient
+    with warnings.catch_warnings():
+        # Starlette's test client now prefers httpx2; httpx (the declared test dependency) still works.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from starlette.testclient import TestClient
 
     from runbook.serve import bridge
     from runbook.serve.app import ServeConfig, Server, create_app
