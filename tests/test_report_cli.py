@@ -1,0 +1,173 @@
+"""The report commands on real local runs: `run/apply/resume --report`, `runbook report`, `show --html`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runbook.cli import main
+
+SECRET = "s3cr3t-report-token-4711"
+
+PLAYBOOK = {
+    "runbook": "report-local",
+    "secrets": {"api_token": "env:REPORT_TEST_TOKEN"},
+    "steps": [
+        {"name": "greet", "shell": 'echo "token {{ api_token }}"'},
+        {"name": "config", "template": {"src": "app.conf.j2", "dest": "{{ dir }}/app.conf"}},
+        {"name": "flaky", "needs": ["greet"], "retries": 1,
+         "shell": "test -e {{ dir | quote }}/flag || { touch {{ dir | quote }}/flag; echo first try >&2; exit 1; }"},
+        {"name": "optional", "needs": ["greet"], "when": "false", "shell": "echo never"},
+        {"name": "check", "needs": ["flaky"],
+         "shell": 'if [ {{ host.name | quote }} = b ]; then echo "disk full {{ api_token }}" >&2; exit 3; fi; echo fine'},
+        {"name": "finish", "needs": ["check", "config"], "shell": "echo done"},
+    ],
+    "on_failure": [{"name": "page", "on": "controller", "shell": "echo paging {{ host.name | quote }}"}],
+}
+
+
+@pytest.fixture
+def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A playbook, a template and two local hosts (a, b) in a tmp dir that is also the current directory."""
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "trail" / "audit.jsonl"))
+    monkeypatch.setenv("REPORT_TEST_TOKEN", SECRET)
+    monkeypatch.delenv("RUNBOOK_OPERATOR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    hosts = {}
+    for name in ("a", "b"):
+        (tmp_path / "hosts" / name).mkdir(parents=True)
+        hosts[name] = {"ansible_connection": "local", "dir": str(tmp_path / "hosts" / name)}
+    (tmp_path / "inv.yml").write_text(yaml.safe_dump({"all": {"hosts": hosts}}))
+    (tmp_path / "app.conf.j2").write_text("listen = 8080\nhost = {{ host.name }}\n")
+    (tmp_path / "pb.yml").write_text(yaml.safe_dump(PLAYBOOK, sort_keys=False))
+    return tmp_path
+
+
+def run(*args: str) -> int:
+    """The CLI's exit code for these arguments (in process)."""
+    return main(list(args))
+
+
+def payload(path: Path) -> dict[str, Any]:
+    """The JSON a report page embeds."""
+    text = path.read_text(encoding="utf-8")
+    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
+    assert m is not None
+    return json.loads(m.group(1))
+
+
+def outcomes(doc: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """(host, step) -> outcome of every row of a page's table."""
+    c = doc["cols"]
+    return {(doc["hosts"][h], doc["steps"][s]["id"]): doc["statuses"][st] for h, s, st in zip(c["h"], c["s"], c["st"])}
+
+
+EXPECTED = {("a", "greet"): "changed", ("a", "config"): "changed", ("a", "flaky"): "changed", ("a", "optional"): "skipped",
+            ("a", "check"): "changed", ("a", "finish"): "changed", ("b", "greet"): "changed", ("b", "config"): "changed",
+            ("b", "flaky"): "changed", ("b", "optional"): "skipped", ("b", "check"): "failed", ("b", "finish"): "not_run",
+            ("b", "page"): "rescued"}
+
+
+def test_run_report_and_the_report_command_agree(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("run", "pb.yml", "-i", "inv.yml", "--report", "out/run.html") == 2
+    assert "report: out/run.html" in capsys.readouterr().err
+    live = payload(work / "out" / "run.html")
+    assert outcomes(live) == EXPECTED
+    flaky = next(i for i, (h, s) in enumerate(zip(live["cols"]["h"], live["cols"]["s"]))
+                 if live["hosts"][h] == "a" and live["steps"][s]["id"] == "flaky")
+    assert live["cols"]["a"][flaky] == 2                      # the retry
+    config = live["det"][live["cols"]["s"].index(1)]
+    assert "+listen = 8080" in config["df"]                   # the diff
+    assert run("report", "latest", "-o", "files.html") == 0
+    files = payload(work / "files.html")
+    assert outcomes(files) == EXPECTED
+    page = (work / "files.html").read_text()
+    assert "audit-ok" in page and "runbook resume " in page
+    run_id = live["run_id"]
+    assert run("report", run_id[:18]) == 0                    # a unique prefix; default file name
+    assert (work / f"report-{run_id}.html").is_file()
+    capsys.readouterr()
+    assert run("report", run_id, "-o", "-") == 0
+    assert capsys.readouterr().out.startswith("<!DOCTYPE html>")
+
+
+def test_no_secret_in_any_report(work: Path) -> None:
+    assert run("run", "pb.yml", "-i", "inv.yml", "--report", "run.html") == 2
+    assert run("report", "latest", "-o", "files.html") == 0
+    for name in ("run.html", "files.html"):
+        text = (work / name).read_text()
+        assert SECRET not in text, name
+        assert "token ***" in text and "disk full ***" in text
+
+
+def test_plan_page_apply_report_and_prediction_against_outcome(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("plan", "pb.yml", "-i", "inv.yml", "--out", "plan.json") == 0
+    assert run("show", "plan.json", "--html", "plan.html") == 0
+    plan_page = payload(work / "plan.html")
+    assert plan_page["kind"] == "plan"
+    preds = outcomes(plan_page)
+    assert preds[("a", "config")] == "change" and preds[("a", "optional")] == "skip"
+    assert "runbook apply plan.json" in (work / "plan.html").read_text()
+    assert SECRET not in (work / "plan.html").read_text()
+    assert run("apply", "plan.json", "-y", "--report", "apply.html") == 2
+    applied = payload(work / "apply.html")
+    assert applied["predicted"] is True
+    i = next(k for k, s in enumerate(applied["cols"]["s"]) if applied["steps"][s]["id"] == "config")
+    assert applied["det"][i]["p"] == "change" and not applied["cols"]["f"][i] & 8
+    assert run("report", applied["run_id"], "--plan", "plan.json", "-o", "again.html") == 0
+    assert payload(work / "again.html")["predicted"] is True
+    # A plan that is not the one this run applied is refused.
+    assert run("plan", "pb.yml", "-i", "inv.yml", "--limit", "a", "--out", "other.json") == 0
+    capsys.readouterr()
+    assert run("report", applied["run_id"], "--plan", "other.json", "-o", "x.html") == 4
+    assert "is not the plan run" in capsys.readouterr().err
+    assert not (work / "x.html").exists()
+
+
+def test_resume_report_marks_what_an_earlier_run_did(work: Path) -> None:
+    assert run("run", "pb.yml", "-i", "inv.yml") == 2
+    first = json.loads(sorted((work / "trail" / "runs").glob("*.json"))[-1].read_text())["run_id"]
+    assert run("resume", first, "--report", "resume.html") == 2
+    doc = payload(work / "resume.html")
+    c = doc["cols"]
+    earlier = {(doc["hosts"][h], doc["steps"][s]["id"]) for h, s, f in zip(c["h"], c["s"], c["f"]) if f & 4}
+    assert ("b", "greet") in earlier and ("a", "check") in earlier and ("b", "check") not in earlier
+    assert doc["mode"] == "resume"
+
+
+@pytest.mark.parametrize("run_id", ["../../etc/passwd", "..", "a/b", "x;rm -rf ~"])
+def test_run_ids_that_are_paths_are_refused(work: Path, run_id: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("report", run_id) == 4
+    assert "is not a run id" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("report", "20991231T000000Z-none") == 4
+    assert "no run `20991231T000000Z-none`" in capsys.readouterr().err
+    runs = work / "trail" / "runs"
+    runs.mkdir(parents=True)
+    (runs / "20261123T180003Z-broken.json").write_text('{"run_id": "x",\n "tasks": {oops')
+    assert run("report", "20261123T180003Z-broken") == 4
+    err = capsys.readouterr().err
+    assert "corrupt run state" in err and "20261123T180003Z-broken.json:2" in err
+    assert run("run", "pb.yml", "-i", "inv.yml", "--dry-run", "--report", "x.html") == 4
+    assert "--report needs a real run" in capsys.readouterr().err
+    assert run("plan", "pb.yml", "-i", "inv.yml", "--out", "plan.json") == 0
+    doc = json.loads((work / "plan.json").read_text())
+    doc["predictions"][0]["reason"] = "<script>edited</script>"
+    (work / "plan.json").write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert run("show", "plan.json", "--html", "plan.html") == 4
+    assert "modified after it was made" in capsys.readouterr().err
+    assert not (work / "plan.html").exists()
+
+
+def test_a_report_that_cannot_be_written_does_not_fail_the_run(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (work / "ok.yml").write_text(yaml.safe_dump({"runbook": "ok", "steps": [{"name": "one", "shell": "true"}]}))
+    assert run("run", "ok.yml", "-i", "inv.yml", "--report", "/dev/null/no/report.html") == 0
+    assert "report: could not write /dev/null/no/report.html" in capsys.readouterr().err
