@@ -131,13 +131,13 @@ def bar(counts: Counts, order: Sequence[str], x: float, y: float, width: float, 
     total = sum(counts.get(k, 0) for k in order)
     if not total:
         return [f'<rect class="seg st-none" x="{x:.1f}" y="{y:.1f}" width="{width:.1f}" height="{height:.1f}"/>']
+    # A single failure among thousands must stay visible: every present status gets at least 0.4 %.
+    widths = {k: max(width * 0.004, width * counts[k] / total) for k in order if counts.get(k)}
+    scale = width / sum(widths.values())
     out, cursor = [], x
-    for k in order:
-        n = counts.get(k, 0)
-        if n:
-            w = width * n / total
-            out.append(f'<rect class="seg st-{k}" x="{cursor:.2f}" y="{y:.1f}" width="{w:.2f}" height="{height:.1f}"/>')
-            cursor += w
+    for k, w in widths.items():
+        out.append(f'<rect class="seg st-{k}" x="{cursor:.2f}" y="{y:.1f}" width="{w * scale:.2f}" height="{height:.1f}"/>')
+        cursor += w * scale
     return out
 
 
@@ -150,7 +150,7 @@ def graph_svg(steps: Sequence[StepInfo], counts: Mapping[str, Counts], order: Se
               labels: Mapping[str, str] | None = None) -> str:
     """The step graph as an SVG document fragment: one `g.node` per step, coloured by its outcome counts."""
     lay = layout(steps)
-    out = [f'<svg class="graph" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="step graph" '
+    out = [f'<svg class="graph" role="img" aria-label="step graph" '
            f'width="{lay.width + 4:.0f}" height="{lay.height:.0f}" viewBox="-2 0 {lay.width + 4:.0f} {lay.height:.0f}">',
            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
            'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="arrowhead"/></marker></defs>']
@@ -193,7 +193,7 @@ def host_bars_svg(hosts: Sequence[str], counts: Mapping[str, Counts], order: Seq
     """One row per host: name, a stacked status bar and its counts (one SVG, so thousands of hosts stay light)."""
     height = max(1, len(hosts)) * HOST_ROW + 4
     width = HOST_LABEL_W + HOST_BAR_W + 330
-    out = [f'<svg class="hostbars" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+    out = [f'<svg class="hostbars" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="status per host">']
     for i, h in enumerate(hosts):
         y = 2 + i * HOST_ROW
@@ -209,5 +209,5 @@ def host_bars_svg(hosts: Sequence[str], counts: Mapping[str, Counts], order: Seq
 
 def total_bar_svg(counts: Counts, order: Sequence[str]) -> str:
     """The whole run's outcome as one wide stacked bar."""
-    return ('<svg class="totalbar" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 1000 14" preserveAspectRatio="none" '
+    return ('<svg class="totalbar" viewBox="0 0 1000 14" preserveAspectRatio="none" '
             'role="img" aria-label="all tasks by status">' + "".join(bar(counts, order, 0, 0, 1000, 14)) + "</svg>")
