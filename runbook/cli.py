@@ -36,13 +36,15 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
     """Check playbooks: structure, step graph, templates and the shell-safety lint."""
     from runbook.loader import validate_playbook
 
-    reports = [_validate_windows_file(p) if Path(p).name in ("windows.yml", "windows.yaml") else validate_playbook(p)
-               for p in playbooks]
+    from runbook.cli_serve import is_rules_file, validate_rules
+
+    reports = [_validate_windows_file(p) if Path(p).name in ("windows.yml", "windows.yaml")
+               else validate_rules(p) if is_rules_file(p) else validate_playbook(p) for p in playbooks]
     failed = any(r.errors or (strict and r.warnings) for r in reports)
     if fmt == "json":
         click.echo(json.dumps([{
             "file": r.path, "valid": not r.errors,
-            "kind": "windows" if r.summary else "playbook",
+            "kind": "rules" if is_rules_file(r.path) else "windows" if r.summary else "playbook",
             "steps": len(r.playbook.all_steps()) if r.playbook else None,
             "problems": [p.as_dict() for p in r.problems],
         } for r in reports], indent=2))
@@ -558,6 +560,11 @@ def schedule(directory: str, inventory: tuple[str, ...], state_dir: str | None, 
 from runbook.cli_report import report as _report_command  # noqa: E402  (its own module, like cli_windows)
 
 cli.add_command(_report_command)
+
+from runbook.cli_serve import approvals as _approvals_command, serve as _serve_command  # noqa: E402  (like cli_report)
+
+cli.add_command(_serve_command)
+cli.add_command(_approvals_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""

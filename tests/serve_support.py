@@ -125,7 +125,7 @@ def live(site: Site, *, token: str | None = TOKEN, concurrency: int | None = Non
     """An in-process server (real queue, worker and engine) behind Starlette's test client."""
     with warnings.catch_warnings():
         # Starlette's test client now prefers httpx2; httpx (the declared test dependency) still works.
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore")
         from starlette.testclient import TestClient
 
     from runbook.serve import bridge

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runbook.errors import Location, RunbookError
+from runbook.errors import EXIT_INVALID, Location, RunbookError
 from runbook.serve.models import Alert
 
 SCHEMA = """
@@ -56,7 +56,9 @@ FINAL = ("succeeded", "failed", "suppressed", "rejected", "error")
 
 
 class QueueError(RunbookError):
-    """The queue database cannot be opened or used."""
+    """The queue database cannot be opened or used (a setting to fix: exit 4)."""
+
+    exit_code = EXIT_INVALID
 
 
 @dataclass
