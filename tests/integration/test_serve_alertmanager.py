@@ -54,8 +54,8 @@ class Alertmanager:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
-            "route": {"receiver": "runbook", "group_by": ["alertname", "instance"], "group_wait": "200ms",
-                      "group_interval": "1s", "repeat_interval": "2s"},
+            "route": {"receiver": "runbook", "group_by": ["alertname", "instance"], "group_wait": "100ms",
+                      "group_interval": "500ms", "repeat_interval": "1s"},
             "receivers": [{"name": "runbook", "webhook_configs": [{
                 "url": webhook, "send_resolved": True,
                 "http_config": {"authorization": {"type": "Bearer", "credentials": TOKEN}}}]}],
@@ -151,8 +151,7 @@ def test_alertmanager_to_remediation_end_to_end(setup) -> None:
         _unauthenticated_post_is_refused(sp.url)
         _killed_after_accepting_runs_after_restart(site, sp, extra, h1)
     finally:
-        for proc in (sp,):
-            stop_serve(proc, signal.SIGKILL)
+        stop_serve(sp, signal.SIGKILL)
     trail = records(site.root / ".runbook" / "audit.jsonl")
     assert any(r["event"] == "run.started" and r["details"]["serve"]["rule"] == "disk-full" for r in trail)
 
