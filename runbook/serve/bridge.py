@@ -267,7 +267,7 @@ def resume(previous_run_id: str, extra_vars: dict[str, Any], details: dict[str, 
     if len(hosts) != 1:
         return None
     host = hosts[0]
-    done, _ = resumable(doc)
+    done: dict[Any, Any] = resumable(doc)[0]
     request = _request(settings, "resume", host, extra_vars, {**details, "resumed_from": previous_run_id}, run_id,
                        previous=done)
     prepared = _prepare(doc["playbook_path"], settings, request, host)
