@@ -312,3 +312,33 @@ def test_helpers() -> None:
     head, tail, omitted = clip("a" * 100 + "b" * 500 + "c" * 100, 100)
     assert head == "a" * 100 and tail == "c" * 100 and omitted == 500
     assert split_hint("plain") == ("plain", None)
+
+
+def _payload(page: str) -> dict:
+    return json.loads(parse(page).scripts[0][1])
+
+
+def test_outputs_share_a_budget_so_big_runs_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runbook.report import render
+
+    monkeypatch.setattr(render, "OUTPUT_BUDGET", 20_000)
+    rep = report(hosts=10, steps=10)
+    for i, t in enumerate(rep.tasks):
+        t.stdout = f"start {i} " + "z" * 5000 + f" end {i}"
+    page = render_run(rep)
+    doc = _payload(page)
+    assert doc["keep"] == 100
+    first = doc["det"][0]
+    assert first["o"].startswith("start 0 ") and first["ot"].endswith(" end 0") and first["oo"] > 4000
+    assert "shortened to their first and last 100 characters" in page
+    assert len(page) < 200_000
+
+
+def test_repeated_texts_are_stored_once() -> None:
+    rep = report(hosts=50, steps=2)
+    for t in rep.tasks:
+        t.command = "systemctl restart app"
+    doc = _payload(render_run(rep))
+    assert doc["strs"].count("systemctl restart app") == 1
+    assert {d["c"] for d in doc["det"]} == {doc["strs"].index("systemctl restart app")}
+    assert "a" not in doc["det"][0]       # the step's action, not repeated per task

@@ -24,9 +24,10 @@ from runbook.report.model import (
 )
 
 OUTPUT_KEEP = 3000          # characters kept from each end of stdout/stderr (the middle is omitted)
+OUTPUT_BUDGET = 8_000_000   # characters of stdout and stderr in one report; past it every output keeps less
 DIFF_KEEP = 20000           # characters of a diff
 NOSCRIPT_ROWS = 200         # failed tasks listed for readers without JavaScript
-HOSTS_SHOWN = 5000          # host bars drawn server-side; more are summarised
+HOSTS_SHOWN = 200           # host bars drawn server-side (most troubled first); the strip above shows every host
 _FLAG_RESCUE, _FLAG_IGNORED, _FLAG_FROM_RUN, _FLAG_MISMATCH, _FLAG_CHANGED = 1, 2, 4, 8, 16
 
 
@@ -130,8 +131,13 @@ def _host_section(hosts: Sequence[str], per_host: Mapping[str, Counter[str]], or
 
     ordered = sorted(hosts, key=badness)
     shown = ordered[:HOSTS_SHOWN]
-    more = f'<p class="note">{len(ordered) - len(shown)} more hosts: use the table\'s host filter.</p>' if len(ordered) > len(shown) else ""
-    return (f'<h3>Per host <span class="note">({len(hosts)} hosts, most troubled first)</span></h3>'
+    more, strip = "", ""
+    if len(ordered) > len(shown):
+        # Thousands of text rows cost the browser seconds; the strip (drawn by the script) shows every host.
+        strip = '<div id="hoststrip" class="hoststrip"></div>'
+        more = (f'<p class="note">The {len(shown)} most troubled of {len(ordered)} hosts; the strip above has every '
+                "host (point at it, click to filter), and the table filters by host.</p>")
+    return (f'<h3>Per host <span class="note">({len(hosts)} hosts, most troubled first)</span></h3>{strip}'
             f'<div class="hostbox">{svg.host_bars_svg(shown, per_host, order, t.red, labels)}</div>{more}')
 
 
@@ -162,8 +168,12 @@ def render_run(report: RunReport, redactor: Redactor | None = None) -> str:
     order = [*RUN_STATUSES, *sorted(set(totals) - set(RUN_STATUSES))]
     labels = {k: k.replace("_", " ") for k in order}
     title = t.esc(f"{h.playbook_name} · run {h.run_id} · {h.status}")
+    payload = run_payload(report, t, order, labels)
+    notes = [] if payload["keep"] >= OUTPUT_KEEP else [
+        f"outputs are shortened to their first and last {payload['keep']} characters to keep this file small; "
+        "the run-state file and the audit trail have more"]
     body = "".join([
-        _run_header(report, t),
+        _run_header(report, t, notes),
         '<main>',
         f'<section id="summary"><h2>Outcome</h2>{_counts_html(totals, order, SHOWN_STATUSES, labels)}'
         f'{svg.total_bar_svg(totals, order)}{_host_section(report.hosts, per_host, order, t, labels)}</section>',
@@ -177,10 +187,10 @@ def render_run(report: RunReport, redactor: Redactor | None = None) -> str:
         f'<noscript>{_noscript_failed(report, t)}</noscript><div id="detail" hidden></div></section>',
         '</main>', _footer(report.runbook_version, report.generated_at),
     ])
-    return _document(title, "run", body, run_payload(report, t, order, labels))
+    return _document(title, "run", body, payload)
 
 
-def _run_header(report: RunReport, t: _Text) -> str:
+def _run_header(report: RunReport, t: _Text, extra_notes: Sequence[str] = ()) -> str:
     h = report.header
     audit = h.audit
     exit_text = "—" if h.exit_code is None else f'<b class="exit exit-{h.exit_code}">{h.exit_code}</b> {t.esc(h.exit_meaning)}'
@@ -206,7 +216,7 @@ def _run_header(report: RunReport, t: _Text) -> str:
                                                                 *[f"--skip-tags {x}" for x in h.skip_tags]])))))
     if h.extra_vars:
         rows.append(("extra vars", _code(t.esc(", ".join(f"{k}={v}" for k, v in h.extra_vars.items())))))
-    notes = "".join(f'<p class="note warn">{t.esc(n)}</p>' for n in h.notes)
+    notes = "".join(f'<p class="note warn">{t.esc(n)}</p>' for n in [*h.notes, *extra_notes])
     return (f'<header><h1><span class="badge status-{t.esc(h.status)}">{t.esc(h.status)}</span> {t.esc(h.playbook_name)}'
             f' <span class="sub">run report</span></h1>{_kv(rows)}{notes}</header>')
 
@@ -242,17 +252,48 @@ def _footer(version: str, generated: float) -> str:
     return f'<footer>runbook {html.escape(version)} · generated {fmt_time(generated)} · self-contained: no network</footer>'
 
 
-def _task_detail(task: TaskEntry, t: _Text) -> dict[str, Any] | None:
+def output_keep(outputs: Sequence[tuple[str, str]]) -> int:
+    """Characters kept from each end of an output, so that all outputs of a report fit its budget."""
+    total = sum(len(a) + len(b) for a, b in outputs)
+    if total <= OUTPUT_BUDGET:
+        return OUTPUT_KEEP
+    count = sum(bool(a) + bool(b) for a, b in outputs)
+    return max(100, min(OUTPUT_KEEP, OUTPUT_BUDGET // max(1, 2 * count)))
+
+
+def _task_detail(task: TaskEntry, t: _Text, step_action: str, out: str, err: str, keep: int) -> dict[str, Any] | None:
     error, hint = split_hint(t.red(task.message))
-    out_head, out_tail, out_omitted = clip(t.red(task.stdout), OUTPUT_KEEP)
-    err_head, err_tail, err_omitted = clip(t.red(task.stderr), OUTPUT_KEEP)
-    d: dict[str, Any] = {"a": task.action or None, "c": t.opt(task.command), "rc": task.rc, "m": error or None,
+    out_head, out_tail, out_omitted = clip(out, keep)
+    err_head, err_tail, err_omitted = clip(err, keep)
+    d: dict[str, Any] = {"a": task.action if task.action != step_action else None, "c": t.opt(task.command), "rc": task.rc, "m": error or None,
                          "hi": hint, "o": out_head or None, "ot": out_tail, "oo": out_omitted or None,
                          "e": err_head or None, "et": err_tail, "eo": err_omitted or None,
                          "df": t.red(task.diff)[:DIFF_KEEP] if task.diff else None, "fr": t.opt(task.from_run),
                          "p": task.prediction, "pr": t.opt(task.prediction_reason)}
     d = {k: v for k, v in d.items() if v is not None}
     return d or None
+
+
+# Detail fields whose repeated values are stored once in the payload's string table.
+_INTERNED = ("c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r")
+
+
+def intern_details(details: list[dict[str, Any] | None]) -> list[str]:
+    """Replace text that occurs in more than one detail by its index in a shared table (commands, messages repeat per host)."""
+    seen: Counter[str] = Counter(v for d in details if d for k in _INTERNED if isinstance(v := d.get(k), str))
+    index: dict[str, int] = {}
+    table: list[str] = []
+    for d in details:
+        if not d:
+            continue
+        for k in _INTERNED:
+            v = d.get(k)
+            if isinstance(v, str) and seen[v] > 1:
+                if v not in index:
+                    index[v] = len(table)
+                    table.append(v)
+                d[k] = index[v]
+    return table
 
 
 def run_payload(report: RunReport, t: _Text, order: Sequence[str], labels: Mapping[str, str]) -> dict[str, Any]:
@@ -263,7 +304,9 @@ def run_payload(report: RunReport, t: _Text, order: Sequence[str], labels: Mappi
     t0 = report.header.started_at or min((x.started_at for x in report.tasks if x.started_at), default=0.0)
     cols: dict[str, list[int]] = {"h": [], "s": [], "st": [], "a": [], "b": [], "d": [], "f": []}
     details = []
-    for x in report.tasks:
+    outputs = [(t.red(x.stdout), t.red(x.stderr)) for x in report.tasks]   # redacted before any cut
+    keep = output_keep(outputs)
+    for x, (out, err) in zip(report.tasks, outputs):
         cols["h"].append(host_ix[x.host])
         cols["s"].append(step_ix[x.step_id])
         cols["st"].append(code[x.outcome])
@@ -273,14 +316,15 @@ def run_payload(report: RunReport, t: _Text, order: Sequence[str], labels: Mappi
         cols["f"].append((_FLAG_RESCUE if x.rescue else 0) | (_FLAG_IGNORED if x.ignored else 0)
                          | (_FLAG_FROM_RUN if x.from_run else 0) | (_FLAG_MISMATCH if x.mismatch else 0)
                          | (_FLAG_CHANGED if x.changed else 0))
-        details.append(_task_detail(x, t))
+        details.append(_task_detail(x, t, report.steps[step_ix[x.step_id]].action, out, err, keep))
     h = report.header
     end = (h.finished_at - t0) * 1000 if h.finished_at and t0 else max(
         (b + d for b, d in zip(cols["b"], cols["d"]) if b >= 0), default=0)
     return {"v": 1, "kind": "run", "statuses": list(order), "labels": dict(labels),
             "hosts": [t.red(x) for x in report.hosts], "steps": _steps_payload(report.steps, t),
             "t0": t0, "span": max(1, round(end)), "run_id": t.red(h.run_id), "mode": h.mode,
-            "predicted": any(x.prediction for x in report.tasks), "cols": cols, "det": details}
+            "predicted": any(x.prediction for x in report.tasks), "keep": keep, "cols": cols,
+            "strs": intern_details(details), "det": details}
 
 
 def _steps_payload(steps: Sequence[Any], t: _Text) -> list[dict[str, Any]]:
@@ -370,12 +414,12 @@ def plan_payload(review: PlanReview, t: _Text, order: Sequence[str], labels: Map
         cols["h"].append(host_ix[e.host])
         cols["s"].append(step_ix[e.step_id])
         cols["st"].append(code[e.label])
-        d = {"a": e.action or None, "r": t.opt(e.reason), "c": t.opt(e.command),
+        d = {"a": e.action if e.action != review.steps[step_ix[e.step_id]].action else None, "r": t.opt(e.reason), "c": t.opt(e.command),
              "df": t.red(e.diff)[:DIFF_KEEP] if e.diff else None, "ro": e.read_only or None}
         details.append({k: v for k, v in d.items() if v is not None} or None)
     return {"v": 1, "kind": "plan", "statuses": list(order), "labels": dict(labels),
             "hosts": [t.red(x) for x in review.hosts], "steps": _steps_payload(review.steps, t),
-            "run_id": t.red(review.header.run_id), "cols": cols, "det": details}
+            "run_id": t.red(review.header.run_id), "cols": cols, "strs": intern_details(details), "det": details}
 
 
 def write_html(text: str, path: str, announce: Callable[[str], None] | None = None) -> None:

@@ -32,7 +32,17 @@
     return new Date(D.t0 * 1000 + ms).toISOString().replace("T", " ").slice(0, 19) + "Z";
   }
   function stepOf(i) { return D.steps[C.s[i]]; }
-  function det(i) { return D.det[i] || {}; }
+  var INTERNED = ["c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r"], STRS = D.strs || [];
+  function det(i) {
+    var d = D.det[i];
+    if (!d) return {};
+    if (!d.$) {   // resolve, once, the texts stored in the shared string table
+      INTERNED.forEach(function (k) { if (typeof d[k] === "number") d[k] = STRS[d[k]]; });
+      if (!d.a) d.a = stepOf(i).action;
+      d.$ = 1;
+    }
+    return d;
+  }
 
   // --- filtering --------------------------------------------------------------------------------
   function haystack() {
@@ -427,6 +437,52 @@
     return { mark: function (i) { if (marked !== i && marked >= 0) draw(); mark(i); }, draw: draw };
   }
 
+  // --- the host strip: every host as a thin slice coloured by its worst outcome (large runs only) ------
+  function HostStrip(box) {
+    var nH = D.hosts.length, nS = ST.length, per = new Int32Array(nH * nS), worst = new Int16Array(nH).fill(nS);
+    for (var i = 0; i < N; i++) per[C.h[i] * nS + C.st[i]]++;
+    for (var h = 0; h < nH; h++) for (var s = nS - 1; s >= 0; s--) if (per[h * nS + s]) worst[h] = s;
+    var canvas = el("canvas"), tip = el("div", "tip"); tip.hidden = true;
+    box.appendChild(canvas); box.appendChild(tip);
+    var css = getComputedStyle(document.documentElement);
+    var colour = ST.map(function (k) { return css.getPropertyValue("--st-" + k).trim() || "#888"; });
+    var W = 0, H = 22;
+    function draw() {
+      W = Math.max(200, box.clientWidth);
+      var dpr = window.devicePixelRatio || 1;
+      canvas.width = Math.round(W * dpr); canvas.height = H * dpr; canvas.style.height = H + "px";
+      var ctx = canvas.getContext("2d");
+      ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+      ctx.fillStyle = "#e0e0e0"; ctx.fillRect(0, 0, W, H);
+      var order = Array.from({ length: nH }, function (_, k) { return k; });
+      order.sort(function (a, b) { return worst[b] - worst[a]; });   // the worst drawn last: it wins a shared pixel
+      order.forEach(function (k) {
+        if (worst[k] >= nS) return;
+        var x0 = Math.floor(k * W / nH), x1 = Math.max(x0 + 1, Math.floor((k + 1) * W / nH));
+        ctx.fillStyle = colour[worst[k]]; ctx.fillRect(x0, 0, x1 - x0, H);
+      });
+    }
+    function hostAt(ev) {
+      var x = ev.clientX - canvas.getBoundingClientRect().left, a = Math.floor(x * nH / W), b = Math.max(a + 1, Math.floor((x + 1) * nH / W));
+      var best = -1;
+      for (var k = Math.max(0, a); k < Math.min(nH, b); k++) if (best < 0 || worst[k] < worst[best]) best = k;
+      return best;
+    }
+    canvas.addEventListener("mousemove", function (ev) {
+      var k = hostAt(ev);
+      if (k < 0) { tip.hidden = true; return; }
+      var parts = [];
+      for (var s = 0; s < nS; s++) if (per[k * nS + s]) parts.push(per[k * nS + s] + " " + label(s));
+      tip.textContent = D.hosts[k] + "\n" + parts.join(", "); tip.hidden = false;
+      tip.style.left = Math.min(ev.clientX - box.getBoundingClientRect().left + 12, W - 240) + "px"; tip.style.top = "26px";
+    });
+    canvas.addEventListener("mouseleave", function () { tip.hidden = true; });
+    canvas.addEventListener("click", function (ev) { var k = hostAt(ev); if (k >= 0) { filters.setHost(D.hosts[k]); toResults(); } });
+    var timer = 0;
+    window.addEventListener("resize", function () { clearTimeout(timer); timer = setTimeout(draw, 150); });
+    draw();
+  }
+
   // --- links from the server-rendered summary, graph and host bars to the table --------------------
   function toResults() { document.getElementById("results").scrollIntoView({ block: "start" }); }
   document.querySelectorAll(".counts .count[data-status]").forEach(function (b) {
@@ -464,6 +520,9 @@
   table = Table(document.getElementById("table"));
   var tbox = document.getElementById("timeline-box");
   if (tbox && !PLAN) timeline = Timeline(tbox);
+  var strip = document.getElementById("hoststrip");
+  if (strip) HostStrip(strip);
   apply();
   document.body.setAttribute("data-ready", "1");
+  document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));   // read by benchmarks/report_bench.py
 })();
