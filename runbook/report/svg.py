@@ -192,7 +192,7 @@ def host_bars_svg(hosts: Sequence[str], counts: Mapping[str, Counts], order: Seq
                   labels: Mapping[str, str] | None = None) -> str:
     """One row per host: name, a stacked status bar and its counts (one SVG, so thousands of hosts stay light)."""
     height = max(1, len(hosts)) * HOST_ROW + 4
-    width = HOST_LABEL_W + HOST_BAR_W + 330
+    width = HOST_LABEL_W + HOST_BAR_W + 520
     out = [f'<svg class="hostbars" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="status per host">']
     for i, h in enumerate(hosts):

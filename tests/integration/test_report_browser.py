@@ -146,7 +146,7 @@ def test_run_report_filter_failed_and_read_its_stderr(browser: Any, real_runs: d
     assert page.locator("header").inner_text().count("report-demo") >= 1
     page.screenshot(path=str(artifacts / "run-report.png"), full_page=True)
     page.click("#filters button[data-status=failed]")
-    rows = page.locator("#table .row:not([hidden])")
+    rows = page.locator("#table .row:visible")
     assert rows.count() == 1
     assert "h1" in rows.first.inner_text() and "disk-check" in rows.first.inner_text()
     rows.first.click()
@@ -167,18 +167,18 @@ def test_report_from_files_shows_retry_diff_skip_and_the_audit_chain(browser: An
     assert "chain intact" in page.locator("header").inner_text()
     assert "runbook resume " in page.locator("#commands").inner_text()
     page.select_option("#f-step", label="flaky")
-    flaky = page.locator("#table .row:not([hidden])")
+    flaky = page.locator("#table .row:visible")
     assert flaky.count() == 3 and "2 ×" in flaky.first.inner_text()
     page.select_option("#f-step", label="write-config — write config")
-    page.locator("#table .row:not([hidden])").first.click()
+    page.locator("#table .row:visible").first.click()
     assert page.locator("#detail pre.diff .add").first.inner_text().startswith("+listen = 8080")
     page.click("#filters .reset")
     page.fill("#f-search", "when:")
     page.locator("#f-count", has_text="3 of").wait_for()
-    assert "skipped" in page.locator("#table .row:not([hidden])").first.inner_text()
+    assert "skipped" in page.locator("#table .row:visible").first.inner_text()
     page.click("#filters .reset")
     page.click(".counts .count[data-status=rescued]")
-    assert page.locator("#table .row:not([hidden])").count() == 1
+    assert page.locator("#table .row:visible").count() == 1
     assert page.locator("#timeline-box canvas").count() == 1
     page.screenshot(path=str(artifacts / "run-report-from-files.png"), full_page=True)
     w.assert_clean()
@@ -193,7 +193,7 @@ def test_plan_review_page(browser: Any, real_runs: dict[str, Path], artifacts: P
     assert "runbook apply plan.json" in page.locator("#commands").inner_text()
     assert "hash verified" in page.locator("header").inner_text()
     page.click("#filters button[data-status=change]")
-    page.locator("#table .row:not([hidden])").first.click()
+    page.locator("#table .row:visible").first.click()
     assert page.locator("#detail pre.diff .add").count() >= 1
     page.screenshot(path=str(artifacts / "plan-review.png"), full_page=True)
     w.assert_clean()
@@ -222,7 +222,7 @@ def test_hostile_data_stays_data_in_the_browser(browser: Any, tmp_path: Path) ->
     assert page.locator("img").count() == 0
     assert page.locator("#table .row").first.inner_text().startswith("h0</script>")
     page.click("#filters button[data-status=failed]")
-    page.locator("#table .row:not([hidden])").first.click()
+    page.locator("#table .row:visible").first.click()
     assert page.locator("#detail pre.stderr").inner_text() == HOSTILE + " ***"
     w.assert_clean()
     close(w)
@@ -239,7 +239,7 @@ def test_many_hosts_virtual_rows_and_aggregated_timeline(browser: Any, tmp_path:
     assert page.locator("#f-count").inner_text() == "1 of 3200 tasks"
     page.click("#filters .reset")
     page.locator("#table .tbody").evaluate("b => { b.scrollTop = b.scrollHeight; b.dispatchEvent(new Event('scroll')); }")
-    page.locator("#table .row:not([hidden])", has_text="h799").first.wait_for()
+    page.locator("#table .row:visible", has_text="h799").first.wait_for()
     page.mouse.move(600, page.locator("#timeline-box canvas").bounding_box()["y"] + 60)
     page.emulate_media(media="print")
     page.evaluate("window.dispatchEvent(new Event('beforeprint'))")

@@ -279,7 +279,11 @@
       pb.appendChild(document.createTextNode("the plan said " + (LB[d.p] || d.p) + (d.pr ? " (" + d.pr + ")" : "") + "; the outcome is " + label(C.st[i]) + "."));
       box.appendChild(pb);
     }
-    if (d.m) { var eb = el("div", "box err"); eb.appendChild(el("b", null, "error")); eb.appendChild(pre("msg", d.m)); box.appendChild(eb); }
+    if (d.m) {
+      var bad = ["failed", "drift", "unreachable"].indexOf(ST[C.st[i]]) >= 0;
+      var eb = el("div", bad ? "box err" : "box"); eb.appendChild(el("b", null, bad ? "error" : "message"));
+      eb.appendChild(pre("msg", d.m)); box.appendChild(eb);
+    }
     if (d.hi) { var hb = el("div", "box hint"); hb.appendChild(el("b", null, "hint: ")); hb.appendChild(document.createTextNode(d.hi)); box.appendChild(hb); }
     if (d.c) { box.appendChild(el("h4", null, "command as run")); box.appendChild(pre("out cmdline", d.c)); }
     output(box, "stdout", d.o, d.oo, d.ot);
