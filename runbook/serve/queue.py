@@ -120,6 +120,16 @@ class Job:
 
 
 @dataclass
+class _Pending:
+    """One delivery waiting for a grouped commit."""
+
+    alerts: list[Alert]
+    request_id: str
+    result: Accepted | None = None
+    error: Exception | None = None
+
+
+@dataclass
 class Accepted:
     """What one delivery added to the queue."""
 
@@ -134,6 +144,8 @@ class Queue:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._batch_lock = threading.Lock()
+        self._batch: list[_Pending] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -168,24 +180,66 @@ class Queue:
     # --- intake ---------------------------------------------------------------------------------
 
     def accept(self, alerts: list[Alert], request_id: str) -> Accepted:
-        """Store the alerts of one delivery durably (one transaction); repeats of a stored alert only count."""
+        """Store the alerts of one delivery durably before returning; repeats of stored alerts are only counted.
+
+        A delivery that brings something new is committed with an fsync, grouped with the deliveries
+        that arrived while the previous commit was syncing (one fsync for all of them). A delivery of
+        alerts already stored promises nothing new, so its counters are written without an fsync.
+        """
+        keys = [a.dedupe_key for a in alerts]
+        if not keys:
+            return Accepted([], 0, [])
+        with self._lock:
+            marks = ",".join("?" * len(keys))
+            known = {r[0] for r in self._db.execute(f"SELECT dedupe_key FROM alerts WHERE dedupe_key IN ({marks})", keys)}
+            if all(k in known for k in keys):
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with self._tx() as db:
+                        db.executemany("UPDATE alerts SET deliveries = deliveries + 1, last_delivery = ? WHERE dedupe_key = ?",
+                                       [(time.time(), k) for k in keys])
+                finally:
+                    self._db.execute("PRAGMA synchronous=FULL")
+                return Accepted([], len(keys), [False] * len(keys))
+        return self._group_commit(_Pending(alerts, request_id))
+
+    def _group_commit(self, mine: _Pending) -> Accepted:
+        with self._batch_lock:
+            self._batch.append(mine)
+        with self._lock:   # whoever gets the lock first commits every delivery waiting by then
+            if mine.result is None and mine.error is None:
+                with self._batch_lock:
+                    batch, self._batch = self._batch, []
+                try:
+                    with self._tx() as db:
+                        results = [self._insert(db, p.alerts, p.request_id) for p in batch]
+                    for p, r in zip(batch, results):
+                        p.result = r
+                except Exception as exc:
+                    for p in batch:
+                        p.error = exc
+        if mine.error is not None:
+            raise mine.error
+        assert mine.result is not None
+        return mine.result
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, alerts: list[Alert], request_id: str) -> Accepted:
         now = time.time()
         new, fresh, dup = [], [], 0
-        with self._tx() as db:
-            for a in alerts:
-                cur = db.execute(
-                    "INSERT INTO alerts (dedupe_key, source, status, fingerprint, starts_at, name, body, request_id,"
-                    " received_at, last_delivery) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(dedupe_key) DO UPDATE SET"
-                    " deliveries = deliveries + 1, last_delivery = excluded.last_delivery RETURNING id, deliveries",
-                    (a.dedupe_key, a.source, a.status, a.fingerprint, a.starts_at, a.name, json.dumps(a.to_record()),
-                     request_id, now, now))
-                row = cur.fetchone()
-                first = row["deliveries"] == 1
-                fresh.append(first)
-                if first:
-                    new.append(int(row["id"]))
-                else:
-                    dup += 1
+        for a in alerts:
+            row = db.execute(
+                "INSERT INTO alerts (dedupe_key, source, status, fingerprint, starts_at, name, body, request_id,"
+                " received_at, last_delivery) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(dedupe_key) DO UPDATE SET"
+                " deliveries = deliveries + 1, last_delivery = excluded.last_delivery RETURNING id, deliveries",
+                (a.dedupe_key, a.source, a.status, a.fingerprint, a.starts_at, a.name, json.dumps(a.to_record()),
+                 request_id, now, now)).fetchone()
+            first = row["deliveries"] == 1
+            fresh.append(first)
+            if first:
+                new.append(int(row["id"]))
+            else:
+                dup += 1
         return Accepted(new, dup, fresh)
 
     def pending_alerts(self, limit: int = 200) -> list[tuple[int, Alert, str | None]]:
