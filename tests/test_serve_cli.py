@@ -125,3 +125,23 @@ def test_a_second_server_on_the_same_queue_is_refused(site, capsys: pytest.Captu
         assert "another `runbook serve`" in capsys.readouterr().err
     finally:
         held.release()
+
+
+def test_the_shipped_sample_rules_validate_and_check(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from runbook.inventory import Inventory
+    from runbook.serve.models import AMPayload, alerts_from_alertmanager
+    from runbook.serve.rules import load_rules
+    from runbook.serve.worker import route
+    from tests.serve_support import REPO
+
+    sample = REPO / "playbooks" / "serve"
+    assert main(["validate", "--strict", str(sample / "rules.yml"), str(sample / "page-oncall.yml")]) == 0
+    assert "4 rule(s)" in capsys.readouterr().out
+    monkeypatch.setenv("RUNBOOK_DEPLOY_HOOK_SECRET", "a-secret-for-the-test")
+    monkeypatch.setenv("RUNBOOK_SERVE_TOKEN", "a-token-long-enough-123")
+    assert main(["serve", "--rules", str(sample / "rules.yml"), "-i", str(REPO / "inventory" / "local.yml"), "--check"]) == 0
+    [alert] = alerts_from_alertmanager(AMPayload.model_validate(json.loads((sample / "alert-example.json").read_text())))
+    routed = route(alert, load_rules(sample / "rules.yml"), Inventory.load(REPO / "inventory" / "local.yml"))
+    assert [(j.rule, j.host, j.vars) for j in routed.jobs] == [("disk-full", "localhost", {"threshold_pct": 85})]

@@ -12,7 +12,7 @@ from runbook.errors import TemplateError
 from runbook.inventory import Inventory
 from runbook.serve.bridge import exact_limit, map_hosts
 from runbook.serve.models import Alert
-from runbook.serve.rules import (RulesError, TargetError, check_host_text, load_rules, render_vars, strip_port,
+from runbook.serve.rules import (RulesError, TargetError, check_host_text, load_rules, render_vars, scalar, strip_port,
                                  target_names, validate_rules_file)
 from runbook.serve.worker import route
 from tests.serve_support import make_site
@@ -89,8 +89,15 @@ def test_issue_example_matches_labels_regex_and_status(example: Path) -> None:
 def test_issue_example_targets_and_vars(example: Path) -> None:
     [rule] = load_rules(example).rules
     assert target_names(rule, alert()) == ["web01"]
-    assert render_vars(rule, alert()) == {"threshold": "85"}
-    assert render_vars(rule, alert(annotations={"threshold": "91"})) == {"threshold": "91"}
+    assert render_vars(rule, alert()) == {"threshold": 85}
+    assert render_vars(rule, alert(annotations={"threshold": "91"})) == {"threshold": 91}
+    assert render_vars(rule, alert(annotations={"threshold": "91; reboot"})) == {"threshold": "91; reboot"}
+
+
+@pytest.mark.parametrize(("text", "value"), [("85", 85), ("-3", -3), ("0.5", 0.5), ("true", True), ("0644", "0644"),
+                                             ("1e9", "1e9"), ("85 ", "85 "), ("", ""), ("9" * 30, "9" * 30)])
+def test_rendered_numbers_become_numbers_and_nothing_else_is_parsed(text: str, value: object) -> None:
+    assert scalar(text) == value and type(scalar(text)) is type(value)
 
 
 def test_validate_command_accepts_a_rules_file(example: Path, capsys: pytest.CaptureFixture[str]) -> None:

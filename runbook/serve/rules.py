@@ -243,13 +243,26 @@ def target_names(rule: CompiledRule, alert: Alert) -> list[str]:
     return list(dict.fromkeys(check_host_text(strip_port(p)) for p in parts))
 
 
+_INT = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
+_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]{0,17})\.[0-9]{1,17}")
+
+
+def scalar(text: str) -> Any:
+    """A rendered value that is exactly a number or true/false becomes one (as `-e key=value` does); else it stays text."""
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    return {"true": True, "false": False}.get(text, text)
+
+
 def render_vars(rule: CompiledRule, alert: Alert) -> dict[str, Any]:
-    """The rule's `vars:` rendered against the alert; every rendered value stays a string (never parsed again)."""
+    """The rule's `vars:` rendered against the alert: text (or a plain number), never parsed or rendered again."""
     context = {"alert": alert.context(), "rule": {"name": rule.name}}
 
     def walk(value: Any) -> Any:
         if isinstance(value, str):
-            return render_template(value, context)
+            return scalar(render_template(value, context)) if "{" in value else value
         if isinstance(value, list):
             return [walk(v) for v in value]
         if isinstance(value, dict):
