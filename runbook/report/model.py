@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, AliasPath, BaseModel, ConfigDict, Field
 
 REPORT_FORMAT_VERSION = 1
 
@@ -99,8 +99,15 @@ class RunHeader(_Model):
 TaskStatus = Literal["ok", "changed", "skipped", "failed", "unreachable", "deferred", "drift", "not_run", "unknown"]
 
 
-class TaskEntry(_Model):
-    """One (step, host) task: its outcome, timing, output and, for apply runs, the plan's prediction."""
+class TaskEntry(BaseModel):
+    """One (step, host) task: its outcome, timing, output and, for apply runs, the plan's prediction.
+
+    Validated straight from a saved result (a run-state task, an audit `task.finished` record,
+    `TaskResult.as_dict()`): the field names are TaskResult's, other keys are ignored, and the
+    aliases below are the one place that knows where a saved document keeps each engine flag.
+    """
+
+    model_config = ConfigDict(extra="ignore")
 
     host: str
     step_id: str
@@ -118,10 +125,13 @@ class TaskEntry(_Model):
     message: str = ""
     diff: str | None = None
     ignored: bool = False
-    rescue: bool = False               # an on_failure step run for this host
-    from_run: str | None = None        # done by an earlier run (resume)
-    prediction: str | None = None      # apply: what the plan predicted
-    prediction_reason: str | None = None
+    # An on_failure step run for this host (files of earlier versions kept the flag inside `data`).
+    rescue: bool = Field(False, validation_alias=AliasChoices("rescue", "on_failure", AliasPath("data", "on_failure")))
+    # Done by an earlier run (resume).
+    from_run: str | None = Field(None, validation_alias=AliasChoices("from_run", AliasPath("data", "from_run")))
+    # apply: what the reviewed plan predicted (set from the plan, never read from a saved result).
+    prediction: str | None = Field(None, validation_alias="planned_prediction")
+    prediction_reason: str | None = Field(None, validation_alias="planned_reason")
 
     @property
     def outcome(self) -> str:

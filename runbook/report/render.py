@@ -262,33 +262,53 @@ def output_keep(outputs: Sequence[tuple[str, str]]) -> int:
 
 
 def _task_detail(task: TaskEntry, t: _Text, step_action: str, out: str, err: str, keep: int) -> dict[str, Any] | None:
-    error, hint = split_hint(t.red(task.message))
-    out_head, out_tail, out_omitted = clip(out, keep)
-    err_head, err_tail, err_omitted = clip(err, keep)
-    d: dict[str, Any] = {"a": task.action if task.action != step_action else None, "c": t.opt(task.command), "rc": task.rc, "m": error or None,
-                         "hi": hint, "o": out_head or None, "ot": out_tail, "oo": out_omitted or None,
-                         "e": err_head or None, "et": err_tail, "eo": err_omitted or None,
-                         "df": t.red(task.diff)[:DIFF_KEEP] if task.diff else None, "fr": t.opt(task.from_run),
-                         "p": task.prediction, "pr": t.opt(task.prediction_reason)}
-    d = {k: v for k, v in d.items() if v is not None}
+    """The detail of one task, with only the fields it has (most tasks have few: the payload stays small)."""
+    d: dict[str, Any] = {}
+    if task.action != step_action:
+        d["a"] = task.action
+    if task.command:
+        d["c"] = t.red(task.command)
+    if task.rc is not None:
+        d["rc"] = task.rc
+    if task.message:
+        d["m"], hint = split_hint(t.red(task.message))
+        if hint:
+            d["hi"] = hint
+    for text, (head_key, tail_key, omitted_key) in ((out, ("o", "ot", "oo")), (err, ("e", "et", "eo"))):
+        if text:
+            head, tail, omitted = clip(text, keep)
+            d[head_key] = head
+            if tail is not None:
+                d[tail_key], d[omitted_key] = tail, omitted
+    if task.diff:
+        d["df"] = t.red(task.diff)[:DIFF_KEEP]
+    if task.from_run:
+        d["fr"] = t.red(task.from_run)
+    if task.prediction:
+        d["p"] = task.prediction
+        if task.prediction_reason:
+            d["pr"] = t.red(task.prediction_reason)
     return d or None
 
 
 # Detail fields whose repeated values are stored once in the payload's string table.
 _INTERNED = ("c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r")
+_INTERNED_SET = frozenset(_INTERNED)
 
 
 def intern_details(details: list[dict[str, Any] | None]) -> list[str]:
     """Replace text that occurs in more than one detail by its index in a shared table (commands, messages repeat per host)."""
-    seen: Counter[str] = Counter(v for d in details if d for k in _INTERNED if isinstance(v := d.get(k), str))
+    seen: Counter[str] = Counter()
+    for d in details:
+        if d:
+            seen.update(v for k, v in d.items() if k in _INTERNED_SET)
     index: dict[str, int] = {}
     table: list[str] = []
     for d in details:
         if not d:
             continue
-        for k in _INTERNED:
-            v = d.get(k)
-            if isinstance(v, str) and seen[v] > 1:
+        for k, v in d.items():
+            if k in _INTERNED_SET and seen[v] > 1:
                 if v not in index:
                     index[v] = len(table)
                     table.append(v)
