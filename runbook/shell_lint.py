@@ -207,8 +207,8 @@ def _class_of(node: nodes.Node) -> tuple[int, str]:
 _COMMAND_FRAMES = ("top", "cmdsub", "backtick")
 _WORD_BREAK = frozenset(" \t\n;&|()<>")
 _CONTEXT_NAMES = {
-    "sq": "single quotes", "dq": "double quotes", "dsq": "a `$'...'` string", "arith": "an arithmetic expansion",
-    "param": "a parameter expansion `${...}`", "heredoc": "a here-document", "comment": "a shell comment",
+    "sq": "single quotes", "dq": "double quotes", "dsq": "a `$'...'` string", "arith": "arithmetic",
+    "param": "a parameter expansion `${...}` inside double quotes", "heredoc": "a here-document", "comment": "a shell comment",
 }
 _HEREDOC_WORD = re.compile(r"(-?)[ \t]*((?:'[^'\n]*'|\"[^\"\n]*\"|\\.|[^\s;&|()<>'\"\\])+)")
 
@@ -217,7 +217,8 @@ _HEREDOC_WORD = re.compile(r"(-?)[ \t]*((?:'[^'\n]*'|\"[^\"\n]*\"|\\.|[^\s;&|()<
 class _Frame:
     kind: str              # top | cmdsub | backtick | sq | dq | dsq | arith | param | comment | heredoc
     prev: str = ""         # the last character read in this frame ("" at its start, "w" after a word or quote)
-    depth: int = 0         # open ( in cmdsub and arith, open { in param
+    depth: int = 0         # open ( in cmdsub and arith, open [ in $[...], open { in param
+    closer: str = ""       # arith: `))` for $((...)) and ((...)), `]` for bash's old $[...]
     delimiter: str = ""    # heredoc
     strip_tabs: bool = False
     line: list[str] = field(default_factory=list)
@@ -255,8 +256,11 @@ class ShellLexer:
         kind = self.frame.kind
         if kind == "comment":
             return INSIDE_COMMENT, _CONTEXT_NAMES[kind]
-        if kind not in _COMMAND_FRAMES:
+        if kind not in _COMMAND_FRAMES and not (kind == "param" and self._unquoted_parameter()):
             return INSIDE_QUOTES, _CONTEXT_NAMES[kind]
+        if any(f.kind == "arith" for f in self.stack):
+            # the output of a `$(...)` inside arithmetic is evaluated as arithmetic too
+            return INSIDE_QUOTES, _CONTEXT_NAMES["arith"]
         if any(f.kind == "backtick" for f in self.stack):
             return INSIDE_BACKTICKS, "a backtick command substitution"
         if self.escape_pending:
@@ -264,6 +268,11 @@ class ShellLexer:
         if self.frame.prev == "$":
             return UNSAFE_PREFIX, "directly after `$`"
         return None
+
+    def _unquoted_parameter(self) -> bool:
+        """True inside `${x:-word}` that is itself unquoted: there the shell reads quotes in `word` as quotes."""
+        outer = next(f for f in reversed(self.stack) if f.kind != "param")
+        return outer.kind in _COMMAND_FRAMES
 
     # -- stepping ------------------------------------------------------------------------------
 
@@ -307,7 +316,7 @@ class ShellLexer:
         return i + 1
 
     def _expansion(self, text: str, i: int) -> int | None:
-        """`$(`, `$((`, `${`, `$'`, `$"` or a backtick at `i`: open its frame and return where to go on."""
+        """`$(`, `$((`, `$[`, `${`, `$'`, `$"` or a backtick at `i`: open its frame and return where to go on."""
         c = text[i]
         if c == "`":
             self._push("backtick")
@@ -316,8 +325,11 @@ class ShellLexer:
             return None
         nxt = text[i + 1:i + 3]
         if nxt.startswith("(("):
-            self._push("arith")
+            self._push("arith", closer="))")
             return i + 3
+        if nxt.startswith("["):
+            self._push("arith", closer="]")
+            return i + 2
         opening = {"(": "cmdsub", "{": "param", "'": "dsq", '"': "dq"}.get(nxt[:1])
         if opening is None:
             return None
@@ -343,7 +355,7 @@ class ShellLexer:
             self._push("comment")
             return i + 1
         if c == "(" and at_word_start and text[i + 1:i + 2] == "(":
-            self._push("arith")              # `(( ... ))`: an arithmetic command
+            self._push("arith", closer="))")  # `(( ... ))`: an arithmetic command
             return i + 2
         if c == "(" and f.kind == "cmdsub":
             f.depth += 1
@@ -379,19 +391,28 @@ class ShellLexer:
             return opened
         if f.kind != "dq" and c in "'\"":
             self._push("sq" if c == "'" else "dq")
-        elif (f.kind, c) in (("arith", "("), ("param", "{")):
+        elif f.kind == "arith":
+            return self._arith(text, i)
+        elif f.kind == "param" and c == "{":
             f.depth += 1
-        elif f.kind == "arith" and c == ")":
-            if f.depth > 0:
-                f.depth -= 1
-            else:
-                self._pop()
-                return i + 2 if text[i + 1:i + 2] == ")" else i + 1
         elif f.kind == "param" and c == "}":
             if f.depth > 0:
                 f.depth -= 1
             else:
                 self._pop()
+        return i + 1
+
+    def _arith(self, text: str, i: int) -> int:
+        """Brackets inside arithmetic; only the closer at depth 0 ends it (a lone `)` does not: shells differ there)."""
+        f, c = self.frame, text[i]
+        opening, closing = ("[", "]") if f.closer == "]" else ("(", ")")
+        if c == opening:
+            f.depth += 1
+        elif c == closing and f.depth > 0:
+            f.depth -= 1
+        elif text.startswith(f.closer, i):
+            self._pop()
+            return i + len(f.closer)
         return i + 1
 
     def _heredoc_start(self, text: str, i: int) -> int:
@@ -433,8 +454,9 @@ _WHY = {
     "single quotes": "a `'` in the value ends the quoting and the rest of the value runs as shell code "
                      "(and `quote`'s own quotes would end the surrounding ones)",
     "a `$'...'` string": "a `'` or a backslash escape in the value ends the string and the rest runs as shell code",
-    "an arithmetic expansion": "the shell expands `$(...)` and backticks inside arithmetic and quotes do not protect there",
-    "a parameter expansion `${...}`": "the shell expands `$(...)` and backticks in it, whatever quotes the value brings",
+    "arithmetic": "the shell expands `$(...)` in it and bash evaluates `a[$(...)]` in the value (or in the output "
+                  "of a `$(...)` inside it) as code; quotes do not protect there",
+    "a parameter expansion `${...}` inside double quotes": "the shell expands `$(...)` and backticks in it, whatever quotes the value brings",
     "a here-document": "its body expands `$(...)` and backticks, and a line of the value equal to the delimiter "
                        "ends the document early and runs what follows",
     "a shell comment": "a newline in the value ends the comment and the rest of the value runs as shell code",
@@ -460,9 +482,9 @@ def _hint(code: str, context: str, expression: str) -> str:
     if context in ("double quotes", "single quotes", "a `$'...'` string"):
         return (f"move it outside the quotes and keep `| quote`: close them before it and reopen them after, "
                 f"e.g. `echo \"failed on \"{quoted}` instead of `echo \"failed on {{{{ ... }}}}\"`")
-    if context == "an arithmetic expansion":
+    if context == "arithmetic":
         return f"use `{number}`: a number is safe anywhere"
-    if context == "a parameter expansion `${...}`":
+    if context.startswith("a parameter expansion"):
         return f"assign it to a shell variable first (`v={quoted};`) and use \"$v\" inside the expansion"
     if context == "a here-document":
         return f"pass it as an argument or through `env:` instead, e.g. `printf '%s\\n' {quoted} | command`"
