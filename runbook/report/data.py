@@ -350,6 +350,9 @@ def run_report_from_files(state: Mapping[str, Any] | None, records: list[dict[st
     tasks += rescued
     if plan is not None:
         with_predictions(tasks, plan_predictions(plan))
+    elif header.mode == "apply":
+        header.notes.append("the reviewed plan is not attached: `runbook report RUN_ID --plan PLAN_FILE` shows "
+                            "each task's prediction against its outcome")
     header.window, header.notes = view.window, header.notes + view.notes
     header.audit = audit_check(audit_path, run_id)
     hosts = list(state.get("hosts") or []) if state is not None else list((started or {}).get("hosts") or [])

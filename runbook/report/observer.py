@@ -50,20 +50,25 @@ class ReportObserver(Observer):
             self.warn(f"report: event not recorded: {exc}")
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
+        """Note an unreachable host and why."""
         self._event(kind="unreachable", level="error", host=host, message=reason)
 
     def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None:
+        """Note who granted or denied a gate."""
         verb = "approved" if granted else "denied"
         self._event(kind="approval", level="info" if granted else "warning", host=host, step_id=step_id,
                     message=f"{verb} by {who}")
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
+        """Note a notice the operator saw."""
         self._event(kind="notice", level=level, message=message)
 
     def run_interrupted(self, run: RunInfo, reason: str) -> None:
+        """Note an interrupt."""
         self._event(kind="interrupted", level="warning", message=reason)
 
     def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        """Write the report; never raise into the run."""
         try:
             self.write(run, result)
         except Exception as exc:   # best effort: the run's outcome and exit code stay what they are
