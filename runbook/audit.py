@@ -110,8 +110,8 @@ def _secret_forms(value: Any) -> Iterator[str]:
             yield text
         return
     text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
-    if not text:
-        return
+    if not text.strip():
+        return                                # masking blanks would mask every space in every output
     yield text
     # Commands and files often trim a value or show it line by line.
     if text.strip() and text.strip() != text:
