@@ -274,3 +274,15 @@ def test_rule_templates_are_sandboxed(tmp_path: Path) -> None:
                                         "    vars: {v: \"{{ alert.labels.__class__.__init__.__globals__ }}\"}\n")).rules
     with pytest.raises(TemplateError):
         render_vars(rule, alert())
+
+
+def test_a_generic_hook_body_without_labels_gives_bounded_labels() -> None:
+    from runbook.serve.models import HookEvent, alert_from_hook
+
+    body = {f"k{i}": i for i in range(200)} | {"nested": {"a": 1}, "bad key": "x", "ünï": "x", "long": "x" * 5000}
+    a = alert_from_hook("h", HookEvent.model_validate(body), body)
+    assert len(a.labels) == 64 and a.labels["k0"] == "0" and "nested" not in a.labels and "bad key" not in a.labels
+    same = alert_from_hook("h", HookEvent.model_validate(body), body)
+    assert a.dedupe_key == same.dedupe_key, "the same body is the same event"
+    other = alert_from_hook("h", HookEvent.model_validate({**body, "k0": 1}), {**body, "k0": 1})
+    assert other.dedupe_key != a.dedupe_key

@@ -146,9 +146,9 @@ def alerts_from_alertmanager(payload: AMPayload) -> list[Alert]:
 def alert_from_hook(name: str, event: HookEvent, body: dict[str, Any]) -> Alert:
     """A generic hook's event as an alert; without `id`, its fingerprint is a hash of its labels or of the body."""
     extra = {k: v for k, v in body.items() if k not in HookEvent.model_fields}
-    labels = dict(event.labels) or {k: str(v) for k, v in extra.items()
-                                    if isinstance(v, (str, int, float, bool)) and len(str(v)) <= MAX_VALUE
-                                    and k.isidentifier()}
+    scalars = [(k, str(v)) for k, v in extra.items()
+               if isinstance(v, (str, int, float, bool)) and len(str(v)) <= MAX_VALUE and k.isidentifier() and k.isascii()]
+    labels = dict(event.labels) or dict(scalars[:MAX_LABELS])
     starts = _iso(event.startsAt)
     if event.id:
         fingerprint = event.id
