@@ -172,10 +172,10 @@ def test_breaker_opens_at_its_limit_escalates_once_and_closes_after_its_period(t
     assert third.action == "suppress" and third.code == "breaker" and third.breaker_opened
     fourth = safety.decide(_job(q, "fourth"), rule, None)
     assert fourth.action == "suppress" and fourth.code == "breaker" and not fourth.breaker_opened, "escalate once"
-    assert q.open_breakers() == [("disk", "web01")]
+    assert q.breakers.all_open() == [("disk", "web01")]
     clock.t += 3600
     later = safety.decide(_job(q, "later"), rule, None)
-    assert later.action == "run" and later.breaker_closed and q.open_breakers() == []
+    assert later.action == "run" and later.breaker_closed and q.breakers.all_open() == []
 
 
 def test_escalations_and_started_jobs_skip_cooldown_and_breaker(tmp_path: Path) -> None:

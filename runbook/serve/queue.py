@@ -146,6 +146,7 @@ class Queue:
         self._lock = threading.RLock()
         self._batch_lock = threading.Lock()
         self._batch: list[_Pending] = []
+        self.breakers = Breakers(self)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -342,27 +343,6 @@ class Queue:
                                    " AND counted = 1 AND started_at >= ?", (rule, host, since)).fetchone()
         return int(row["n"])
 
-    def breaker(self, rule: str, host: str) -> sqlite3.Row | None:
-        """The open breaker of (rule, host), if any."""
-        with self._lock:
-            return self._db.execute("SELECT * FROM breakers WHERE rule = ? AND host = ?", (rule, host)).fetchone()
-
-    def open_breaker(self, rule: str, host: str, now: float) -> bool:
-        """Open the breaker; True when it was closed before (so the caller escalates once)."""
-        with self._tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO breakers (rule, host, opened_at) VALUES (?,?,?)", (rule, host, now))
-            return cur.rowcount == 1
-
-    def close_breaker(self, rule: str, host: str) -> bool:
-        """Close the breaker; True when it was open."""
-        with self._tx() as db:
-            return db.execute("DELETE FROM breakers WHERE rule = ? AND host = ?", (rule, host)).rowcount == 1
-
-    def open_breakers(self) -> list[tuple[str, str]]:
-        """Every open (rule, host) breaker."""
-        with self._lock:
-            return [(r["rule"], r["host"]) for r in self._db.execute("SELECT rule, host FROM breakers").fetchall()]
-
     # --- approvals and reading --------------------------------------------------------------------------
 
     def decide(self, job_id: int, approve: bool, by: str, reason: str | None) -> Job | None:
@@ -408,6 +388,34 @@ class Queue:
             out["pending_alerts"] = int(self._db.execute("SELECT COUNT(*) FROM alerts WHERE state = 'pending'").fetchone()[0])
             out["alerts"] = int(self._db.execute("SELECT COUNT(*) FROM alerts").fetchone()[0])
         return out
+
+
+class Breakers:
+    """The open circuit breakers, one row per (rule, host), in the queue's database."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def is_open(self, rule: str, host: str) -> bool:
+        """True while the breaker of (rule, host) is open."""
+        with self.queue._lock:
+            return self.queue._db.execute("SELECT 1 FROM breakers WHERE rule = ? AND host = ?", (rule, host)).fetchone() is not None
+
+    def open(self, rule: str, host: str, now: float) -> bool:
+        """Open the breaker; True when it was closed before (so the caller escalates once)."""
+        with self.queue._tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO breakers (rule, host, opened_at) VALUES (?,?,?)", (rule, host, now))
+            return cur.rowcount == 1
+
+    def close(self, rule: str, host: str) -> bool:
+        """Close the breaker; True when it was open."""
+        with self.queue._tx() as db:
+            return db.execute("DELETE FROM breakers WHERE rule = ? AND host = ?", (rule, host)).rowcount == 1
+
+    def all_open(self) -> list[tuple[str, str]]:
+        """Every open (rule, host) breaker."""
+        with self.queue._lock:
+            return [(r["rule"], r["host"]) for r in self.queue._db.execute("SELECT rule, host FROM breakers").fetchall()]
 
 
 class ServerLock:

@@ -53,10 +53,10 @@ class Safety:
             b = rule.breaker
             runs = self.queue.runs_since(rule.name, job.host, now - b.per)
             if runs >= b.max_runs:
-                opened = self.queue.open_breaker(rule.name, job.host, now)
+                opened = self.queue.breakers.open(rule.name, job.host, now)
                 return Decision("suppress", f"circuit breaker open: {runs} run(s) of `{rule.name}` on {job.host} in the "
                                 f"last {_ago(b.per)} (limit {b.max_runs})", "breaker", breaker_opened=opened)
-            closed = self.queue.close_breaker(rule.name, job.host)
+            closed = self.queue.breakers.close(rule.name, job.host)
         last = self.queue.last_run_end(rule.name, job.host, job.kind)
         if last is not None and now < last + rule.cooldown:
             return Decision("suppress", f"cooldown: the last run of `{rule.name}` on {job.host} ended {_ago(now - last)} ago "

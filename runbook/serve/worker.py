@@ -80,7 +80,7 @@ class Worker:
         for job in self.queue.recover():
             self.rec.event("remediation.recovered", job_id=job.id, rule=job.rule, host=job.host, run=job.run_id,
                            note="left running by a stopped server: queued again, resuming its run")
-        for rule, host in self.queue.open_breakers():
+        for rule, host in self.queue.breakers.all_open():
             self.rec.metrics.breaker.labels(rule, host).set(1)
         self._thread = threading.Thread(target=self._loop, name="runbook-serve-dispatch", daemon=True)
         self._thread.start()
