@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from runbook.audit import Redactor
+from runbook.cli import main
 from runbook.report.render import render_run
 from tests.helpers import cli
 from tests.sshd import SSHHost, write_inventory, write_known_hosts
@@ -130,9 +131,10 @@ def real_runs(ssh_hosts: list[SSHHost], tmp_path_factory: pytest.TempPathFactory
         assert proc.returncode in codes, proc.stderr
 
     ok(cli("plan", "demo.yml", *common, "--out", "plan.json", env=env, cwd=work), 0)
-    ok(cli("show", "plan.json", "--html", "plan.html", env=env, cwd=work), 0)
     ok(cli("run", "demo.yml", *common, "--report", "run.html", env=env, cwd=work), 2)
-    ok(cli("report", "latest", "--audit-log", str(work / "trail" / "audit.jsonl"), "-o", "files.html", env=env, cwd=work), 0)
+    # The commands that only read files run in this process (no SSH, and a second less each).
+    assert main(["show", str(work / "plan.json"), "--html", str(work / "plan.html")]) == 0
+    assert main(["report", "latest", "--audit-log", str(work / "trail" / "audit.jsonl"), "-o", str(work / "files.html")]) == 0
     return {"run": work / "run.html", "files": work / "files.html", "plan": work / "plan.html", "work": work}
 
 
@@ -179,7 +181,22 @@ def test_report_from_files_shows_retry_diff_skip_and_the_audit_chain(browser: An
     page.click("#filters .reset")
     page.click(".counts .count[data-status=rescued]")
     assert page.locator("#table .row:visible").count() == 1
-    assert page.locator("#timeline-box canvas").count() == 1
+    # The timeline: find h1's failed bar by pointing along its row (row 2: axis 20 px, rows 22 px), then click it.
+    page.click("#filters .reset")
+    page.locator("#timeline-box canvas").scroll_into_view_if_needed()
+    box = page.locator("#timeline-box canvas").bounding_box()
+    y = box["y"] + 20 + 22 + 11
+    found = None
+    for x in range(int(box["x"] + box["width"]) - 2, int(box["x"] + 150), -3):   # from the end: it failed late
+        page.mouse.move(x, y)
+        tip = page.locator("#timeline-box .tip")
+        if tip.is_visible() and tip.inner_text().startswith("h1 · disk-check"):
+            found = x
+            break
+    assert found is not None, "no bar for h1's failed task on the timeline"
+    assert "failed" in page.locator("#timeline-box .tip").inner_text()
+    page.mouse.click(found, y)
+    assert page.locator("#detail h3").inner_text().startswith("disk check on h1")
     page.screenshot(path=str(artifacts / "run-report-from-files.png"), full_page=True)
     w.assert_clean()
     close(w)
@@ -190,7 +207,7 @@ def test_plan_review_page(browser: Any, real_runs: dict[str, Path], artifacts: P
     assert SECRET not in real_runs["plan"].read_text()
     w = open_page(browser, real_runs["plan"])
     page = w.page
-    assert "runbook apply plan.json" in page.locator("#commands").inner_text()
+    assert f"runbook apply {real_runs['work'] / 'plan.json'}" in page.locator("#commands").inner_text()
     assert "hash verified" in page.locator("header").inner_text()
     page.click("#filters button[data-status=change]")
     page.locator("#table .row:visible").first.click()
@@ -240,7 +257,9 @@ def test_many_hosts_virtual_rows_and_aggregated_timeline(browser: Any, tmp_path:
     page.click("#filters .reset")
     page.locator("#table .tbody").evaluate("b => { b.scrollTop = b.scrollHeight; b.dispatchEvent(new Event('scroll')); }")
     page.locator("#table .row:visible", has_text="h799").first.wait_for()
+    page.locator("#timeline-box canvas").scroll_into_view_if_needed()
     page.mouse.move(600, page.locator("#timeline-box canvas").bounding_box()["y"] + 60)
+    assert page.locator("#timeline-box .tip").inner_text().startswith("hosts ")
     page.emulate_media(media="print")
     page.evaluate("window.dispatchEvent(new Event('beforeprint'))")
     assert page.locator("#print-rows tr").count() == 3002              # header, 3,000 rows, "more"

@@ -333,7 +333,7 @@
         ctx.fillText(name.length > 22 ? name.slice(0, 21) + "…" : name, 4, AXIS + r * rowH + rowH / 2);
       }
       if (per) perHost(ctx); else aggregated(ctx);
-      if (marked >= 0) mark(marked);
+      if (marked >= 0) outline(marked);
     }
     function axis(ctx, W, H, span, scale, gutter) {
       var stepMs = 1, nice = [1, 2, 5];
@@ -425,11 +425,11 @@
     canvas.addEventListener("click", function (ev) {
       var p = at(ev);
       if (!p) return;
-      if (geo.per) { var i = taskAt(p); if (i >= 0) { select(i); document.getElementById("detail").scrollIntoView({ block: "nearest" }); } }
-      else filters.setHost("");
+      if (!geo.per) return;   // an aggregated row stands for many hosts: the tooltip is its detail
+      var i = taskAt(p);
+      if (i >= 0) { select(i); document.getElementById("detail").scrollIntoView({ block: "nearest" }); }
     });
-    function mark(i) {
-      marked = i;
+    function outline(i) {
       if (!geo || !geo.per || C.b[i] < 0) return;
       var ctx = canvas.getContext("2d"), g = geo;
       ctx.strokeStyle = "#1565c0"; ctx.lineWidth = 2;
@@ -438,7 +438,12 @@
     var timer = 0;
     window.addEventListener("resize", function () { clearTimeout(timer); timer = setTimeout(draw, 150); });
     draw();
-    return { mark: function (i) { if (marked !== i && marked >= 0) draw(); mark(i); }, draw: draw };
+    function mark(i) {   // outline the selected task; redraw first when another one was outlined
+      var had = marked;
+      marked = i;
+      if (had >= 0 && had !== i) draw(); else outline(i);
+    }
+    return { mark: mark, draw: draw };
   }
 
   // --- the host strip: every host as a thin slice coloured by its worst outcome (large runs only) ------
