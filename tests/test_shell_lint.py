@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -451,15 +452,28 @@ def shell_texts(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[A
             yield from shell_texts(value, (*path, i))
 
 
-def shipped_documents() -> Iterator[tuple[str, Any]]:
-    """Every shipped playbook, and every ```yaml block of the README and the docs."""
-    for path in sorted((ROOT / "playbooks").glob("*.yml")):
-        yield str(path.relative_to(ROOT)), yaml.safe_load(path.read_text())
+def shipped_documents(marked_unsafe: bool = False) -> Iterator[tuple[str, Any]]:
+    """Every shipped playbook, and every ```yaml block of the README and the docs.
+
+    A block fenced ```yaml unsafe shows what not to do; those come only with `marked_unsafe`.
+    """
+    if not marked_unsafe:
+        for path in sorted((ROOT / "playbooks").glob("*.yml")):
+            yield str(path.relative_to(ROOT)), yaml.safe_load(path.read_text())
     for path in [ROOT / "README.md", ROOT / "playbooks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
-        for m in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
-            line = text.count("\n", 0, m.start()) + 1
-            yield f"{path.relative_to(ROOT)}:{line}", yaml.safe_load(m.group(1))
+        # Fences may be indented (inside a list item); their content is indented alike.
+        for m in re.finditer(r"^[ \t]*```ya?ml([^\n]*)\n(.*?)^[ \t]*```", text, re.MULTILINE | re.DOTALL):
+            if (m.group(1).strip() == "unsafe") == marked_unsafe:
+                line = text.count("\n", 0, m.start()) + 1
+                yield f"{path.relative_to(ROOT)}:{line}", yaml.safe_load(textwrap.dedent(m.group(2)))
+
+
+def test_examples_marked_unsafe_really_are() -> None:
+    marked = list(shipped_documents(marked_unsafe=True))
+    assert any(name.startswith("docs/security.md:") for name, _ in marked)
+    for name, doc in marked:
+        assert any(found for _, _, found in shell_texts(doc)), f"{name} is fenced `yaml unsafe` but the lint finds nothing"
 
 
 def test_no_shipped_example_interpolates_unsafely() -> None:
