@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal
 import jinja2
 import pydantic
 from jinja2 import meta
-from pydantic import Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from runbook.errors import Location, Problem, Problems, ValidationError, did_you_mean
-from runbook.fields import Duration, Strict
+from runbook.model import Duration
 from runbook.loader import LocatedDocument, SourceMap, ValidationReport, parse_yaml, pydantic_problems, read_text
 from runbook.serve.models import Alert
 
@@ -34,6 +34,12 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,252})$")
 
 class RulesError(ValidationError):
     """A rules file that cannot be loaded."""
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo in a safety setting must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Breaker(Strict):
