@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/runbook: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,13 @@ demo: install
 	if [ $$rc -eq 2 ]; then echo "health-check: a threshold was breached on this machine (exit 2; see the failed check above)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
-# Install everything, then run the whole test suite (real sshd hosts on loopback).
-test: install
+# Install everything, check the code (ruff, mypy), then run the whole test suite (real sshd hosts on loopback).
+test: install lint
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check runbook tests benchmarks
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python -m benchmarks

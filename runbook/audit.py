@@ -114,7 +114,7 @@ def _secret_forms(value: Any) -> Iterator[str]:
         return                                # masking blanks would mask every space in every output
     yield text
     # Commands and files often trim a value or show it line by line.
-    if text.strip() and text.strip() != text:
+    if text.strip() != text:
         yield text.strip()
     if "\n" in text:
         yield from (line.strip() for line in text.splitlines() if len(line.strip()) >= MIN_SECRET_LINE_LEN)
@@ -429,6 +429,8 @@ class AuditTrail(Observer):
     Write failures raise `AuditError`: a run that cannot be audited should not go on silently.
     """
 
+    critical = True   # a run that cannot be audited must not go on silently
+
     def __init__(self, path: str | Path, redactor: Redactor | None = None, *, output_limit: int = 4096):
         self.path = Path(path)
         self.redactor = redactor or Redactor()
@@ -443,10 +445,10 @@ class AuditTrail(Observer):
         self._chain = HashChain()
         # A private pipeline: wrap_logger with every setting given explicitly never reads or
         # changes structlog's global configuration, so an embedding application keeps its own.
+        processors: list[Any] = [add_timestamp, self._seq, make_json_safe, Redact(self.redactor), self._chain, render_line]
         self._logger = structlog.wrap_logger(
             self._sink,
-            processors=[add_timestamp, self._seq, make_json_safe, Redact(self.redactor),
-                        self._chain, render_line],
+            processors=processors,
             wrapper_class=structlog.BoundLogger,
             context_class=dict,
             cache_logger_on_first_use=False,

@@ -261,21 +261,27 @@ def _console_view(prepared, kw: dict[str, Any]):
 
     for w in prepared.inventory.warnings:
         _echo_err(w.render())
-    gates = any(s.action == "approve" for s in prepared.playbook.all_steps())
+    from runbook.actions import action_class
+
+    gates = any(action_class(s.action).asks_operator for s in prepared.playbook.all_steps())
     return ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"], live=False if gates else None)
+
+
+_PLAN_KEY_ENV = "RUNBOOK_PLAN_KEY"   # runbook.plan.KEY_ENV (not imported: the CLI module stays light)
 
 
 def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     from runbook.console import ConsoleView, make_console, render_plan
-    from runbook.plan import build_plan, write_plan
+    from runbook.plan import build_plan, plan_key, write_plan
     from runbook.runner import execute, prepare
 
+    key = plan_key(kw.get("sign_key"))   # a bad key file fails before any host is contacted
     request = _request(kw, "plan")
     prepared = prepare(playbook, _inventory_arg(kw), request)
     console = make_console()
     request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"]))
     result = execute(prepared, request)
-    doc = build_plan(prepared, request, result)
+    doc = build_plan(prepared, request, result, key=key)
     if out:
         write_plan(doc, out)
     if kw["output"] == "json":
@@ -283,7 +289,8 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     else:
         render_plan(make_console(sys.stdout), doc, prepared.redactor)
         if out:
-            click.echo(f"\nSaved to {out}. Review it with `runbook show {out}`; run exactly this with `runbook apply {out}`.")
+            signed = f" (signed, key id {key.key_id})" if key else ""
+            click.echo(f"\nSaved to {out}{signed}. Review it with `runbook show {out}`; run exactly this with `runbook apply {out}`.")
     code = result.exit_code()
     sys.exit(code)
 
@@ -292,6 +299,8 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
 @click.argument("playbook", type=click.Path())
 @_run_options
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Save the plan for review and `runbook apply`.")
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help=f"Sign the plan with the key in FILE (HMAC-SHA256; default: ${_PLAN_KEY_ENV}, the key itself).")
 def plan(playbook: str, out: str | None, **kw: Any) -> None:
     """Dry run: predict every step on every host (+ change, = no change, - skip, ? unknown); change nothing."""
     _plan(playbook, out, kw)
@@ -301,15 +310,28 @@ def plan(playbook: str, out: str | None, **kw: Any) -> None:
 @click.argument("plan_file", type=click.Path())
 @click.option("--no-diff", is_flag=True, help="Hide content diffs.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write the plan as a self-contained HTML review page instead.")
-def show(plan_file: str, no_diff: bool, html_file: str | None) -> None:
+@click.option("--playbook", "playbook_text", is_flag=True, help="Print the playbook text the plan keeps (what apply runs).")
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help=f"Check the plan's signature with the key in FILE (default: ${_PLAN_KEY_ENV}); unsigned plans are refused.")
+def show(plan_file: str, no_diff: bool, html_file: str | None, playbook_text: bool, sign_key: str | None) -> None:
     """Render a saved plan again for review."""
     from runbook.console import make_console, render_plan
-    from runbook.plan import load_plan
+    from runbook.plan import load_plan, plan_key
 
+    key = plan_key(sign_key)
+    doc = load_plan(plan_file, max_age=float("inf"), key=key, allow_unverified=True)
+    sig = doc.get("signature")
+    _echo_err(f"signature: good (key id {key.key_id})" if key else
+              f"signature: NOT CHECKED (signed with key id {sig['key_id']}; no plan key given)" if sig else
+              "signature: none (anyone who can write this file can change what apply runs)")
+    if playbook_text:
+        text = doc["playbook"]["text"] or (f"(not kept: the playbook held a secret value; apply runs "
+                                           f"{doc['playbook']['path']} only if its sha256 is {doc['playbook']['hash']})")
+        return click.echo(text, nl=not text.endswith("\n"))
     if html_file:
         from runbook.cli_report import write_plan_page
-        return write_plan_page(load_plan(plan_file, max_age=float("inf")), plan_file, html_file)
-    render_plan(make_console(sys.stdout), load_plan(plan_file, max_age=float("inf")), diffs=not no_diff)
+        return write_plan_page(doc, plan_file, html_file)
+    render_plan(make_console(sys.stdout), doc, diffs=not no_diff)
 
 
 @cli.command()
@@ -329,11 +351,14 @@ def show(plan_file: str, no_diff: bool, html_file: str | None) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 @_window_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
-def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any) -> None:
-    """Execute exactly a reviewed plan; refuse when the playbook, inventory, vars or hosts drifted."""
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help=f"Accept only plans signed with the key in FILE (default: ${_PLAN_KEY_ENV}, the key itself).")
+def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, sign_key: str | None, **kw: Any) -> None:
+    """Execute exactly a reviewed plan: the playbook text it keeps; refuse when inputs drifted or the plan was changed."""
     from runbook.errors import DriftError, ValidationError
     from runbook.model import parse_duration
-    from runbook.plan import drift_between, load_plan, plan_hash, saved_predictions
+    from runbook.plan import (drift_between, host_key_level, load_plan, plan_hash, plan_key, reviewed_playbook,
+                              saved_predictions)
     from runbook.runner import execute, prepare
     from runbook.state import reusable_sources
 
@@ -342,16 +367,18 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, **kw: Any)
         age = parse_duration(max_age)
     except ValueError as exc:
         raise ValidationError(f"--max-age: {exc}") from None
-    doc = load_plan(plan_file, max_age=age)
+    key = plan_key(sign_key)
+    doc = load_plan(plan_file, max_age=age, key=key)
     extra = parse_extra_vars(kw["extra"]) if kw["extra"] else dict(doc["extra_vars"])
     kw.update(limit=doc["limit"], tags=tuple(doc["tags"]), skip_tags=tuple(doc["skip_tags"]), extra=())
-    kw["host_key_checking"] = kw["host_key_checking"] or doc.get("host_key_checking")
+    # Safety settings come from the command line; the plan may keep or raise them, never lower them.
+    kw["host_key_checking"] = host_key_level(doc.get("host_key_checking"), kw["host_key_checking"], plan_file)
     request = _request(kw, "apply", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
                        plan_hash=plan_hash(doc), predictions=saved_predictions(doc), allow_drift=allow_drift)
     request.extra_vars = extra
     inventory = list(kw["inventory"]) if kw["inventory"] else reusable_sources(doc["inventory"]["source"])
-    prepared = prepare(doc["playbook"]["path"], inventory, request)
-    drifted = drift_between(doc, prepared, extra)
+    prepared = prepare(reviewed_playbook(doc, plan_file), inventory, request)
+    drifted = drift_between(doc, prepared, extra, key=key)
     if drifted:
         raise DriftError("the plan no longer matches:\n  - " + "\n  - ".join(drifted),
                          hint="review a new plan: runbook plan ... --out FILE")
@@ -447,6 +474,8 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.argument("run_id")
 @click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory (default: the run's).")
 @click.option("--force", is_flag=True, help="Resume even though the playbook or inventory changed (recorded).")
+@click.option("--rerun-in-flight", is_flag=True,
+              help="Run again the tasks that were running when the run stopped (their outcome is unknown).")
 @click.option("-e", "--extra-vars", "extra", multiple=True, help="Needed again for the values the run state redacted.")
 @click.option("--state-dir", type=click.Path(file_okay=False))
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
@@ -458,7 +487,7 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.option("-v", "--verbose", is_flag=True)
 @_window_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
-def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
+def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
     """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
     from runbook.errors import DriftError
     from runbook.runner import RunRequest, execute, prepare
@@ -468,6 +497,7 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     _check_window_flags(kw)
     directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
     doc = load_state(directory, run_id)
+    _confirm_in_flight(doc, rerun_in_flight)
     done, registers = resumable(doc)
     # The state file holds secret-looking -e values masked: they must be given again, never run as "***".
     extra = {**(doc.get("extra_vars") or {}), **parse_extra_vars(kw["extra"])}
@@ -502,6 +532,20 @@ def resume(run_id: str, force: bool, state_dir: str | None, yes: bool, **kw: Any
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
+def _confirm_in_flight(doc: dict[str, Any], rerun: bool) -> None:
+    """Tasks in flight when a run died may or may not have done their work: run them again only when told to."""
+    in_flight = list(doc.get("in_flight") or [])
+    if not in_flight or rerun:
+        return
+    listed = ", ".join(in_flight[:10]) + (f" and {len(in_flight) - 10} more" if len(in_flight) > 10 else "")
+    _echo_err(f"{len(in_flight)} task(s) were running when run {doc['run_id']} stopped; their outcome is unknown: {listed}")
+    if sys.stdin.isatty() and click.confirm("Run them again?", default=False, err=True):
+        return
+    from runbook.errors import ValidationError
+    raise ValidationError("tasks in flight when the run stopped would run again",
+                          hint="check them on the hosts, then resume with --rerun-in-flight")
+
+
 # --- inventory, windows, schedule -----------------------------------------------------------------
 
 @cli.command()
@@ -518,10 +562,9 @@ def inventory(inventory: tuple[str, ...], limit: str | None, as_list: bool, as_g
     if sum([as_list, as_graph, host is not None]) != 1:
         raise ValidationError("choose one of --list, --graph or --host NAME")
     inv = Inventory.load(list(inventory) if inventory else None)
-    for w in inv.warnings:
+    for w in [*inv.warnings, *(inv.limit_warnings(limit) if host is None else [])]:
         _echo_err(w.render())
-    mode = "list" if as_list else "graph" if as_graph else "host"
-    click.echo(inventory_report(inv, mode=mode, limit=limit, host=host))
+    click.echo(inventory_report(inv, mode="list" if as_list else "graph" if as_graph else "host", limit=limit, host=host))
 
 
 @cli.command()

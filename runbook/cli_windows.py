@@ -39,7 +39,7 @@ def _schedule_for(target: str | None):
             return WindowSchedule(defined[target], target)
         known.extend(defined)
     raise WindowError([Problem(f"unknown window `{target}`", Location(str(files[0])),
-                               did_you_mean(target, known) or f"known windows: {', '.join(known)}")])
+                               did_you_mean(target or "", known) or f"known windows: {', '.join(known)}")])
 
 
 def show_windows(target: str | None, count: int) -> str:

@@ -128,9 +128,9 @@ class ConsoleView(Observer):
             self.console.print(renderable)
 
     def _print_result(self, r: TaskResult) -> None:
-        if r.data.get("from_run"):
+        if r.from_run:
             if self.verbose:
-                self._print(Text(f"{r.host}: {r.step_id}: {r.status.value} in run {r.data['from_run']} (not run again)", style="dim"))
+                self._print(Text(f"{r.host}: {r.step_id}: {r.status.value} in run {r.from_run} (not run again)", style="dim"))
             return
         status = r.status.value + (" (ignored)" if r.ignored else "")
         line = Text.assemble((r.host, "bold"), f": {r.step_id}: ", (status, STYLE.get(r.status.value, "")))

@@ -1,12 +1,29 @@
-"""The executor's event stream: lifecycle hooks that observers (console, audit, state, JSON) implement."""
+"""The executor's event stream: lifecycle hooks that observers (console, audit, state, reports) implement.
+
+Two kinds of observer:
+
+- **critical** (`critical = True`: the audit trail, the run state): called in the emitting thread,
+  one event at a time, in order. If one raises, the run stops cleanly: no new task starts, the
+  failure is recorded, the run exits 1, and `run_finished` still reaches every observer that can
+  take it.
+- **best effort** (the default: console, reports, notifications): called on a thread of their own
+  from a queue, so a slow one never stalls a worker; an exception is reported once on stderr and
+  the run goes on. The stream waits for them to catch up before `run_finished` returns.
+"""
 
 from __future__ import annotations
 
+import queue
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from runbook.results import RunResult, TaskResult
+from runbook.results import RunMode, RunResult, TaskResult
+
+FLUSH_TIMEOUT = 30.0   # seconds the end of a run waits for best-effort observers to catch up
+_STOP = ("stop", ())   # ends the delivery thread
 
 
 @dataclass(frozen=True)
@@ -14,7 +31,7 @@ class RunInfo:
     """Who runs what, where: fixed when a run starts."""
 
     run_id: str
-    mode: str                        # plan | run | apply | resume
+    mode: RunMode
     playbook_path: str
     playbook_name: str
     playbook_hash: str
@@ -43,51 +60,166 @@ class TaskRef:
     command: str | None = None       # rendered and redacted
 
 
-class Observer:
-    """Lifecycle hooks; every method is optional. Calls arrive one at a time (the stream serialises them)."""
+class Observer(Protocol):
+    """Lifecycle hooks of a run; every hook is optional (subclass this to get no-op defaults)."""
 
-    def run_started(self, run: RunInfo) -> None: ...
-    def task_started(self, run: RunInfo, task: TaskRef) -> None: ...
-    def task_finished(self, run: RunInfo, result: TaskResult) -> None: ...
-    def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None: ...
-    def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None: ...
-    def notice(self, run: RunInfo, level: str, message: str) -> None: ...
-    def run_interrupted(self, run: RunInfo, reason: str) -> None: ...
-    def run_finished(self, run: RunInfo, result: RunResult) -> None: ...
-
-
-class EventStream(Observer):
-    """Fans every event out to a list of observers, one event at a time."""
-
-    def __init__(self, observers: list[Observer] | None = None):
-        self.observers: list[Observer] = list(observers or [])
-        self._lock = threading.RLock()
-
-    def _emit(self, name: str, *args: Any) -> None:
-        with self._lock:
-            for obs in self.observers:
-                getattr(obs, name)(*args)
+    #: True for observers that must not lose an event (audit trail, run state): see the module docstring.
+    critical: ClassVar[bool] = False
 
     def run_started(self, run: RunInfo) -> None:
+        """The run begins: identity, inputs' hashes and selected hosts are known; no host was contacted yet."""
+        return None
+
+    def task_started(self, run: RunInfo, task: TaskRef) -> None:
+        """A task (or a retry of it: `task.attempt`) starts on a host, with its rendered command."""
+        return None
+
+    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        """A task ended (also for tasks that never ran: not_run, deferred, unreachable, done in an earlier run)."""
+        return None
+
+    def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
+        """Connecting to a host failed (refused, timed out, authentication, host key); its tasks end unreachable."""
+        return None
+
+    def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None:
+        """An `approve` gate was answered."""
+        return None
+
+    def notice(self, run: RunInfo, level: str, message: str) -> None:
+        """Something the operator should know that is not a task result (max_failures, window closing)."""
+        return None
+
+    def run_interrupted(self, run: RunInfo, reason: str) -> None:
+        """The first Ctrl-C or SIGTERM: no new task starts; running ones may finish."""
+        return None
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        """The run ended; `result` holds every task result and the exit code."""
+        return None
+
+
+class ObserverFailed(Exception):
+    """A critical observer raised: the run must stop cleanly."""
+
+    def __init__(self, observer: object, hook: str, error: BaseException):
+        super().__init__(f"{type(observer).__name__} failed in {hook}: {type(error).__name__}: {error}")
+        self.observer = observer
+        self.hook = hook
+        self.error = error
+
+
+def _stderr(message: str) -> None:
+    print(f"runbook: {message}", file=sys.stderr, flush=True)
+
+
+class EventStream:
+    """Fans every event out: to critical observers in order and in the caller's thread, to the others via a queue."""
+
+    def __init__(self, observers: list[Any] | None = None, *, report: Callable[[str], None] = _stderr):
+        observers = list(observers or [])
+        self.observers = observers
+        self.critical = [o for o in observers if getattr(o, "critical", False)]
+        self.best_effort = [o for o in observers if not getattr(o, "critical", False)]
+        self._report = report
+        self._lock = threading.RLock()
+        self._broken: set[int] = set()          # critical observers that raised: not called again
+        self._reported: set[int] = set()        # best-effort observers whose failure was reported
+        self._queue: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | threading.Event] = queue.SimpleQueue()  # FIFO
+        self._thread: threading.Thread | None = None
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        failure: ObserverFailed | None = None
+        with self._lock:
+            for obs in self.critical:
+                if id(obs) in self._broken:
+                    continue
+                try:
+                    getattr(obs, hook)(*args)
+                except Exception as exc:
+                    self._broken.add(id(obs))
+                    failure = failure or ObserverFailed(obs, hook, exc)
+            if self.best_effort:
+                self._start_thread()
+                self._queue.put((hook, args))
+        if failure is not None:
+            self._report(str(failure) + "; the run stops (no new task starts)")
+            raise failure
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._deliver, name="runbook-observers", daemon=True)
+            self._thread.start()
+
+    def _deliver(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            hook, args = item
+            for obs in self.best_effort:
+                try:
+                    getattr(obs, hook)(*args)
+                except Exception as exc:   # best effort: report once, the run goes on
+                    if id(obs) not in self._reported:
+                        self._reported.add(id(obs))
+                        self._report(f"{type(obs).__name__} failed in {hook}: {type(exc).__name__}: {exc} "
+                                     "(the run goes on; this output may be incomplete)")
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Wait until best-effort observers have taken every event so far; False when they did not in time."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        if done.wait(timeout):
+            return True
+        self._report(f"observers did not catch up within {timeout:g}s; their output may be incomplete")
+        return False
+
+    def run_started(self, run: RunInfo) -> None:
+        """Emit `run_started`."""
         self._emit("run_started", run)
 
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
+        """Emit `task_started`."""
         self._emit("task_started", run, task)
 
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        """Emit `task_finished`."""
         self._emit("task_finished", run, result)
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
+        """Emit `host_unreachable`."""
         self._emit("host_unreachable", run, host, reason)
 
     def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None:
+        """Emit `approval` (synchronously for best-effort observers too: the prompt's output must come first)."""
         self._emit("approval", run, host, step_id, granted, who)
+        self.flush()
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
+        """Emit `notice`."""
         self._emit("notice", run, level, message)
 
     def run_interrupted(self, run: RunInfo, reason: str) -> None:
+        """Emit `run_interrupted`."""
         self._emit("run_interrupted", run, reason)
 
     def run_finished(self, run: RunInfo, result: RunResult) -> None:
-        self._emit("run_finished", run, result)
+        """Emit `run_finished`, wait for every observer to have taken it, and end the delivery thread."""
+        try:
+            self._emit("run_finished", run, result)
+        finally:
+            self.flush()
+            self.close()
+
+    def close(self) -> None:
+        """End the delivery thread (a later event starts a new one)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)

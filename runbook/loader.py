@@ -7,14 +7,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Any
 
 import pydantic
 import yaml
 
 from runbook.errors import Location, PlaybookError, Problem, Problems, did_you_mean
-from runbook.model import (ACTIONS, action_count_problem, ApproveSpec, AssertSpec, Blackout, FetchSpec, Playbook, Step, TemplateSpec,
-                           UploadSpec, WaitForSpec, Window)
+from runbook.model import ACTIONS, Blackout, Playbook, Step, Window, action_count_problem
 
 Path_ = tuple  # a path into the document: keys and list indexes
 
@@ -238,7 +238,7 @@ class _Converter:
             out[key] = self.convert(value_node, path + (key,), depth + 1)
         self.source.values.pop(path + ("<key>",), None)
         # `<<: *defaults` (or a list of them): keys written in the mapping win, then earlier merges win.
-        for key_node, value_node in merges:
+        for _key_node, value_node in merges:
             sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
             for src in sources:
                 if not isinstance(src, yaml.MappingNode):
@@ -277,10 +277,22 @@ _EXPECTED = {
     "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
 }
 
-_SECTION_MODELS: dict[str, type[pydantic.BaseModel]] = {
-    "upload": UploadSpec, "template": TemplateSpec, "fetch": FetchSpec, "wait_for": WaitForSpec,
-    "assert": AssertSpec, "approve": ApproveSpec, "window": Window, "blackout": Blackout,
-}
+_SECTION_MODELS: dict[str, type[pydantic.BaseModel]] = {"window": Window, "blackout": Blackout}
+
+
+def _section_model(name: str) -> type[pydantic.BaseModel] | None:
+    """The model of a mapping under key `name`: a playbook section, or an action's spec model."""
+    if name in _SECTION_MODELS:
+        return _SECTION_MODELS[name]
+    if name in ACTIONS:
+        return _spec_model(ACTIONS.get(name).spec_type)
+    return None
+
+
+def _spec_model(spec_type: Any) -> type[pydantic.BaseModel] | None:
+    """The pydantic model inside an action's spec type (unwrapping Annotated), if it is one."""
+    inner = typing.get_args(spec_type)[0] if typing.get_origin(spec_type) is typing.Annotated else spec_type
+    return inner if isinstance(inner, type) and issubclass(inner, pydantic.BaseModel) else None
 
 
 def _model_at(path: Path_) -> type[pydantic.BaseModel] | None:
@@ -291,7 +303,7 @@ def _model_at(path: Path_) -> type[pydantic.BaseModel] | None:
         return Step
     for part in reversed(path):
         if isinstance(part, str):
-            return _SECTION_MODELS.get(part)
+            return _section_model(part)
     return None
 
 
@@ -358,7 +370,7 @@ def pydantic_problems(exc: pydantic.ValidationError, data: Any, source: SourceMa
         if err["type"] == "missing" and loc:
             missing, loc = str(loc[-1]), loc[:-1]
         path, value, tags, tag_paths = _walk(data, loc)
-        entries.append(_Err(err, path, value, tags, tag_paths, missing))
+        entries.append(_Err(dict(err), path, value, tags, tag_paths, missing))
     problems: list[Problem] = []
     for e in _resolve_unions(entries):
         problems.append(_one_problem(e, source))
@@ -460,7 +472,7 @@ def _one_problem(e: _Err, source: SourceMap) -> Problem:
         msg = str(err["msg"]).removeprefix("Value error, ")
         hint = None
         if "no action" in msg or "actions (" in msg:
-            hint = f"use one of: {', '.join(ACTIONS)}"
+            hint = f"use one of: {', '.join(ACTIONS.names())}"
         if "actions (" in msg and isinstance(value, dict):
             # point at the second action: the first one is the step's action, the second is the surprise
             present = [k for k in value if k in ACTIONS]
@@ -505,7 +517,7 @@ def parse_playbook(text: str, filename: str = "<playbook>") -> Playbook:
         # pydantic skips the one-action check of a step whose fields are invalid: check it on the raw data.
         found = _action_problems(doc.data, doc.source) + pydantic_problems(exc, doc.data, doc.source)
         unique = list({(p.message, p.location): p for p in found}.values())
-        raise PlaybookError(sorted(unique, key=lambda p: (p.location.line or 0, p.location.column or 0))) from None
+        raise PlaybookError(sorted(unique, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))) from None
     playbook._source = doc.source
     return playbook
 
@@ -524,14 +536,14 @@ def _action_problems(data: dict, source: SourceMap) -> list[Problem]:
             message = action_count_problem(present)
             if message:
                 path = (section, i) + ((present[1],) if len(present) > 1 else ())
-                found.append(Problem(message, source.locate(path, key=True), f"use one of: {', '.join(ACTIONS)}"))
+                found.append(Problem(message, source.locate(path, key=True), f"use one of: {', '.join(ACTIONS.names())}"))
     return found
 
 
 def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = None) -> ValidationReport:
     """Validate a playbook file completely: structure, step graph, templates and shell-safety lint."""
     from runbook.graph import StepGraph
-    from runbook.template import check_playbook_templates
+    from runbook.checks import check_playbook_templates
 
     try:
         playbook = parse_playbook(read_text(path, "playbook"), str(path))

@@ -2,102 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PrivateAttr, StringConstraints, field_validator,
-                      model_validator)
+from pydantic import BeforeValidator, Field, PrivateAttr, create_model, field_validator, model_validator
 
-ACTIONS = ("shell", "command", "upload", "template", "fetch", "wait_for", "assert", "approve")
+from runbook.actions import ACTIONS, field_name
+from runbook.errors import RunbookError
+from runbook.fields import (Duration, Int, Limit, LimitValue, Strict, StrList, _none_as_empty, _none_as_empty_list,
+                            parse_duration, parse_limit)
+
 GUARDS = ("creates", "removes", "unless", "only_if")
-
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?!s))?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*(?:(\d+)\s*ms)?\s*$")
-
-
-def parse_duration(value: Any) -> float:
-    """Parse `30s`, `5m`, `2h`, `1h30m`, `250ms` or a number of seconds into seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 30s, 5m or 2h, got a boolean")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip()
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            seconds = float(text)
-        else:
-            m = _DURATION_RE.match(text)
-            if not m or not any(m.groups()):
-                raise ValueError(f"invalid duration {value!r}: expected a number with a unit, like 30s, 5m, 2h or 1h30m")
-            h, mi, s, ms = m.groups()
-            seconds = float(h or 0) * 3600 + float(mi or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
-    else:
-        raise ValueError(f"invalid duration {value!r}: expected a number with a unit, like 30s, 5m or 2h")
-    if not math.isfinite(seconds):
-        raise ValueError(f"invalid duration {value!r}: must be a finite number of seconds")
-    if seconds < 0:
-        raise ValueError(f"invalid duration {value!r}: must not be negative")
-    return seconds
-
-
-def _format_duration(seconds: float) -> str:
-    return f"{seconds:g}s"
-
-
-# What editors see in the JSON Schema: the text forms the validators accept, not the parsed result.
-_DURATION_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*(\d+(\.\d+)?\s*(h|m|s|ms)?\s*)+$")]
-Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=Annotated[float, Field(ge=0)] | _DURATION_TEXT),
-                     PlainSerializer(_format_duration, return_type=str)]
-
-
-@dataclass(frozen=True)
-class Limit:
-    """A count or a percentage of hosts (batch sizes, failure limits)."""
-
-    value: float
-    percent: bool = False
-
-    def of(self, total: int) -> int:
-        """Resolve against a number of hosts; a percentage rounds up so that 1% of 3 hosts is 1."""
-        if not self.percent:
-            return int(self.value)
-        import math
-
-        return max(1, math.ceil(total * self.value / 100)) if total else 0
-
-    def __str__(self) -> str:
-        return f"{self.value:g}%" if self.percent else str(int(self.value))
-
-
-def parse_limit(value: Any) -> Limit:
-    """Parse an integer or a percentage like `25%`."""
-    if isinstance(value, Limit):
-        return value
-    if isinstance(value, bool):
-        raise ValueError("expected an integer or a percentage like 25%, got a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"invalid limit {value}: must not be negative")
-        return Limit(value)
-    if isinstance(value, str):
-        text = value.strip()
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text)
-        if m:
-            pct = float(m.group(1))
-            if not 0 <= pct <= 100:
-                raise ValueError(f"invalid percentage {value!r}: must be between 0% and 100%")
-            return Limit(pct, percent=True)
-        if text.isdigit():
-            return Limit(int(text))
-    raise ValueError(f"invalid limit {value!r}: expected an integer like 5 or a percentage like 25%")
-
-
-_LIMIT_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*\d+(\.\d+)?\s*%?\s*$")]
-LimitValue = Annotated[Limit, BeforeValidator(parse_limit, json_schema_input_type=Annotated[int, Field(ge=0)] | _LIMIT_TEXT),
-                       PlainSerializer(str, return_type=str)]
-
 
 def _cron_valid(expr: str) -> bool:
     """True for a five-field cron expression croniter accepts (it raises odd errors on odd input)."""
@@ -111,44 +27,13 @@ def _cron_valid(expr: str) -> bool:
         return False
 
 
-def _no_bool(value: Any) -> Any:
-    """Refuse true/false where a number is expected (pydantic would read true as 1)."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected an integer, got a boolean {str(value).lower()}")
-    return value
-
-
-def _none_as_empty(value: Any) -> Any:
-    """An empty YAML key (`vars:` with nothing under it) means an empty collection."""
-    return {} if value is None else value
-
-
-def _none_as_empty_list(value: Any) -> Any:
-    return [] if value is None else value
-
-
-Int = Annotated[int, BeforeValidator(_no_bool)]
-
-
 def slugify(name: str) -> str:
     """Default step id: lower-case words of the name joined by dashes."""
     text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "step"
 
 
-def _str_list(value: Any) -> Any:
-    """Accept a single string where a list of strings is expected."""
-    return [value] if isinstance(value, str) else value
-
-
-StrList = Annotated[list[str], BeforeValidator(_str_list, json_schema_input_type=str | list[str])]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=False)
-
-
-class Blackout(_Strict):
+class Blackout(Strict):
     """A date range in which a window never opens (a change freeze)."""
 
     start: str = Field(description="Start date or date-time (ISO 8601), inclusive.")
@@ -156,7 +41,7 @@ class Blackout(_Strict):
     reason: str | None = None
 
 
-class Window(_Strict):
+class Window(Strict):
     """A maintenance window: opens on a cron schedule for a duration, in a timezone."""
 
     cron: str = Field(description='Opening times, e.g. "0 2 * * SAT".')
@@ -191,106 +76,25 @@ class Window(_Strict):
         return v
 
 
-class UploadSpec(_Strict):
-    """Copy a local file to the host when its checksum or mode differs."""
-
-    src: str
-    dest: str
-    mode: str | None = Field(None, description="Octal file mode, e.g. '0644'.")
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _mode(cls, v: Any) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
-            v = str(v)  # the loader reads 0644 as the digits 644 (YAML 1.2), never as octal 420
-        if v is not None and not re.fullmatch(r"0?[0-7]{3,4}", str(v)):
-            raise ValueError(f"invalid mode {v!r}: expected an octal string like '0644'")
-        return None if v is None else str(v)
-
-
-class TemplateSpec(UploadSpec):
-    """Render a local jinja2 file and upload it when the result differs."""
-
-
-class FetchSpec(_Strict):
-    """Copy a remote file to a local directory, one subdirectory per host."""
-
-    src: str
-    dest: str = Field(description="Local directory; the file lands in DEST/HOST/basename.")
-
-
-class WaitForSpec(_Strict):
-    """Wait until a TCP port accepts, a file exists, or a command succeeds."""
-
-    port: Annotated[Int, Field(ge=1, le=65535)] | Annotated[str, Field(pattern=r"\{\{")] | None = Field(
-        None, description="A TCP port, or a template that renders to one, e.g. '{{ app_port }}'.")
-    host: str = "127.0.0.1"
-    path: str | None = None
-    command: str | None = None
-    state: Literal["present", "absent", "started", "stopped"] = "present"
-    timeout: Duration = 60.0
-    interval: Duration = 1.0
-
-    @model_validator(mode="after")
-    def _one_target(self) -> WaitForSpec:
-        targets = [k for k in ("port", "path", "command") if getattr(self, k) is not None]
-        if len(targets) != 1:
-            raise ValueError("wait_for needs exactly one of `port`, `path` or `command`")
-        return self
-
-
-class AssertSpec(_Strict):
-    """Jinja2 conditions that must all be true."""
-
-    that: StrList
-    msg: str | None = None
-    success_msg: str | None = None
-
-
-def _assert_shorthand(v: Any) -> Any:
-    """`assert: expr` or `assert: [expr, ...]` is short for `assert: {that: ...}`."""
-    if isinstance(v, (str, list)):
-        return {"that": v}
-    return v
-
-
-def _approve_shorthand(v: Any) -> Any:
-    """`approve: "question?"` is short for `approve: {prompt: ...}`."""
-    if isinstance(v, str):
-        return {"prompt": v}
-    return v
-
-
-class ApproveSpec(_Strict):
-    """A yes/no gate asked on the terminal before the run goes on."""
-
-    prompt: str = "Continue?"
-
-
 def action_count_problem(present: list[str]) -> str | None:
     """The complaint about a step declaring these actions, or None when it declares exactly one."""
     if not present:
-        return f"step has no action: expected exactly one of {', '.join(ACTIONS)}"
+        return f"step has no action: expected exactly one of {', '.join(action_names())}"
     if len(present) > 1:
         return f"step has {len(present)} actions ({', '.join(present)}): expected exactly one; split it into several steps"
     return None
 
 
-class Step(_Strict):
-    """One step of a playbook: exactly one action plus conditions, guards and options."""
+class StepBase(Strict):
+    """One step of a playbook: exactly one action plus conditions, guards and options.
+
+    The action keys (`shell:`, `upload:`, ...) are not listed here: `Step` below is this model plus
+    one optional field per registered action, each with the action's own spec type.
+    """
 
     name: str = Field(description="What the step does, in words.")
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique id; defaults to a slug of the name.")
     needs: StrList | None = Field(None, description="Ids this step waits for; default: the previous step; [] makes a root.")
-
-    shell: str | None = Field(None, description="A command line run through `sh -c`.")
-    command: Annotated[list[str], Field(min_length=1)] | None = Field(None, description="An argv list, run without a shell.")
-    upload: UploadSpec | None = None
-    template: TemplateSpec | None = None
-    fetch: FetchSpec | None = None
-    wait_for: WaitForSpec | None = None
-    assert_: Annotated[AssertSpec, BeforeValidator(_assert_shorthand, json_schema_input_type=str | list[str] | AssertSpec)] | None = Field(None, alias="assert")
-    approve: Annotated[ApproveSpec, BeforeValidator(_approve_shorthand, json_schema_input_type=str | ApproveSpec)] | None = None
 
     when: str | None = None
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
@@ -315,6 +119,8 @@ class Step(_Strict):
     env: Annotated[dict[str, str], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, str | int | float | bool] | None)] = Field(default_factory=dict)
     max_duration: Duration | None = Field(None, description="Do not start when the maintenance window closes sooner than this.")
 
+    _action: str = PrivateAttr("")
+
     @field_validator("env", mode="before")
     @classmethod
     def _env_strings(cls, v: Any) -> Any:
@@ -323,25 +129,27 @@ class Step(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _one_action(self) -> Step:
-        problem = action_count_problem(self.actions_present())
+    def _one_action(self) -> StepBase:
+        present = self.actions_present()
+        problem = action_count_problem(present)
         if problem:
             raise ValueError(problem)
+        self._action = present[0]
         return self
 
     def actions_present(self) -> list[str]:
         """Names of the actions this step declares (valid steps have exactly one)."""
-        return [a for a in ACTIONS if getattr(self, "assert_" if a == "assert" else a) is not None]
+        return [a for a in action_names() if getattr(self, field_name(a), None) is not None]
 
     @property
     def action(self) -> str:
         """The name of this step's action."""
-        return self.actions_present()[0]
+        return self._action or self.actions_present()[0]
 
     @property
     def action_spec(self) -> Any:
         """The value of this step's action key."""
-        return getattr(self, "assert_" if self.action == "assert" else self.action)
+        return getattr(self, field_name(self.action))
 
     @property
     def step_id(self) -> str:
@@ -354,7 +162,29 @@ class Step(_Strict):
         return {g: getattr(self, g) for g in GUARDS if getattr(self, g) is not None}
 
 
-class Playbook(_Strict):
+def action_names() -> list[str]:
+    """The registered actions: built-ins first, then plugins."""
+    return ACTIONS.names()
+
+
+def _step_model() -> type[StepBase]:
+    """StepBase plus one optional field per registered action (its key, spec type and summary)."""
+    fields: dict[str, Any] = {}
+    for name, cls in ACTIONS.all().items():
+        attr = field_name(name)
+        if attr in StepBase.model_fields or name in ("register",):
+            raise RunbookError(f"action `{name}` has the name of a step key", hint="rename the action plugin")
+        fields[attr] = (cls.spec_type | None, Field(None, alias=name if attr != name else None, description=cls.summary()))
+    return create_model("Step", __base__=StepBase, __module__=__name__, **fields)
+
+
+if TYPE_CHECKING:
+    Step = StepBase
+else:
+    Step = _step_model()
+
+
+class Playbook(Strict):
     """A runbook: metadata, targets, execution limits and steps."""
 
     runbook: str = Field(description="The playbook's name.")
@@ -399,3 +229,7 @@ class Playbook(_Strict):
             if s.step_id == step_id:
                 return s
         raise KeyError(step_id)
+
+
+__all__ = ["ACTIONS", "GUARDS", "Blackout", "Limit", "Playbook", "Step", "StepBase", "Window", "action_count_problem",
+           "action_names", "parse_duration", "parse_limit", "slugify"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Generic, TypeVar
 
@@ -62,6 +62,9 @@ class Registry(Generic[T]):
     def all(self) -> dict[str, T]:
         """Every registered class, loaded (for the schema, the docs and validation)."""
         return {name: self.get(name) for name in self.names()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self.names()

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from runbook.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
+from runbook.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
 
 
 class Status(str, Enum):
@@ -21,6 +21,31 @@ class Status(str, Enum):
     DRIFT = "drift"              # apply: remote state no longer matches the reviewed plan
     NOT_RUN = "not_run"          # never started: upstream failure, max_failures, interrupt
     UNKNOWN = "unknown"          # dry run: nothing can tell whether it would change
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class RunMode(str, Enum):
+    """What a run does: run, plan (dry run), apply a reviewed plan, or resume an earlier run."""
+
+    RUN = "run"
+    PLAN = "plan"
+    APPLY = "apply"
+    RESUME = "resume"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PredictionKind(str, Enum):
+    """What a dry run expects of one task."""
+
+    CHANGE = "change"
+    OK = "ok"
+    SKIP = "skip"
+    UNKNOWN = "unknown"
+    FAIL = "fail"
 
     def __str__(self) -> str:
         return self.value
@@ -49,8 +74,13 @@ class TaskResult:
     started_at: float | None = None
     finished_at: float | None = None
     diff: str | None = None
-    data: dict = field(default_factory=dict)   # action-specific facts (e.g. checksums, bytes)
+    data: dict = field(default_factory=dict)   # action-specific facts (e.g. checksums, bytes); never engine flags
     ignored: bool = False                      # failed, but ignore_errors let the host go on
+    on_failure: bool = False                   # an on_failure (rescue) step, not a main step
+    prediction: PredictionKind | None = None   # dry run: what the task would do
+    state: str | None = None                   # dry run: fingerprint of the remote state the prediction rests on
+    read_only: bool = False                    # dry run: a read_only step that ran for real
+    from_run: str | None = None                # resume: done in this earlier run, not run again
 
     @property
     def failed(self) -> bool:
@@ -62,8 +92,25 @@ class TaskResult:
         # Shallow on purpose: asdict() deep-copies every nested value, which dominates large runs.
         d = {name: getattr(self, name) for name in self.__dataclass_fields__}
         d["status"] = self.status.value
+        d["prediction"] = self.prediction.value if self.prediction is not None else None
         d["data"] = dict(self.data)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskResult:
+        """Rebuild a result saved with `as_dict` (files of earlier versions kept these flags in `data`)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        data = dict(fields.get("data") or {})
+        for flag in ("on_failure", "prediction", "state", "read_only", "from_run"):
+            if flag in data and fields.get(flag) is None:
+                fields[flag] = data.pop(flag)
+        data.pop("registered", None)
+        data.pop("gate", None)
+        fields["data"] = data
+        fields["status"] = Status(fields["status"])
+        if fields.get("prediction") is not None:
+            fields["prediction"] = PredictionKind(fields["prediction"])
+        return cls(**fields)
 
 
 @dataclass
@@ -71,7 +118,7 @@ class RunResult:
     """Every task result of a run, with the run's identity and how it ended."""
 
     run_id: str
-    mode: str
+    mode: RunMode
     hosts: list[str]
     results: list[TaskResult] = field(default_factory=list)
     started_at: float = 0.0
@@ -79,6 +126,7 @@ class RunResult:
     interrupted: bool = False
     stop_reason: str | None = None       # e.g. "max_failures exceeded", "window closed"
     unreachable: dict[str, str] = field(default_factory=dict)  # host -> reason
+    observer_failed: str | None = None   # a critical observer (audit trail, run state) failed: the run stopped
 
     @property
     def wall_time(self) -> float:
@@ -114,6 +162,8 @@ class RunResult:
 
     def exit_code(self) -> int:
         """The documented exit code for this outcome."""
+        if self.observer_failed:
+            return EXIT_ERROR
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.unreachable or any(r.status == Status.UNREACHABLE for r in self.results):
@@ -128,13 +178,14 @@ class RunResult:
         """Return a JSON-ready mapping."""
         return {
             "run_id": self.run_id,
-            "mode": self.mode,
+            "mode": str(self.mode),
             "hosts": self.hosts,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "wall_time": round(self.wall_time, 3),
             "interrupted": self.interrupted,
             "stop_reason": self.stop_reason,
+            "observer_failed": self.observer_failed,
             "unreachable": self.unreachable,
             "totals": dict(self.totals()),
             "recap": {h: dict(c) for h, c in self.recap().items()},

@@ -9,25 +9,25 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from runbook.audit import AuditTrail, Redactor, default_audit_path, git_commit_of, is_secret_name, operator_name
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.errors import Location, PlaybookError, Problem
 from runbook.events import EventStream, Observer, RunInfo
-from runbook.executor import ExecOptions, Executor, SavedPrediction
+from runbook.engine import ExecOptions, Executor, SavedPrediction
 from runbook.graph import StepGraph, TaskKey
 from runbook.inventory import Host, Inventory
 from runbook.loader import load_playbook
 from runbook.model import Playbook
-from runbook.results import RunResult, TaskResult
+from runbook.results import RunMode, RunResult, TaskResult
 
 
 @dataclass
 class RunRequest:
     """Everything a caller can ask of a run; the CLI fills it from flags."""
 
-    mode: str = "run"                          # run | plan | apply | resume
+    mode: RunMode | str = RunMode.RUN          # run | plan | apply | resume
     limit: str | None = None
     extra_vars: dict[str, Any] = field(default_factory=dict)
     tags: frozenset[str] = frozenset()
@@ -122,7 +122,7 @@ def host_key_mode(request: RunRequest, playbook: Playbook, hosts: list[Host]) ->
 
 
 
-def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str | os.PathLike | None,
+def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str | os.PathLike | Sequence[str | os.PathLike] | None,
             request: RunRequest) -> Prepared:
     """Load and check everything a run needs before it touches a host."""
     pb = playbook if isinstance(playbook, Playbook) else load_playbook(playbook)
@@ -141,7 +141,7 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
             redactor.add(str(value))
     steps = StepGraph.build(pb)
     info = RunInfo(
-        run_id=request.run_id or new_run_id(), mode=request.mode, playbook_path=pb_path, playbook_name=pb.runbook,
+        run_id=request.run_id or new_run_id(), mode=RunMode(request.mode), playbook_path=pb_path, playbook_name=pb.runbook,
         playbook_hash=pb._source.content_hash() if pb._source else "", inventory_source=inv.source,
         inventory_hash=inv.content_hash(), hosts=[h.name for h in hosts], operator=operator_name(request.operator),
         control_host=socket.gethostname(), host_key_checking=host_key_mode(request, pb, hosts),
@@ -178,14 +178,14 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
     if request.audit:
         observers.append(AuditTrail(audit_path_for(request, prepared), prepared.redactor,
                                     output_limit=request.output_limit))
-    if request.mode != "plan":
+    if RunMode(request.mode) != RunMode.PLAN:
         observers.append(RunState(state_dir_for(request, prepared), prepared.redactor, request))
     observers.extend(request.observers)
     sudo_password = prepared.secrets.get("sudo_password") or next(
         (str(h.vars[k]) for h in prepared.hosts for k in ("ansible_become_password", "become_password") if k in h.vars), None)
     groups = {name: prepared.inventory.group_hosts(name) for name in prepared.inventory.groups}
     options = ExecOptions(
-        mode=request.mode, extra_vars=dict(request.extra_vars), secrets=prepared.secrets, tags=request.tags,
+        mode=RunMode(request.mode), extra_vars=dict(request.extra_vars), secrets=prepared.secrets, tags=request.tags,
         skip_tags=request.skip_tags, assume_yes=request.assume_yes, interactive=request.interactive, ask=request.ask,
         concurrency=request.concurrency, connect=connector(request, prepared.info.host_key_checking, sudo_password),
         window_guard=request.window_guard, predictions=request.predictions, allow_drift=request.allow_drift,

@@ -231,13 +231,13 @@ class Scheduler:
     def _fingerprint(self, path: Path) -> tuple:
         # A playbook's schedule depends on its own file and on the windows files it may name.
         files = [path] + [d / n for d in (self.directory, self.directory.parent) for n in WINDOWS_FILES]
-        out = []
+        out: list[tuple[str, int | None, int | None, int | None]] = []
         for f in files:
             try:
                 st = f.stat()
                 out.append((str(f), st.st_mtime_ns, st.st_size, st.st_ino))
             except OSError:
-                out.append((str(f), None))
+                out.append((str(f), None, None, None))
         return tuple(out)
 
     def scan(self) -> list[ScheduledPlaybook]:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import socket
+from typing import IO, TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
+from runbook.documents import STATE_VERSION, check_state
 from runbook.errors import ValidationError
-from runbook.events import Observer, RunInfo
+from runbook.events import Observer, RunInfo, TaskRef
+from runbook.graph import TaskKey
 from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult
 
 if TYPE_CHECKING:
     from runbook.runner import RunRequest
 
-STATE_VERSION = 1
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FLUSH_EVERY = 0.5   # seconds; a crash loses at most this much state, and resume re-runs those tasks
 
 
@@ -27,8 +31,59 @@ def task_key(step_id: str, host: str) -> str:
     return f"{step_id}@{host}"
 
 
+def journal_path(directory: Path, run_id: str) -> Path:
+    """The write-ahead journal of a run, beside its snapshot."""
+    return directory / f"{run_id}.journal"
+
+
+def replay_journal(doc: dict[str, Any], path: Path) -> None:
+    """Apply a run's journal to its snapshot: finished tasks win; started-but-unfinished ones are `in_flight`."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    tasks = doc.setdefault("tasks", {})
+    started: set[str] = set()
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue   # a line torn by a crash mid-write: everything before it is on disk
+        if "started" in entry:
+            started.add(str(entry["started"]))
+        elif isinstance(entry.get("finished"), dict):
+            task = entry["finished"]
+            tasks[task_key(task["step_id"], task["host"])] = task
+    doc["in_flight"] = sorted(started - set(tasks))
+    if doc.get("status") == "running" and not _alive(doc):
+        doc["status"] = "aborted"   # the controller died (killed, crashed, disk full) without finishing
+
+
+def _alive(doc: dict[str, Any]) -> bool:
+    """Whether the process that wrote a `running` state is still running (only knowable on its own machine)."""
+    pid = doc.get("pid")
+    if not isinstance(pid, int) or doc.get("control_host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunState(Observer):
-    """An observer that keeps a run's state file up to date (atomically replaced, secrets redacted)."""
+    """An observer that keeps a run's state durable: a write-ahead journal plus a snapshot (secrets redacted).
+
+    Every finished task is appended to `RUN_ID.journal` and fsync'd before `task_finished` returns,
+    which is before any task that depends on it can start (this observer is critical: it runs in
+    the emitting thread). A started task is journalled too, so a task in flight when the controller
+    died is known as such. The snapshot `RUN_ID.json` is rewritten atomically at most every 0.5 s
+    and at the end; `load_state` replays the journal over it.
+    """
+
+    critical = True   # losing its records would make the run unaccountable (or unresumable)
 
     def __init__(self, directory: str | os.PathLike, redactor: Redactor, request: RunRequest):
         self.dir = Path(directory)
@@ -37,6 +92,7 @@ class RunState(Observer):
         self.doc: dict[str, Any] = {}
         self._last_flush = 0.0
         self._lock = threading.Lock()
+        self._journal: IO[str] | None = None
 
     def run_started(self, run: RunInfo) -> None:
         self.doc = {
@@ -48,16 +104,35 @@ class RunState(Observer):
             "tags": sorted(self.request.tags), "skip_tags": sorted(self.request.skip_tags),
             "plan_hash": run.plan_hash, "details": self.redactor.redact(run.details),
             "started_at": run.started_at, "finished_at": None, "tasks": {},
+            "pid": os.getpid(), "control_host": run.control_host,
         }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._journal = open(journal_path(self.dir, run.run_id), "a", encoding="utf-8")  # noqa: SIM115 (open for the run)
         self._flush(force=True)
 
+    def task_started(self, run: RunInfo, task: TaskRef) -> None:
+        if task.attempt == 1:
+            self._append({"started": task_key(task.step_id, task.host)}, sync=False)
+
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:
-        if result.data.get("on_failure"):
+        if result.on_failure:
             return
         d = self.redactor.redact(result.as_dict())
+        self._append({"finished": d}, sync=True)
         with self._lock:
             self.doc["tasks"][task_key(result.step_id, result.host)] = d
         self._flush()
+
+    def _append(self, entry: dict[str, Any], *, sync: bool) -> None:
+        """One journal line; with `sync`, on disk before this returns."""
+        journal = self._journal
+        if journal is None:
+            return
+        with self._lock:
+            journal.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+            journal.flush()
+            if sync:
+                os.fsync(journal.fileno())
 
     def run_interrupted(self, run: RunInfo, reason: str) -> None:
         self.doc["status"] = "interrupted"
@@ -67,14 +142,18 @@ class RunState(Observer):
         with self._lock:
             for r in result.results:
                 key = task_key(r.step_id, r.host)
-                if key not in self.doc["tasks"] and not r.data.get("on_failure"):   # each was saved as it finished
+                if key not in self.doc["tasks"] and not r.on_failure:   # each was saved as it finished
                     self.doc["tasks"][key] = self.redactor.redact(r.as_dict())
             self.doc["finished_at"] = result.finished_at
             self.doc["exit_code"] = result.exit_code()
             self.doc["stop_reason"] = result.stop_reason
-            self.doc["status"] = ("interrupted" if result.interrupted else "deferred" if any(
-                r.status == Status.DEFERRED for r in result.results) else "ok" if result.ok else "failed")
+            self.doc["status"] = ("aborted" if result.observer_failed else "interrupted" if result.interrupted
+                                  else "deferred" if any(r.status == Status.DEFERRED for r in result.results)
+                                  else "ok" if result.ok else "failed")
         self._flush(force=True)
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -113,6 +192,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
     """Read a run's state file; a run id prefix is enough when it is unique."""
+    if not RUN_ID.fullmatch(run_id):
+        # A run id names a file in the state directory: never a path (`../../x`) or a glob (`*`).
+        raise ValidationError(f"invalid run id {run_id!r}: expected letters, digits, `-`, `_` and `.` like "
+                              "20261201T021500Z-3fa9c1", hint="`runbook runs` lists recent runs")
     d = Path(directory)
     path = d / f"{run_id}.json"
     if not path.exists():
@@ -123,15 +206,18 @@ def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
                                hint=f"recent runs: {known}" if known else "`runbook runs` lists recent runs")
         path = matches[0]
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValidationError(f"cannot read run state {path}: {exc}") from None
+    check_state(doc, str(path))
+    replay_journal(doc, journal_path(path.parent, path.stem))
+    return doc
 
 
 def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, Any]]:
     """Recent runs, newest first, with their status and counts."""
     d = Path(directory)
-    out = []
+    out: list[dict[str, Any]] = []
     for p in sorted(d.glob("*.json"), reverse=True) if d.is_dir() else []:
         if len(out) >= limit:   # counted after skipping unreadable files, so a torn one does not hide a run
             break
@@ -139,6 +225,9 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
+        if not isinstance(doc, dict):
+            continue
+        replay_journal(doc, journal_path(d, p.stem))
         counts: dict[str, int] = {}
         for t in doc.get("tasks", {}).values():
             counts[t["status"]] = counts.get(t["status"], 0) + 1
@@ -148,20 +237,18 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
     return out
 
 
-def resumable(doc: dict[str, Any]) -> tuple[dict[tuple[str, str], TaskResult], dict[str, dict[str, Any]]]:
+def resumable(doc: dict[str, Any]) -> tuple[dict[TaskKey, TaskResult], dict[str, dict[str, Any]]]:
     """Tasks of a saved run that are done (not to be re-run), and the registers they left."""
-    done: dict[tuple[str, str], TaskResult] = {}
+    done: dict[TaskKey, TaskResult] = {}
     for d in doc.get("tasks", {}).values():
-        status = Status(d["status"])
-        if status in DONE_STATUSES:
-            fields = {k: v for k, v in d.items() if k in TaskResult.__dataclass_fields__}
-            fields["status"] = status
-            fields["data"] = {**fields.get("data", {}), "from_run": doc["run_id"]}
-            done[(d["step_id"], d["host"])] = TaskResult(**fields)
+        if Status(d["status"]) in DONE_STATUSES:
+            result = TaskResult.from_dict(d)
+            result.from_run = doc["run_id"]
+            done[TaskKey(d["step_id"], d["host"])] = result
     return done, {}
 
 
-def registers_from(playbook, done: dict[tuple[str, str], TaskResult]) -> dict[str, dict[str, Any]]:
+def registers_from(playbook: Any, done: dict[TaskKey, TaskResult]) -> dict[str, dict[str, Any]]:
     """Registers that finished tasks left, rebuilt from their saved results (output as saved: redacted)."""
     out: dict[str, dict[str, Any]] = {}
     for (sid, host), r in done.items():

@@ -560,6 +560,4 @@ class WindowGuard:
         self._refresh(now)
         if self._closed or self._close is None:
             return False
-        if max_duration is not None and now + timedelta(seconds=max_duration) > self._close:
-            return False
-        return True
+        return max_duration is None or now + timedelta(seconds=max_duration) <= self._close

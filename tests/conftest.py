@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
 
 from tests.sshd import SSHDHarness, SSHDUnavailable, SSHHost, find_sshd, write_inventory, write_known_hosts
 
@@ -72,3 +76,43 @@ def known_hosts(tmp_path: Path, ssh_hosts: list[SSHHost]) -> Path:
 def ssh_inventory(tmp_path: Path, clean_ssh_hosts: list[SSHHost]) -> Path:
     """An Ansible YAML inventory listing every test host by name (h0, h1, ...)."""
     return write_inventory(tmp_path / "inventory.yml", clean_ssh_hosts)
+
+
+# --- writers and recorders shared by the tests ------------------------------------------------------
+
+@pytest.fixture
+def write_playbook(tmp_path: Path) -> PlaybookWriter:
+    """`write_playbook(steps, directory=tmp_path, name="pb.yml", **top_level_keys)` writes a playbook, returns its path."""
+
+    def write(steps: list[dict[str, Any]], directory: Path | None = None, name: str = "pb.yml", **top: Any) -> Path:
+        path = (directory or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"runbook": "t", **top, "steps": steps}, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def local_inventory(tmp_path: Path) -> InventoryWriter:
+    """`local_inventory(names=["a", "b"], host_vars=None, directory=tmp_path)`: local hosts, each with its own `dir`."""
+
+    def write(names: list[str] | None = None, host_vars: dict[str, dict] | None = None,
+              directory: Path | None = None, name: str = "inventory.yml") -> Path:
+        base = directory or tmp_path
+        hosts: dict[str, dict[str, Any]] = {}
+        for n in names or ["a", "b"]:
+            d = base / "hosts" / n
+            d.mkdir(parents=True, exist_ok=True)
+            hosts[n] = {"ansible_connection": "local", "dir": str(d), **(host_vars or {}).get(n, {})}
+        path = base / name
+        path.write_text(yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def event_recorder() -> EventRecorder:
+    """An observer that records every event of a run."""
+    return EventRecorder()

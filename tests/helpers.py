@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
+
+from runbook.events import Observer, RunInfo, TaskRef
+from runbook.results import RunResult, TaskResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +34,34 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
 def records(path: Path) -> list[dict[str, Any]]:
     """Every record of an audit trail file."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+PlaybookWriter = Callable[..., Path]
+InventoryWriter = Callable[..., Path]
+
+
+class EventRecorder(Observer):
+    """Collects every event, in order, for assertions (critical: called synchronously by the stream)."""
+
+    critical = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+
+    def run_started(self, run: RunInfo) -> None:
+        self.events.append(("run_started", run.run_id))
+
+    def task_started(self, run: RunInfo, task: TaskRef) -> None:
+        self.events.append(("task_started", (task.host, task.step_id, task.attempt)))
+
+    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        self.events.append(("task_finished", (result.host, result.step_id, result.status.value)))
+
+    def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
+        self.events.append(("host_unreachable", (host, reason)))
+
+    def notice(self, run: RunInfo, level: str, message: str) -> None:
+        self.events.append(("notice", message))
+
+    def run_finished(self, run: RunInfo, result: RunResult) -> None:
+        self.events.append(("run_finished", result.exit_code()))

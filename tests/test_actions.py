@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from runbook.actions import REGISTRY, Action, TaskEnv, action_for
+from runbook.actions import ACTIONS, Action, TaskEnv, action_for
 from runbook.connections.local import LocalConnection
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.loader import load_playbook
@@ -31,7 +31,7 @@ def make(tmp_path: Path, step: dict[str, Any], vars: dict[str, Any] | None = Non
 
 
 def test_registry_has_every_action() -> None:
-    assert sorted(REGISTRY) == sorted(["shell", "command", "upload", "template", "fetch", "wait_for", "assert",
+    assert sorted(ACTIONS) == sorted(["shell", "command", "upload", "template", "fetch", "wait_for", "assert",
                                        "approve"])
 
 

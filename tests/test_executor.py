@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,38 +12,25 @@ import yaml
 
 from runbook import run
 from runbook.errors import ConnectionFailed
-from runbook.events import Observer, RunInfo, TaskRef
-from runbook.executor import ExecOptions, Executor
+from runbook.events import Observer, RunInfo
+from runbook.engine import ExecOptions, Executor
 from runbook.loader import load_playbook
 from runbook.model import Limit
-from runbook.results import RunResult, Status, TaskResult
+from runbook.results import RunResult, Status
+from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
 
 
-def local_inventory(tmp_path: Path, names: list[str], host_vars: dict[str, dict] | None = None) -> Path:
-    """Local hosts, each with its own working directory `dir` under tmp_path."""
-    hosts = {}
-    for n in names:
-        d = tmp_path / "hosts" / n
-        d.mkdir(parents=True, exist_ok=True)
-        hosts[n] = {"ansible_connection": "local", "dir": str(d), **(host_vars or {}).get(n, {})}
-    path = tmp_path / "inventory.yml"
-    path.write_text(yaml.safe_dump({"all": {"hosts": hosts}}, sort_keys=False))
-    return path
+@pytest.fixture
+def go(tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> Callable[..., RunResult]:
+    """`go(steps, hosts=["a"], host_vars=None, top=None, **run_kwargs)`: run over local hosts, trail and state in tmp_path."""
 
+    def run_it(steps: list[dict[str, Any]], hosts: list[str] | None = None, host_vars: dict[str, dict] | None = None,
+               top: dict[str, Any] | None = None, **kw: Any) -> RunResult:
+        inv = local_inventory(hosts or ["a"], host_vars)
+        pb = write_playbook(steps, **(top or {}))
+        return run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"), **kw)
 
-def playbook(tmp_path: Path, steps: list[dict[str, Any]], **top: Any) -> Path:
-    """Write a playbook and return its path."""
-    path = tmp_path / "pb.yml"
-    path.write_text(yaml.safe_dump({"runbook": "t", **top, "steps": steps}, sort_keys=False))
-    return path
-
-
-def go(tmp_path: Path, steps: list[dict[str, Any]], hosts: list[str] | None = None,
-       host_vars: dict[str, dict] | None = None, top: dict[str, Any] | None = None, **kw: Any) -> RunResult:
-    """Run a playbook over local hosts with the audit trail and state in tmp_path."""
-    inv = local_inventory(tmp_path, hosts or ["a"], host_vars)
-    pb = playbook(tmp_path, steps, **(top or {}))
-    return run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"), **kw)
+    return run_it
 
 
 def hdir(tmp_path: Path, host: str) -> Path:
@@ -58,14 +46,14 @@ def st(result: RunResult, host: str, sid: str) -> Status:
 # --- order and graph -------------------------------------------------------------------------------
 
 
-def test_needs_defaults_to_the_previous_step(tmp_path: Path) -> None:
+def test_needs_defaults_to_the_previous_step(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [{"name": n, "shell": f"echo {n} >> {{{{ dir }}}}/log"} for n in ("one", "two", "three", "four")]
-    result = go(tmp_path, steps)
+    result = go(steps)
     assert result.exit_code() == 0
     assert (hdir(tmp_path, "a") / "log").read_text().split() == ["one", "two", "three", "four"]
 
 
-def test_failure_blocks_descendants_on_that_host_only(tmp_path: Path) -> None:
+def test_failure_blocks_descendants_on_that_host_only(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "root", "shell": "true"},
         {"name": "bad", "shell": "test {{ inventory_hostname }} != a"},
@@ -73,7 +61,7 @@ def test_failure_blocks_descendants_on_that_host_only(tmp_path: Path) -> None:
         {"name": "side", "needs": ["root"], "shell": "touch {{ dir }}/side"},
         {"name": "join", "needs": ["after-bad", "side"], "shell": "touch {{ dir }}/join"},
     ]
-    result = go(tmp_path, steps, hosts=["a", "b"])
+    result = go(steps, hosts=["a", "b"])
     assert result.exit_code() == 2
     assert st(result, "a", "bad") == Status.FAILED
     assert st(result, "a", "after-bad") == Status.NOT_RUN and st(result, "a", "join") == Status.NOT_RUN
@@ -84,9 +72,9 @@ def test_failure_blocks_descendants_on_that_host_only(tmp_path: Path) -> None:
     assert result.recap()["a"] == {"changed": 2, "failed": 1, "not_run": 2}
 
 
-def test_concurrency_one_runs_hosts_one_at_a_time(tmp_path: Path) -> None:
+def test_concurrency_one_runs_hosts_one_at_a_time(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [{"name": "w", "shell": "date +%s.%N > {{ dir }}/s; sleep 0.1; date +%s.%N > {{ dir }}/e"}]
-    result = go(tmp_path, steps, hosts=["a", "b", "c"], top={"concurrency": 1})
+    result = go(steps, hosts=["a", "b", "c"], top={"concurrency": 1})
     assert result.exit_code() == 0
     spans = sorted((float((hdir(tmp_path, h) / "s").read_text()), float((hdir(tmp_path, h) / "e").read_text()))
                    for h in "abc")
@@ -94,25 +82,25 @@ def test_concurrency_one_runs_hosts_one_at_a_time(tmp_path: Path) -> None:
         assert start >= end
 
 
-def test_batches_of_a_percentage(tmp_path: Path) -> None:
-    pb = load_playbook(playbook(tmp_path, [{"name": "x", "shell": "true"}], batch="50%"))
+def test_batches_of_a_percentage(tmp_path: Path, write_playbook: PlaybookWriter) -> None:
+    pb = load_playbook(write_playbook([{"name": "x", "shell": "true"}], batch="50%"))
     hosts = [type("H", (), {"name": n, "vars": {}})() for n in "abcde"]
     ex = Executor(pb, hosts, _info(), _events(), ExecOptions())
-    assert ex._batches() == [["a", "b", "c"], ["d", "e"]]
+    assert list(ex.scheduler.batches) == [["a", "b", "c"], ["d", "e"]]
     assert Limit(10, percent=True).of(3) == 1
 
 
 # --- step semantics ---------------------------------------------------------------------------------
 
 
-def test_changed_when_and_failed_when(tmp_path: Path) -> None:
+def test_changed_when_and_failed_when(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "quiet", "shell": "echo nothing", "changed_when": "'changed' in result.stdout"},
         {"name": "loud", "shell": "echo changed", "changed_when": "'changed' in result.stdout"},
         {"name": "grep", "shell": "exit 1", "failed_when": "result.rc > 1"},
         {"name": "bad-output", "shell": "echo ERROR", "failed_when": "'ERROR' in result.stdout"},
     ]
-    result = go(tmp_path, steps)
+    result = go(steps)
     assert st(result, "a", "quiet") == Status.OK
     assert st(result, "a", "loud") == Status.CHANGED
     assert st(result, "a", "grep") == Status.CHANGED and result.get("a", "grep").rc == 1
@@ -123,98 +111,98 @@ def test_changed_when_and_failed_when(tmp_path: Path) -> None:
     ("creates", True, False), ("creates", False, True),
     ("removes", True, True), ("removes", False, False),
 ])
-def test_file_guards(tmp_path: Path, guard: str, prepare: bool, runs: bool) -> None:
+def test_file_guards(tmp_path: Path, guard: str, prepare: bool, runs: bool, go: Callable[..., RunResult]) -> None:
     d = hdir(tmp_path, "a")
     d.mkdir(parents=True)
     if prepare:
         (d / "flag").touch()
-    result = go(tmp_path, [{"name": "g", "shell": "touch {{ dir }}/ran", guard: "{{ dir }}/flag"}])
+    result = go([{"name": "g", "shell": "touch {{ dir }}/ran", guard: "{{ dir }}/flag"}])
     assert (d / "ran").exists() is runs
     assert st(result, "a", "g") == (Status.CHANGED if runs else Status.SKIPPED)
     if not runs:
         assert result.get("a", "g").message.startswith(guard + ":")
 
 
-def test_command_guards(tmp_path: Path) -> None:
+def test_command_guards(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "unless-true", "shell": "touch {{ dir }}/u1", "unless": "true"},
         {"name": "unless-false", "shell": "touch {{ dir }}/u2", "unless": "false"},
         {"name": "only-if-true", "shell": "touch {{ dir }}/o1", "only_if": "true"},
         {"name": "only-if-false", "shell": "touch {{ dir }}/o2", "only_if": "exit 3"},
     ]
-    result = go(tmp_path, steps)
+    result = go(steps)
     d = hdir(tmp_path, "a")
     assert sorted(p.name for p in d.iterdir()) == ["o1", "u2"]
     assert "rc=3" in result.get("a", "only-if-false").message
     assert result.exit_code() == 0
 
 
-def test_until_alone_retries_three_times(tmp_path: Path) -> None:
+def test_until_alone_retries_three_times(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [{"name": "u", "shell": "echo x >> {{ dir }}/tries", "until": "false", "delay": 0}]
-    result = go(tmp_path, steps)
+    result = go(steps)
     r = result.get("a", "u")
     assert r.status == Status.FAILED and r.attempts == 4 and "still false after 4 attempt(s)" in r.message
     assert len((hdir(tmp_path, "a") / "tries").read_text().split()) == 4
 
 
-def test_register_of_a_skipped_step_and_undefined_variables(tmp_path: Path) -> None:
+def test_register_of_a_skipped_step_and_undefined_variables(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "maybe", "shell": "echo hi", "when": "false", "register": "m"},
         {"name": "use", "shell": "echo {{ m.skipped }} {{ m.rc is none }} > {{ dir }}/out"},
         {"name": "typo", "shell": "echo {{ nope }}"},
     ]
-    result = go(tmp_path, steps)
+    result = go(steps)
     assert (hdir(tmp_path, "a") / "out").read_text() == "True True\n"
     typo = result.get("a", "typo")
     assert typo.status == Status.FAILED and "nope" in typo.message
 
 
-def test_variable_precedence(tmp_path: Path) -> None:
+def test_variable_precedence(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "reg", "shell": "echo from-register", "register": "r"},
         {"name": "w", "shell": "echo {{ p }} {{ i }} {{ r.stdout | trim }} {{ e }} > {{ dir }}/vars"},
     ]
     top = {"vars": {"p": "playbook", "i": "playbook", "e": "playbook"}}
-    result = go(tmp_path, steps, host_vars={"a": {"i": "inventory", "e": "inventory"}}, top=top,
+    result = go(steps, host_vars={"a": {"i": "inventory", "e": "inventory"}}, top=top,
                 extra_vars={"e": "extra"})
     assert result.exit_code() == 0
     assert (hdir(tmp_path, "a") / "vars").read_text() == "playbook inventory from-register extra\n"
 
 
-def test_once_result_is_shared_by_every_host(tmp_path: Path) -> None:
+def test_once_result_is_shared_by_every_host(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "o", "shell": "echo token-{{ inventory_hostname }}; touch {{ dir }}/once", "once": True, "register": "t"},
         {"name": "u", "shell": "echo {{ t.stdout | trim }} > {{ dir }}/token"},
     ]
-    result = go(tmp_path, steps, hosts=["a", "b", "c"])
+    result = go(steps, hosts=["a", "b", "c"])
     assert result.exit_code() == 0
     assert [h for h in "abc" if (hdir(tmp_path, h) / "once").exists()] == ["a"]
     assert {(hdir(tmp_path, h) / "token").read_text() for h in "abc"} == {"token-a\n"}
     assert len([r for r in result.results if r.step_id == "o"]) == 1
 
 
-def test_tags_always_and_skip(tmp_path: Path) -> None:
+def test_tags_always_and_skip(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "t1", "shell": "touch {{ dir }}/t1", "tags": ["deploy"]},
         {"name": "t2", "shell": "touch {{ dir }}/t2", "tags": "always"},
         {"name": "t3", "shell": "touch {{ dir }}/t3"},
     ]
-    go(tmp_path, steps, tags=frozenset({"deploy"}))
+    go(steps, tags=frozenset({"deploy"}))
     assert sorted(p.name for p in hdir(tmp_path, "a").iterdir()) == ["t1", "t2"]
     for p in hdir(tmp_path, "a").iterdir():
         p.unlink()
-    go(tmp_path, steps, skip_tags=frozenset({"always"}))
+    go(steps, skip_tags=frozenset({"always"}))
     assert sorted(p.name for p in hdir(tmp_path, "a").iterdir()) == ["t1", "t3"]
 
 
-def test_on_failure_runs_after_the_hosts_main_tasks_settled(tmp_path: Path) -> None:
+def test_on_failure_runs_after_the_hosts_main_tasks_settled(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "bad", "shell": "date +%s.%N > {{ dir }}/bad; exit 1"},
         {"name": "slow-branch", "needs": [], "shell": "sleep 0.2; date +%s.%N > {{ dir }}/slow"},
     ]
     top = {"on_failure": [{"name": "r1", "shell": "date +%s.%N > {{ dir }}/r1"},
                           {"name": "r2", "shell": "date +%s.%N > {{ dir }}/r2"}]}
-    result = go(tmp_path, steps, hosts=["a", "b"], host_vars={"b": {}}, top=top)
+    result = go(steps, hosts=["a", "b"], host_vars={"b": {}}, top=top)
     d = hdir(tmp_path, "a")
     t = {n: float((d / n).read_text()) for n in ("bad", "slow", "r1", "r2")}
     assert t["slow"] <= t["r1"] <= t["r2"]
@@ -223,31 +211,6 @@ def test_on_failure_runs_after_the_hosts_main_tasks_settled(tmp_path: Path) -> N
 
 
 # --- hosts that cannot be reached, windows, events ---------------------------------------------------
-
-
-class Recorder(Observer):
-    """Collects every event for assertions."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-
-    def run_started(self, run: RunInfo) -> None:
-        self.events.append(("run_started", run.run_id))
-
-    def task_started(self, run: RunInfo, task: TaskRef) -> None:
-        self.events.append(("task_started", (task.host, task.step_id, task.attempt)))
-
-    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
-        self.events.append(("task_finished", (result.host, result.step_id, result.status.value)))
-
-    def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
-        self.events.append(("host_unreachable", (host, reason)))
-
-    def notice(self, run: RunInfo, level: str, message: str) -> None:
-        self.events.append(("notice", message))
-
-    def run_finished(self, run: RunInfo, result: RunResult) -> None:
-        self.events.append(("run_finished", result.exit_code()))
 
 
 def _info() -> RunInfo:
@@ -266,10 +229,10 @@ class Host:
         self.vars = vars
 
 
-def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path) -> None:
+def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path, write_playbook: PlaybookWriter, event_recorder: EventRecorder) -> None:
     from runbook.connections.local import LocalConnection
 
-    pb = load_playbook(playbook(tmp_path, [
+    pb = load_playbook(write_playbook([
         {"name": "one", "shell": "touch {{ dir }}/one"},
         {"name": "two", "shell": "touch {{ dir }}/two"},
     ], on_failure=[{"name": "rescue", "shell": "touch {{ dir }}/rescue"}]))
@@ -282,7 +245,7 @@ def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path) -> Non
             raise ConnectionFailed("down", "connection refused at 127.0.0.1:1")
         return LocalConnection(h.name)
 
-    rec = Recorder()
+    rec = event_recorder
     result = Executor(pb, hosts, _info(), _events(rec), ExecOptions(connect=connect)).execute()
     assert result.exit_code() == 3
     assert result.unreachable == {"down": "connection refused at 127.0.0.1:1"}
@@ -296,7 +259,7 @@ def test_unreachable_host_is_reported_and_others_continue(tmp_path: Path) -> Non
     assert len(finished) == 6   # every task reports exactly once, unreachable ones included
 
 
-def test_window_closing_defers_the_rest(tmp_path: Path) -> None:
+def test_window_closing_defers_the_rest(tmp_path: Path, write_playbook: PlaybookWriter) -> None:
     from runbook.connections.local import LocalConnection
 
     class Guard:
@@ -309,7 +272,7 @@ def test_window_closing_defers_the_rest(tmp_path: Path) -> None:
             self.calls += 1
             return self.calls <= 2
 
-    pb = load_playbook(playbook(tmp_path, [{"name": f"s{i}", "shell": f"touch {{{{ dir }}}}/s{i}"} for i in range(4)]))
+    pb = load_playbook(write_playbook([{"name": f"s{i}", "shell": f"touch {{{{ dir }}}}/s{i}"} for i in range(4)]))
     d = hdir(tmp_path, "a")
     d.mkdir(parents=True)
     result = Executor(pb, [Host("a", dir=str(d))], _info(), _events(),
@@ -319,13 +282,13 @@ def test_window_closing_defers_the_rest(tmp_path: Path) -> None:
     assert result.stop_reason == "maintenance window closed"
 
 
-def test_max_failures_percent_lets_running_hosts_finish(tmp_path: Path) -> None:
+def test_max_failures_percent_lets_running_hosts_finish(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "check", "shell": "test {{ inventory_hostname }} != a"},
         {"name": "after", "shell": "touch {{ dir }}/after"},
     ]
     # 4 hosts, concurrency 2, 25% = 1 failed host tolerated; two failures stop admitting hosts c and d.
-    result = go(tmp_path, [{**steps[0], "shell": "case {{ inventory_hostname }} in a|b) exit 1;; esac"}, steps[1]],
+    result = go([{**steps[0], "shell": "case {{ inventory_hostname }} in a|b) exit 1;; esac"}, steps[1]],
                 hosts=["a", "b", "c", "d"], top={"concurrency": 2, "max_failures": "25%"})
     assert result.stop_reason and "max_failures exceeded: 2 of 4 hosts failed (limit 25%)" in result.stop_reason
     for h in ("c", "d"):
@@ -334,22 +297,22 @@ def test_max_failures_percent_lets_running_hosts_finish(tmp_path: Path) -> None:
     assert result.exit_code() == 2
 
 
-def test_plan_mode_changes_nothing_but_runs_read_only_steps(tmp_path: Path) -> None:
+def test_plan_mode_changes_nothing_but_runs_read_only_steps(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     steps = [
         {"name": "probe", "shell": "echo 7", "read_only": True, "register": "p"},
         {"name": "write", "shell": "touch {{ dir }}/written", "when": "p.stdout | int > 5"},
         {"name": "guarded", "shell": "touch {{ dir }}/g", "creates": "{{ dir }}"},
     ]
-    result = go(tmp_path, steps, mode="plan")
+    result = go(steps, mode="plan")
     assert sorted(p.name for p in hdir(tmp_path, "a").iterdir()) == []
-    assert result.get("a", "probe").data["prediction"] == "ok"
-    assert result.get("a", "write").data["prediction"] == "unknown"
-    assert result.get("a", "guarded").data["prediction"] == "skip"
+    assert result.get("a", "probe").prediction == "ok"
+    assert result.get("a", "write").prediction == "unknown"
+    assert result.get("a", "guarded").prediction == "skip"
 
 
-def test_apply_runs_checks_again_but_not_steps_planned_unchanged(tmp_path: Path) -> None:
+def test_apply_runs_checks_again_but_not_steps_planned_unchanged(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     """In apply, a step planned `ok` is not run, but an assert planned `ok` is checked again (it may fail now)."""
-    from runbook.executor import SavedPrediction
+    from runbook.engine import SavedPrediction
 
     steps = [
         {"name": "noop", "shell": "echo ran >> {{ dir | quote }}/noop", "changed_when": False},
@@ -357,14 +320,14 @@ def test_apply_runs_checks_again_but_not_steps_planned_unchanged(tmp_path: Path)
     ]
     predictions = {("noop", "a"): SavedPrediction("ok", "changed_when: false"),
                    ("check", "a"): SavedPrediction("ok", "all assertions passed")}
-    result = go(tmp_path, steps, mode="apply", predictions=predictions, extra_vars={"threshold": 50})
+    result = go(steps, mode="apply", predictions=predictions, extra_vars={"threshold": 50})
     assert not (hdir(tmp_path, "a") / "noop").exists()       # planned no change: not run
     assert st(result, "a", "noop") == Status.OK
     check = result.get("a", "check")
     assert check is not None and check.status == Status.FAILED and check.message == "threshold too high"
 
 
-def test_wait_for_port_and_sudo_may_come_from_variables(tmp_path: Path) -> None:
+def test_wait_for_port_and_sudo_may_come_from_variables(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     """`wait_for.port` and `sudo` accept templates, rendered per host."""
     import os
     import shutil
@@ -375,24 +338,24 @@ def test_wait_for_port_and_sudo_may_come_from_variables(tmp_path: Path) -> None:
         srv.listen()
         port = srv.getsockname()[1]
         steps = [{"name": "up", "wait_for": {"port": "{{ app_port }}", "timeout": "5s"}}]
-        result = go(tmp_path, steps, host_vars={"a": {"app_port": port}})
+        result = go(steps, host_vars={"a": {"app_port": port}})
     assert st(result, "a", "up") == Status.OK
-    bad = go(tmp_path, steps, host_vars={"a": {"app_port": "http"}})
+    bad = go(steps, host_vars={"a": {"app_port": "http"}})
     assert st(bad, "a", "up") == Status.FAILED and "expected a port number" in bad.get("a", "up").message
     if os.geteuid() != 0 or shutil.which("sudo") is None:
         pytest.skip("sudo to another user needs root and sudo on the test machine")
-    who = go(tmp_path, [{"name": "who", "command": ["whoami"], "sudo": "{{ app_user }}", "register": "w"}],
+    who = go([{"name": "who", "command": ["whoami"], "sudo": "{{ app_user }}", "register": "w"}],
              host_vars={"a": {"app_user": "nobody"}})
     assert who.get("a", "who").stdout.strip() == "nobody"
 
 
-def test_once_step_moves_to_the_next_host_when_the_first_is_unreachable(tmp_path: Path) -> None:
+def test_once_step_moves_to_the_next_host_when_the_first_is_unreachable(tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> None:
     """A once step (notify, ticket) is not lost because the first selected host is the sick one."""
-    inv = local_inventory(tmp_path, ["b", "c"])
+    inv = local_inventory(["b", "c"])
     doc = yaml.safe_load(inv.read_text())
     doc["all"]["hosts"] = {"a": {"ansible_host": "127.0.0.1", "ansible_port": 1}, **doc["all"]["hosts"]}
     inv.write_text(yaml.safe_dump(doc, sort_keys=False))
-    pb = playbook(tmp_path, [
+    pb = write_playbook([
         {"name": "prep", "shell": "echo prep > {{ dir | quote }}/prep"},
         {"name": "notify", "once": True, "shell": "echo {{ inventory_hostname | quote }} >> {{ dir | quote }}/notified",
          "register": "note"},

@@ -139,7 +139,7 @@ def local_pb(tmp_path: Path) -> Path:
 def test_local_predictions_per_action(local_pb: Path, tmp_path: Path) -> None:
     before = tree(tmp_path / "target")
     result = run(local_pb, None, mode="plan", audit_log=tmp_path / "audit" / "a.jsonl")
-    got = {r.step_id: (r.data["prediction"], r.message) for r in result.results}
+    got = {r.step_id: (r.prediction, r.message) for r in result.results}
     kinds = {sid: kind for sid, (kind, _) in got.items()}
     assert kinds == {
         "probe": "ok", "when-false": "skip", "guard-creates": "skip", "guard-removes": "skip",
@@ -196,6 +196,7 @@ steps:
 def saved(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh plan file of a playbook that appends to ran.txt when it runs."""
     monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
     pb = tmp_path / "pb.yml"
     pb.write_text(WRITE_PB)
     code, out, err = cli(capsys, "plan", pb, "--out", tmp_path / "plan.json")
@@ -205,8 +206,8 @@ def saved(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytes
 
 
 def rehash(doc: dict) -> dict:
-    """Recompute a plan's hash, as a tool forging a consistent file would."""
-    doc["hash"] = sha256_text(canonical({k: v for k, v in doc.items() if k != "hash"}))
+    """Recompute a plan's hash (over everything but the hash and the signature), as a tool forging a consistent file would."""
+    doc["hash"] = sha256_text(canonical({k: v for k, v in doc.items() if k not in ("hash", "signature")}))
     return doc
 
 
@@ -321,3 +322,15 @@ def test_apply_refuses_when_an_uploaded_file_changed_after_the_review(
     code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
     assert code == 0, err
     assert (tmp_path / "app.conf").read_text() == "workers = 8\n"
+
+
+def test_a_plan_file_missing_a_field_is_refused_naming_it(tmp_path: Path) -> None:
+    from runbook import __version__
+    from runbook.documents import PLAN_FORMAT, PLAN_VERSION
+    from runbook.errors import PlanFileError
+
+    body = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__, "created_ts": 0}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**body, "hash": sha256_text(canonical(body))}))
+    with pytest.raises(PlanFileError, match="malformed plan file: `created_at`"):
+        load_plan(str(path), max_age=float("inf"))

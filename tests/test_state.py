@@ -55,7 +55,9 @@ def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pyte
     assert doc["tasks"][task_key("one", "a")]["stdout"] == "token ***\n"
     assert doc["tasks"]["one@b"]["status"] == "deferred"
     assert SECRET not in path.read_text()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [path.name]   # no temp files left
+    journal = path.with_suffix(".journal")
+    assert SECRET not in journal.read_text() and '"finished"' in journal.read_text()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([path.name, journal.name])   # no temp files
 
 
 @pytest.mark.parametrize("statuses, interrupted, expected", [
@@ -85,7 +87,8 @@ def test_interrupt_is_saved_at_once(tmp_path: Path) -> None:
 def write_state(directory: Path, run_id: str, tasks: dict[str, dict], status: str = "failed") -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"{run_id}.json").write_text(json.dumps({
-        "run_id": run_id, "mode": "run", "status": status, "playbook_name": "pb", "operator": "op",
+        "version": 1, "run_id": run_id, "mode": "run", "status": status, "playbook_name": "pb", "operator": "op",
+        "playbook_path": "/pb.yml", "playbook_hash": "h", "inventory_source": "inv", "inventory_hash": "i",
         "started_at": 1.0, "hosts": ["a", "b"], "tasks": tasks}))
 
 
@@ -126,7 +129,7 @@ def test_resumable_keeps_only_finished_tasks(tmp_path: Path) -> None:
     done, _ = resumable({"run_id": "r1", "tasks": tasks})
     assert set(done) == {("one", "a"), ("two", "a"), ("three", "a")}
     assert done[("one", "a")].status == Status.OK and done[("one", "a")].stdout == "x\n"
-    assert all(r.data["from_run"] == "r1" for r in done.values())
+    assert all(r.from_run == "r1" for r in done.values())
 
 
 def test_registers_are_rebuilt_from_saved_results(tmp_path: Path) -> None:
@@ -150,3 +153,18 @@ def test_state_file_replaced_atomically(tmp_path: Path) -> None:
     state.run_finished(run, RunResult(run.run_id, "run", ["a"], [result("a", "one", Status.OK)]))
     assert os.stat(path).st_ino != before
     assert json.loads(path.read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("run_id", ["../../../x", "/etc/passwd", "a/b", "*", "..", "", "x" * 200, "r1\n"])
+def test_run_ids_that_are_paths_or_globs_are_refused(tmp_path: Path, run_id: str) -> None:
+    outside = tmp_path / "x.json"
+    outside.write_text('{"run_id": "x"}')
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValidationError, match="invalid run id"):
+        load_state(tmp_path / "runs", run_id)
+
+
+def test_a_malformed_state_file_is_invalid_input_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "r1.json").write_text('{"run_id": "r1", "tasks": []}')
+    with pytest.raises(ValidationError, match="malformed run state"):
+        load_state(tmp_path, "r1")

@@ -10,8 +10,8 @@ import pytest
 
 from runbook.errors import Problem, TemplateError
 from runbook.loader import parse_playbook, validate_playbook
-from runbook.template import (build_context, check_playbook_templates, evaluate, render, render_value, resolve_local,
-                              truth, unquoted_interpolations)
+from runbook.checks import check_playbook_templates, unquoted_interpolations
+from runbook.template import build_context, evaluate, render, render_value, resolve_local, truth
 
 
 def pb_problems(text: str, known_vars: set[str] | None = None) -> list[Problem]:

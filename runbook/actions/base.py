@@ -1,19 +1,44 @@
-"""The action contract: a read-only `plan()` that predicts, a mutating `apply()` that acts."""
+"""The action contract: a class declares its playbook key, spec, templated fields and dry-run behaviour.
+
+An action is one file under runbook/actions/ (or a plugin registered in the `runbook.actions`
+entry-point group). The engine reads everything it needs from the class: which key it owns in a
+step and what that key accepts (`spec`), which fields are templates and which reach a shell
+(`fields`), how it predicts in a dry run (`plan`, read-only) and how it acts (`apply`), and a few
+flags that tell the engine how to treat it. No module outside runbook/actions/ names an action.
+"""
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
-from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from runbook.results import PredictionKind
 from runbook.template import render, render_value
 
 if TYPE_CHECKING:
     from runbook.connections import CommandResult, Connection
+    from runbook.errors import Location, Problem
     from runbook.model import Playbook, Step
 
-PredictionKind = Literal["change", "ok", "skip", "unknown", "fail"]
+
+class FieldKind(str, Enum):
+    """How a templated field is used: rendered text, text that reaches a shell, or a jinja2 expression."""
+
+    TEMPLATE = "template"
+    SHELL = "shell"
+    EXPRESSION = "expression"
+
+
+@dataclass(frozen=True)
+class TemplatedField:
+    """One templated string of a step: where it is (inside the step), its text, and how it is used."""
+
+    path: tuple[str | int, ...]
+    text: str
+    kind: FieldKind
 
 
 @dataclass
@@ -79,15 +104,49 @@ class Prediction:
     command: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.kind = PredictionKind(self.kind)
+
 
 class Action:
-    """Base of every action; subclasses set `name` and implement `plan()` and `apply()`."""
+    """Base of every action: set the class attributes, implement `plan()` and `apply()`."""
 
+    #: The step key this action owns (`shell:`, `upload:`, ...).
     name: ClassVar[str] = ""
+    #: What the key accepts: a pydantic model, or any type pydantic validates (str, list[str], Annotated[...]).
+    spec_type: ClassVar[Any] = None
+    #: Checks (assert, wait_for) change nothing and are the point of a run: `apply` of a reviewed plan
+    #: runs them again even where the plan predicted no change.
+    rerun_on_apply: ClassVar[bool] = False
+    #: A command-running action whose guards passed is predicted to change (it would run).
+    guarded_runs_change: ClassVar[bool] = False
+    #: It asks the operator on the terminal (the console must not redraw a live view over the prompt).
+    asks_operator: ClassVar[bool] = False
 
     def __init__(self, step: Step):
         self.step = step
         self.spec = step.action_spec
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line for the JSON Schema and the docs: the first line of the class docstring."""
+        return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+    def fields(self) -> Iterator[TemplatedField]:
+        """The templated strings of this step's spec, with their paths below the action key."""
+        return iter(())
+
+    def probes_read_only(self) -> bool:
+        """True when `plan()` may run commands because they are read-only by contract (e.g. a port probe)."""
+        return False
+
+    def local_sources(self) -> list[str]:
+        """Control-machine files this step sends (untemplated paths): a plan records their checksums."""
+        return []
+
+    def check(self, playbook: Playbook, locate: Callable[[tuple[str | int, ...]], Location]) -> list[Problem]:
+        """Static problems `validate` can find beyond the schema (e.g. a missing template file)."""
+        return []
 
     def describe(self, env: TaskEnv) -> str | None:
         """The rendered command (or a one-line description) for the console and the audit trail."""
@@ -95,11 +154,20 @@ class Action:
 
     def plan(self, env: TaskEnv) -> Prediction:
         """Predict the outcome without changing anything (read-only calls only)."""
-        return Prediction("unknown", f"`{self.name}` cannot be predicted without running it")
+        return Prediction(PredictionKind.UNKNOWN, f"`{self.name}` cannot be predicted without running it")
 
     def apply(self, env: TaskEnv) -> Outcome:
         """Do the work."""
         raise NotImplementedError
+
+
+def string_fields(spec: Any, names: tuple[str, ...], kind: FieldKind = FieldKind.TEMPLATE,
+                  prefix: tuple[str | int, ...] = ()) -> Iterator[TemplatedField]:
+    """TemplatedFields for the string attributes `names` of a spec model (None and non-strings are left out)."""
+    for name in names:
+        value = getattr(spec, name, None)
+        if isinstance(value, str):
+            yield TemplatedField((*prefix, name), value, kind)
 
 
 def command_text(command: str | list[str]) -> str:

@@ -6,13 +6,30 @@ import hashlib
 import os
 from pathlib import Path
 
-from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
+from runbook.fields import Strict
+
+
+class FetchSpec(Strict):
+    """Copy a remote file to a local directory, one subdirectory per host."""
+
+    src: str = Field(description="Path on the host.")
+    dest: str = Field(description="Local directory; the file lands in DEST/HOST/basename.")
 
 
 class Fetch(Action):
     """Copy a remote file to a local directory, one subdirectory per host; `changed` when the local copy changed."""
 
     name = "fetch"
+    spec_type: ClassVar[Any] = FetchSpec
+
+    def fields(self) -> Iterator[TemplatedField]:
+        return string_fields(self.spec, ("src", "dest"))
 
     def _paths(self, env: TaskEnv) -> tuple[str, Path]:
         src = env.render(self.spec.src)
@@ -28,12 +45,12 @@ class Fetch(Action):
         src, dest = self._paths(env)
         st = env.conn.stat(src)
         if not st.exists:
-            return Prediction("unknown", f"{src} does not exist on the host now; the fetch would fail unless an "
+            return Prediction(PredictionKind.UNKNOWN, f"{src} does not exist on the host now; the fetch would fail unless an "
                               "earlier step creates it", state="absent", command=self.describe(env))
         local = hashlib.sha256(dest.read_bytes()).hexdigest() if dest.is_file() else None
         if local is not None and local == st.sha256:
-            return Prediction("ok", f"{dest} already matches ({st.size} bytes)", state=st.sha256, command=self.describe(env))
-        return Prediction("change", f"would fetch {st.size} bytes to {dest}", state=st.sha256,
+            return Prediction(PredictionKind.OK, f"{dest} already matches ({st.size} bytes)", state=st.sha256, command=self.describe(env))
+        return Prediction(PredictionKind.CHANGE, f"would fetch {st.size} bytes to {dest}", state=st.sha256,
                           command=self.describe(env), data={"size": st.size})
 
     def apply(self, env: TaskEnv) -> Outcome:

@@ -2,16 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import jinja2
+
 from runbook.actions.base import TaskEnv
-from runbook.actions.upload import Upload
-from runbook.errors import RunbookError
-from runbook.template import render, resolve_local
+from runbook.actions.upload import Upload, UploadSpec
+from runbook.errors import Location, Problem, RunbookError
+from runbook.template import environment, render, resolve_local
+
+if TYPE_CHECKING:
+    from runbook.model import Playbook
+
+
+class TemplateSpec(UploadSpec):
+    """Render a local jinja2 file and upload it when the result differs."""
 
 
 class Template(Upload):
-    """Like `upload`, with the file rendered first (sandboxed, strict undefined)."""
+    """Render a local jinja2 file (sandboxed, strict undefined) and upload it when the result differs."""
 
     name = "template"
+    spec_type: ClassVar[Any] = TemplateSpec
+
+    def check(self, playbook: Playbook, locate: Callable[[tuple[str | int, ...]], Location]) -> list[Problem]:
+        src = self.spec.src
+        if "{" in src or playbook._source is None:
+            return []
+        loc = locate(("src",))
+        path = resolve_local(playbook, src)
+        if not path.is_file():
+            return [Problem(f"template file `{src}` not found (looked at {path})", loc,
+                            "paths are relative to the playbook's directory", code="missing-file")]
+        try:
+            environment().parse(path.read_text(encoding="utf-8"))
+        except jinja2.TemplateSyntaxError as exc:
+            return [Problem(f"template syntax error in {path} line {exc.lineno}: {exc.message}", loc, code="template-syntax")]
+        except (OSError, UnicodeDecodeError) as exc:
+            return [Problem(f"cannot read template file `{src}`: {exc}", loc)]
+        return []
 
     def content(self, env: TaskEnv) -> bytes:
         src = resolve_local(env.playbook, env.render(self.spec.src))

@@ -6,8 +6,14 @@ import base64
 import difflib
 import hashlib
 
-from runbook.actions.base import Action, Outcome, Prediction, TaskEnv
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
 from runbook.errors import ReadOnlyViolation, RunbookError
+from runbook.fields import OctalMode, Strict
 from runbook.template import resolve_local
 
 # Under `sudo: USER` the file is written by USER: the content arrives base64 on stdin (so the
@@ -44,10 +50,25 @@ def content_diff(old: bytes | None, new: bytes, dest: str) -> str:
     return "".join(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines)
 
 
+class UploadSpec(Strict):
+    """Copy a local file to the host when its checksum or mode differs."""
+
+    src: str = Field(description="Control-machine file, relative to the playbook's directory.")
+    dest: str = Field(description="Path on the host.")
+    mode: OctalMode = None
+
+
 class Upload(Action):
-    """Put a file on the host; report `changed` only when content or mode had to change."""
+    """Copy a local file to the host when its checksum or mode differs."""
 
     name = "upload"
+    spec_type: ClassVar[Any] = UploadSpec
+
+    def fields(self) -> Iterator[TemplatedField]:
+        return string_fields(self.spec, ("src", "dest"))
+
+    def local_sources(self) -> list[str]:
+        return [] if "{" in self.spec.src else [self.spec.src]
 
     def content(self, env: TaskEnv) -> bytes:
         """The bytes the file on the host should hold."""
@@ -110,7 +131,7 @@ class Upload(Action):
     def plan(self, env: TaskEnv) -> Prediction:
         dest, mode, data = self._target(env)
         change, reason, diff, state = self._compare(env, dest, mode, data)
-        return Prediction("change" if change else "ok", reason, diff=diff, state=state, command=self.describe(env))
+        return Prediction(PredictionKind.CHANGE if change else PredictionKind.OK, reason, diff=diff, state=state, command=self.describe(env))
 
     def apply(self, env: TaskEnv) -> Outcome:
         dest, mode, data = self._target(env)

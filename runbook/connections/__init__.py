@@ -22,7 +22,7 @@ def _check(name: str, cls: object) -> type[ConnectionKind]:
         if not callable(getattr(cls, method, None)):
             raise RunbookError(f"connection plugin `{name}` has no `{method}` method",
                                hint="implement the Connection protocol of runbook/connections/base.py")
-    return cls  # type: ignore[return-value]
+    return cls
 
 
 CONNECTIONS: Registry[type[ConnectionKind]] = Registry(

@@ -30,13 +30,27 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 @dataclass
 class CommandResult:
-    """What a command did: exit status, decoded output, wall time, and whether it timed out."""
+    """What a command did: exit status, decoded output, wall time, whether it timed out or lost output.
+
+    `stdout` and `stderr` keep at most a head and a tail of `ConnectOptions.output_limit` bytes each,
+    with a marker line where the middle was left out (`truncated`); the byte counts are of everything
+    the command wrote.
+    """
 
     rc: int
     stdout: str
     stderr: str
     duration: float
     timed_out: bool = False
+    stdout_bytes: int = -1         # -1: not counted by the kind, taken from `stdout`
+    stderr_bytes: int = -1
+    truncated: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stdout_bytes < 0:
+            self.stdout_bytes = len(self.stdout.encode("utf-8", errors="replace"))
+        if self.stderr_bytes < 0:
+            self.stderr_bytes = len(self.stderr.encode("utf-8", errors="replace"))
 
 
 @dataclass
@@ -154,24 +168,33 @@ def sudo_stdin(sudo: bool | str, sudo_password: str | None, stdin: str | None) -
 
 @dataclass(frozen=True)
 class ConnectOptions:
-    """Run-wide connection settings: host-key policy, known_hosts file, timeouts, sudo password."""
+    """Run-wide connection settings: host-key policy, known_hosts file, timeouts, sudo password, output limit."""
 
     host_key_checking: str = "strict"
     known_hosts: str | None = None
     connect_timeout: float = 10.0
     sudo_password: str | None = None
+    #: Bytes of head and of tail kept of each command's stdout and stderr; the middle is counted and dropped.
+    output_limit: int = 65536
 
 
 class HostLike(Protocol):
     """What a connection kind may read of an inventory host: its name, resolved address and variables."""
 
-    name: str
-    address: str
-    port: int | None
-    user: str | None
-    key_file: str | None
-    proxy_jump: str | None
-    vars: dict[str, Any]
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int | None: ...
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def key_file(self) -> str | None: ...
+    @property
+    def proxy_jump(self) -> str | None: ...
+    @property
+    def vars(self) -> dict[str, Any]: ...
 
 
 class ConnectionKind(Connection, Protocol):

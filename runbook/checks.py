@@ -1,0 +1,154 @@
+"""The static checks `validate` runs over a playbook's templates: syntax, undefined names, shell safety."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import jinja2
+from jinja2 import meta, nodes
+
+from runbook.actions import FieldKind, TemplatedField, action_for
+from runbook.errors import Location, Problem, close_match
+from runbook.model import Playbook, Step
+from runbook.template import BUILTINS, SHELL_SAFE_FILTERS, environment, strip_braces
+
+# Step keys (not actions) that are templates; guards that run through a shell.
+STEP_TEMPLATE_FIELDS = ("creates", "removes", "sudo")
+STEP_SHELL_FIELDS = ("unless", "only_if")
+EXPRESSION_FIELDS = ("when", "until", "changed_when", "failed_when")
+
+
+def step_templates(step: Step) -> Iterator[TemplatedField]:
+    """Every templated string of a step, with its path inside the step and how it is used."""
+    for f in STEP_TEMPLATE_FIELDS:
+        value = getattr(step, f)
+        if isinstance(value, str):
+            yield TemplatedField((f,), value, FieldKind.TEMPLATE)
+    for f in STEP_SHELL_FIELDS:
+        value = getattr(step, f)
+        if isinstance(value, str):
+            yield TemplatedField((f,), value, FieldKind.SHELL)
+    for f in EXPRESSION_FIELDS:
+        value = getattr(step, f)
+        if isinstance(value, str):
+            yield TemplatedField((f,), value, FieldKind.EXPRESSION)
+    for k, v in step.env.items():
+        yield TemplatedField(("env", k), v, FieldKind.TEMPLATE)
+    for field in action_for(step).fields():
+        yield TemplatedField((step.action, *field.path), field.text, field.kind)
+
+
+def _parse(text: str, kind: FieldKind) -> nodes.Template:
+    source = "{{ " + strip_braces(text) + " }}" if kind == FieldKind.EXPRESSION else text
+    return environment().parse(source)
+
+
+def unquoted_interpolations(text: str) -> list[str]:
+    """Expressions of a shell template that are interpolated without `| quote` (or a numeric filter)."""
+    try:
+        tree = _parse(text, FieldKind.SHELL)
+    except jinja2.TemplateSyntaxError:
+        return []
+    found = []
+    for output in tree.find_all(nodes.Output):
+        for node in output.nodes:
+            if isinstance(node, (nodes.TemplateData, nodes.Const)):
+                continue
+            if isinstance(node, nodes.Filter) and node.name in SHELL_SAFE_FILTERS:
+                continue
+            found.append(_source_of(node))
+    return found
+
+
+def _source_of(node: nodes.Node | None) -> str:
+    if isinstance(node, nodes.Name):
+        return node.name
+    if isinstance(node, nodes.Getattr):
+        return f"{_source_of(node.node)}.{node.attr}"
+    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+        return f"{_source_of(node.node)}[{node.arg.value!r}]"
+    if isinstance(node, nodes.Filter):
+        return f"{_source_of(node.node)} | {node.name}"
+    return "expression"
+
+
+class _TemplateChecker:
+    """Checks one playbook's templated strings, collecting located problems."""
+
+    def __init__(self, playbook: Playbook, known_vars: set[str] | None):
+        self.playbook = playbook
+        self.source = playbook._source
+        self.known_vars = known_vars
+        self.defined = set(playbook.vars) | set(playbook.secrets) | BUILTINS
+        self.defined |= {s.register_as for s in playbook.all_steps() if s.register_as}
+        if known_vars:
+            self.defined |= known_vars
+        self.problems: list[Problem] = []
+
+    def locate(self, path: tuple[str | int, ...]) -> Location:
+        """Where a path of the playbook is in its file."""
+        if self.source is None:
+            return Location("<playbook>")
+        if path not in self.source.values and "that" in path:
+            # `assert: [expr, ...]` is shorthand for `assert: {that: [...]}`: the text has no `that` level
+            short = tuple(p for p in path if p != "that")
+            if short in self.source.values:
+                return self.source.locate(short)
+        return self.source.locate(path)
+
+    def _locator(self, prefix: tuple[str | int, ...]) -> Callable[[tuple[str | int, ...]], Location]:
+        """A `locate` for paths below `prefix` (an action's own paths)."""
+        return lambda path: self.locate((*prefix, *path))
+
+    def check(self, path: tuple[str | int, ...], text: str, kind: FieldKind) -> None:
+        """Syntax, undefined names and (for shell fields) the quoting lint of one templated string."""
+        try:
+            tree = _parse(text, kind)
+        except jinja2.TemplateSyntaxError as exc:
+            self.problems.append(Problem(f"template syntax error: {exc.message}", self.locate(path),
+                                         "check the {{ }} and {% %} pairs and the expression", code="template-syntax"))
+            return
+        # `changed_when`, `failed_when` and `until` also see the step's own result as `result`.
+        local = self.defined | {"result"} if path and path[-1] in ("changed_when", "failed_when", "until") else self.defined
+        for name in sorted(meta.find_undeclared_variables(tree) - local):
+            self._undefined(path, name)
+        if kind == FieldKind.SHELL:
+            for expr in unquoted_interpolations(text):
+                self.problems.append(Problem(f"`{{{{ {expr} }}}}` is interpolated into a shell command without `| quote`",
+                                             self.locate(path), f"write `{{{{ {expr} | quote }}}}` so that spaces and "
+                                             "shell characters in the value cannot change the command",
+                                             severity="warning", code="shell-quote"))
+
+    def _undefined(self, path: tuple[str | int, ...], name: str) -> None:
+        if self.known_vars is not None:
+            self.problems.append(Problem(f"undefined variable `{name}`", self.locate(path),
+                                         _undefined_hint(name, self.defined), code="undefined-variable"))
+        else:
+            self.problems.append(Problem(f"`{name}` is not defined by the playbook's vars, secrets or registers",
+                                         self.locate(path), "define a default under `vars:`, or make sure the inventory "
+                                         "or -e provides it", severity="warning", code="undefined-variable"))
+
+    def run(self) -> list[Problem]:
+        """Check every templated string of the playbook, and each action's own static checks."""
+        for name, value in self.playbook.vars.items():
+            if isinstance(value, str) and "{" in value:
+                self.check(("vars", name), value, FieldKind.TEMPLATE)
+        for section in ("steps", "on_failure"):
+            for i, step in enumerate(getattr(self.playbook, section)):
+                for field in step_templates(step):
+                    self.check((section, i, *field.path), field.text, field.kind)
+                self.problems.extend(action_for(step).check(self.playbook, self._locator((section, i, step.action))))
+        # Reported in file order, whichever part of the step (or its action) a string belongs to.
+        return sorted(self.problems, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))
+
+
+def check_playbook_templates(playbook: Playbook, *, known_vars: set[str] | None = None) -> list[Problem]:
+    """Template syntax, provably undefined names, and the shell-safety lint, all located."""
+    return _TemplateChecker(playbook, known_vars).run()
+
+
+def _undefined_hint(name: str, defined: set[str]) -> str:
+    match = close_match(name, defined - BUILTINS)
+    if match:
+        return f"did you mean `{match}`?"
+    return "define it under `vars:`, in the inventory, with `register:` on an earlier step, or with -e"

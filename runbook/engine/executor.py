@@ -1,0 +1,292 @@
+"""The executor: connects hosts and runs ready tasks on a bounded thread pool; interrupts and windows stop it.
+
+What is ready is the scheduler's decision (scheduling.py); how one task runs is the task runner's
+(task.py) and, in a dry run or an apply, the predictor's (predict.py). The executor only moves work
+between them and emits events; it prints, logs and saves nothing itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import networkx as nx
+
+from runbook.connections import Connection
+from runbook.connections.local import LocalConnection
+from runbook.engine.options import ExecOptions, HostLike
+from runbook.engine.predict import Predictor
+from runbook.engine.registers import Registers
+from runbook.engine.scheduling import TaskScheduler
+from runbook.engine.task import ABORTED, TaskRunner
+from runbook.errors import ConnectionFailed
+from runbook.events import EventStream, ObserverFailed, RunInfo
+from runbook.graph import StepGraph, TaskKey, expand
+from runbook.model import Playbook, Step
+from runbook.results import RunMode, RunResult, Status, TaskResult
+
+WINDOW_CLOSED = "maintenance window closed"
+ABORT_WAIT = 3.0   # seconds to let tasks whose connections were closed report before giving up on them
+
+
+class _Stop(Exception):
+    """Raised inside the loop when a run must stop scheduling at once (second interrupt, grace over)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rescue:
+    """A running on_failure task (it is recorded, but neither releases nor blocks main tasks)."""
+
+    key: TaskKey
+
+
+class Executor:
+    """Runs one playbook over hosts: expands the task graph and runs ready tasks on a bounded pool."""
+
+    def __init__(self, playbook: Playbook, hosts: Sequence[HostLike], run: RunInfo, events: EventStream,
+                 options: ExecOptions, steps: StepGraph | None = None):
+        self.playbook = playbook
+        self.steps = steps or StepGraph.build(playbook)
+        self.hosts = {h.name: h for h in hosts}
+        self.host_order = [h.name for h in hosts]
+        self.info = run
+        self.events = events
+        self.opt = options
+        self.tasks: nx.DiGraph = expand(self.steps, self.host_order)
+        self.result = RunResult(run.run_id, options.mode, list(self.host_order))
+        self.conns: dict[str, Connection] = {}
+        self.local = LocalConnection("controller")
+        self.scheduler = TaskScheduler(self.tasks, self.steps, self.host_order, mode=options.mode, batch=playbook.batch,
+                                       max_failures=playbook.max_failures, emit=self._emit, notice=self._warn)
+        self.result.unreachable = self.scheduler.unreachable
+        self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
+                                 Registers(self.host_order, options.registers), self._conn_for)
+        self.predictor = Predictor(self.runner, self.tasks, self.scheduler.results, options.predictions,
+                                   allow_drift=options.allow_drift, stop_host=self.scheduler.stop_host, warn=self._warn)
+        if options.mode == RunMode.PLAN:
+            self.runner.handler = self.predictor.plan_task
+        elif options.mode == RunMode.APPLY and options.predictions is not None:
+            self.runner.handler = self.predictor.apply_task
+        self.concurrency = options.concurrency or playbook.concurrency
+        self.running: dict[Future[TaskResult], TaskKey | _Rescue] = {}
+        self.connecting: dict[Future[None], str] = {}
+        self.stopping = False
+        self.abort_deadline: float | None = None
+
+    # --- public ------------------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        """Run every task and return the run's result; never raises for task or host failures."""
+        self.result.started_at = time.time()
+        old_term = None
+        if self.opt.handle_signals and threading.current_thread() is threading.main_thread():
+            old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            self.events.run_started(self.info)
+            self._loop()
+        except ObserverFailed as exc:
+            # An observer that must not lose events (audit trail, run state) failed: stop cleanly.
+            self.result.stop_reason = f"stopped: {exc}"
+            self.result.observer_failed = str(exc)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+            for conn in list(self.conns.values()):
+                _quiet_close(conn)
+        self.result.finished_at = time.time()
+        position = {h: i for i, h in enumerate(self.host_order)}  # not list.index: O(tasks x hosts) at scale
+        self.result.results = sorted(self.scheduler.recorded, key=lambda r: (position.get(r.host, 0), r.started_at or 0.0))
+        try:
+            self.events.run_finished(self.info, self.result)
+        except ObserverFailed as exc:   # e.g. the audit trail could not write the run's last record
+            self.result.observer_failed = self.result.observer_failed or str(exc)
+        return self.result
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        width = max((len(layer) for layer in self.steps.layers()), default=1)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency * width, 256)), thread_name_prefix="runbook")
+        try:
+            self._replay_previous()
+            while True:
+                try:
+                    if not self._tick(pool):
+                        break
+                except KeyboardInterrupt:
+                    self._interrupted()
+        except (_Stop, ObserverFailed) as exc:
+            self._abort()
+            if isinstance(exc, ObserverFailed):
+                raise
+        finally:
+            pool.shutdown(wait=not self.result.interrupted, cancel_futures=True)
+            self._record_unstarted()
+
+    def _replay_previous(self) -> None:
+        """Resumed runs: tasks already done count as finished before anything starts."""
+        for node, old in self.opt.previous.items():
+            key = TaskKey(*node)
+            if key in self.tasks and key not in self.scheduler.results:
+                ready = self.scheduler.ready[key.host]
+                if key in ready:
+                    ready.remove(key)
+                self.scheduler.finish(key, dataclasses.replace(old, from_run=old.from_run or "previous"))
+
+    def _tick(self, pool: ThreadPoolExecutor) -> bool:
+        """One round: admit hosts, start what is ready, collect what finished; False when the run is over."""
+        if not self.stopping:
+            reason = self.scheduler.check_failure_limit()
+            if reason:
+                self.result.stop_reason = reason
+                self._warn(reason + "; no new host or batch starts")
+            for host in self.scheduler.admit(self.concurrency, len(self.connecting)):
+                self.connecting[pool.submit(self._connect, host)] = host
+        for host in list(self.scheduler.active):
+            if host in self.conns:
+                self._start_host_work(pool, host)
+        if not self.running and not self.connecting:
+            return not self.stopping and bool(self.scheduler.active or self.scheduler.more_to_admit())
+        futures: list[Future[Any]] = [*self.running, *self.connecting]
+        done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+        for fut in done:
+            self._collect(fut)
+        if self.abort_deadline is not None and time.monotonic() > self.abort_deadline:
+            raise _Stop()
+        return True
+
+    def _start_host_work(self, pool: ThreadPoolExecutor, host: str) -> None:
+        """Start every ready task of a connected host; then its on_failure steps, one at a time; then release it."""
+        busy = any(_host_of(key) == host for key in self.running.values())
+        while not self.stopping:
+            node = self.scheduler.take(host)
+            if node is None:
+                break
+            verdict = self._window_verdict(node)
+            if verdict == "closed":
+                break
+            if verdict == "deferred":
+                continue
+            self.running[pool.submit(self.runner.run, node)] = node
+            busy = True
+        if not self.stopping and not busy:
+            sid = self.scheduler.next_rescue(host)
+            if sid is not None:
+                self.running[pool.submit(self.runner.run, TaskKey(sid, host), True)] = _Rescue(TaskKey(sid, host))
+                busy = True
+        if not busy and self.scheduler.settled(host):
+            self.scheduler.release(host)
+            conn = self.conns.pop(host, None)
+            if conn is not None:
+                _quiet_close(conn)
+
+    def _window_verdict(self, node: TaskKey) -> Literal["start", "deferred", "closed"]:
+        """Whether the maintenance window lets the task start; when not, it is deferred or the run stops."""
+        guard = self.opt.window_guard
+        step = self.steps.step(node.step_id)
+        if guard is None or guard.allows_start(step.max_duration):
+            return "start"
+        if step.max_duration is not None and guard.allows_start(None):
+            # Only this step cannot finish before the close: defer it (its successors wait for it);
+            # other tasks may still start while the window is open.
+            self.scheduler.finish(node, self.scheduler.result(node, Status.DEFERRED, "not started: max_duration does "
+                                                              "not fit before the maintenance window closes"))
+            return "deferred"
+        self.scheduler.put_back(node)
+        self.stopping = True
+        self.result.stop_reason = WINDOW_CLOSED
+        self._warn("the maintenance window closed: no new task starts; the rest is deferred "
+                   "(`runbook resume RUN_ID` continues it)")
+        return "closed"
+
+    def _collect(self, fut: Future[Any]) -> None:
+        """Take in one finished connection attempt or task."""
+        if fut in self.connecting:
+            host = self.connecting.pop(fut)
+            err = fut.exception()
+            if err is not None:
+                reason = err.reason if isinstance(err, ConnectionFailed) else f"{type(err).__name__}: {err}"
+                self.events.host_unreachable(self.info, host, reason)
+                self.scheduler.host_unreachable(host, reason)
+            return
+        key = self.running.pop(fut)
+        res = fut.result()
+        if isinstance(key, _Rescue):
+            self.scheduler.record(TaskKey("rescue:" + key.key.step_id, key.key.host), res)
+        else:
+            self.scheduler.finish(key, res)
+
+    # --- stopping --------------------------------------------------------------------------------
+
+    def _interrupted(self) -> None:
+        """First interrupt: no new task starts, running ones may finish; a second one aborts them."""
+        if self.result.interrupted:
+            raise _Stop() from None
+        self.stopping = True
+        self.result.interrupted = True
+        self.result.stop_reason = "interrupted"
+        self.abort_deadline = time.monotonic() + self.opt.interrupt_grace
+        self.events.run_interrupted(self.info, "interrupted: no new task starts; running tasks may finish "
+                                    "(interrupt again to abort them)")
+
+    def _abort(self) -> None:
+        """Drop the connections so running commands end now; record what the running tasks report."""
+        self.stopping = True
+        self.runner.aborting = True
+        self.runner.cancel.set()
+        for conn in list(self.conns.values()):
+            _quiet_close(conn)
+        done, _ = wait(list(self.running), timeout=ABORT_WAIT)
+        for fut in done:
+            key = self.running.pop(fut)
+            if isinstance(key, TaskKey) and key not in self.scheduler.results:
+                self.scheduler.record(key, fut.result())
+        for key in list(self.running.values()):
+            if isinstance(key, TaskKey) and key not in self.scheduler.results:
+                res = self.scheduler.result(key, Status.FAILED, ABORTED)
+                self.scheduler.record(key, res)
+                self.events.task_finished(self.info, res)
+
+    def _record_unstarted(self) -> None:
+        """Whatever never started: deferred (window), or not run (interrupt, max_failures, a failed observer)."""
+        status = Status.DEFERRED if self.result.stop_reason == WINDOW_CLOSED else Status.NOT_RUN
+        reason = self.result.stop_reason or "not started"
+        for node in self.scheduler.unstarted():
+            self.scheduler.record(node, self.scheduler.result(node, status, f"not started: {reason}"))
+
+    # --- connections and events --------------------------------------------------------------
+
+    def _connect(self, host: str) -> None:
+        conn = self.opt.connect(self.hosts[host]) if self.opt.connect else LocalConnection(host)
+        conn.open()
+        with self.scheduler.lock:
+            self.conns[host] = conn
+
+    def _conn_for(self, host: str, step: Step) -> Connection:
+        return self.local if step.on == "controller" else self.conns[host]
+
+    def _emit(self, res: TaskResult) -> None:
+        self.events.task_finished(self.info, res)
+
+    def _warn(self, message: str) -> None:
+        self.events.notice(self.info, "warning", message)
+
+
+def _host_of(key: TaskKey | _Rescue) -> str:
+    return key.key.host if isinstance(key, _Rescue) else key.host
+
+
+def _quiet_close(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # closing is best effort; the run's outcome is already decided
+        pass
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -1,0 +1,158 @@
+"""Dry-run prediction and apply-time drift checks: the `plan` and `apply` ways of carrying out a task."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import networkx as nx
+from jinja2 import meta
+
+from runbook.actions import Action, Prediction, PredictionKind
+from runbook.connections import Connection, ReadOnlyConnection
+from runbook.engine.options import SavedPrediction
+from runbook.engine.task import TaskRunner
+from runbook.errors import RunbookError
+from runbook.graph import TaskKey
+from runbook.model import Step
+from runbook.results import Status, TaskResult
+from runbook.template import environment, strip_braces, truth
+
+_STATUS = {PredictionKind.CHANGE: Status.CHANGED, PredictionKind.OK: Status.OK, PredictionKind.SKIP: Status.SKIPPED,
+           PredictionKind.UNKNOWN: Status.UNKNOWN, PredictionKind.FAIL: Status.FAILED}
+_RESTS_ON_NOTHING = (PredictionKind.OK, PredictionKind.SKIP)
+
+
+class Predictor:
+    """Predicts tasks from what the hosts are now, reading only; in `apply`, checks that the plan still holds."""
+
+    def __init__(self, runner: TaskRunner, tasks: nx.DiGraph, results: Mapping[TaskKey, TaskResult],
+                 predictions: dict[TaskKey, SavedPrediction] | None, *, allow_drift: bool,
+                 stop_host: Callable[[str, str], None], warn: Callable[[str], None]):
+        self.runner = runner
+        self.tasks = tasks
+        self.results = results
+        self.predictions = predictions or {}
+        self.allow_drift = allow_drift
+        self.stop_host = stop_host
+        self.warn = warn
+        self.drift_checkable = self._drift_checkable() if predictions else set()
+
+    # --- plan ------------------------------------------------------------------------------------
+
+    def plan_task(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                  res: TaskResult) -> bool:
+        """Carry out a task in a dry run: predict it; True when its register must stay unknown."""
+        pred = self.predict(key, step, action, conn, ctx, res)
+        res.status = _STATUS[pred.kind]
+        res.changed = pred.kind == PredictionKind.CHANGE
+        res.message = pred.reason
+        res.diff = pred.diff
+        res.command = pred.command or res.command
+        res.data.update(pred.data)
+        res.prediction = pred.kind
+        res.read_only = step.read_only and pred.kind != PredictionKind.SKIP
+        res.state = pred.state
+        # A read_only step after a predicted (or possible) change read the host as it is *before* that
+        # change, so later steps must not predict from its output: its register is unknown too.
+        stale = step.read_only and self.after_change(key)
+        if step.register_as and (not step.read_only or stale) and pred.kind != PredictionKind.SKIP:
+            self.runner.registers.mark_unknown(key.host, step.register_as, step.step_id, stale=stale)
+            return True
+        return False
+
+    def after_change(self, key: TaskKey) -> bool:
+        """True when a task this one waits for is predicted to change something, or may (unknown)."""
+        return any(a in self.results and self.results[a].prediction in (PredictionKind.CHANGE, PredictionKind.UNKNOWN)
+                   for a in nx.ancestors(self.tasks, key))
+
+    def _unknown_inputs(self, host: str, step: Step) -> list[str]:
+        """Registers the step's `when` reads that a dry run could not produce."""
+        if step.when is None:
+            return []
+        names = meta.find_undeclared_variables(environment().parse("{{ " + strip_braces(step.when) + " }}"))
+        unknown = self.runner.registers.unknown_names(host)
+        return [n for n in sorted(names) if n in unknown]
+
+    def predict(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                res: TaskResult | None = None) -> Prediction:
+        """What the step would do on the host now, reading only (guards and read_only steps run for real)."""
+        host = key.host
+        registers = self.runner.registers
+        if not self.runner.tags_allow(step):
+            return Prediction(PredictionKind.SKIP, "tag filter")
+        unknown = self._unknown_inputs(host, step)
+        if unknown:
+            return Prediction(PredictionKind.UNKNOWN, f"`when` reads `{unknown[0]}`, {registers.why_unknown(host, unknown[0])}")
+        try:
+            return self._predict_known(key, step, action, conn, ctx, res)
+        except RunbookError as exc:
+            missing = [n for n in registers.unknown_names(host) if f"'{n}'" in str(exc)]
+            if missing:
+                return Prediction(PredictionKind.UNKNOWN, f"needs `{missing[0]}`, {registers.why_unknown(host, missing[0])}")
+            raise
+
+    def _predict_known(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                       res: TaskResult | None) -> Prediction:
+        if step.when is not None and not truth(step.when, ctx):
+            return Prediction(PredictionKind.SKIP, f"when: `{step.when}` is false")
+        reading = ReadOnlyConnection(conn, allow_run=True)   # guards and read_only steps: read-only by contract
+        passed: list[str] = []
+        state = None
+        if step.guards:
+            reason, state, passed = self.runner.guards(step, self.runner.env(key.host, step, reading, ctx))
+            if reason:
+                return Prediction(PredictionKind.SKIP, reason, state=state)
+        if step.read_only:
+            return self._run_read_only(key, step, action, reading, ctx, res, state)
+        env = self.runner.env(key.host, step, ReadOnlyConnection(conn, allow_run=action.probes_read_only()), ctx)
+        pred = action.plan(env)
+        if passed and pred.kind == PredictionKind.UNKNOWN and action.guarded_runs_change:
+            return Prediction(PredictionKind.CHANGE, "would run: " + "; ".join(passed), state=state, command=pred.command)
+        if state and pred.state is None:
+            pred.state = state
+        return pred
+
+    def _run_read_only(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                       res: TaskResult | None, state: str | None) -> Prediction:
+        probe = res or TaskResult(key.host, step.step_id, step.action, Status.OK)
+        self.runner.run_for_real(key, step, action, conn, ctx, probe)
+        kind = (PredictionKind.FAIL if probe.status == Status.FAILED else
+                PredictionKind.SKIP if probe.status == Status.SKIPPED else PredictionKind.OK)
+        if kind == PredictionKind.FAIL and self.after_change(key):
+            # It read the host before the changes planned ahead of it (e.g. a check of what an
+            # earlier step uploads): failing now says nothing about the real run.
+            return Prediction(PredictionKind.UNKNOWN, "reads the host before changes planned ahead of it; now: "
+                              + (probe.message or "fails"), command=probe.command, state=state)
+        return Prediction(kind, probe.message or "read_only: ran for real", command=probe.command, state=state)
+
+    # --- apply a reviewed plan -------------------------------------------------------------------
+
+    def _drift_checkable(self) -> set[TaskKey]:
+        """Tasks whose saved prediction rests only on state nothing in this run changes before them."""
+        unknown = SavedPrediction(PredictionKind.UNKNOWN)
+        return {node for node in self.tasks
+                if all(self.predictions.get(a, unknown).kind in _RESTS_ON_NOTHING for a in nx.ancestors(self.tasks, node))}
+
+    def apply_task(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                   res: TaskResult) -> None:
+        """Carry out a task as the reviewed plan says: refuse drift, skip what it predicted no change, run the rest."""
+        saved = self.predictions.get(key)
+        if saved is None:
+            self.runner.run_for_real(key, step, action, conn, ctx, res)
+            return
+        kind = PredictionKind(saved.kind) if saved.kind in PredictionKind._value2member_map_ else None
+        if key in self.drift_checkable and kind in (PredictionKind.CHANGE, *_RESTS_ON_NOTHING) and saved.state is not None:
+            now = self.predict(key, step, action, conn, ctx)
+            if now.kind != kind or (now.state or None) != saved.state:
+                message = f"drift: the plan said {saved.kind} ({saved.reason}); now {now.kind} ({now.reason})"
+                if not self.allow_drift:
+                    res.status, res.message = Status.DRIFT, message
+                    self.stop_host(key.host, f"host stopped: `{step.step_id}` drifted from the plan")
+                    return
+                self.warn(f"{key.host}: {message} (--allow-drift)")
+        if kind in _RESTS_ON_NOTHING and not step.read_only and not action.rerun_on_apply:
+            res.status = Status.SKIPPED if kind == PredictionKind.SKIP else Status.OK
+            res.message = f"as planned: {saved.reason}"
+            return
+        self.runner.run_for_real(key, step, action, conn, ctx, res)

@@ -1,0 +1,239 @@
+"""The task runner: one step on one host over one connection — conditions, guards, retries, outcome, register."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from runbook.actions import Action, Outcome, TaskEnv
+from runbook.connections import Connection
+from runbook.engine.options import ExecOptions, HostLike
+from runbook.engine.registers import Registers, register_value
+from runbook.errors import ReadOnlyViolation, RunbookError
+from runbook.events import EventStream, ObserverFailed, RunInfo, TaskRef
+from runbook.graph import StepGraph, TaskKey
+from runbook.model import Playbook, Step
+from runbook.results import RunMode, Status, TaskResult
+from runbook.template import build_context, truth
+
+ABORTED = "aborted by a second interrupt"
+
+
+class ModeHandler(Protocol):
+    """How a task is carried out in the run's mode: for real, predicted (plan), or as a reviewed plan says (apply)."""
+
+    def __call__(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                 res: TaskResult) -> bool | None:
+        """Fill `res`; return True when the step's register must not be set from it (a dry run's guess)."""
+
+
+class TaskRunner:
+    """Runs one task and returns its result; it emits the task's events and never raises for task failures."""
+
+    def __init__(self, playbook: Playbook, steps: StepGraph, hosts: dict[str, HostLike], info: RunInfo,
+                 events: EventStream, options: ExecOptions, registers: Registers,
+                 connection: Callable[[str, Step], Connection]):
+        self.playbook = playbook
+        self.steps = steps
+        self.hosts = hosts
+        self.info = info
+        self.events = events
+        self.opt = options
+        self.registers = registers
+        self.connection = connection
+        self.actions: dict[str, Action] = {}
+        self.cancel = threading.Event()
+        self.aborting = False
+        self._ask_lock = threading.Lock()
+        self.handler: ModeHandler = self.run_for_real
+
+    def action(self, step: Step) -> Action:
+        """The action object of a step (made once per run)."""
+        found = self.actions.get(step.step_id)
+        if found is None:
+            from runbook.actions import action_for
+
+            found = self.actions[step.step_id] = action_for(step)
+        return found
+
+    # --- one task ----------------------------------------------------------------------------
+
+    def run(self, key: TaskKey, rescue: bool = False) -> TaskResult:
+        """Run the task `key` in the run's mode (on_failure steps always for real) and report it."""
+        step = self.steps.step(key.step_id)
+        res = TaskResult(key.host, key.step_id, step.action, Status.OK, started_at=time.time(), on_failure=rescue)
+        no_register = False
+        try:
+            conn = self.connection(key.host, step)
+            ctx = self.context(key.host)
+            handler = self.run_for_real if rescue else self.handler
+            no_register = bool(handler(key, step, self.action(step), conn, ctx, res))
+        except ObserverFailed:
+            raise   # not the task's failure: the run stops
+        except ReadOnlyViolation as exc:
+            res.status, res.message = Status.FAILED, f"dry-run safety stop: {exc.message}"
+        except RunbookError as exc:
+            res.status, res.message = Status.FAILED, str(exc)
+        except (OSError, EOFError) as exc:
+            res.status, res.message = Status.FAILED, f"connection error: {exc}"
+        except Exception as exc:  # a bug or an unexpected library error must not kill the whole run
+            res.status, res.message = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+        self._finalize(step, res, no_register)
+        self.events.task_finished(self.info, res)
+        return res
+
+    def _finalize(self, step: Step, res: TaskResult, no_register: bool) -> None:
+        if self.aborting and res.status == Status.FAILED:
+            res.message = f"{ABORTED}: {res.message}" if res.message else ABORTED
+        res.finished_at = time.time()
+        res.duration = round(res.finished_at - (res.started_at or res.finished_at), 6)
+        if res.status == Status.FAILED and step.ignore_errors and self.opt.mode != RunMode.PLAN:
+            res.ignored = True
+        if step.register_as and not no_register:
+            self.registers.store(res.host, step.register_as, register_value(res, skipped=res.status == Status.SKIPPED),
+                                 shared=step.once)
+
+    def start(self, step: Step, host: str, res: TaskResult, attempt: int, command: str | None) -> None:
+        """Record an attempt and emit `task_started`."""
+        res.attempts = attempt
+        res.command = command
+        self.events.task_started(self.info, TaskRef(host, step.step_id, step.name, step.action, attempt, command))
+
+    # --- variables and environment -------------------------------------------------------------
+
+    def context(self, host: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The template variables of a task on `host`, by precedence (see docs/playbook-format.md)."""
+        h = self.hosts[host]
+        builtins = {
+            "host": {"name": host, "vars": h.vars, "groups": list(getattr(h, "groups", []) or [])},
+            "inventory_hostname": host,
+            "groups": self.opt.groups,
+            "run": {"id": self.info.run_id, "mode": str(self.opt.mode), "operator": self.info.operator},
+            "playbook_dir": self.opt.playbook_dir,
+        }
+        return build_context(playbook_vars=self.playbook.vars, inventory_vars=h.vars,
+                             registers={**self.registers.visible(host), **(extra or {})},
+                             extra_vars=self.opt.extra_vars, secrets=self.opt.secrets, builtins=builtins)
+
+    def env(self, host: str, step: Step, conn: Connection, ctx: dict[str, Any]) -> TaskEnv:
+        """What an action gets to act on one host."""
+        h = self.hosts[host]
+        become = h.vars.get("ansible_become_user", h.vars.get("become_user"))
+
+        def approval(granted: bool, who: str) -> None:
+            self.events.approval(self.info, host, step.step_id, granted, who)
+
+        return TaskEnv(step=step, host=host, conn=conn, vars=ctx, playbook=self.playbook, become_user=become,
+                       assume_yes=self.opt.assume_yes, interactive=self.opt.interactive, ask=self._ask,
+                       on_approval=approval, cancelled=self.cancel.is_set)
+
+    def _ask(self, prompt: str) -> bool:
+        """Ask the operator, one question at a time even when several hosts reach a gate together."""
+        with self._ask_lock:
+            return bool(self.opt.ask and self.opt.ask(prompt))
+
+    def tags_allow(self, step: Step) -> bool:
+        """Whether `--tags`/`--skip-tags` let the step run."""
+        tags = set(step.tags)
+        if self.opt.tags and not (tags & self.opt.tags or "always" in tags):
+            return False
+        return not (tags & self.opt.skip_tags)
+
+    # --- running for real ----------------------------------------------------------------------
+
+    def guards(self, step: Step, env: TaskEnv) -> tuple[str | None, str, list[str]]:
+        """Evaluate the guards (read-only by contract): (reason to skip or None, state fingerprint, passed reasons)."""
+        state: list[str] = []
+        passed: list[str] = []
+        for name, value in step.guards.items():
+            text = env.render(value)
+            if name in ("creates", "removes"):
+                st = env.conn.stat(text)
+                state.append(f"{name}:{int(st.exists)}")
+                if name == "creates" and st.exists:
+                    return f"creates: {text} exists", "|".join(state), passed
+                if name == "removes" and not st.exists:
+                    return f"removes: {text} does not exist", "|".join(state), passed
+                passed.append(f"{name}: {text} {'does not exist' if name == 'creates' else 'exists'}")
+            else:
+                r = env.run(text)   # the step's env, sudo and timeout, like the step itself
+                state.append(f"{name}:{int(r.rc == 0)}")
+                if name == "unless" and r.rc == 0:
+                    return f"unless: `{short(text)}` succeeded", "|".join(state), passed
+                if name == "only_if" and r.rc != 0:
+                    return f"only_if: `{short(text)}` failed (rc={r.rc})", "|".join(state), passed
+                passed.append(f"{name}: `{short(text)}` {'failed' if name == 'unless' else 'succeeded'}")
+        return None, "|".join(state), passed
+
+    def run_for_real(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                     res: TaskResult) -> bool | None:
+        """Conditions, guards, then the action with retries/until; the outcome lands in `res`."""
+        host = key.host
+        env = self.env(host, step, conn, ctx)
+        if not self.tags_allow(step):
+            skip(res, "tag filter")
+            return None
+        if step.when is not None and not truth(step.when, ctx):
+            skip(res, f"when: `{step.when}` is false")
+            return None
+        if step.guards:
+            self.start(step, host, res, 1, action.describe(env))
+            reason, _, _ = self.guards(step, env)
+            if reason:
+                skip(res, reason)
+                return None
+        attempts = step.retries + 1 if (step.retries or not step.until) else 4  # `until` alone retries 3 times
+        for attempt in range(1, attempts + 1):
+            if attempt > 1 and self.cancel.wait(step.delay):
+                break
+            self.start(step, host, res, attempt, action.describe(env))
+            self.apply_outcome(step, res, action.apply(env), ctx)
+            if step.until is None:
+                if res.status != Status.FAILED:
+                    break
+                continue
+            reg = register_value(res)
+            if truth(step.until, {**ctx, "result": reg, **({step.register_as: reg} if step.register_as else {})}):
+                if res.status == Status.FAILED and step.failed_when is None:
+                    continue
+                break
+            if attempt == attempts:
+                res.status = Status.FAILED
+                res.message = f"`until: {step.until}` still false after {attempt} attempt(s)" + (
+                    f"; {res.message}" if res.message else "")
+        return None
+
+    def apply_outcome(self, step: Step, res: TaskResult, out: Outcome, ctx: dict[str, Any]) -> None:
+        """Copy an action's outcome into the result, with `changed_when`/`failed_when` and `read_only` applied."""
+        res.rc, res.stdout, res.stderr = out.rc, out.stdout, out.stderr
+        res.command = out.command or res.command
+        res.message, res.diff = out.message, out.diff
+        res.data.update(out.data)
+        changed, failed = out.changed, out.failed
+        if step.read_only:
+            changed = False  # read-only by contract: it observes, never changes
+        if step.changed_when is not None or step.failed_when is not None:
+            reg = {"stdout": out.stdout, "stderr": out.stderr, "rc": out.rc, "changed": changed, "failed": failed,
+                   "stdout_lines": out.stdout.splitlines(), "data": out.data}
+            local = {**ctx, "result": reg, **({step.register_as: reg} if step.register_as else {})}
+            if step.changed_when is not None:
+                changed = truth(step.changed_when, local)
+            if step.failed_when is not None:
+                failed = truth(step.failed_when, local)
+                if not failed and out.failed:
+                    res.message = ""
+        res.changed = changed and not failed
+        res.status = Status.FAILED if failed else (Status.CHANGED if res.changed else Status.OK)
+
+
+def skip(res: TaskResult, reason: str) -> None:
+    """Mark a result skipped, with why."""
+    res.status, res.message, res.changed = Status.SKIPPED, reason, False
+
+
+def short(text: str, limit: int = 60) -> str:
+    """One line of at most `limit` characters, for reasons that quote a command."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

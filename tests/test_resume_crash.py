@@ -1,0 +1,102 @@
+"""A controller killed mid-run (SIGKILL): finished work is durable, in-flight work is unknown, resume re-runs neither blindly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from runbook.state import list_runs, load_state
+from tests.helpers import cli, cli_env
+
+
+def _setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    hosts = {}
+    for n in ("a", "b", "c"):
+        (tmp_path / n).mkdir()
+        hosts[n] = {"ansible_connection": "local", "dir": str(tmp_path / n)}
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": hosts}}))
+    go = tmp_path / "go"
+    pb = tmp_path / "pb.yml"
+    pb.write_text(yaml.safe_dump({"runbook": "crash", "steps": [
+        {"name": "count", "shell": "echo ran >> {{ dir | quote }}/count"},
+        {"name": "wait", "shell": f"while [ ! -e {go} ]; do sleep 0.05; done; echo waited >> {{{{ dir | quote }}}}/wait"},
+    ]}))
+    return inv, pb, go
+
+
+def _kill_matching(text: str) -> None:
+    """SIGKILL every process whose command line contains `text`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if text in cmdline:
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
+
+
+def _kill_after_first_step(tmp_path: Path, inv: Path, pb: Path) -> str:
+    env = cli_env(RUNBOOK_AUDIT_LOG=str(tmp_path / "audit.jsonl"))
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", str(pb), "-i", str(inv)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    runs = tmp_path / "runs"
+    while time.monotonic() < deadline:
+        counted = all((tmp_path / n / "count").exists() for n in "abc")
+        journal = next(runs.glob("*.journal"), None) if runs.is_dir() else None
+        started_wait = journal is not None and journal.read_text().count('"started": "wait@') == 3
+        if counted and started_wait:
+            break
+        time.sleep(0.05)
+    # The controller and the local commands it started die together, as when its machine crashes
+    # (each command runs in a session of its own, so they are killed by what they run).
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    _kill_matching(f"while [ ! -e {tmp_path}")
+    [run] = list_runs(runs)
+    return str(run["run_id"])
+
+
+def test_sigkill_then_resume_never_reruns_finished_work(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    run_id = _kill_after_first_step(tmp_path, inv, pb)
+    state = load_state(tmp_path / "runs", run_id)
+    assert state["status"] == "aborted"                       # not "running" forever
+    assert {k for k, t in state["tasks"].items() if t["status"] == "changed"} == {"count@a", "count@b", "count@c"}
+    assert state["in_flight"] == ["wait@a", "wait@b", "wait@c"]
+    shown = cli("runs", "--audit-log", str(tmp_path / "audit.jsonl"))
+    assert "aborted" in shown.stdout
+
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    refused = cli("resume", run_id, env=env)
+    assert refused.returncode == 4
+    assert "outcome is unknown" in refused.stderr and "wait@a" in refused.stderr and "--rerun-in-flight" in refused.stderr
+
+    go.touch()
+    resumed = cli("resume", run_id, "--rerun-in-flight", "--output", "json", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    for n in "abc":
+        assert (tmp_path / n / "count").read_text() == "ran\n"     # finished before the kill: not run again
+        assert (tmp_path / n / "wait").read_text() == "waited\n"
+    statuses = {(r["step_id"], r["host"]): (r["status"], r["from_run"]) for r in json.loads(resumed.stdout)["results"]}
+    assert statuses[("count", "a")] == ("changed", run_id)
+
+
+def test_a_torn_last_journal_line_loses_nothing_before_it(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    run_id = _kill_after_first_step(tmp_path, inv, pb)
+    journal = tmp_path / "runs" / f"{run_id}.journal"
+    with open(journal, "a") as fh:
+        fh.write('{"finished": {"step_id": "wait", "ho')          # a write cut short by the crash
+    state = load_state(tmp_path / "runs", run_id)
+    assert {"count@a", "count@b", "count@c"} <= set(state["tasks"])
