@@ -77,16 +77,19 @@ def test_embedded_json_cannot_break_out_and_reads_back_the_same() -> None:
     assert json.loads(text) == payload
 
 
-def test_hostile_strings_everywhere_leave_exactly_two_scripts() -> None:
+def test_hostile_strings_everywhere_leave_exactly_three_scripts() -> None:
     page = render_run(report(text=HOSTILE))
     p = parse(page)
-    assert [a.get("type") for a, _ in p.scripts] == ["application/json", None]
-    assert page.count("</script>") == 2
+    assert [a.get("type") for a, _ in p.scripts] == ["application/json", None, "application/json"]
+    assert page.count("</script>") == 3
     assert "<!--" not in page
     assert not any(tag in ("img", "iframe", "object", "embed", "base", "form") for tag, _ in p.tags)
     doc = json.loads(p.scripts[0][1])
     assert doc["hosts"][0] == "h0" + HOSTILE          # the data survives intact, as data
     assert doc["steps"][0]["name"] == "step 0" + HOSTILE
+    details = json.loads(p.scripts[2][1])
+    out = details["det"][0]["o"]
+    assert (details["strs"][out] if isinstance(out, int) else out) == "out 0" + HOSTILE
 
 
 def test_content_security_policy_allows_only_the_page_own_inline_code() -> None:
@@ -315,7 +318,8 @@ def test_helpers() -> None:
 
 
 def _payload(page: str) -> dict:
-    return json.loads(parse(page).scripts[0][1])
+    scripts = parse(page).scripts
+    return {**json.loads(scripts[0][1]), **json.loads(scripts[2][1])}
 
 
 def test_outputs_share_a_budget_so_big_runs_stay_small(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,9 +56,12 @@ def run(*args: str) -> int:
 def payload(path: Path) -> dict[str, Any]:
     """The JSON a report page embeds."""
     text = path.read_text(encoding="utf-8")
-    m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
-    assert m is not None
-    return json.loads(m.group(1))
+    doc = {}
+    for name in ("report-data", "report-details"):   # the table's columns, then the tasks' details
+        m = re.search(rf'<script type="application/json" id="{name}">(.*?)</script>', text, re.S)
+        assert m is not None
+        doc.update(json.loads(m.group(1)))
+    return doc
 
 
 def outcomes(doc: dict[str, Any]) -> dict[tuple[str, str], str]:
@@ -130,6 +133,7 @@ def test_plan_page_apply_report_and_prediction_against_outcome(work: Path, capsy
 
 
 def test_resume_report_marks_what_an_earlier_run_did(work: Path) -> None:
+    (work / "pb.yml").write_text(yaml.safe_dump({**PLAYBOOK, "on_failure": []}, sort_keys=False))
     assert run("run", "pb.yml", "-i", "inv.yml") == 2
     first = json.loads(sorted((work / "trail" / "runs").glob("*.json"))[-1].read_text())["run_id"]
     assert run("resume", first, "--report", "resume.html") == 2

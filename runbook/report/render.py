@@ -141,15 +141,19 @@ def _host_section(hosts: Sequence[str], per_host: Mapping[str, Counter[str]], or
             f'<div class="hostbox">{svg.host_bars_svg(shown, per_host, order, t.red, labels)}</div>{more}')
 
 
-def _document(title: str, kind: str, body: str, payload: Any) -> str:
+def _document(title: str, kind: str, body: str, payload: dict[str, Any]) -> str:
     script, style = asset("report.js"), asset("report.css")
+    # Task details (outputs, diffs: most of the bytes) come after the script, so the page is usable
+    # while the browser still reads them; the script takes them up once the document is parsed.
+    details = {"strs": payload.pop("strs"), "det": payload.pop("det")}
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{content_security_policy(script, style)}">'
             '<meta name="referrer" content="no-referrer"><meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<meta name="generator" content="runbook"><title>{title}</title><link rel="icon" href="data:,">'
             f"<style>{style}</style></head>\n<body class=\"kind-{kind}\">\n{body}\n"
             f'<script type="application/json" id="report-data">{embed_json(payload)}</script>\n'
-            f"<script>{script}</script>\n</body></html>\n")
+            f"<script>{script}</script>\n"
+            f'<script type="application/json" id="report-details">{embed_json(details)}</script>\n</body></html>\n')
 
 
 # --- the run report --------------------------------------------------------------------------------

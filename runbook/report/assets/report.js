@@ -32,9 +32,22 @@
     return new Date(D.t0 * 1000 + ms).toISOString().replace("T", " ").slice(0, 19) + "Z";
   }
   function stepOf(i) { return D.steps[C.s[i]]; }
-  var INTERNED = ["c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r"], STRS = D.strs || [];
+  var INTERNED = ["c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r"], STRS = [], DET = null;
+  // The details block follows this script: it is read once the whole document is parsed.
+  function detailsReady() {
+    if (DET) return true;
+    if (document.readyState === "loading") return false;
+    var x = JSON.parse(document.getElementById("report-details").textContent);
+    STRS = x.strs; DET = x.det;
+    return true;
+  }
+  function whenDetails(fn) {
+    if (detailsReady()) return fn();
+    document.addEventListener("DOMContentLoaded", function () { detailsReady(); fn(); }, { once: true });
+  }
   function det(i) {
-    var d = D.det[i];
+    if (!detailsReady()) return {};
+    var d = DET[i];
     if (!d) return {};
     if (!d.$) {   // resolve, once, the texts stored in the shared string table
       INTERNED.forEach(function (k) { if (typeof d[k] === "number") d[k] = STRS[d[k]]; });
@@ -66,6 +79,7 @@
     attempts: function (i) { return C.a[i]; }, start: function (i) { return C.b[i]; }, duration: function (i) { return C.d[i]; }
   };
   function apply() {
+    if (S.q.trim() && !detailsReady()) return whenDetails(apply);   // searching reads outputs and messages
     var hm = hostMask(), q = S.q.trim().toLowerCase(), hs = q ? haystack() : null;
     nView = 0;
     for (var i = 0; i < N; i++) {
@@ -255,6 +269,10 @@
     box.appendChild(dl);
   }
   function select(i) {
+    if (!detailsReady()) {
+      var wait = document.getElementById("detail"); wait.hidden = false; wait.textContent = "Reading the task details…";
+      return whenDetails(function () { select(i); });
+    }
     S.sel = i;
     table.render();
     var box = document.getElementById("detail"), d = det(i), st = stepOf(i), f = C.f ? C.f[i] : 0;
@@ -532,6 +550,7 @@
   var strip = document.getElementById("hoststrip");
   if (strip) HostStrip(strip);
   apply();
+  whenDetails(function () { if (PLAN || D.predicted) table.render(); });   // reasons and predictions live in the details
   document.body.setAttribute("data-ready", "1");
   document.body.setAttribute("data-ready-ms", String(Math.round(performance.now())));   // read by benchmarks/report_bench.py
 })();
