@@ -346,3 +346,13 @@ def test_repeated_texts_are_stored_once() -> None:
     assert doc["strs"].count("systemctl restart app") == 1
     assert {d["c"] for d in doc["det"]} == {doc["strs"].index("systemctl restart app")}
     assert "a" not in doc["det"][0]       # the step's action, not repeated per task
+
+
+def test_unreadable_audit_records_are_left_out_with_a_note() -> None:
+    records = [{"event": "run.started", "run_id": "R3", "hosts": ["a"]},
+               {"event": "task.finished", "run_id": "R3", **_task("a", "one", "ok")},
+               {"event": "task.finished", "run_id": "R3", **_task("a", "two", "ok"), "status": "</script>"},
+               {"event": "task.finished", "run_id": "R3", "host": "a"}]
+    rep = data.run_report_from_files(None, records, run_id="R3", audit_path=None, state_dir=None)
+    assert [t.step_id for t in rep.tasks] == ["one"]
+    assert any("2 task record(s) of the audit trail could not be read" in n for n in rep.header.notes)

@@ -114,6 +114,23 @@ def validate_tasks(items: list[Any], what: str, names: list[str], path: Path | N
                               hint="the file is not one runbook wrote, or it was edited") from None
 
 
+def audit_results(records: list[dict[str, Any]]) -> tuple[list[TaskEntry], int]:
+    """The `task.finished` records of a trail as TaskEntry; records that do not validate are counted, not fatal.
+
+    A broken record is what `audit verify` reports (the header shows it); the rest of the run is still worth reading.
+    """
+    try:
+        return _TASKS.validate_python(records), 0
+    except PydanticError:
+        good = []
+        for r in records:
+            try:
+                good.append(TaskEntry.model_validate(r))
+            except PydanticError:
+                continue
+        return good, len(records) - len(good)
+
+
 def state_tasks(doc: Mapping[str, Any], path: Path | None = None) -> list[TaskEntry]:
     """The tasks of a state document, validated."""
     raw = doc.get("tasks", {})
@@ -333,7 +350,10 @@ def run_report_from_files(state: Mapping[str, Any] | None, records: list[dict[st
     if state is not None:   # the state has the main tasks; on_failure results are only in the audit trail
         audit_tasks = [r for r in audit_tasks if r.get("step_id") in rescue_ids or r.get("on_failure")
                        or (isinstance(r.get("data"), Mapping) and r["data"].get("on_failure"))]
-    saved = validate_tasks(audit_tasks, "audit trail", [f"{r.get('step_id')}@{r.get('host')}" for r in audit_tasks])
+    saved, unreadable = audit_results(audit_tasks)
+    if unreadable:
+        header.notes.append(f"{unreadable} task record(s) of the audit trail could not be read and are left out "
+                            "(see the audit chain's check)")
     if state is not None:
         tasks = state_tasks(state, state_path)
     else:
