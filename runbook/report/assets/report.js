@@ -364,7 +364,8 @@
       for (var t = 0; t <= span; t += stepMs) {
         var x = gutter + t * scale;
         ctx.beginPath(); ctx.moveTo(x + 0.5, AXIS - 4); ctx.lineTo(x + 0.5, H); ctx.stroke();
-        ctx.fillText("+" + fmtDur(t), x + 2, 3);
+        var text = "+" + fmtDur(t);
+        if (x + 2 + ctx.measureText(text).width < W) ctx.fillText(text, x + 2, 3);   // no label cut at the edge
       }
     }
     function perHost(ctx) {
