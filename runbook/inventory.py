@@ -26,14 +26,14 @@ import os
 import re
 import shlex
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from runbook.connections import CONNECTIONS
 from runbook.errors import InventoryError, Location, Problem, Problems, ValidationError, did_you_mean
-from runbook.loader import SourceMap, parse_yaml, read_text
+from runbook.loader import LocatedDocument, SourceMap, parse_yaml, read_text
 
 Connection = str   # a connection kind: `ssh`, `local`, or a plugin's (runbook.connections)
 
@@ -113,22 +113,53 @@ class Group:
 
 # --- ranges and host patterns in inventory files ---------------------------------------------------
 
-_RANGE_RE = re.compile(r"\[([^\]]*:[^\]]*)\]")
+# A range is refused above this many names, and so is an inventory above this many hosts: far more
+# than a fleet, and a typo such as `h[1:99999999]` would otherwise exhaust memory while expanding.
+MAX_RANGE_HOSTS = 100_000
+MAX_INVENTORY_HOSTS = 100_000
+# Host entries expanded per inventory, repeats included (a host in three groups counts three times):
+# bounds the work of files that re-list one huge range on many lines.
+MAX_HOST_ENTRIES = 10 * MAX_INVENTORY_HOSTS
+_RANGE_HINT = ("a range is [START:END] or [START:END:STEP] with numbers (web[01:20]) or single letters (db-[a:c]); "
+               f"a range expands to at most {MAX_RANGE_HOSTS:,} hosts")
 
 
-def expand_hostname_range(pattern: str) -> list[str]:
-    """Expand Ansible ranges: `web[01:03]` -> web01, web02, web03; `db-[a:c]`; `[1:9:2]` steps; several ranges multiply."""
-    m = _RANGE_RE.search(pattern)
-    if not m:
-        return [pattern]
-    head, spec, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+class RangeTooLarge(ValueError):
+    """A host range that would expand past MAX_RANGE_HOSTS."""
+
+
+@dataclass(frozen=True)
+class _Range:
+    """One `[start:end:step]` of a host name: numbers (zero-padded to `width`) or single letters."""
+
+    start: int
+    end: int
+    step: int
+    width: int = 0
+    letters: bool = False
+
+    def __len__(self) -> int:
+        return len(range(self.start, self.end + 1, self.step))   # arithmetic: nothing is expanded
+
+    def values(self) -> list[str]:
+        if self.letters:
+            return [string.ascii_letters[i] for i in range(self.start, self.end + 1, self.step)]
+        return [str(i).zfill(self.width) for i in range(self.start, self.end + 1, self.step)]
+
+
+def _split_range(pattern: str) -> tuple[str, _Range, str] | None:
+    """The text before the first `[...]`, that range, and the rest; None without brackets (ValueError when invalid)."""
+    if "[" not in pattern:
+        return None
+    head, _, rest = pattern.partition("[")
+    spec, closed, tail = rest.partition("]")
+    if not closed:
+        raise ValueError(f"invalid range in `{pattern}`: `[` is never closed")
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise ValueError(f"invalid range `[{spec}]`: expected [start:end] or [start:end:step]")
-    beg, end = parts[0].strip(), parts[1].strip()
+    beg, end = parts[0].strip() or "0", parts[1].strip()
     step_text = parts[2].strip() if len(parts) == 3 else "1"
-    if not beg:
-        beg = "0"
     if not end:
         raise ValueError(f"invalid range `[{spec}]`: the end is missing")
     if not step_text.isdigit() or int(step_text) < 1:
@@ -138,30 +169,69 @@ def expand_hostname_range(pattern: str) -> list[str]:
         width = len(beg) if beg.startswith("0") and len(beg) > 1 else 0
         if width and len(end) != width:
             raise ValueError(f"invalid range `[{spec}]`: a zero-padded start needs an end of the same width")
-        if int(beg) > int(end):
-            raise ValueError(f"invalid range `[{spec}]`: the start is after the end")
-        values = [str(i).zfill(width) for i in range(int(beg), int(end) + 1, step)]
+        rng = _Range(int(beg), int(end), step, width)
     elif len(beg) == 1 and len(end) == 1 and beg in string.ascii_letters and end in string.ascii_letters:
-        letters = string.ascii_letters
-        if letters.index(beg) > letters.index(end):
-            raise ValueError(f"invalid range `[{spec}]`: the start is after the end")
-        values = list(letters[letters.index(beg): letters.index(end) + 1: step])
+        rng = _Range(string.ascii_letters.index(beg), string.ascii_letters.index(end), step, letters=True)
     else:
         raise ValueError(f"invalid range `[{spec}]`: expected two numbers or two single letters")
-    return [head + v + rest for v in values for rest in expand_hostname_range(tail)]
+    if rng.start > rng.end:
+        raise ValueError(f"invalid range `[{spec}]`: the start is after the end")
+    return head, rng, tail
+
+
+def count_hostname_range(pattern: str) -> int:
+    """How many names `pattern` expands to, computed without expanding it; ValueError when a range is invalid."""
+    count, rest = 1, pattern
+    while (found := _split_range(rest)) is not None:
+        _head, rng, rest = found
+        count *= len(rng)
+    return count
+
+
+def expand_hostname_range(pattern: str) -> list[str]:
+    """Expand Ansible ranges: `web[01:03]` -> web01, web02, web03; `db-[a:c]`; `[1:9:2]` steps; several ranges multiply.
+
+    Raises RangeTooLarge, before expanding anything, when the names would number more than MAX_RANGE_HOSTS.
+    """
+    _range_size(pattern)
+    return _expand(pattern)
+
+
+def _range_size(pattern: str) -> int:
+    """count_hostname_range, raising RangeTooLarge above MAX_RANGE_HOSTS."""
+    count = count_hostname_range(pattern)
+    if count > MAX_RANGE_HOSTS:
+        raise RangeTooLarge(f"range `{pattern}` expands to {count:,} hosts: expected at most {MAX_RANGE_HOSTS:,} "
+                            "hosts per range")
+    return count
+
+
+def _expand(pattern: str) -> list[str]:
+    found = _split_range(pattern)
+    if found is None:
+        return [pattern]
+    head, rng, tail = found
+    rests = _expand(tail)
+    return [head + v + rest for v in rng.values() for rest in rests]
 
 
 def parse_host_pattern(text: str) -> tuple[list[str], int | None]:
     """Split an inventory host entry into expanded names and an optional `:port` (IPv6 allowed)."""
+    base, port = split_host_port(text)
+    return expand_hostname_range(base), port
+
+
+def split_host_port(text: str) -> tuple[str, int | None]:
+    """An inventory host entry without its optional `:port`, ranges not yet expanded (ValueError when malformed)."""
     text = text.strip()
     if not text:
         raise ValueError("empty host name")
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text)
     if m and ":" in m.group(1):  # [fe80::1]:2222
-        return [m.group(1)], _port_from_text(m.group(2)) if m.group(2) else None
+        return m.group(1), _port_from_text(m.group(2)) if m.group(2) else None
     try:
         ipaddress.IPv6Address(text)
-        return [text], None
+        return text, None
     except ValueError:
         pass
     # Colons outside brackets: one separates a port, more mean a malformed entry.
@@ -178,7 +248,7 @@ def parse_host_pattern(text: str) -> tuple[list[str], int | None]:
             raise ValueError(f"invalid port `{port_text}` in `{text}`: expected a number")
         port = _port_from_text(port_text)
         text = text[:i]
-    return expand_hostname_range(text), port
+    return text, port
 
 
 def _port_from_text(text: str) -> int:
@@ -221,6 +291,9 @@ class _Builder:
         self.problems = Problems()
         self.files: list[tuple[str, str]] = []    # (path, sha256) of every file read, for the audit hash
         self.vars_dirs: list[Path] = []
+        self.members: dict[str, set[str]] = {}    # group -> its hosts, for membership tests
+        self.entries = 0                          # host names expanded so far, repeats included
+        self.over_limit = False                   # the inventory hit MAX_INVENTORY_HOSTS: report it once
         self.add_group("all", None)
         self.add_group("ungrouped", None)
         self.add_child("all", "ungrouped", None)
@@ -280,12 +353,48 @@ class _Builder:
                 todo.extend(self.groups[g].children)
         return seen
 
+    def expand_entry(self, entry: str, location: Location | None) -> tuple[list[str], int | None] | None:
+        """The names and port of one host entry (`web[01:20]:2222`), or None after recording why not.
+
+        Sizes are counted before anything is expanded, so an oversized range costs no memory.
+        """
+        try:
+            base, port = split_host_port(entry)
+            count = _range_size(base)
+        except ValueError as exc:
+            self.problems.add(str(exc), location, _range_hint(str(exc)), code="invalid-host")
+            return None
+        self.entries += count
+        if self.over_limit:
+            return None
+        if self.entries > MAX_HOST_ENTRIES:
+            self._too_many(location, f"{self.entries:,} host entries (a host listed in several groups counts "
+                                     f"each time): expected at most {MAX_HOST_ENTRIES:,} per inventory")
+            return None
+        names = _expand(base)
+        if len(self.hosts) + count > MAX_INVENTORY_HOSTS:
+            total = len(self.hosts) + sum(1 for n in dict.fromkeys(names) if n not in self.hosts)
+            if total > MAX_INVENTORY_HOSTS:
+                self._too_many(location, f"`{entry}` brings the inventory to {total:,} hosts: expected at most "
+                                         f"{MAX_INVENTORY_HOSTS:,} hosts per inventory")
+                return None
+        return names, port
+
+    def _too_many(self, location: Location | None, message: str) -> None:
+        self.over_limit = True
+        self.problems.add(message, location, "check the range bounds for a typo; runbook reads at most "
+                          f"{MAX_INVENTORY_HOSTS:,} hosts per inventory", code="too-many-hosts")
+
     def add_host(self, group: str, name: str, location: Location | None) -> _HostDef:
         host = self.hosts.get(name)
         if host is None:
             host = self.hosts[name] = _HostDef(name, location=location)
         self.add_group(group, location)
-        if name not in self.groups[group].hosts:
+        members = self.members.get(group)
+        if members is None:
+            members = self.members[group] = set(self.groups[group].hosts)
+        if name not in members:   # a set beside the list: a group of 100,000 hosts stays linear to build
+            members.add(name)
             self.groups[group].hosts.append(name)
         return host
 
@@ -325,6 +434,13 @@ def _strip_comments_only(text: str) -> bool:
     return all(not ln.strip() or ln.lstrip().startswith("#") or ln.strip() in ("---", "...") for ln in text.splitlines())
 
 
+def _parse_yaml(text: str, fname: str) -> LocatedDocument:
+    try:
+        return parse_yaml(text, fname)
+    except ValidationError as exc:   # the loader's error class names playbooks; the problems are the same
+        raise InventoryError(exc.problems) from None
+
+
 # YAML inventories -----------------------------------------------------------------------------------
 
 _GROUP_KEYS = ("hosts", "children", "vars")
@@ -336,7 +452,7 @@ def _load_yaml_inventory(b: _Builder, path: Path, text: str) -> None:
         b.problems.add("the inventory file is empty", Location(fname, 1, 1), "add `all:` with `hosts:`", severity="warning",
                        code="empty-inventory")
         return
-    doc = parse_yaml(text, fname, InventoryError)
+    doc = _parse_yaml(text, fname)
     src = doc.source
     if not isinstance(doc.data, dict):
         b.problems.add(f"expected a mapping of groups at the top of the inventory, got {_kind(doc.data)}", src.locate(()),
@@ -351,43 +467,88 @@ def _load_yaml_inventory(b: _Builder, path: Path, text: str) -> None:
 
 def _yaml_group(b: _Builder, src: SourceMap, name: str, data: Any, path: tuple, parent: str | None) -> None:
     loc = src.locate(path, key=True)
+    if data is not None and not isinstance(data, dict):
+        # Ansible skips such a group with a warning; under `children:` it then fails on the unknown child group.
+        message = f"skipping group `{name}`: expected a mapping with `hosts:`, `children:` or `vars:`, got {_kind(data)}"
+        hint = "a group holds `hosts:`, `children:` and `vars:` mappings, or nothing"
+        if parent is not None and name not in b.groups:
+            b.problems.add(f"group `{name}`: expected a mapping with `hosts:`, `children:` or `vars:`, got {_kind(data)}",
+                           src.locate(path), hint)
+            return
+        b.problems.add(message, src.locate(path), hint, severity="warning", code="skipped-group")
+        if parent is not None:
+            b.add_child(parent, name, loc)
+        return
     b.add_group(name, loc)
     if parent is not None:
         b.add_child(parent, name, loc)
     if data is None:
         return
-    if not isinstance(data, dict):
-        b.problems.add(f"group `{name}`: expected a mapping with `hosts:`, `children:` or `vars:`, got {_kind(data)}",
-                       src.locate(path), "a group holds `hosts:`, `children:` and `vars:` mappings, or nothing")
+    found = _yaml_sections(b, src, name, data, path)
+    if found is None:
         return
-    for key in data:
-        if key not in _GROUP_KEYS:
-            hint = did_you_mean(str(key), list(_GROUP_KEYS)) or "a group holds only `hosts:`, `children:` and `vars:`"
-            b.problems.add(f"group `{name}`: unknown key `{key}`", src.locate(path + (key,), key=True), hint,
-                           code="unknown-key")
-    # Sections are read in file order, so hosts keep the order in which the file lists them.
-    for key, value in data.items():
-        if key == "vars" and value is not None:
-            _yaml_group_vars(b, src, name, value, path + ("vars",))
-        elif key == "children" and value is not None:
-            _yaml_children(b, src, name, value, path + ("children",))
-        elif key == "hosts" and value is not None:
-            _yaml_hosts(b, src, name, value, path + ("hosts",))
+    sections, bare = found
+    # Keys are read in file order, so hosts keep the order in which the file lists them.
+    for key, value in sections.items():
+        kpath = path + (key,)
+        if value is None:
+            continue   # an empty key, known or not, is skipped quietly, as Ansible does
+        if not isinstance(value, dict):
+            b.problems.add(f"skipping key `{key}` in group `{name}`: it is {_kind(value)}, not a mapping",
+                           src.locate(kpath, key=True), _misplaced_hint(name, parent, str(key)), severity="warning",
+                           code="skipped-key")
+        elif key == "vars":
+            for k, v in value.items():
+                b.set_group_var(name, str(k), v, bare.get(key) or src.locate(kpath + (k,), key=True), f"group {name} (inline)")
+        elif key == "children":
+            _yaml_children(b, src, name, value, kpath)
+        elif key == "hosts":
+            _yaml_hosts(b, src, name, value, kpath, bare.get(key))
+        else:
+            hint = did_you_mean(str(key), list(_GROUP_KEYS)) or _misplaced_hint(name, parent, str(key))
+            b.problems.add(f"skipping unknown key `{key}` in group `{name}`: only `vars`, `children` and `hosts` are valid",
+                           src.locate(kpath, key=True), hint, severity="warning", code="skipped-key")
 
 
-def _yaml_group_vars(b: _Builder, src: SourceMap, name: str, variables: Any, path: tuple) -> None:
-    if not isinstance(variables, dict):
-        b.problems.add(f"group `{name}`: `vars` must be a mapping, got {_kind(variables)}", src.locate(path))
-        return
-    for k, v in variables.items():
-        b.set_group_var(name, str(k), v, src.locate(path + (k,), key=True), f"group {name} (inline)")
+def _yaml_sections(b: _Builder, src: SourceMap, name: str, data: dict, path: tuple
+                   ) -> tuple[dict, dict[str, Location]] | None:
+    """A group's keys with `hosts: NAME` (a bare string) read as one entry, and where each bare name stands.
+
+    None when a section is neither a mapping, nor a name, nor empty.
+    """
+    out = dict(data)
+    bare: dict[str, Location] = {}
+    for section in _GROUP_KEYS:
+        value = out.get(section)
+        if isinstance(value, str):
+            # `hosts:` followed by a bare `web01`: Ansible reads it as `web01:`, a mapping of one entry.
+            out[section] = {value: None}
+            bare[section] = src.locate(path + (section,))
+            if section == "hosts" and any(c.isspace() for c in value):
+                b.problems.add(f"group `{name}`: `hosts: {value}` is one host whose name holds a space",
+                               bare[section], "write each host as a key ending in `:` on its own line",
+                               severity="warning", code="bare-host-name")
+        elif value is not None and not isinstance(value, dict):
+            hint = None
+            if section == "hosts" and isinstance(value, list):
+                hint = "`hosts` is a mapping: write each host as a key ending in `:` (e.g. `web01:`), not a `- web01` list"
+            elif section == "children" and isinstance(value, list):
+                hint = "write each child group as a key ending in `:`"
+            what = "a mapping of host names" if section == "hosts" else "a mapping of groups" if section == "children" else "a mapping"
+            b.problems.add(f"group `{name}`: `{section}` must be {what}, got {_kind(value)}", src.locate(path + (section,)), hint)
+            return None
+    return out, bare
 
 
-def _yaml_children(b: _Builder, src: SourceMap, name: str, children: Any, path: tuple) -> None:
-    if not isinstance(children, dict):
-        b.problems.add(f"group `{name}`: `children` must be a mapping of groups, got {_kind(children)}", src.locate(path),
-                       "write each child group as a key ending in `:`" if isinstance(children, list) else None)
-        return
+def _misplaced_hint(group: str, parent: str | None, key: str) -> str:
+    """A `vars:` indented under `children:` becomes a group named `vars`: say so."""
+    if group in _GROUP_KEYS and parent is not None:
+        return (f"`{group}:` is indented under `children:` of `{parent}`, so it is read as a group named `{group}`; "
+                f"indent it like `children:` to make `{key}` part of `{parent}`'s `{group}`")
+    return "a group holds only `hosts:`, `children:` and `vars:`"
+
+
+def _yaml_children(b: _Builder, src: SourceMap, name: str, children: dict, path: tuple) -> None:
     for child, cdata in children.items():
         if not isinstance(child, str):
             b.problems.add(f"a group name must be a string, got {child!r}", src.locate(path + (child,), key=True))
@@ -395,24 +556,20 @@ def _yaml_children(b: _Builder, src: SourceMap, name: str, children: Any, path: 
         _yaml_group(b, src, child, cdata, path + (child,), parent=name)
 
 
-def _yaml_hosts(b: _Builder, src: SourceMap, name: str, hosts: Any, path: tuple) -> None:
-    if not isinstance(hosts, dict):
-        hint = ("`hosts` is a mapping: write each host as a key ending in `:` (e.g. `web01:`), not a `- web01` list"
-                if isinstance(hosts, (list, str)) else None)
-        b.problems.add(f"group `{name}`: `hosts` must be a mapping of host names, got {_kind(hosts)}", src.locate(path), hint)
-        return
+def _yaml_hosts(b: _Builder, src: SourceMap, name: str, hosts: dict, path: tuple, bare: Location | None = None) -> None:
     for entry, hvars in hosts.items():
         hpath = path + (entry,)
-        hloc = src.locate(hpath, key=True)
-        try:
-            names, port = parse_host_pattern(str(entry))
-        except ValueError as exc:
-            b.problems.add(str(exc), hloc, _range_hint(str(exc)), code="invalid-host")
-            continue
-        if hvars is not None and not isinstance(hvars, dict):
+        hloc = bare or src.locate(hpath, key=True)
+        if not hvars:
+            hvars = None   # `web01:`, `web01: {}` and even `web01: []` mean no variables, as in Ansible
+        elif not isinstance(hvars, dict):
             b.problems.add(f"host `{entry}`: expected a mapping of variables or nothing, got {_kind(hvars)}",
                            src.locate(hpath), "write `key: value` pairs under the host, or leave it empty")
-            hvars = None
+            continue
+        expanded = b.expand_entry(str(entry), hloc)
+        if expanded is None:
+            continue
+        names, port = expanded
         for hname in names:
             b.add_host(name, hname, hloc)
             if port is not None:
@@ -422,8 +579,11 @@ def _yaml_hosts(b: _Builder, src: SourceMap, name: str, hosts: Any, path: tuple)
 
 
 def _range_hint(message: str) -> str | None:
+    if "expands to" in message:
+        return (f"check the range bounds for a typo; a larger fleet goes into several ranges, up to "
+                f"{MAX_INVENTORY_HOSTS:,} hosts per inventory")
     if "range" in message:
-        return "a range is [START:END] or [START:END:STEP] with numbers (web[01:20]) or single letters (db-[a:c])"
+        return _RANGE_HINT
     if "port" in message:
         return "a port is a number from 1 to 65535, e.g. `db01:2222`"
     return None
@@ -439,6 +599,8 @@ def _kind(value: Any) -> str:
 
 _SECTION_RE = re.compile(r"^\[([^:\]\s]+)(?::(\w+))?\]\s*(?:[#;].*)?$")
 _CHILD_RE = re.compile(r"^([^:\]\s]+)\s*(?:[#;].*)?$")
+# A host line may start with a range (`[1:2].host`): the bracket closes inside the first word, and more follows.
+_LEADING_RANGE_RE = re.compile(r"^\[[^\]\s]*\][^\s#;]")
 
 
 def _ini_value(text: str) -> Any:
@@ -461,7 +623,7 @@ def _load_ini_inventory(b: _Builder, path: Path, text: str) -> None:
             continue
         col = len(raw) - len(raw.lstrip()) + 1
         loc = Location(fname, lineno, col)
-        if line.startswith("["):
+        if line.startswith("[") and not _LEADING_RANGE_RE.match(line):
             m = _SECTION_RE.match(line)
             if not m:
                 b.problems.add(f"invalid section header `{line}`", loc,
@@ -531,11 +693,10 @@ def _ini_host_line(b: _Builder, fname: str, lineno: int, raw: str, group: str, l
         b.problems.add(f"expected a host name first, got `{entry}`", loc,
                        f"variables for the whole group go under a [{group}:vars] section")
         return
-    try:
-        names, port = parse_host_pattern(entry)
-    except ValueError as exc:
-        b.problems.add(str(exc), loc, _range_hint(str(exc)), code="invalid-host")
+    expanded = b.expand_entry(entry, loc)
+    if expanded is None:
         return
+    names, port = expanded
     parsed: list[tuple[str, Any, Location]] = []
     for tok in assignments:
         if "=" not in tok:
@@ -592,11 +753,10 @@ def _load_source(b: _Builder, source: str | os.PathLike) -> None:
         # Ansible's host_list form: -i 'web01,web02,' (the trailing comma makes a single host a list)
         for name in (n.strip() for n in text_source.split(",")):
             if name:
-                try:
-                    names, port = parse_host_pattern(name)
-                except ValueError as exc:
-                    b.problems.add(str(exc), Location(text_source), _range_hint(str(exc)))
+                expanded = b.expand_entry(name, Location(text_source))
+                if expanded is None:
                     continue
+                names, port = expanded
                 for n in names:
                     b.add_host("ungrouped", n, None)
                     if port is not None:
@@ -668,7 +828,7 @@ def _load_vars_file(b: _Builder, path: Path, cache: dict[Path, list[tuple[str, A
     if _strip_comments_only(text):
         return result
     try:
-        doc = parse_yaml(text, str(path), InventoryError)
+        doc = _parse_yaml(text, str(path))
     except InventoryError as exc:
         b.problems.items.extend(exc.problems)
         return result
@@ -710,12 +870,17 @@ class Inventory:
     """Hosts and groups loaded from Ansible inventories, with host pattern selection."""
 
     def __init__(self, groups: dict[str, Group], hosts: dict[str, Host], *, sources: list[str],
-                 warnings: list[Problem] | None = None, files: list[tuple[str, str]] | None = None):
+                 warnings: list[Problem] | None = None, files: list[tuple[str, str]] | None = None,
+                 implicit: Mapping[str, Host] | None = None):
         self.groups = groups
         self.hosts = hosts
         self.sources = sources
         self.warnings: list[Problem] = list(warnings or [])
         self._files = list(files or [])
+        self._implicit = dict(implicit or {})    # the implicit localhost under each of its names, with its vars
+        self._group_hosts: dict[str, list[str]] = {}
+        # Ansible's localhost: the first localhost-like host of the inventory stands for every localhost name.
+        self._localhost = next((n for n in hosts if n in LOCALHOST_NAMES), None)
 
     # construction
 
@@ -790,110 +955,75 @@ class Inventory:
         if name in self.hosts:
             return self.hosts[name]
         if name in LOCALHOST_NAMES:
-            return _implicit_localhost(name)
+            if self._localhost is not None:
+                return self.hosts[self._localhost]
+            return self._implicit.get(name) or _implicit_localhost(name)
         raise InventoryError([Problem(f"unknown host `{name}`", None,
                                       did_you_mean(name, list(self.hosts)) or f"known hosts: {_listing(self.hosts)}",
                                       code="unknown-host")])
 
     def group_hosts(self, name: str) -> list[str]:
-        """Names of every host of a group and of its descendants, in inventory order."""
-        seen: dict[str, None] = {}
-        todo = [name]
-        visited: set[str] = set()
-        while todo:
-            g = self.groups[todo.pop(0)]
-            if g.name in visited:
-                continue
-            visited.add(g.name)
-            for h in g.hosts:
-                seen.setdefault(h, None)
-            todo.extend(g.children)
-        order = {n: i for i, n in enumerate(self.hosts)}
-        return sorted(seen, key=lambda n: order.get(n, 0))
+        """Hosts of a group in Ansible's order: its own hosts, then its children's, level by level, each host once."""
+        if name not in self._group_hosts:
+            order, seen, level = [name], {name}, [name]
+            while level:
+                # Ansible walks one level at a time; between grandchildren of different children its order is
+                # that of an in-memory set, which varies from run to run. Here: the order of the file.
+                nxt: list[str] = []
+                for g in level:
+                    for kid in self.groups[g].children:
+                        if kid not in seen:
+                            seen.add(kid)
+                            nxt.append(kid)
+                order.extend(nxt)
+                level = nxt
+            self._group_hosts[name] = list(dict.fromkeys(h for g in order for h in self.groups[g].hosts))
+        return list(self._group_hosts[name])
 
     def select(self, pattern: str | None = "all", limit: str | None = None) -> list[Host]:
-        """Hosts matching an Ansible pattern (then `limit`), in inventory order; InventoryError when none match."""
+        """Hosts matching an Ansible pattern (then `limit`), in Ansible's order; InventoryError when none match."""
         pattern = "all" if pattern is None or not str(pattern).strip() else str(pattern)
-        names = self._evaluate(pattern, "pattern")
+        sel = _Selection(self)
+        names = sel.evaluate(pattern, "host pattern")
         if not names:
             raise InventoryError([Problem(f"host pattern `{pattern}` selects no host", None,
                                           f"known groups: {_listing(self._group_names())}", code="no-hosts")])
         if limit is not None and str(limit).strip():
-            allowed = set(self._evaluate(str(limit), "limit"))
+            allowed = set(sel.evaluate(str(limit), "--limit"))
             names = [n for n in names if n in allowed]
             if not names:
                 raise InventoryError([Problem(f"--limit `{limit}` leaves no host of pattern `{pattern}`", None,
                                               f"known groups: {_listing(self._group_names())}", code="no-hosts")])
         return [self.get(n) for n in names]
 
+    def limit_warnings(self, limit: str | None) -> list[Problem]:
+        """Why a listing under `limit` leaves out a host that the limit does select (the implicit localhost)."""
+        if not limit or not str(limit).strip():
+            return []
+        implicit = [n for n in self.names(str(limit), what="--limit") if n not in self.hosts]
+        return [Problem(f"`{n}` is not in the inventory: the implicit localhost (connection: local) that patterns "
+                        "naming it select belongs to no group, so it is not listed, as in ansible-inventory", None,
+                        f"`runbook inventory --host {n}` shows its variables; add it to the inventory to list it",
+                        severity="warning", code="implicit-localhost") for n in implicit]
+
+    def names(self, pattern: str, *, what: str = "host pattern") -> list[str]:
+        """Names of the hosts a pattern selects, in Ansible's order; [] when none (an unknown term is an error)."""
+        return _Selection(self).evaluate(pattern, what)
+
     def _group_names(self) -> list[str]:
-        return [g for g in self.groups if g not in ("all", "ungrouped") or self.groups[g].hosts]
+        return [g for g in self.groups if g != "all" and (g != "ungrouped" or self.groups[g].hosts)]
 
-    def _evaluate(self, pattern: str, what: str) -> list[str]:
-        terms = split_pattern(pattern)
-        if not terms:
-            raise InventoryError([Problem(f"empty host {what}", None, "use `all` for every host")])
-        regular = [t for t in terms if t[0] not in "&!"]
-        inter = [t[1:] for t in terms if t[0] == "&"]
-        exclude = [t[1:] for t in terms if t[0] == "!"]
-        if not regular:
-            regular = ["all"]   # `!web` alone means all hosts but web, as in Ansible
-        result: dict[str, None] = {}
-        for t in regular:
-            for n in self._match_term(t, pattern):
-                result.setdefault(n, None)
-        for t in inter:
-            keep = set(self._match_term(t, pattern))
-            result = {n: None for n in result if n in keep}
-        for t in exclude:
-            drop = set(self._match_term(t, pattern))
-            result = {n: None for n in result if n not in drop}
-        order = {n: i for i, n in enumerate(self.hosts)}
-        return sorted(result, key=lambda n: order.get(n, -1))
-
-    def _match_term(self, term: str, whole: str) -> list[str]:
-        """Hosts of one pattern term: a group, a host, a glob or a ~regex, with an optional [subscript]."""
-        if not term:
-            raise InventoryError([Problem(f"empty term in host pattern `{whole}`", None,
-                                          "remove the doubled or trailing `:`, `&`, `!` or `,`")])
-        base, subscript = _split_subscript(term)
-        if base.startswith("~"):
-            try:
-                rx = re.compile(base[1:])
-            except re.error as exc:
-                raise InventoryError([Problem(f"invalid regular expression `{base[1:]}` in host pattern `{whole}`: {exc}",
-                                              None, "a pattern starting with `~` is a Python regular expression")]) from None
-            match = rx.match
-        else:
-            match = re.compile(fnmatch.translate(base)).match
-        groups = [g for g in self.groups if match(g)]
-        names: dict[str, None] = {}
-        for g in groups:
-            for n in self.group_hosts(g):
-                names.setdefault(n, None)
-        if not groups or base.startswith("~") or any(c in base for c in ".?*["):
-            for n in self.hosts:
-                if match(n):
-                    names.setdefault(n, None)
-        if not names and not groups and base in LOCALHOST_NAMES:
-            names[base] = None   # Ansible's implicit localhost
-        if not names and not groups:
-            known = self._group_names()
-            guess = did_you_mean(base, known + list(self.hosts))
-            hint = f"{guess + ' ' if guess else ''}known groups: {_listing(known)}"
-            raise InventoryError([Problem(f"`{base}` in host pattern `{whole}` matches no group and no host", None, hint,
-                                          code="no-hosts")])
-        order = {n: i for i, n in enumerate(self.hosts)}
-        selected = sorted(names, key=lambda n: order.get(n, -1))
-        if subscript is not None:
-            selected = _apply_subscript(selected, subscript, term, whole)
-        return selected
+    def _limited(self, limit: str | None) -> set[str]:
+        """Inventory hosts a --limit keeps (every host without one)."""
+        if not limit:
+            return set(self.hosts)
+        return {n for n in self.names(limit, what="--limit") if n in self.hosts}
 
     # renderings for `runbook inventory`
 
     def to_ansible_json(self, limit: str | None = None) -> dict[str, Any]:
         """The shape of `ansible-inventory --list`: groups with hosts/children, and `_meta.hostvars`."""
-        available = set(self._evaluate(limit, "limit")) if limit else set(self.hosts)
+        available = self._limited(limit)
         out: dict[str, Any] = {"_meta": {"hostvars": {}}}
         for name in self.hosts:
             if name in available and self.hosts[name].vars:
@@ -923,7 +1053,7 @@ class Inventory:
         if group not in self.groups:
             raise InventoryError([Problem(f"unknown group `{group}`", None,
                                           did_you_mean(group, list(self.groups)) or f"known groups: {_listing(self.groups)}")])
-        available = set(self._evaluate(limit, "limit")) if limit else set(self.hosts)
+        available = self._limited(limit)
         lines: list[str] = []
 
         def walk(name: str, depth: int) -> None:
@@ -957,41 +1087,150 @@ class Inventory:
         }
 
 
-def split_pattern(pattern: str) -> list[str]:
-    """Split an Ansible host pattern into terms: `,` and `:` separate; brackets and braces are kept whole."""
-    pattern = pattern.strip()
+# --- host patterns -----------------------------------------------------------------------------------
+
+@dataclass
+class _Selection:
+    """One evaluation of a pattern and its --limit, in Ansible's order.
+
+    The union terms keep their order (`g2:g1` lists g2's hosts first), then `&` terms and `!` terms
+    filter that list; each host comes out once, where it first appeared.
+    """
+
+    inventory: Inventory
+    localhost: str | None = None    # Ansible makes one implicit localhost, named as it was first asked for
+
+    def evaluate(self, pattern: str, what: str) -> list[str]:
+        terms = split_pattern(pattern)
+        if not terms:
+            raise InventoryError([Problem(f"empty {what}", None, "use `all` for every host")])
+        regular = [t for t in terms if t[0] not in "&!"] or ["all"]   # only `&`/`!` terms: start from all
+        ordered = regular + [t for t in terms if t[0] == "&"] + [t for t in terms if t[0] == "!"]
+        result: dict[str, None] = {}
+        for t in ordered:
+            if t in self.inventory.hosts:
+                # A term that is a host's name is that host, even when a group has the name (Ansible).
+                result.setdefault(t, None)
+            elif t[0] == "&":
+                keep = set(self.match_term(t, pattern, what))
+                result = {n: None for n in result if n in keep}
+            elif t[0] == "!":
+                drop = set(self.match_term(t, pattern, what))
+                result = {n: None for n in result if n not in drop}
+            else:
+                result.update(dict.fromkeys(self.match_term(t, pattern, what)))
+        return list(result)
+
+    def match_term(self, term: str, whole: str, what: str) -> list[str]:
+        """Hosts of one term (a group, a host, a glob or a ~regex, with an optional [subscript]), repeats kept."""
+        inv = self.inventory
+        base, subscript = _split_subscript(term[1:] if term[0] in "&!" else term)
+        if not base:
+            raise InventoryError([Problem(f"empty term `{term}` in {what} `{whole}`", None,
+                                          "remove the doubled or trailing `&` or `!`")])
+        match = _term_matcher(base, whole, what)
+        groups = [g for g in inv.groups if match(g)]
+        names = [n for g in groups for n in inv.group_hosts(g)]   # repeats across groups count for [subscripts]
+        if not groups or base.startswith("~") or any(c in base for c in ".?*["):
+            names.extend(n for n in inv.hosts if match(n))
+        if not names and base in LOCALHOST_NAMES:
+            if inv._localhost is None:
+                self.localhost = self.localhost or base
+            names = [inv._localhost or self.localhost or base]
+        if not names and not groups:
+            known = inv._group_names()
+            guess = did_you_mean(base, known + list(inv.hosts))
+            hint = f"{guess + ' ' if guess else ''}known groups: {_listing(known)}"
+            raise InventoryError([Problem(f"term `{term}` of {what} `{whole}` matches no group and no host", None, hint,
+                                          code="no-hosts")])
+        return _apply_subscript(names, subscript, term, whole, what) if subscript is not None else names
+
+
+def _term_matcher(base: str, whole: str, what: str) -> Any:
+    """A `match(name)` for a ~regex (anchored at the start) or a glob (the whole name)."""
+    if base.startswith("~"):
+        try:
+            return re.compile(base[1:]).match
+        except re.error as exc:
+            raise InventoryError([Problem(f"invalid regular expression `{base[1:]}` in {what} `{whole}`: {exc}",
+                                          None, "a pattern starting with `~` is a Python regular expression")]) from None
+    return re.compile(fnmatch.translate(base)).match
+
+
+_LABEL_RANGE = r"\[(?:[a-z]:[a-z]|[0-9]+:[0-9]+)(?::[0-9]+)?\]"
+_LABEL = rf"(?:\w|{_LABEL_RANGE})(?:[\w-]|{_LABEL_RANGE})*(?<![_-])"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.IGNORECASE)
+_HOSTPORT_RE = re.compile(r"((?:[^:\[\]]|\[[^\]]*\])*):[0-9]+")
+_BRACKETED_HOSTPORT_RE = re.compile(r"\[(.+)\]:[0-9]+")
+
+
+def _is_address(text: str) -> bool:
+    """True for one host, address or range with an optional :port, which a pattern keeps whole despite its colons."""
+    m = _BRACKETED_HOSTPORT_RE.fullmatch(text) or _HOSTPORT_RE.fullmatch(text)
+    host = m.group(1) if m else text
     try:
-        ipaddress.IPv6Address(pattern)
-        return [pattern]
+        ipaddress.IPv6Address(host)
+        return True
     except ValueError:
-        pass
-    # `,` and `:` separate terms, except inside [ranges/classes] and {regex repeats}.
-    return [t.strip() for t in re.findall(r"(?:[^:,\[\]{}]|\[[^\]]*\]|\{[^}]*\})+", pattern) if t.strip()]
+        return bool(_HOSTNAME_RE.fullmatch(host))
 
 
-_SUBSCRIPT_RE = re.compile(r"^(.+)\[(?:(-?\d+)|(\d+)?([:-])(\d*))\]$")
+def split_pattern(pattern: str) -> list[str]:
+    """Split an Ansible host pattern into terms, as Ansible does.
+
+    With a comma, only commas separate (`a:b,c` is `a:b` and `c`). Without one, a single host or address
+    (`fe80::1`, `web[1:3]`, `web:22`) stays whole, and otherwise `:` and whitespace separate, with
+    [brackets] kept whole. One extension: a comma inside `{...}` (a regex repeat) does not separate.
+    """
+    pattern = pattern.strip()
+    commas = [i for i, ch in _outside_braces(pattern) if ch == ","]
+    if commas:
+        bounds = [-1, *commas, len(pattern)]
+        terms = [pattern[a + 1:b] for a, b in zip(bounds, bounds[1:])]
+    elif _is_address(pattern):
+        terms = [pattern]
+    else:
+        terms = re.findall(r"(?:[^\s:\[\]{}]|\[[^\]]*\]|\{[^}]*\})+", pattern)
+    return [t.strip() for t in terms if t.strip()]
 
 
-def _split_subscript(term: str) -> tuple[str, tuple[int | None, int | None, bool] | None]:
-    """`web[0]`, `web[-1]`, `web[1:3]` (inclusive, as in Ansible), `web[2:]`; a glob class like `web[12]x` is not one."""
+def _outside_braces(text: str) -> Iterator[tuple[int, str]]:
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            yield i, ch
+
+
+# As Ansible: `[N]` (negative allowed), `[START:END]` or `[START:]`, and the deprecated `[START-END]`.
+_SUBSCRIPT_RE = re.compile(r"^(.+)\[(?:(-?[0-9]+)|([0-9]+)([:-])([0-9]*))\]$")
+
+
+def _split_subscript(term: str) -> tuple[str, tuple[int, int | None] | None]:
+    """`web[0]`, `web[-1]`, `web[1:3]` (inclusive, as in Ansible), `web[2:]`; a regex keeps its brackets."""
     m = _SUBSCRIPT_RE.match(term)
     if not m or term.startswith("~"):
         return term, None
     base, single, start, _sep, end = m.groups()
     if single is not None:
-        return base, (int(single), None, False)
-    return base, (int(start) if start else 0, int(end) if end else None, True)
+        return base, (int(single), None)
+    return base, (int(start), int(end) if end else -1)
 
 
-def _apply_subscript(names: list[str], sub: tuple[int | None, int | None, bool], term: str, whole: str) -> list[str]:
-    start, end, is_slice = sub
-    if not is_slice:
-        assert start is not None
-        if -len(names) <= start < len(names):
-            return [names[start]]
-        raise InventoryError([Problem(f"subscript in `{term}` (host pattern `{whole}`) is out of range: "
-                                      f"it selects {len(names)} host(s)", None, f"use an index from 0 to {len(names) - 1}")])
-    return names[start: (end + 1) if end is not None else None]
+def _apply_subscript(names: list[str], sub: tuple[int, int | None], term: str, whole: str, what: str) -> list[str]:
+    """Ansible's rules: `[N]` is one host; `[A:B]` is A..B inclusive, `[A:]` to the end; `[A:0]` is `[A]`."""
+    start, end = sub
+    if not names:
+        return names
+    if end:   # as in Ansible, an end of 0 falls through to the single index
+        return names[start: (len(names) if end == -1 else end + 1)]
+    if -len(names) <= start < len(names):
+        return [names[start]]
+    raise InventoryError([Problem(f"subscript in `{term}` ({what} `{whole}`) is out of range: it selects "
+                                  f"{len(names)} host(s)", None, f"use an index from 0 to {len(names) - 1}")])
 
 
 def _graph_line(text: str, depth: int) -> str:
@@ -1017,106 +1256,135 @@ def _jsonable(value: Any) -> Any:
 
 def _implicit_localhost(name: str = "localhost") -> Host:
     origin = VarOrigin(None, "implicit localhost", 0)
-    return Host(name=name, address=name, connection="local", vars={}, origins={"@connection": origin}, implicit=True)
+    return Host(name=name, address=name, connection="local", vars={"ansible_connection": "local"},
+                origins={"@connection": origin, "ansible_connection": origin}, implicit=True)
+
+
+# --- resolution ----------------------------------------------------------------------------------------
+
+def _reconcile_groups(b: _Builder) -> None:
+    """Ansible's reconcile: parentless groups join `all`, then hosts in no group but `all` join `ungrouped`."""
+    groups = b.groups
+    for g in groups.values():
+        if g.name != "all" and not g.parents:
+            groups["all"].children.append(g.name)
+            g.parents.append("all")
+    in_real_group = {h for g in groups.values() if g.name not in ("all", "ungrouped") for h in g.hosts}
+    ungrouped = groups["ungrouped"]
+    ungrouped.hosts = [h for h in ungrouped.hosts if h not in in_real_group]
+    placed = in_real_group | set(ungrouped.hosts)
+    for h in groups["all"].hosts:
+        if h in placed:
+            continue
+        if h in groups and h not in ("all", "ungrouped"):
+            # Ansible adds "the child named h" to ungrouped, and a group of that name wins over the host.
+            b.add_child("ungrouped", h, b.hosts[h].location)
+        else:
+            ungrouped.hosts.append(h)
+            placed.add(h)
+    _compute_depths(groups)
+
+
+class _VarsMerger:
+    """Merges one host's variables level by level, reading each group_vars/host_vars file once."""
+
+    def __init__(self, b: _Builder, dirs: list[Path]) -> None:
+        self.b = b
+        self.cache: dict[Path, list[tuple[str, Any, Location]]] = {}
+        self.listed: dict[tuple[str, str], list[Path]] = {}
+        self.bases = {kind: [d / kind for d in dirs if (d / kind).is_dir()] for kind in ("group_vars", "host_vars")}
+
+    def files(self, kind: str, name: str) -> list[Path]:
+        key = (kind, name)
+        if key not in self.listed:   # many hosts share groups: look each group's files up once
+            self.listed[key] = [f for base in self.bases[kind] for f in _vars_files(base, name)]
+        return self.listed[key]
+
+    def merge(self, name: str, mine: list[Group], host_items: list[tuple[str, Any, VarOrigin]]
+              ) -> tuple[dict[str, Any], dict[str, VarOrigin], dict[str, int]]:
+        """(merged vars, where each came from, which merge step set it last: decides between aliases)."""
+        merged: dict[str, Any] = {}
+        origins: dict[str, VarOrigin] = {}
+        layer_of: dict[str, int] = {}
+        all_group = self.b.groups["all"]
+        layers: list[Iterable[tuple[str, Any, VarOrigin]]] = [
+            [(k, v, all_group.var_origins[k]) for k, v in all_group.vars.items()],
+            *([(k, v, g.var_origins[k]) for k, v in g.vars.items()] for g in mine),
+            *(self._file_items(f, "group_vars/all", "group_vars_all") for f in self.files("group_vars", "all")),
+            *(self._file_items(f, f"group_vars/{g.name}", "group_vars")
+              for g in mine for f in self.files("group_vars", g.name)),
+            host_items,
+            *(self._file_items(f, f"host_vars/{name}", "host_vars") for f in self.files("host_vars", name)),
+        ]
+        for i, items in enumerate(layers, 1):
+            for k, v, o in items:
+                merged[k], origins[k], layer_of[k] = v, o, i
+        return merged, origins, layer_of
+
+    def _file_items(self, path: Path, scope: str, rank: str) -> list[tuple[str, Any, VarOrigin]]:
+        return [(k, v, VarOrigin(loc, scope, _RANK[rank])) for k, v, loc in _load_vars_file(self.b, path, self.cache)]
+
+
+def _warn_unused_vars_files(b: _Builder, dirs: list[Path]) -> None:
+    for d in dirs:
+        for kind in ("group_vars", "host_vars"):
+            base = d / kind
+            if not base.is_dir():
+                continue
+            names = set(b.groups) if kind == "group_vars" else set(b.hosts) | set(LOCALHOST_NAMES)  # implicit localhost
+            for entry in sorted(base.iterdir()):
+                stem = entry.name if entry.is_dir() else (entry.stem if entry.suffix.lower() in YAML_EXTENSIONS else entry.name)
+                if stem not in names and not _skipped_in_directory(entry):
+                    known = list(b.groups) if kind == "group_vars" else list(b.hosts)
+                    b.problems.add(f"`{kind}/{entry.name}` matches no {'group' if kind == 'group_vars' else 'host'}"
+                                   " of the inventory", Location(str(entry)),
+                                   did_you_mean(stem, known) or "its variables are not used", severity="warning",
+                                   code="unused-vars-file")
 
 
 def _resolve(b: _Builder, sources: list[str], ssh_config: str | os.PathLike | None | Literal[False]) -> Inventory:
     """Reconcile groups (ungrouped, depths), merge variables by precedence, resolve connection settings."""
     groups, problems = b.groups, b.problems
-    # Hosts in no group but `all`/`ungrouped` belong to `ungrouped`; hosts in a real group leave it.
-    in_real_group = {h for g in groups.values() if g.name not in ("all", "ungrouped") for h in g.hosts}
-    all_hosts = groups["all"].hosts
-    for h in list(all_hosts):
-        if h not in in_real_group and h not in groups["ungrouped"].hosts:
-            groups["ungrouped"].hosts.append(h)
-    groups["all"].hosts = []
-    groups["ungrouped"].hosts = [h for h in groups["ungrouped"].hosts if h not in in_real_group]
-    for g in groups.values():
-        if g.name != "all" and not g.parents:
-            groups["all"].children.append(g.name)
-            g.parents.append("all")
-    _compute_depths(groups)
+    _reconcile_groups(b)
     for name in b.hosts:
         if name in groups and name not in ("all", "ungrouped"):
-            problems.add(f"`{name}` is both a host and a group; patterns will select the group", b.hosts[name].location,
+            problems.add(f"`{name}` is both a host and a group; the pattern `{name}` selects the host, while "
+                         f"`{name}[0]`, `&{name}`, `!{name}` and globs select the group", b.hosts[name].location,
                          "rename one of them", severity="warning", code="host-group-clash")
-
     host_groups: dict[str, set[str]] = {h: set() for h in b.hosts}
     for g in groups.values():
+        lineage = {g.name} | _ancestors(groups, g.name)
         for h in g.hosts:
-            host_groups[h].add(g.name)
-            host_groups[h].update(_ancestors(groups, g.name))
-
-    # Vars files are read once per directory and file, even when many hosts share them.
-    cache: dict[Path, list[tuple[str, Any, Location]]] = {}
+            host_groups[h].update(lineage)
     seen_dirs: list[Path] = []
     for d in b.vars_dirs:
         if d.resolve() not in [s.resolve() for s in seen_dirs]:
             seen_dirs.append(d)
-    for d in seen_dirs:
-        for kind in ("group_vars", "host_vars"):
-            base = d / kind
-            if base.is_dir():
-                names = groups if kind == "group_vars" else b.hosts
-                for entry in sorted(base.iterdir()):
-                    stem = entry.name if entry.is_dir() else (entry.stem if entry.suffix.lower() in YAML_EXTENSIONS else entry.name)
-                    if stem not in names and not _skipped_in_directory(entry):
-                        problems.add(f"`{kind}/{entry.name}` matches no {'group' if kind == 'group_vars' else 'host'}"
-                                     " of the inventory", Location(str(entry)),
-                                     did_you_mean(stem, list(names)) or "its variables are not used", severity="warning",
-                                     code="unused-vars-file")
-
-    listed: dict[tuple[Path, str], list[Path]] = {}
-
-    def vars_files(base: Path, name: str) -> list[Path]:
-        # Many hosts share groups: look each group's files up once.
-        if (base, name) not in listed:
-            listed[(base, name)] = _vars_files(base, name) if base.is_dir() else []
-        return listed[(base, name)]
-
+    _warn_unused_vars_files(b, seen_dirs)
+    merger = _VarsMerger(b, seen_dirs)
     hosts: dict[str, Host] = {}
     ssh_lookup = _ssh_config_lookup(ssh_config, problems)
     warned: set[Location | None] = set()
     for name, hdef in b.hosts.items():
         mine = sorted((groups[g] for g in host_groups[name] if g != "all"), key=lambda g: (g.depth, g.priority, g.name))
-        merged: dict[str, Any] = {}
-        origins: dict[str, VarOrigin] = {}
-        layer_of: dict[str, int] = {}   # which merge step set each key last: decides between aliases
-        layer = [0]
-
-        def apply(items: Iterable[tuple[str, Any, VarOrigin]]) -> None:
-            layer[0] += 1
-            for k, v, o in items:
-                merged[k] = v
-                origins[k] = o
-                layer_of[k] = layer[0]
-
-        apply((k, v, groups["all"].var_origins[k]) for k, v in groups["all"].vars.items())
-        for g in mine:
-            apply((k, v, g.var_origins[k]) for k, v in g.vars.items())
-        for d in seen_dirs:
-            for f in vars_files(d / "group_vars", "all"):
-                apply((k, v, VarOrigin(loc, "group_vars/all", _RANK["group_vars_all"])) for k, v, loc in _load_vars_file(b, f, cache))
-        for d in seen_dirs:
-            for g in mine:
-                for f in vars_files(d / "group_vars", g.name):
-                    apply((k, v, VarOrigin(loc, f"group_vars/{g.name}", _RANK["group_vars"]))
-                          for k, v, loc in _load_vars_file(b, f, cache))
-        apply((k, v, hdef.var_origins[k]) for k, v in hdef.vars.items())
-        for d in seen_dirs:
-            for f in vars_files(d / "host_vars", name):
-                apply((k, v, VarOrigin(loc, f"host_vars/{name}", _RANK["host_vars"])) for k, v, loc in _load_vars_file(b, f, cache))
+        merged, origins, layer_of = merger.merge(name, mine, [(k, v, hdef.var_origins[k]) for k, v in hdef.vars.items()])
         for k in IGNORED_VARS:
             if k in merged and origins[k].location not in warned:
                 warned.add(origins[k].location)
                 problems.add(f"`{k}` is not supported and is ignored", origins[k].location,
                              "set ProxyJump or other options in ~/.ssh/config instead", severity="warning",
                              code="ignored-var")
-        ordered_groups = tuple(g.name for g in mine)
-        hosts[name] = _make_host(name, merged, origins, layer_of, ordered_groups, ssh_lookup, problems)
+        hosts[name] = _make_host(name, merged, origins, layer_of, tuple(g.name for g in mine), ssh_lookup, problems)
+    implicit: dict[str, Host] = {}
+    if not any(n in LOCALHOST_NAMES for n in b.hosts):
+        # Ansible's implicit localhost: the vars of `all`, `group_vars/all`, host_vars/NAME and connection local.
+        local_var = [("ansible_connection", "local", VarOrigin(None, "implicit localhost", _RANK["host"]))]
+        for name in LOCALHOST_NAMES:
+            merged, origins, layer_of = merger.merge(name, [], local_var)
+            implicit[name] = replace(_make_host(name, merged, origins, layer_of, (), ssh_lookup, problems), implicit=True)
     problems.raise_if_errors(InventoryError)
     # Hosts keep the order in which they were first defined.
-    return Inventory(groups, hosts, sources=sources, warnings=problems.warnings, files=b.files)
+    return Inventory(groups, hosts, sources=sources, warnings=problems.warnings, files=b.files, implicit=implicit)
 
 
 def _ancestors(groups: dict[str, Group], name: str) -> set[str]:
@@ -1269,14 +1537,14 @@ def inventory_report(inventory: Inventory, *, mode: Literal["list", "graph", "ho
         return inventory.graph(group, limit)
     if host is None:
         raise InventoryError("--host needs a host name")
-    if limit:
-        selected = {h.name for h in inventory.select("all", limit)}
-        if host not in selected:
-            raise InventoryError([Problem(f"host `{host}` is outside --limit `{limit}`", None)])
+    # The limit's own hosts, the implicit localhost included (it is in no group, so not in `all`).
+    if limit and host not in inventory.names(limit, what="--limit"):
+        raise InventoryError([Problem(f"host `{host}` is outside --limit `{limit}`", None)])
     return json.dumps(inventory.describe_host(host), indent=4)
 
 
 __all__ = [
-    "CONNECTION_VARS", "Group", "Host", "Inventory", "VarOrigin", "expand_hostname_range", "inventory_report",
-    "load_inventory", "parse_host_pattern", "split_pattern",
+    "CONNECTION_VARS", "MAX_HOST_ENTRIES", "MAX_INVENTORY_HOSTS", "MAX_RANGE_HOSTS", "Group", "Host", "Inventory",
+    "RangeTooLarge", "VarOrigin", "count_hostname_range", "expand_hostname_range", "inventory_report", "load_inventory",
+    "parse_host_pattern", "split_host_port", "split_pattern",
 ]
