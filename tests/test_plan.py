@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -334,3 +337,382 @@ def test_a_plan_file_missing_a_field_is_refused_naming_it(tmp_path: Path) -> Non
     path.write_text(json.dumps({**body, "hash": sha256_text(canonical(body))}))
     with pytest.raises(PlanFileError, match="malformed plan file: `created_at`"):
         load_plan(str(path), max_age=float("inf"))
+
+
+# --- saved plans are tamper-proof: the kept playbook, signatures, safety settings, -e hashes ---------
+
+EVIL_PB = WRITE_PB.replace("echo ran", "echo owned")
+KEY = "plan-key-0123456789abcdef-rbp"
+
+
+def key_file(path: Path, value: str = KEY, mode: int = 0o600) -> Path:
+    """A plan key file the way an operator makes one (`openssl rand -hex 32 > key`: a trailing newline)."""
+    path.write_text(value + "\n")
+    path.chmod(mode)
+    return path
+
+
+def edit(plan: Path, change: Callable[[dict], object], *, rehash_it: bool = True) -> dict:
+    """Change a saved plan in place, rehashing it as a forger would; returns the new document."""
+    doc = json.loads(plan.read_text())
+    change(doc)
+    if rehash_it:
+        rehash(doc)
+    plan.write_text(json.dumps(doc))
+    return doc
+
+
+def resign(doc: dict, secret: str, key_id: str | None = None) -> dict:
+    """Sign a document with a key of the forger's (HMAC-SHA256 over the canonical document, as documented)."""
+    from runbook.plan import PlanKey
+
+    body = canonical({k: v for k, v in doc.items() if k != "signature"})
+    value = hmac.new(secret.encode(), b"runbook plan signature v2\0" + body.encode(), hashlib.sha256).hexdigest()
+    doc["signature"] = {"alg": "hmac-sha256", "key_id": key_id or PlanKey(secret.encode(), "x").key_id, "value": value}
+    return doc
+
+
+@pytest.fixture
+def signed(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A fresh plan of WRITE_PB signed with the key in key.txt: (plan file, key file)."""
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    (tmp_path / "pb.yml").write_text(WRITE_PB)
+    key = key_file(tmp_path / "key.txt")
+    code, out, err = cli(capsys, "plan", tmp_path / "pb.yml", "--out", tmp_path / "plan.json", "--sign-key", key)
+    assert code == 0, err
+    assert "(signed, key id " in out
+    return tmp_path / "plan.json", key
+
+
+def test_a_plan_keeps_the_reviewed_playbook_text_and_show_prints_it(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = json.loads(saved.read_text())
+    assert doc["version"] == 2 and doc["playbook"]["text"] == WRITE_PB
+    assert doc["playbook"]["hash"] == hashlib.sha256(WRITE_PB.encode()).hexdigest()
+    assert "signature" not in doc
+    code, out, err = cli(capsys, "show", saved, "--playbook")
+    assert code == 0 and out == WRITE_PB
+    assert "signature: none" in err
+
+
+def test_a_signed_plan_shows_and_applies_with_its_key(signed: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from runbook.plan import plan_key
+
+    plan, key = signed
+    doc = json.loads(plan.read_text())
+    key_id = plan_key(str(key)).key_id
+    assert doc["signature"]["alg"] == "hmac-sha256" and doc["signature"]["key_id"] == key_id
+    # HMAC-SHA256 under the key over the canonical document without its signature, recomputed here.
+    assert doc["signature"] == resign(dict(doc), KEY)["signature"]
+    assert KEY not in plan.read_text()
+    code, out, err = cli(capsys, "show", plan, "--sign-key", key)
+    assert code == 0 and f"signature: good (key id {key_id})" in err and "+ write  change" in out
+    assert KEY not in out + err
+    code, _, err = cli(capsys, "apply", plan, "-y", "--sign-key", key)
+    assert code == 0, err
+    assert (plan.parent / "ran.txt").read_text() == "ran\n"
+
+
+def _playbook_rewritten(doc: dict) -> None:
+    doc["playbook"].update(text=EVIL_PB, hash=hashlib.sha256(EVIL_PB.encode()).hexdigest())
+
+
+TAMPERING: dict[str, Callable[[dict], object]] = {
+    "playbook text and hash": _playbook_rewritten,
+    "hosts": lambda d: d.update(hosts=["local", "db1"]),
+    "host key checking": lambda d: d.update(host_key_checking="off"),
+    "a prediction": lambda d: d["predictions"][0].update(prediction="skip"),
+    "the age": lambda d: d.update(created_ts=d["created_ts"] + 3600),
+}
+
+
+@pytest.mark.parametrize("what", list(TAMPERING))
+def test_any_edit_of_a_signed_plan_is_refused_even_rehashed(
+        signed: tuple[Path, Path], capsys: pytest.CaptureFixture[str], what: str) -> None:
+    plan, key = signed
+    (plan.parent / "pb.yml").write_text(EVIL_PB)     # the edited playbook is on disk too
+    edit(plan, TAMPERING[what])
+    assert "plan signature does not match" in refused(capsys, plan, "--sign-key", key)
+    code, _, err = cli(capsys, "show", plan, "--sign-key", key)
+    assert code == 4 and "plan signature does not match" in err
+    assert not (plan.parent / "ran.txt").exists()
+
+
+def test_a_replayed_restripped_or_forged_signature_is_refused(
+        signed: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from runbook.plan import plan_key
+
+    plan, key = signed
+    original = plan.read_text()
+    # Replayed: a plan signed with another team's (or an attacker's own) key.
+    edit(plan, lambda d: resign(rehash(d), "someone-elses-key-0123456789"), rehash_it=False)
+    err = refused(capsys, plan, "--sign-key", key)
+    assert "plan was signed with another key" in err and plan_key(str(key)).key_id in err
+    # Forged: the right key id, a value computed with another key.
+    edit(plan, lambda d: resign(rehash(d), "someone-elses-key-0123456789", plan_key(str(key)).key_id), rehash_it=False)
+    assert "plan signature does not match" in refused(capsys, plan, "--sign-key", key)
+    # Stripped: the signature removed and the hash made consistent.
+    plan.write_text(original)
+    edit(plan, lambda d: d.pop("signature"))
+    err = refused(capsys, plan, "--sign-key", key)
+    assert "plan is not signed, and a plan key is configured" in err
+    # Malformed.
+    plan.write_text(original)
+    edit(plan, lambda d: d.update(signature={"alg": "none", "value": ""}))
+    assert "malformed plan signature" in refused(capsys, plan, "--sign-key", key)
+
+
+def test_with_a_key_configured_unsigned_plans_are_refused_by_apply_and_show(
+        saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    key = key_file(tmp_path / "key.txt")
+    err = refused(capsys, saved, "--sign-key", key)
+    assert "plan is not signed, and a plan key is configured" in err and str(key) in err
+    code, out, err = cli(capsys, "show", saved, "--sign-key", key)
+    assert code == 4 and "plan is not signed" in err and out == ""
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", KEY)
+    assert "plan is not signed, and a plan key is configured ($RUNBOOK_PLAN_KEY)" in refused(capsys, saved)
+    with pytest.raises(PlanFileError, match="not signed"):
+        load_plan(str(saved))        # the library reads the same variable
+    assert KEY not in refused(capsys, saved)
+
+
+def test_the_plan_key_can_come_from_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", KEY)
+    (tmp_path / "pb.yml").write_text(WRITE_PB)
+    code, _, err = cli(capsys, "plan", tmp_path / "pb.yml", "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    plan = tmp_path / "plan.json"
+    assert json.loads(plan.read_text())["signature"] == resign(json.loads(plan.read_text()), KEY)["signature"]
+    # Another key in the environment: refused. None: apply refuses (it cannot check), show shows, saying so.
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", "another-key-0123456789abcdef")
+    assert "plan was signed with another key" in refused(capsys, plan)
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY")
+    assert "plan is signed, but no plan key is configured" in refused(capsys, plan)
+    code, out, err = cli(capsys, "show", plan)
+    assert code == 0 and "signature: NOT CHECKED" in err and "+ write  change" in out
+    # A key file beats the environment.
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", "another-key-0123456789abcdef")
+    code, _, err = cli(capsys, "apply", plan, "-y", "--sign-key", key_file(tmp_path / "k"))
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+@pytest.mark.parametrize("value,mode,message", [
+    ("short-rbp", 0o600, "is too short (9 bytes, at least 16)"),
+    (KEY, 0o640, "is accessible by other users (mode 0640)"),
+    (KEY, 0o604, "is accessible by other users (mode 0604)"),
+    ("x" * 5000, 0o600, "is larger than 4096 bytes"),
+    ("", 0o600, "is too short (0 bytes"),
+])
+def test_a_weak_or_exposed_key_file_is_refused_before_anything_runs(
+        saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, mode: int, message: str) -> None:
+    key = key_file(tmp_path / "bad.key", value, mode)
+    for args in (["plan", tmp_path / "pb.yml", "--out", tmp_path / "other.json"], ["show", saved], ["apply", saved, "-y"]):
+        code, out, err = cli(capsys, *args, "--sign-key", key)
+        assert code == 4 and message in err and str(key) in err, (args, err)
+        assert value[:9] not in out + err or not value
+    assert not (tmp_path / "other.json").exists() and not (tmp_path / "ran.txt").exists()
+
+
+def test_odd_key_sources_are_refused(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = cli(capsys, "apply", saved, "-y", "--sign-key", "/dev/zero")
+    assert code == 4 and "is not a regular file" in err
+    code, _, err = cli(capsys, "apply", saved, "-y", "--sign-key", tmp_path / "missing.key")
+    assert code == 4 and "cannot read plan key file" in err
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", "")
+    assert "plan key from $RUNBOOK_PLAN_KEY is too short" in refused(capsys, saved)
+    monkeypatch.setenv("RUNBOOK_PLAN_KEY", "k" * 5000)
+    assert "RUNBOOK_PLAN_KEY is longer than 4096 bytes" in refused(capsys, saved)
+
+
+def test_the_rewritten_playbook_attack_is_refused_without_a_key(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The attack of the issue: edit the playbook, record its hash in the plan, rehash the plan.
+    pb = saved.parent / "pb.yml"
+    pb.write_text(EVIL_PB)
+    edit(saved, lambda d: d["playbook"].update(hash=hashlib.sha256(EVIL_PB.encode()).hexdigest()))
+    err = refused(capsys, saved)
+    assert "the playbook text kept in the plan does not match the plan's playbook sha256" in err
+    code, _, err = cli(capsys, "show", saved)       # show no longer displays it as the reviewed plan
+    assert code == 4 and "does not match the plan's playbook sha256" in err
+    # The kept text edited but not the hash: refused the same way.
+    edit(saved, lambda d: d["playbook"].update(text=EVIL_PB, hash=hashlib.sha256(WRITE_PB.encode()).hexdigest()))
+    assert "does not match the plan's playbook sha256" in refused(capsys, saved)
+    assert not (saved.parent / "ran.txt").exists()
+
+
+def test_apply_runs_the_kept_text_with_the_original_path(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The playbook file is gone on the applying machine: the reviewed text runs, its relative files
+    # resolve next to the original path, and their checksums are still checked.
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "app.conf").write_text("workers = 8\n")
+    pb = tmp_path / "pb.yml"
+    pb.write_text(WRITE_PB + "  - name: conf\n    upload: {src: files/app.conf, dest: \"{{ playbook_dir }}/app.conf\"}\n")
+    code, _, err = cli(capsys, "plan", pb, "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    pb.unlink()
+    (tmp_path / "files" / "app.conf").write_text("workers = 666\n")
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 4 and f"file {tmp_path}/files/app.conf changed since the plan" in err
+    (tmp_path / "files" / "app.conf").write_text("workers = 8\n")
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "ran\n" and (tmp_path / "app.conf").read_text() == "workers = 8\n"
+    # An edited file on disk is not run silently either: apply says so (plan again to review the edit).
+    pb.write_text(EVIL_PB)
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 4 and f"playbook {pb} changed since the plan" in err
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+def test_a_kept_text_that_fails_to_load_gives_a_located_error(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = WRITE_PB.replace("shell:", "shel:")
+    edit(saved, lambda d: d["playbook"].update(text=bad, hash=hashlib.sha256(bad.encode()).hexdigest()))
+    (saved.parent / "pb.yml").write_text(bad)
+    err = refused(capsys, saved)
+    assert f"{saved.parent / 'pb.yml'}:3:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("level", ["off", "accept-new"])
+def test_a_plan_cannot_lower_host_key_checking_without_the_flag(
+        saved: Path, capsys: pytest.CaptureFixture[str], level: str) -> None:
+    edit(saved, lambda d: d.update(host_key_checking=level))
+    err = refused(capsys, saved)
+    assert f"the plan sets host_key_checking: {level}" in err and f"--host-key-checking {level}" in err
+    assert "Traceback" not in err
+    # Said on the command line, it is the operator's choice (recorded in the audit trail).
+    code, _, err = cli(capsys, "apply", saved, "-y", "--host-key-checking", level)
+    assert code == 0, err
+    started = [r for r in read_records(Path(os.environ["RUNBOOK_AUDIT_LOG"])) if r.get("event") == "run.started"]
+    assert started[-1]["host_key_checking"] == level
+
+
+def test_a_plan_may_raise_host_key_checking_and_garbage_is_refused(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runbook.errors import ValidationError
+    from runbook.plan import host_key_level
+
+    assert host_key_level(None, None) == host_key_level("strict", None) == "strict"
+    assert host_key_level("off", "off") == "off"
+    assert host_key_level("off", "accept-new") == "accept-new"       # the flag raises a weak plan
+    assert host_key_level("strict", "off") == "strict"               # the plan raises a weak flag
+    assert host_key_level("accept-new", "off") == "accept-new"
+    with pytest.raises(ValidationError, match="host_key_checking: accept-new"):
+        host_key_level("accept-new", None)
+    with pytest.raises(ValidationError, match="unknown host_key_checking"):
+        host_key_level("banana", "off")
+    original = saved.read_text()
+    edit(saved, lambda d: d.update(host_key_checking="banana"))
+    assert "malformed plan file: `host_key_checking`" in refused(capsys, saved)
+    saved.write_text(original)
+    code, _, err = cli(capsys, "apply", saved, "-y", "--host-key-checking", "off")
+    assert code == 0, err
+    started = [r for r in read_records(Path(os.environ["RUNBOOK_AUDIT_LOG"])) if r.get("event") == "run.started"]
+    assert started[-1]["host_key_checking"] == "strict"
+
+
+def test_an_older_plan_format_is_refused_with_a_plan_again_message(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def as_v1(doc: dict) -> None:
+        doc["version"] = 1
+        del doc["playbook"]["text"], doc["extra_vars_salt"], doc["extra_vars_scheme"]
+        doc["extra_vars_hash"] = sha256_text(canonical({}))
+
+    edit(saved, as_v1)
+    err = refused(capsys, saved)
+    assert "plan format 1" in err and "plan again" in err and "older plan formats do not keep the reviewed playbook" in err
+
+
+SECRET_VAR = "hunter2-rbp-0xC0FFEE"
+VARS_PB = "runbook: vars\nsteps:\n  - name: write\n    shell: echo {{ release }} >> {{ playbook_dir }}/ran.txt\n"
+
+
+def _vars_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, *extra: str) -> dict:
+    code, _, err = cli(capsys, "plan", tmp_path / "pb.yml", "-e", "release=7", "-e", f"db_password={SECRET_VAR}",
+                       "--out", tmp_path / name, *extra)
+    assert code == 0, err
+    return json.loads((tmp_path / name).read_text())
+
+
+def test_the_extra_vars_hash_is_salted_and_the_same_values_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from runbook.plan import extra_vars_digest
+
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    (tmp_path / "pb.yml").write_text(VARS_PB)
+    one, two = _vars_plan(tmp_path, capsys, "one.json"), _vars_plan(tmp_path, capsys, "two.json")
+    right = {"release": 7, "db_password": SECRET_VAR}
+    assert SECRET_VAR not in (tmp_path / "one.json").read_text()
+    assert one["extra_vars_scheme"] == "scrypt" and len(one["extra_vars_salt"]) == 32
+    # Same values, two plans: nothing in common, so one plan says nothing about another's values.
+    assert one["extra_vars_salt"] != two["extra_vars_salt"] and one["extra_vars_hash"] != two["extra_vars_hash"]
+    # The right guess cannot be confirmed the old way (unsalted sha256) nor with another salt.
+    assert one["extra_vars_hash"] != sha256_text(canonical(right))
+    assert one["extra_vars_hash"] != extra_vars_digest(right, two["extra_vars_salt"], "scrypt", None)
+    # (With this plan's salt it can, at one scrypt per guess: only a plan key stops that; see below.)
+    assert one["extra_vars_hash"] == extra_vars_digest(right, one["extra_vars_salt"], "scrypt", None)
+    # apply: the redacted value is needed again; a wrong one is refused; the same ones apply.
+    err = refused(capsys, tmp_path / "one.json")
+    assert "extra vars (-e) differ from the plan's; the plan stores db_password redacted" in err
+    assert "extra vars (-e) differ" in refused(capsys, tmp_path / "one.json", "-e", "release=7", "-e", "db_password=guess")
+    code, _, err = cli(capsys, "apply", tmp_path / "one.json", "-y", "-e", "release=7", "-e", f"db_password={SECRET_VAR}")
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "7\n"
+    # No secret among the -e values: a fast salted hash (every value is in the plan in clear anyway).
+    code, _, err = cli(capsys, "plan", tmp_path / "pb.yml", "-e", "release=8", "--out", tmp_path / "three.json")
+    assert code == 0, err
+    three = json.loads((tmp_path / "three.json").read_text())
+    assert three["extra_vars_scheme"] == "salted" and three["extra_vars_hash"] != sha256_text(canonical({"release": 8}))
+    code, _, err = cli(capsys, "apply", tmp_path / "three.json", "-y")
+    assert code == 0, err
+
+
+def test_with_a_plan_key_the_extra_vars_hash_is_keyed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from runbook.plan import extra_vars_digest, plan_key
+
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    (tmp_path / "pb.yml").write_text(VARS_PB)
+    key = key_file(tmp_path / "key.txt")
+    doc = _vars_plan(tmp_path, capsys, "plan.json", "--sign-key", str(key))
+    right = {"release": 7, "db_password": SECRET_VAR}
+    assert doc["extra_vars_scheme"] == "keyed"
+    # The right guess, with the salt, cannot be confirmed by any computation that lacks the key.
+    for scheme in ("salted", "scrypt"):
+        assert doc["extra_vars_hash"] != extra_vars_digest(right, doc["extra_vars_salt"], scheme, None)
+    assert doc["extra_vars_hash"] != sha256_text(canonical(right))
+    assert doc["extra_vars_hash"] == extra_vars_digest(right, doc["extra_vars_salt"], "keyed", plan_key(str(key)))
+    err = refused(capsys, tmp_path / "plan.json", "--sign-key", key, "-e", "release=7", "-e", "db_password=guess")
+    assert "extra vars (-e) differ" in err
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y", "--sign-key", key,
+                       "-e", "release=7", "-e", f"db_password={SECRET_VAR}")
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "7\n"
+
+
+def test_a_playbook_holding_a_secret_value_is_not_kept_and_runs_checked_from_disk(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    pb = tmp_path / "pb.yml"
+    pb.write_text(f"# the old token was {SECRET_VAR}\n" + WRITE_PB)
+    extra = ["-e", f"api_token={SECRET_VAR}"]
+    code, _, err = cli(capsys, "plan", pb, *extra, "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    text = (tmp_path / "plan.json").read_text()
+    assert SECRET_VAR not in text and json.loads(text)["playbook"]["text"] is None
+    code, out, _ = cli(capsys, "show", tmp_path / "plan.json", "--playbook")
+    assert code == 0 and out.startswith("(not kept: the playbook held a secret value") and SECRET_VAR not in out
+    original = pb.read_text()
+    pb.write_text(original.replace("echo ran", "echo owned"))
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y", *extra)
+    assert code == 4 and f"playbook {pb} changed since the plan" in err
+    pb.write_text(original)
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y", *extra)
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"

@@ -370,10 +370,11 @@ def test_saved_plan_show_and_apply_run_exactly_the_reviewed_plan(
     assert SECRET not in text and "pw-rbph-9" not in text and SECRET not in out + err
     assert stat.S_IMODE(plan_file.stat().st_mode) == 0o600
     doc = json.loads(text)
-    assert doc["format"] == "runbook-plan" and doc["version"] == 1
+    assert doc["format"] == "runbook-plan" and doc["version"] == 2
     assert doc["hash"] == sha256_text(canonical({k: v for k, v in doc.items() if k != "hash"}))
     assert doc["playbook"] == {"path": str(pb.resolve()), "name": "remediate-app",
-                               "hash": hashlib.sha256(pb.read_bytes()).hexdigest()}
+                               "hash": hashlib.sha256(pb.read_bytes()).hexdigest(), "text": REMEDIATE}
+    assert doc["extra_vars_scheme"] == "scrypt" and "signature" not in doc
     assert doc["inventory"]["hash"] == Inventory.load(str(inv)).content_hash()
     assert str(doc["extra_vars"]["release"]) == "42" and doc["extra_vars"]["db_password"] != "pw-rbph-9"
     assert doc["hosts"] == ["h0", "h1", "h2"]
@@ -458,6 +459,97 @@ def test_apply_refuses_when_inputs_drifted_and_runs_nothing(
     inv.write_text(original_inv)
     assert_same(before, snapshot(clean_ssh_hosts), "refused applies")
     assert len(audit_events(audit, "run.started")) == runs_before   # nothing started at all
+
+
+# --- tamper-proof plans: the attacks of a plan file rewritten between review and apply -------------
+
+EVIL_CONF = "port = 6666\nbackdoor = yes\n"
+EVIL_REMEDIATE = REMEDIATE.replace("files/app.conf", "files/evil.conf") + (
+    "  - name: marker\n    shell: touch {{ home | quote }}/owned\n")
+
+
+def forge(plan: Path, change: Callable[[dict], object]) -> None:
+    """Rewrite a plan file and make its hash consistent again, as a forger who read the format would."""
+    from runbook.plan import canonical, sha256_text
+
+    doc = json.loads(plan.read_text())
+    change(doc)
+    doc["hash"] = sha256_text(canonical({k: v for k, v in doc.items() if k not in ("hash", "signature")}))
+    plan.write_text(json.dumps(doc))
+
+
+def test_a_rewritten_plan_cannot_run_an_unreviewed_playbook_or_lower_host_key_checking(
+        tmp_path: Path, work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = clean_ssh_hosts[:2]
+    conf = "port = 8080\nworkers = 4\n"
+    pb = write_remediate(tmp_path / "pb", conf)
+    inv = inventory_for(tmp_path / "inv.yml", hosts)
+    key = tmp_path / "plan.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    key.chmod(0o600)
+    for name, extra in (("plan.json", []), ("signed.json", ["--sign-key", str(key)])):
+        code, _, err = cli(capsys, "plan", pb, "-i", inv, *kh(known_hosts), "--out", name, *extra)
+        assert code == 0, err
+    plain, signed = work / "plan.json", work / "signed.json"
+    reviewed = {p: p.read_text() for p in (plain, signed)}
+    before = snapshot(clean_ssh_hosts)
+    audit = Path(os.environ["RUNBOOK_AUDIT_LOG"])
+    runs_before = len(audit_events(audit, "run.started"))
+
+    # The attack of the issue: the playbook edited on disk (another config, plus a marker), its sha256
+    # recorded in the plan, the plan rehashed. `show` would have displayed the reviewed plan and
+    # `apply` run the new playbook; both refuse now.
+    (pb.parent / "files" / "evil.conf").write_text(EVIL_CONF)
+    pb.write_text(EVIL_REMEDIATE)
+    evil_hash = hashlib.sha256(EVIL_REMEDIATE.encode()).hexdigest()
+    forge(plain, lambda d: d["playbook"].update(hash=evil_hash))
+    code, _, err = cli(capsys, "show", plain)
+    assert code == 4 and "does not match the plan's playbook sha256" in err
+    code, _, err = cli(capsys, "apply", plain, *kh(known_hosts), "-y")
+    assert code == 4 and "the playbook text kept in the plan does not match the plan's playbook sha256" in err
+
+    # The whole forgery of a signed plan (kept text, hash, file checksums, rehash): the signature holds.
+    evil_conf_path = str((pb.parent / "files" / "evil.conf").resolve())
+
+    def rewrite(d: dict) -> None:
+        d["playbook"].update(text=EVIL_REMEDIATE, hash=evil_hash)
+        d["local_files"] = {evil_conf_path: hashlib.sha256(EVIL_CONF.encode()).hexdigest()}
+
+    forge(signed, rewrite)
+    code, _, err = cli(capsys, "apply", signed, *kh(known_hosts), "-y", "--sign-key", key)
+    assert code == 4 and "plan signature does not match" in err
+    # Nor can a forger strip the signature while a key is configured.
+    forge(signed, lambda d: d.pop("signature"))
+    code, _, err = cli(capsys, "apply", signed, *kh(known_hosts), "-y", "--sign-key", key)
+    assert code == 4 and "plan is not signed, and a plan key is configured" in err
+
+    # Host key checking switched off in a rewritten plan, aimed at hosts this apply does not know yet:
+    # refused, naming the setting, before any connection (strict would stop at the unknown keys).
+    plain.write_text(reviewed[plain])
+    pb.write_text(REMEDIATE)
+    forge(plain, lambda d: d.update(host_key_checking="off"))
+    empty_known = tmp_path / "empty_known_hosts"
+    empty_known.write_text("")
+    code, _, err = cli(capsys, "apply", plain, "--known-hosts", empty_known, "-y")
+    assert code == 4 and "the plan sets host_key_checking: off" in err and "--host-key-checking off" in err
+    assert not empty_known.read_text()
+
+    assert_same(before, snapshot(clean_ssh_hosts), "refused applies of rewritten plans")
+    assert len(audit_events(audit, "run.started")) == runs_before
+
+    # The genuine signed plan, applied where the playbook file is gone and evil.conf lies beside it:
+    # the reviewed text runs, and the hosts get the reviewed content only.
+    signed.write_text(reviewed[signed])
+    pb.unlink()
+    code, out, err = cli(capsys, "apply", signed, *kh(known_hosts), "-y", "--sign-key", key, "--output", "json")
+    assert code == 0, err
+    assert {r["step_id"] for r in json.loads(out)["results"]} == {"app-dir", "config", "count", "status", "token"}
+    for h in hosts:
+        assert (h.home / "app/app.conf").read_text() == conf
+        assert not (h.home / "owned").exists()
+    started = audit_events(audit, "run.started")[-1]
+    assert started["plan_hash"] == json.loads(reviewed[signed])["hash"] and started["host_key_checking"] == "strict"
 
 
 DRIFT_PB = """\
