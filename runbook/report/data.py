@@ -401,7 +401,7 @@ def run_report_live(info: RunInfo, result: RunResult, *, graph: StepGraph, playb
     status = ("interrupted" if result.interrupted else "deferred" if any(r.status == Status.DEFERRED for r in result.results)
               else "ok" if result.ok else "failed")
     header = RunHeader(
-        run_id=info.run_id, mode=info.mode, status=status, playbook_name=info.playbook_name,
+        run_id=info.run_id, mode=str(info.mode), status=status, playbook_name=info.playbook_name,
         playbook_path=info.playbook_path, playbook_hash=info.playbook_hash, inventory_source=info.inventory_source,
         inventory_hash=info.inventory_hash, operator=info.operator, control_host=info.control_host,
         host_key_checking=info.host_key_checking, git_commit=info.git_commit, plan_hash=info.plan_hash,

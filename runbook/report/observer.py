@@ -25,7 +25,7 @@ class ReportObserver(Observer):
     stops or fails the run (the audit trail and run state are the records; the report is a view).
     """
 
-    best_effort: ClassVar[bool] = True
+    critical: ClassVar[bool] = False   # best effort: the stream calls it on its own thread and isolates its failures
 
     def __init__(self, path: str | Path, *, graph: StepGraph, playbook: Playbook | None, redactor: Redactor | None,
                  predictions: Mapping[Any, Any] | None = None, audit_path: Path | None = None,
