@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,90 @@ def test_sudo_password_is_the_first_stdin_line_only_with_sudo() -> None:
     assert sudo_stdin(True, "s3cret", None) == b"s3cret\n"
     assert sudo_stdin(False, "s3cret", "data\n") == b"data\n"   # never leaked without sudo
     assert sudo_stdin("app", None, None) is None
+
+
+# --- bounded output ---------------------------------------------------------------------------------
+
+MIB_190 = "\n... [runbook: 190.6 MiB of output omitted; 64 KiB head and tail kept] ...\n"
+
+
+def test_huge_output_keeps_a_bounded_head_and_tail(local: LocalConnection) -> None:
+    """200 MB on stdout: 64 KiB of head and of tail, the exact count, and memory bounded while reading."""
+    tracemalloc.start()
+    try:
+        res = local.run("printf HEAD; head -c 200000000 /dev/zero; printf TAIL; printf 'only this' >&2")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.rc == 0 and res.truncated and not res.timed_out
+    assert (res.stdout_bytes, res.stderr_bytes) == (200_000_008, 9)
+    assert res.stdout == "HEAD" + "\0" * 65532 + MIB_190 + "\0" * 65532 + "TAIL"
+    assert res.stderr == "only this"           # a short stream beside a huge one is kept whole
+    assert peak < 8 * 2**20, f"peak traced memory {peak / 2**20:.1f} MiB"
+
+
+def test_output_up_to_twice_the_limit_is_kept_whole(tmp_path: Path) -> None:
+    conn = LocalConnection(output_limit=100)
+    whole = conn.run("head -c 200 /dev/zero | tr '\\0' a")
+    assert (whole.stdout, whole.stdout_bytes, whole.truncated) == ("a" * 200, 200, False)
+    one_more = conn.run("head -c 201 /dev/zero | tr '\\0' a")
+    assert one_more.truncated and one_more.stdout_bytes == 201
+    assert one_more.stdout == "a" * 100 + "\n... [runbook: 1 bytes of output omitted; 100 bytes head and tail kept] ...\n" + "a" * 100
+
+
+def test_cut_never_splits_a_character() -> None:
+    conn = LocalConnection(output_limit=11)   # an odd limit cuts the 2-byte é in two at both ends
+    res = conn.run(["sh", "-c", 'i=0; while [ $i -lt 100 ]; do printf "\\303\\251"; i=$((i+1)); done'])
+    assert res.stdout_bytes == 200 and res.truncated
+    assert "\ufffd" not in res.stdout
+    head, tail = res.stdout.split("\n... [runbook: ")
+    assert head == "é" * 5 and tail.endswith("kept] ...\n" + "é" * 5)
+    assert "180 bytes of output omitted" in tail    # 200 - 2 x 10 bytes of whole characters kept
+
+
+def test_endless_output_under_a_timeout_stays_bounded(local: LocalConnection) -> None:
+    res = local.run("yes", timeout=1)
+    assert res.timed_out and res.rc == TIMEOUT_RC and res.truncated
+    assert res.stdout_bytes > 2 * 65536 and len(res.stdout) < 2 * 65536 + 200
+
+
+def test_large_stdin_while_the_output_is_truncated(local: LocalConnection) -> None:
+    data = "".join(f"{i:07d}\n" for i in range(250_000))      # 2 MB in, echoed back while it is still being written
+    res = local.run("cat", stdin=data)
+    assert res.rc == 0 and res.stdout_bytes == len(data) and res.truncated
+    assert res.stdout.startswith("0000000\n0000001\n") and res.stdout.endswith("0249998\n0249999\n")
+
+
+def test_command_that_stops_reading_its_stdin(local: LocalConnection) -> None:
+    res = local.run("head -c 5", stdin="x" * 5_000_000, timeout=30)
+    assert (res.rc, res.stdout, res.timed_out) == (0, "xxxxx", False)
+
+
+def test_output_limit_comes_from_connect_options() -> None:
+    from runbook.connections import ConnectOptions, connect
+
+    class Host:
+        name, address, port, user, key_file, proxy_jump, vars = "here", "localhost", None, None, None, None, {}
+
+    conn = connect(Host(), "local", ConnectOptions(output_limit=3))
+    assert conn.run("printf abcdefgh").stdout == "abc\n... [runbook: 2 bytes of output omitted; 3 bytes head and tail kept] ...\nfgh"
+    assert ConnectOptions().output_limit == 65536
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, "64k", 1.5, None])
+def test_invalid_output_limits_are_refused(limit: object) -> None:
+    with pytest.raises(RunbookError) as info:
+        LocalConnection(output_limit=limit)  # type: ignore[arg-type]
+    assert "output limit" in str(info.value) and info.value.hint
+
+
+def test_size_texts() -> None:
+    from runbook.connections.output import size_text
+
+    assert [size_text(n) for n in (0, 1023, 1024, 65536, 1536, 196_083_302, 5 * 2**40)] == [
+        "0 bytes", "1023 bytes", "1 KiB", "64 KiB", "1.5 KiB", "187 MiB", "5 TiB"]
+
+
+def test_results_built_by_other_kinds_count_their_own_bytes() -> None:
+    res = CommandResult(0, "café", "", 0.1)
+    assert (res.stdout_bytes, res.stderr_bytes, res.truncated) == (5, 0, False)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import fcntl
-import hashlib
 import logging
 import os
 import posixpath
@@ -16,18 +13,20 @@ import stat as stat_mod
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import fabric
 import paramiko
 
 from runbook.connections.base import (TIMEOUT_RC, CommandResult, ConnectOptions, FileStat, HostLike, command_argv,
-                                      decode, save_read, sudo_stdin, sudo_words)
-from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
+                                      save_read, sudo_stdin, sudo_words)
+from runbook.connections.hostkeys import HOST_KEY_MODES, HostKeyPolicy, MissingKeyPolicy, fingerprint, known_hosts_name
+from runbook.connections.output import DEFAULT_OUTPUT_LIMIT, OutputCapture, check_output_limit, command_result
+from runbook.errors import ConnectionFailed, RunbookError
 
-HOST_KEY_MODES = ("strict", "accept-new", "off")
+__all__ = ["HOST_KEY_MODES", "SSHConnection", "fingerprint", "known_hosts_name"]
 
 #: Seconds the client waits past a command's timeout for the remote `timeout` to report, before it
 #: gives up on the channel itself (when the host has no `timeout` binary, or it hangs).
@@ -37,49 +36,9 @@ _CLIENT_GRACE = 2.0
 #: concurrent steps on one host wait for a free channel instead of failing to open one.
 DEFAULT_MAX_SESSIONS = 8
 
-# Serialises appends to known-hosts files within this process (flock covers other processes).
-_KNOWN_HOSTS_LOCK = threading.Lock()
-
 # paramiko logs transport failures (refused, bad banner) at ERROR with tracebacks; we raise them as
 # ConnectionFailed with a reason instead, so keep its records off the console's last-resort handler.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """Return a key's OpenSSH-style fingerprint: `SHA256:` and unpadded base64."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def known_hosts_name(host: str, port: int) -> str:
-    """Return the name a host is listed under in known_hosts (`[host]:port` off port 22)."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
-def load_known_hosts(paths: Sequence[Path]) -> paramiko.HostKeys:
-    """Read known_hosts files, skipping lines paramiko cannot parse (OpenSSH may know more types)."""
-    keys = paramiko.HostKeys()
-    for path in paths:
-        try:
-            lines = path.read_text(errors="replace").splitlines()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except PermissionError as exc:
-            raise RunbookError(f"cannot read known-hosts file {path}: permission denied",
-                               hint="fix its permissions or pass another file with --known-hosts") from exc
-        for number, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#") or line.startswith("@"):
-                continue  # markers (@cert-authority, @revoked) are not supported by paramiko
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line, number)
-            except Exception:  # an unsupported or corrupt key: OpenSSH may still use it
-                entry = None
-            if entry is None or entry.key is None:
-                continue
-            for name in entry.hostnames:
-                keys.add(name, entry.key.get_name(), entry.key)
-    return keys
 
 
 def _no_delay(conn: fabric.Connection | None) -> None:
@@ -99,32 +58,253 @@ def _no_delay(conn: fabric.Connection | None) -> None:
         conn = conn.gateway
 
 
-class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """Decide about keys of hosts absent from known_hosts (paramiko itself rejects changed keys)."""
+class _HandshakeTimeout(TimeoutError):
+    """The server accepted TCP but did not finish the SSH key exchange within the connect timeout."""
 
-    def __init__(self, owner: SSHConnection) -> None:
-        self.owner = owner
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        owner = self.owner
-        if owner.host_key_checking == "off":
-            return
-        if owner.host_key_checking == "strict":
-            raise HostKeyError(
-                owner.name,
-                f"unknown host key for {hostname} ({key.get_name()} {fingerprint(key)}); "
-                f"not in {owner.known_hosts}",
-                hint=f"verify the fingerprint, then add it (ssh-keyscan -p PORT HOST >> {owner.known_hosts}) "
-                     "or connect once with --host-key-checking accept-new")
-        owner._record_new_key(hostname, key)
-        client.get_host_keys().add(hostname, key.get_name(), key)
+class _Transport(paramiko.Transport):
+    """paramiko's transport, failing clearly when the handshake outlasts its timeout.
+
+    paramiko's `start_client` returns quietly when its timeout passes mid-handshake, and the next
+    call fails with "No existing session"; this raises a timeout instead.
+    """
+
+    def start_client(self, event: Any = None, timeout: float | None = None) -> None:
+        super().start_client(event=event, timeout=timeout)
+        if event is None and not self.initial_kex_done:
+            raise _HandshakeTimeout("the SSH handshake did not complete")
+
+
+def _transport_factory(preferred_types: Sequence[str]) -> Callable[..., paramiko.Transport]:
+    """Make transports that negotiate the host key types known_hosts lists for the host first, as OpenSSH does.
+
+    Without this a host known by its RSA key that also has an ed25519 key would offer the ed25519
+    one, which is not in known_hosts: a false "changed key".
+    """
+
+    def make(sock: Any, **kwargs: Any) -> paramiko.Transport:
+        transport = _Transport(sock, **kwargs)
+        options = transport.get_security_options()
+        available = list(options.key_types)
+        first: list[str] = []
+        for key_type in preferred_types:
+            algorithms = ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"] if key_type == "ssh-rsa" else [key_type]
+            first += [a for a in algorithms if a in available and a not in first]
+        if first:
+            options.key_types = first + [a for a in available if a not in first]
+        return transport
+
+    return make
+
+
+def connect_error(who: str, exc: Exception, host: str, port: int | None, user: str | None,
+                  timeout: float) -> ConnectionFailed:
+    """Map paramiko and socket failures while connecting to a short reason and a hint."""
+    where = f"{host}:{port}"
+    timed_out = f"timed out after {timeout:g}s connecting to {where}"
+    if isinstance(exc, _HandshakeTimeout):
+        return ConnectionFailed(who, f"{timed_out} (the SSH handshake did not complete)",
+                                hint="something accepts TCP on that port but does not answer as an SSH server in time: "
+                                     "check the port (ansible_port), the server's load and its logs")
+    if isinstance(exc, paramiko.AuthenticationException):
+        if "timeout" in str(exc).lower():
+            return ConnectionFailed(who, f"{timed_out} (authentication did not complete)",
+                                    hint="the server is slow to authenticate (DNS, PAM): check its logs, or raise --connect-timeout")
+        return ConnectionFailed(who, f"authentication failed for user {user} at {where}",
+                                hint="check the user and private key (ansible_user, ansible_ssh_private_key_file)")
+    if isinstance(exc, socket.gaierror):
+        return ConnectionFailed(who, f"cannot resolve host {host}", hint="check ansible_host in the inventory, or DNS")
+    if isinstance(exc, (paramiko.ssh_exception.NoValidConnectionsError, ConnectionRefusedError)):
+        return ConnectionFailed(who, f"connection refused at {where}",
+                                hint="is sshd running there, and is the port right (ansible_port)?")
+    if isinstance(exc, TimeoutError):   # socket.timeout is TimeoutError: the TCP connect itself
+        return ConnectionFailed(who, timed_out, hint="check the address, firewalls, and that the host is up")
+    if isinstance(exc, paramiko.SSHException):
+        # paramiko raises its banner errors from inside the failed read: the cause says which.
+        if isinstance(exc.__context__, TimeoutError):
+            return ConnectionFailed(who, f"{timed_out} (the server accepted the connection but sent no SSH banner)",
+                                    hint="something accepts TCP on that port but does not speak SSH: check the port "
+                                         "(ansible_port), the server's load and its logs")
+        if isinstance(exc.__context__, EOFError):
+            return ConnectionFailed(who, f"the server at {where} closed the connection before the SSH handshake",
+                                    hint="sshd may be refusing connections (MaxStartups, tcp wrappers): check its logs")
+        return ConnectionFailed(who, f"SSH error at {where}: {exc}",
+                                hint="is this an SSH server? check the port and the server's logs")
+    if isinstance(exc, OSError):
+        return ConnectionFailed(who, f"cannot connect to {where}: {exc.strerror or exc}",
+                                hint="check the address and the network")
+    return ConnectionFailed(who, f"cannot connect to {where}: {exc}", hint="check the host's connection settings")
+
+
+def _feed_stdin(channel: paramiko.Channel, data: bytes | None) -> None:
+    """Send the command's stdin and EOF (large input in a thread, so a command that writes first cannot deadlock us)."""
+    if not data:
+        channel.shutdown_write()  # EOF at once: a command reading stdin must not hang
+        return
+    if len(data) <= 65536:
+        channel.sendall(data)
+        channel.shutdown_write()
+        return
+
+    def feed() -> None:
+        try:
+            channel.sendall(data)
+            channel.shutdown_write()
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+    threading.Thread(target=feed, daemon=True).start()
+
+
+def collect(channel: paramiko.Channel, data: bytes | None, started: float, timeout: float | None,
+            out: OutputCapture, err: OutputCapture) -> tuple[int, bool]:
+    """Feed stdin, stream stdout and stderr into the captures until EOF and exit status, or the client deadline.
+
+    Returns (exit status, timed out); -1 when the channel closed without a status.
+    """
+    _feed_stdin(channel, data)
+    deadline = started + timeout + _CLIENT_GRACE if timeout is not None else None
+    ready_fd = channel.fileno()  # readable whenever stdout or stderr has data, or at EOF
+
+    def drain() -> None:
+        while channel.recv_ready():
+            out.feed(channel.recv(65536))
+        while channel.recv_stderr_ready():
+            err.feed(channel.recv_stderr(65536))
+
+    while True:
+        drain()
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return TIMEOUT_RC, True
+        wait = 1.0 if remaining is None else min(remaining, 1.0)
+        if channel.eof_received or channel.closed:
+            # Output is complete; the exit status may still be on its way.
+            if channel.status_event.wait(wait):
+                drain()
+                return channel.recv_exit_status(), False
+            continue
+        select.select([ready_fd], [], [], wait)
+
+
+def _signal(channel: paramiko.Channel, name: str) -> None:
+    """Send a `signal` channel request (RFC 4254 6.9; OpenSSH 8.1+ delivers it to the session's process)."""
+    msg = paramiko.Message()
+    msg.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    msg.add_int(channel.remote_chanid)
+    msg.add_string("signal")
+    msg.add_boolean(False)
+    msg.add_string(name)
+    channel.transport._send_user_message(msg)
+
+
+def parse_stat(res: CommandResult, remote_path: str, who: str) -> FileStat:
+    """Read the output of SSHConnection.stat's script: `missing`, or `SIZE MODE_HEX` and a sha256sum line."""
+    lines = res.stdout.split("\n")
+    if res.rc == 0 and lines and lines[0] == "missing":
+        return FileStat(exists=False)
+    try:
+        size_text, mode_hex = lines[0].split()
+        raw_mode = int(mode_hex, 16)
+        digest = lines[1].split()[0] if len(lines) > 1 and lines[1].strip() else None
+        if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
+            digest = None
+        return FileStat(exists=True, size=int(size_text), mode=stat_mod.S_IMODE(raw_mode),
+                        sha256=digest if stat_mod.S_ISREG(raw_mode) else None)
+    except (ValueError, IndexError) as exc:
+        raise RunbookError(f"{who}: cannot stat {remote_path}: {res.stderr.strip() or res.stdout.strip()}",
+                           hint="the host needs GNU coreutils stat and sha256sum") from exc
+
+
+class _SFTPFiles:
+    """The files side of a connection: one SFTP client, opened on first use, shared behind a lock."""
+
+    def __init__(self, who: str, transport: Callable[[], paramiko.Transport]) -> None:
+        self.who = who
+        self._transport = transport
+        self._sftp: paramiko.SFTPClient | None = None
+        # Reentrant: the first file call on an unopened connection opens it, which closes stale clients.
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Close the SFTP client, if one is open."""
+        with self._lock:
+            if self._sftp is not None:
+                try:
+                    self._sftp.close()
+                except Exception:
+                    pass
+                self._sftp = None
+
+    def _client(self) -> paramiko.SFTPClient:
+        """The one SFTP client (opened on first use); call with the lock held."""
+        if self._sftp is None:
+            transport = self._transport()
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(transport)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ConnectionFailed(self.who, f"cannot start SFTP: {exc}",
+                                       hint="enable the sftp subsystem in the host's sshd_config") from exc
+            if self._sftp is None:
+                raise ConnectionFailed(self.who, "cannot start SFTP",
+                                       hint="enable the sftp subsystem in the host's sshd_config")
+        return self._sftp
+
+    def put(self, data: bytes, remote_path: str, mode: int | None = None) -> None:
+        """Upload atomically over SFTP: a temp file beside the target, chmod, then posix-rename."""
+        directory, base = posixpath.split(remote_path)
+        tmp = posixpath.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.rbtmp")
+        with self._lock:
+            sftp = self._client()
+            try:
+                if mode is None:
+                    try:
+                        current = sftp.stat(remote_path).st_mode
+                        mode = stat_mod.S_IMODE(current) if current is not None else None
+                    except FileNotFoundError:
+                        mode = None  # a new file gets the server's default
+                try:
+                    with sftp.open(tmp, "wb") as handle:
+                        handle.set_pipelined(True)
+                        handle.write(data)
+                    if mode is not None:
+                        sftp.chmod(tmp, mode)
+                    sftp.posix_rename(tmp, remote_path)
+                except BaseException:
+                    try:
+                        sftp.remove(tmp)
+                    except Exception:
+                        pass
+                    raise
+            except FileNotFoundError as exc:
+                raise RunbookError(f"{self.who}: cannot write {remote_path}: directory {directory or '.'} does not exist",
+                                   hint="create the parent directory first (put creates no directories)") from exc
+            except PermissionError as exc:
+                raise RunbookError(f"{self.who}: cannot write {remote_path}: permission denied",
+                                   hint="use a path the SSH user may write") from exc
+            except OSError as exc:
+                raise RunbookError(f"{self.who}: cannot write {remote_path}: {exc}",
+                                   hint="check the path on the host") from exc
+
+    def read(self, remote_path: str) -> bytes | None:
+        """Return a remote file's bytes over SFTP, or None when it does not exist."""
+        with self._lock:
+            sftp = self._client()
+            try:
+                with sftp.open(remote_path, "rb") as handle:
+                    handle.prefetch()
+                    return handle.read()
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise RunbookError(f"{self.who}: cannot read {remote_path}: {exc}",
+                                   hint="check the path and its permissions") from exc
 
 
 class SSHConnection:
     """One SSH connection (Fabric, paramiko underneath), opened once and shared by every call.
 
     Concurrent `run` calls from several threads each get their own channel on the one transport
-    (no new handshake); SFTP operations share one SFTP client behind a lock.
+    (no new handshake); file operations share one SFTP client behind a lock (`_SFTPFiles`).
 
     Command timeouts: the command runs under coreutils `timeout` on the host when it has one (so
     the remote process group is killed there, TERM then KILL a second later), and the client also
@@ -142,10 +322,7 @@ class SSHConnection:
                  host_key_checking: str = "strict", known_hosts: str | os.PathLike[str] | None = None,
                  connect_timeout: float = 10.0, keepalive: int = 15,
                  sudo_password: str | None = None, proxy_jump: str | None = None,
-                 max_sessions: int = DEFAULT_MAX_SESSIONS) -> None:
-        if host_key_checking not in HOST_KEY_MODES:
-            raise RunbookError(f"unknown host key checking mode {host_key_checking!r}",
-                               hint="use one of: " + ", ".join(HOST_KEY_MODES))
+                 max_sessions: int = DEFAULT_MAX_SESSIONS, output_limit: int = DEFAULT_OUTPUT_LIMIT) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -153,15 +330,16 @@ class SSHConnection:
         self.key_filename = key_filename
         self.host_key_checking = host_key_checking
         self.known_hosts = Path(known_hosts).expanduser() if known_hosts else Path("~/.ssh/known_hosts").expanduser()
+        self.host_keys = HostKeyPolicy(name, host_key_checking, self.known_hosts)   # validates the mode
+        self.output_limit = check_output_limit(output_limit)
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
         self.sudo_password = sudo_password
         self.proxy_jump = proxy_jump
         self._fabric: fabric.Connection | None = None
         self._transport: paramiko.Transport | None = None
-        self._sftp: paramiko.SFTPClient | None = None
         self._open_lock = threading.Lock()
-        self._sftp_lock = threading.Lock()
+        self._files = _SFTPFiles(name, self._active_transport)
         self._sessions = threading.BoundedSemaphore(max(1, max_sessions))
         self._channels: set[paramiko.Channel] = set()   # commands running now (stopped on close)
         self._channels_lock = threading.Lock()
@@ -172,7 +350,7 @@ class SSHConnection:
         return cls(host.name, host.address, port=host.port, user=host.user, key_filename=host.key_file,
                    host_key_checking=options.host_key_checking, known_hosts=options.known_hosts,
                    connect_timeout=options.connect_timeout, sudo_password=options.sudo_password,
-                   proxy_jump=host.proxy_jump)
+                   proxy_jump=host.proxy_jump, output_limit=options.output_limit)
 
     def __repr__(self) -> str:
         return f"SSHConnection(name={self.name!r}, host={self.host!r}, port={self.port!r}, user={self.user!r})"
@@ -221,7 +399,7 @@ class SSHConnection:
                 if isinstance(exc, RunbookError):
                     raise
                 if isinstance(exc, Exception):
-                    raise self._connect_error(exc, conn) from exc
+                    raise connect_error(self.name, exc, conn.host, conn.port, conn.user, self.connect_timeout) from exc
                 raise
             transport = conn.client.get_transport()
             assert transport is not None
@@ -237,70 +415,21 @@ class SSHConnection:
         return jump
 
     def _arm(self, conn: fabric.Connection) -> None:
-        """Replace Fabric's accept-everything host key policy on this connection and its gateways."""
+        """Put this host's key policy on a connection and its gateways, in place of Fabric's accept-everything one.
+
+        paramiko's own key store stays empty, so it hands every offered key to the policy (revoked,
+        changed and certificate lines are beyond what paramiko checks).
+        """
         client = conn.client
-        keys = client.get_host_keys()
-        keys.clear()
-        if self.host_key_checking != "off":
-            loaded = load_known_hosts([self.known_hosts, Path("/etc/ssh/ssh_known_hosts")])
-            for entry_name in loaded.keys():
-                for key_type, key in loaded[entry_name].items():
-                    keys.add(entry_name, key_type, key)
-        client.set_missing_host_key_policy(_HostKeyPolicy(self))
+        client.get_host_keys().clear()
+        system = getattr(client, "_system_host_keys", None)
+        if isinstance(system, paramiko.HostKeys):   # loaded keys would be checked by paramiko, not us
+            system.clear()
+        client.set_missing_host_key_policy(MissingKeyPolicy(self.host_keys))
+        name = known_hosts_name(conn.host, conn.port)
+        conn.connect_kwargs["transport_factory"] = _transport_factory(self.host_keys.preferred_types(name))
         if isinstance(conn.gateway, fabric.Connection):
             self._arm(conn.gateway)
-
-    def _record_new_key(self, hostname: str, key: paramiko.PKey) -> None:
-        """Append a first-seen key to known_hosts (accept-new), refusing if another writer disagrees."""
-        path = self.known_hosts
-        with _KNOWN_HOSTS_LOCK:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "r+") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                # Another run may have recorded this host meanwhile: trust the file, not our copy.
-                current = load_known_hosts([path]).lookup(hostname)
-                if current:
-                    known = current.get(key.get_name()) or next(iter(current.values()))
-                    if known == key:
-                        return
-                    raise self._changed(hostname, key, known)
-                handle.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
-                handle.flush()
-
-    def _changed(self, hostname: str, offered: paramiko.PKey, known: paramiko.PKey) -> HostKeyError:
-        return HostKeyError(
-            self.name,
-            f"host key for {hostname} has CHANGED: known {known.get_name()} {fingerprint(known)} "
-            f"(in {self.known_hosts}), offered {offered.get_name()} {fingerprint(offered)}",
-            hint="this may be an attack, or the host was reinstalled; verify the new fingerprint out "
-                 f"of band, then remove the old entry with: ssh-keygen -R '{hostname}' -f {self.known_hosts}")
-
-    def _connect_error(self, exc: Exception, conn: fabric.Connection) -> ConnectionFailed:
-        """Map paramiko and socket failures to a short reason and a hint."""
-        where = f"{conn.host}:{conn.port}"
-        if isinstance(exc, paramiko.BadHostKeyException):
-            return self._changed(known_hosts_name(conn.host, conn.port), exc.key, exc.expected_key)
-        if isinstance(exc, paramiko.AuthenticationException):
-            return ConnectionFailed(self.name, f"authentication failed for user {conn.user} at {where}",
-                                    hint="check the user and private key (ansible_user, ansible_ssh_private_key_file)")
-        if isinstance(exc, socket.gaierror):
-            return ConnectionFailed(self.name, f"cannot resolve host {conn.host}",
-                                    hint="check ansible_host in the inventory, or DNS")
-        if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError) or isinstance(exc, ConnectionRefusedError):
-            return ConnectionFailed(self.name, f"connection refused at {where}",
-                                    hint="is sshd running there, and is the port right (ansible_port)?")
-        if isinstance(exc, (socket.timeout, TimeoutError)):
-            return ConnectionFailed(self.name, f"timed out after {self.connect_timeout:g}s connecting to {where}",
-                                    hint="check the address, firewalls, and that the host is up")
-        if isinstance(exc, paramiko.SSHException):
-            return ConnectionFailed(self.name, f"SSH error at {where}: {exc}",
-                                    hint="is this an SSH server? check the port and the server's logs")
-        if isinstance(exc, OSError):
-            return ConnectionFailed(self.name, f"cannot connect to {where}: {exc.strerror or exc}",
-                                    hint="check the address and the network")
-        return ConnectionFailed(self.name, f"cannot connect to {where}: {exc}",
-                                hint="check the host's connection settings")
 
     def _active_transport(self) -> paramiko.Transport:
         transport = self._transport
@@ -330,33 +459,24 @@ class SSHConnection:
             channels = list(self._channels)
         for channel in channels:
             try:
-                if channel.closed or channel.exit_status_ready():
-                    continue
-                msg = paramiko.Message()
-                msg.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
-                msg.add_int(channel.remote_chanid)
-                msg.add_string("signal")
-                msg.add_boolean(False)
-                msg.add_string("TERM")
-                channel.transport._send_user_message(msg)
+                if not (channel.closed or channel.exit_status_ready()):
+                    _signal(channel, "TERM")
             except Exception:  # best effort: the connection may already be gone
                 pass
 
     def _close_quietly(self) -> None:
-        with self._sftp_lock:
-            if self._sftp is not None:
+        self._files.close()
+        conn, self._fabric, self._transport = self._fabric, None, None
+        # Fabric closes only a connection whose connect() returned (not one refused mid-handshake), and
+        # never its gateway: close every client here, or their transports hold the TCP session until
+        # the server gives up (LoginGraceTime), counting against its MaxStartups meanwhile.
+        while isinstance(conn, fabric.Connection):
+            for close in (conn.close, conn.client.close):
                 try:
-                    self._sftp.close()
+                    close()
                 except Exception:
                     pass
-                self._sftp = None
-        if self._fabric is not None:
-            try:
-                self._fabric.close()
-            except Exception:
-                pass
-            self._fabric = None
-        self._transport = None
+            conn = conn.gateway
 
     # -- commands ------------------------------------------------------------------------------
 
@@ -395,8 +515,9 @@ class SSHConnection:
                                            hint="the host went away or closed the connection; check it and retry") from exc
                 raise ConnectionFailed(self.name, f"cannot start a command: {exc}",
                                        hint="the server refused a new session (MaxSessions?)") from exc
+            out, err = OutputCapture(self.output_limit), OutputCapture(self.output_limit)
             try:
-                rc, out, err, timed_out = self._collect(channel, data, started, timeout)
+                rc, timed_out = collect(channel, data, started, timeout, out, err)
             finally:
                 with self._channels_lock:
                     self._channels.discard(channel)
@@ -411,101 +532,13 @@ class SSHConnection:
             rc = 255
         if timeout is not None and rc == TIMEOUT_RC and duration >= timeout:
             timed_out = True
-        return CommandResult(TIMEOUT_RC if timed_out else rc, decode(out), decode(err), duration, timed_out)
-
-    @staticmethod
-    def _collect(channel: paramiko.Channel, data: bytes | None, started: float,
-                 timeout: float | None) -> tuple[int, bytes, bytes, bool]:
-        """Feed stdin, read stdout and stderr until EOF and exit status, or the client deadline."""
-        if data:
-            if len(data) <= 65536:
-                channel.sendall(data)
-                channel.shutdown_write()
-            else:
-                # Large input in a thread, so a command that writes before reading cannot deadlock us.
-                def feed() -> None:
-                    try:
-                        channel.sendall(data)
-                        channel.shutdown_write()
-                    except (OSError, EOFError, paramiko.SSHException):
-                        pass
-                threading.Thread(target=feed, daemon=True).start()
-        else:
-            channel.shutdown_write()  # EOF at once: a command reading stdin must not hang
-        deadline = started + timeout + _CLIENT_GRACE if timeout is not None else None
-        out, err = bytearray(), bytearray()
-        ready_fd = channel.fileno()  # readable whenever stdout or stderr has data, or at EOF
-        while True:
-            while channel.recv_ready():
-                out += channel.recv(65536)
-            while channel.recv_stderr_ready():
-                err += channel.recv_stderr(65536)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return TIMEOUT_RC, bytes(out), bytes(err), True
-            wait = 1.0 if remaining is None else min(remaining, 1.0)
-            if channel.eof_received or channel.closed:
-                # Output is complete; the exit status may still be on its way.
-                if channel.status_event.wait(wait):
-                    while channel.recv_ready():
-                        out += channel.recv(65536)
-                    while channel.recv_stderr_ready():
-                        err += channel.recv_stderr(65536)
-                    return channel.recv_exit_status(), bytes(out), bytes(err), False
-                continue
-            select.select([ready_fd], [], [], wait)
+        return command_result(TIMEOUT_RC if timed_out else rc, out, err, duration, timed_out)
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _sftp_client(self) -> paramiko.SFTPClient:
-        """The one SFTP client (opened on first use); call with _sftp_lock held."""
-        if self._sftp is None:
-            transport = self._active_transport()
-            try:
-                self._sftp = paramiko.SFTPClient.from_transport(transport)
-            except (paramiko.SSHException, OSError, EOFError) as exc:
-                raise ConnectionFailed(self.name, f"cannot start SFTP: {exc}",
-                                       hint="enable the sftp subsystem in the host's sshd_config") from exc
-            if self._sftp is None:
-                raise ConnectionFailed(self.name, "cannot start SFTP",
-                                       hint="enable the sftp subsystem in the host's sshd_config")
-        return self._sftp
-
     def put(self, data: bytes, remote_path: str, mode: int | None = None) -> None:
         """Upload atomically over SFTP: a temp file beside the target, chmod, then posix-rename."""
-        directory, base = posixpath.split(remote_path)
-        tmp = posixpath.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.rbtmp")
-        with self._sftp_lock:
-            sftp = self._sftp_client()
-            try:
-                if mode is None:
-                    try:
-                        current = sftp.stat(remote_path).st_mode
-                        mode = stat_mod.S_IMODE(current) if current is not None else None
-                    except FileNotFoundError:
-                        mode = None  # a new file gets the server's default
-                try:
-                    with sftp.open(tmp, "wb") as handle:
-                        handle.set_pipelined(True)
-                        handle.write(data)
-                    if mode is not None:
-                        sftp.chmod(tmp, mode)
-                    sftp.posix_rename(tmp, remote_path)
-                except BaseException:
-                    try:
-                        sftp.remove(tmp)
-                    except Exception:
-                        pass
-                    raise
-            except FileNotFoundError as exc:
-                raise RunbookError(f"{self.name}: cannot write {remote_path}: directory {directory or '.'} does not exist",
-                                   hint="create the parent directory first (put creates no directories)") from exc
-            except PermissionError as exc:
-                raise RunbookError(f"{self.name}: cannot write {remote_path}: permission denied",
-                                   hint="use a path the SSH user may write") from exc
-            except OSError as exc:
-                raise RunbookError(f"{self.name}: cannot write {remote_path}: {exc}",
-                                   hint="check the path on the host") from exc
+        self._files.put(data, remote_path, mode)
 
     def get(self, remote_path: str, local_path: str) -> None:
         """Download a file over SFTP to a local path."""
@@ -513,17 +546,7 @@ class SSHConnection:
 
     def read(self, remote_path: str) -> bytes | None:
         """Return a remote file's bytes over SFTP, or None when it does not exist."""
-        with self._sftp_lock:
-            sftp = self._sftp_client()
-            try:
-                with sftp.open(remote_path, "rb") as handle:
-                    handle.prefetch()
-                    return handle.read()
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise RunbookError(f"{self.name}: cannot read {remote_path}: {exc}",
-                                   hint="check the path and its permissions") from exc
+        return self._files.read(remote_path)
 
     def stat(self, remote_path: str) -> FileStat:
         """Describe a remote path in one round trip: GNU stat for size/mode, sha256sum for content."""
@@ -531,18 +554,4 @@ class SSHConnection:
         script = (f"p={quoted}; if [ -e \"$p\" ]; then stat -L -c '%s %f' -- \"$p\" || exit 3; "
                   "if [ -f \"$p\" ] && [ -r \"$p\" ]; then sha256sum < \"$p\" 2>/dev/null || true; fi; "
                   "else echo missing; fi")
-        res = self.run(script)
-        lines = res.stdout.split("\n")
-        if res.rc == 0 and lines and lines[0] == "missing":
-            return FileStat(exists=False)
-        try:
-            size_text, mode_hex = lines[0].split()
-            raw_mode = int(mode_hex, 16)
-            digest = lines[1].split()[0] if len(lines) > 1 and lines[1].strip() else None
-            if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
-                digest = None
-            return FileStat(exists=True, size=int(size_text), mode=stat_mod.S_IMODE(raw_mode),
-                            sha256=digest if stat_mod.S_ISREG(raw_mode) else None)
-        except (ValueError, IndexError) as exc:
-            raise RunbookError(f"{self.name}: cannot stat {remote_path}: {res.stderr.strip() or res.stdout.strip()}",
-                               hint="the host needs GNU coreutils stat and sha256sum") from exc
+        return parse_stat(self.run(script), remote_path, self.name)

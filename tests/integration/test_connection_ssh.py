@@ -9,7 +9,9 @@ import socket
 import stat
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
@@ -18,7 +20,7 @@ import pytest
 from runbook.connections import TIMEOUT_RC, CommandResult, Connection, FileStat
 from runbook.connections.ssh import SSHConnection, fingerprint
 from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
-from tests.sshd import SSHHost, write_known_hosts
+from tests.sshd import SSHHost, _children, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
@@ -77,11 +79,61 @@ def test_stdin_and_eof(conn: SSHConnection) -> None:
     assert conn.run("cat", timeout=10).stdout == ""
 
 
-def test_large_output_on_both_streams(conn: SSHConnection) -> None:
-    res = conn.run("head -c 3000000 /dev/zero | tr '\\0' o; head -c 3000000 /dev/zero | tr '\\0' e >&2")
-    assert res.rc == 0
+def test_large_output_on_both_streams(ssh_host: SSHHost, known_hosts: Path) -> None:
+    both = "head -c 3000000 /dev/zero | tr '\\0' o; head -c 3000000 /dev/zero | tr '\\0' e >&2"
+    # Under a limit that holds it, every byte of both streams arrives (no deadlock, no loss).
+    with connect(ssh_host, known_hosts, output_limit=1_500_000) as roomy:
+        res = roomy.run(both)
+    assert res.rc == 0 and not res.truncated
     assert len(res.stdout) == 3_000_000 and set(res.stdout) == {"o"}
     assert len(res.stderr) == 3_000_000 and set(res.stderr) == {"e"}
+    assert (res.stdout_bytes, res.stderr_bytes) == (3_000_000, 3_000_000)
+
+
+MIB_190 = "\n... [runbook: 190.6 MiB of output omitted; 64 KiB head and tail kept] ...\n"
+MIB_2_7 = "\n... [runbook: 2.7 MiB of output omitted; 64 KiB head and tail kept] ...\n"
+
+
+def test_huge_output_keeps_a_bounded_head_and_tail(conn: SSHConnection) -> None:
+    """200 MB on stdout, 3 MB on stderr: 64 KiB of head and tail each, exact counts, memory bounded while reading."""
+    tracemalloc.start()
+    try:
+        res = conn.run("printf HEAD; head -c 200000000 /dev/zero; printf TAIL; "
+                       "head -c 3000000 /dev/zero | tr '\\0' e >&2")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert res.rc == 0 and res.truncated and not res.timed_out
+    assert (res.stdout_bytes, res.stderr_bytes) == (200_000_008, 3_000_000)
+    assert res.stdout == "HEAD" + "\0" * 65532 + MIB_190 + "\0" * 65532 + "TAIL"
+    assert res.stderr == "e" * 65536 + MIB_2_7 + "e" * 65536
+    # Streamed away while reading: the controller never held more than a few channel windows.
+    assert peak < 24 * 2**20, f"peak traced memory {peak / 2**20:.1f} MiB"
+
+
+def test_endless_output_under_a_timeout_stays_bounded(conn: SSHConnection) -> None:
+    res = conn.run("yes", timeout=1)
+    assert res.timed_out and res.rc == TIMEOUT_RC and res.truncated
+    assert res.stdout_bytes > 2 * 65536
+    assert len(res.stdout) < 2 * 65536 + 200
+    assert res.stdout.startswith("y\ny\n") and res.stdout.endswith("y\n")
+    assert conn.run("echo ok").stdout == "ok\n"
+
+
+def test_output_limit_comes_from_connect_options(ssh_host: SSHHost, known_hosts: Path) -> None:
+    from runbook.connections import ConnectOptions, connect as make
+
+    class Host:
+        name, address, port, user = ssh_host.name, ssh_host.address, ssh_host.port, ssh_host.user
+        key_file, proxy_jump, vars = str(ssh_host.key_file), None, {}
+
+    c = make(Host(), "ssh", ConnectOptions(known_hosts=str(known_hosts), output_limit=10))
+    try:
+        res = c.run("printf 0123456789; printf abcdefghijklmnopqrstuvwxyz; printf 9876543210")
+    finally:
+        c.close()
+    assert res.stdout == "0123456789\n... [runbook: 26 bytes of output omitted; 10 bytes head and tail kept] ...\n9876543210"
+    assert res.stdout_bytes == 46 and res.truncated
 
 
 def test_signal_death_reports_128_plus_signal(conn: SSHConnection) -> None:
@@ -249,15 +301,96 @@ def test_connection_refused(tmp_path: Path) -> None:
     assert info.value.hint
 
 
-def test_not_an_ssh_server_times_out(tmp_path: Path) -> None:
-    with socket.socket() as server:  # accepts, never speaks SSH
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
-        c = SSHConnection("mute", "127.0.0.1", port, "nobody", known_hosts=str(tmp_path / "kh"), connect_timeout=0.5)
+class SilentServer:
+    """A loopback TCP server whose thread accepts connections and holds them, never speaking SSH (or only its banner)."""
+
+    def __init__(self, banner: bytes = b"") -> None:
+        self.banner = banner
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.banner:
+                client.sendall(self.banner)
+            self.accepted.append(client)   # and sleep on it: never another byte
+
+    def client_hung_up(self, within: float = 10.0) -> bool:
+        """Whether the first client closed its end (read to EOF past its own banner)."""
+        client = self.accepted[0]
+        client.settimeout(within)
+        try:
+            while client.recv(65536):
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        for s in [self.sock, *self.accepted]:
+            s.close()
+
+
+@pytest.mark.parametrize("banner", [b"", b"SSH-2.0-OpenSSH_9.6\r\n"], ids=["silent", "banner-then-silence"])
+def test_server_that_never_completes_ssh_times_out_clearly(tmp_path: Path, banner: bytes) -> None:
+    server = SilentServer(banner)
+    try:
+        c = SSHConnection("mute", "127.0.0.1", server.port, "nobody", known_hosts=str(tmp_path / "kh"), connect_timeout=0.5)
         with pytest.raises(ConnectionFailed) as info:
             c.open()
-    assert info.value.host == "mute" and info.value.hint
+        assert not isinstance(info.value, HostKeyError)
+        assert info.value.host == "mute"
+        assert info.value.reason.startswith(f"timed out after 0.5s connecting to 127.0.0.1:{server.port} ("), info.value.reason
+        assert "No existing session" not in str(info.value)
+        assert info.value.hint and "ansible_port" in info.value.hint
+        assert server.client_hung_up()   # nothing left holding the connection open
+    finally:
+        server.close()
+
+
+def wait_for(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    """Poll a condition until it holds or `within` seconds pass (waits on the condition, asserts no time)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def sessions(host: SSHHost) -> int:
+    """sshd's per-connection processes for this host: one per TCP connection it still serves."""
+    assert host.process is not None
+    return len(_children(host.process.pid))
+
+
+def test_refused_connections_are_closed_at_once(ssh_hosts: list[SSHHost], known_hosts: Path, tmp_path: Path) -> None:
+    host = ssh_hosts[0]
+    assert wait_for(lambda: sessions(host) == 0)
+    wrong = tmp_path / "wrong_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(wrong)], check=True)
+    for _ in range(3):   # refused mid-handshake: paramiko's client would keep each TCP session open
+        with pytest.raises(HostKeyError):
+            connect(host, tmp_path / "empty_known_hosts")
+    with pytest.raises(ConnectionFailed):
+        SSHConnection(host.name, host.address, host.port, host.user, str(wrong), known_hosts=str(known_hosts),
+                      connect_timeout=5).open()
+    assert wait_for(lambda: sessions(host) == 0), f"{sessions(host)} connections left open on {host.name}"
+    if len(ssh_hosts) > 1:   # a jump host's connection is closed with the target's
+        target, jump = ssh_hosts[0], ssh_hosts[1]
+        assert wait_for(lambda: sessions(jump) == 0)
+        c = connect(target, known_hosts, proxy_jump=f"{jump.user}@{jump.address}:{jump.port}")
+        assert c.run("true").rc == 0 and sessions(jump) == 1
+        c.close()
+        assert wait_for(lambda: sessions(jump) == 0), "the jump host's connection was left open"
 
 
 def test_unresolvable_host(tmp_path: Path) -> None:
