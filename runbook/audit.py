@@ -430,6 +430,7 @@ class AuditTrail(Observer):
     """
 
     critical = True   # a run that cannot be audited must not go on silently
+    what = "the audit trail"
 
     def __init__(self, path: str | Path, redactor: Redactor | None = None, *, output_limit: int = 4096):
         self.path = Path(path)

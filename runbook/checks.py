@@ -10,7 +10,8 @@ from jinja2 import meta, nodes
 from runbook.actions import FieldKind, TemplatedField, action_for
 from runbook.errors import Location, Problem, close_match
 from runbook.model import Playbook, Step
-from runbook.template import BUILTINS, SHELL_SAFE_FILTERS, environment, strip_braces
+from runbook.shell_lint import locate_in_file, shell_findings
+from runbook.template import BUILTINS, environment, strip_braces
 
 # Step keys (not actions) that are templates; guards that run through a shell.
 STEP_TEMPLATE_FIELDS = ("creates", "removes", "sudo")
@@ -41,35 +42,6 @@ def step_templates(step: Step) -> Iterator[TemplatedField]:
 def _parse(text: str, kind: FieldKind) -> nodes.Template:
     source = "{{ " + strip_braces(text) + " }}" if kind == FieldKind.EXPRESSION else text
     return environment().parse(source)
-
-
-def unquoted_interpolations(text: str) -> list[str]:
-    """Expressions of a shell template that are interpolated without `| quote` (or a numeric filter)."""
-    try:
-        tree = _parse(text, FieldKind.SHELL)
-    except jinja2.TemplateSyntaxError:
-        return []
-    found = []
-    for output in tree.find_all(nodes.Output):
-        for node in output.nodes:
-            if isinstance(node, (nodes.TemplateData, nodes.Const)):
-                continue
-            if isinstance(node, nodes.Filter) and node.name in SHELL_SAFE_FILTERS:
-                continue
-            found.append(_source_of(node))
-    return found
-
-
-def _source_of(node: nodes.Node | None) -> str:
-    if isinstance(node, nodes.Name):
-        return node.name
-    if isinstance(node, nodes.Getattr):
-        return f"{_source_of(node.node)}.{node.attr}"
-    if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-        return f"{_source_of(node.node)}[{node.arg.value!r}]"
-    if isinstance(node, nodes.Filter):
-        return f"{_source_of(node.node)} | {node.name}"
-    return "expression"
 
 
 class _TemplateChecker:
@@ -113,11 +85,17 @@ class _TemplateChecker:
         for name in sorted(meta.find_undeclared_variables(tree) - local):
             self._undefined(path, name)
         if kind == FieldKind.SHELL:
-            for expr in unquoted_interpolations(text):
-                self.problems.append(Problem(f"`{{{{ {expr} }}}}` is interpolated into a shell command without `| quote`",
-                                             self.locate(path), f"write `{{{{ {expr} | quote }}}}` so that spaces and "
-                                             "shell characters in the value cannot change the command",
-                                             severity="warning", code="shell-quote"))
+            self._lint_shell(path, text)
+
+    def _lint_shell(self, path: tuple[str | int, ...], text: str) -> None:
+        """The shell-quoting lint of a string that reaches a shell, located at the offending expression."""
+        for finding in shell_findings(text):
+            loc = self.locate(path)
+            mark = self.source.values.get(path) if self.source is not None else None
+            pos = locate_in_file(self.source.text, mark.index, finding) if self.source is not None and mark else None
+            if pos is not None:
+                loc = Location(loc.file, *pos)
+            self.problems.append(Problem(finding.message, loc, finding.hint, severity="warning", code=finding.code))
 
     def _undefined(self, path: tuple[str | int, ...], name: str) -> None:
         if self.known_vars is not None:

@@ -12,6 +12,7 @@ EXIT_TASK_FAILED = 2
 EXIT_UNREACHABLE = 3
 EXIT_INVALID = 4
 EXIT_WINDOW_CLOSED = 5
+EXIT_ENVIRONMENT = 6    # the control machine cannot record the run (disk full, read-only, permissions)
 EXIT_INTERRUPTED = 130
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from runbook.errors import RunbookError
 from runbook.results import RunMode, RunResult, TaskResult
 
 FLUSH_TIMEOUT = 30.0   # seconds the end of a run waits for best-effort observers to catch up
@@ -58,6 +59,7 @@ class TaskRef:
     action: str
     attempt: int = 1
     command: str | None = None       # rendered and redacted
+    on_failure: bool = False         # an on_failure (rescue) step
 
 
 class Observer(Protocol):
@@ -65,6 +67,8 @@ class Observer(Protocol):
 
     #: True for observers that must not lose an event (audit trail, run state): see the module docstring.
     critical: ClassVar[bool] = False
+    #: What it records, for messages ("the audit trail").
+    what: ClassVar[str] = "an observer"
 
     def run_started(self, run: RunInfo) -> None:
         """The run begins: identity, inputs' hashes and selected hosts are known; no host was contacted yet."""
@@ -103,10 +107,19 @@ class ObserverFailed(Exception):
     """A critical observer raised: the run must stop cleanly."""
 
     def __init__(self, observer: object, hook: str, error: BaseException):
-        super().__init__(f"{type(observer).__name__} failed in {hook}: {type(error).__name__}: {error}")
         self.observer = observer
         self.hook = hook
         self.error = error
+        # Disk full, a read-only directory, permissions: a problem of the control machine, not a bug.
+        self.environment = isinstance(error, (OSError, RunbookError))
+        what = getattr(observer, "what", type(observer).__name__)
+        if isinstance(error, RunbookError):
+            text = str(error)
+        elif isinstance(error, OSError):
+            text = f"cannot write {what}: {error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        else:
+            text = f"{type(observer).__name__} failed in {hook}: {type(error).__name__}: {error}"
+        super().__init__(text)
 
 
 def _stderr(message: str) -> None:
@@ -124,6 +137,7 @@ class EventStream:
         self._report = report
         self._lock = threading.RLock()
         self._broken: set[int] = set()          # critical observers that raised: not called again
+        self.failure: ObserverFailed | None = None   # the first critical failure: no task may start after it
         self._reported: set[int] = set()        # best-effort observers whose failure was reported
         self._queue: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | threading.Event] = queue.SimpleQueue()  # FIFO
         self._thread: threading.Thread | None = None
@@ -131,6 +145,8 @@ class EventStream:
     def _emit(self, hook: str, *args: Any) -> None:
         failure: ObserverFailed | None = None
         with self._lock:
+            if hook == "task_started" and self.failure is not None:
+                raise self.failure   # another worker's task must not start unrecorded either
             for obs in self.critical:
                 if id(obs) in self._broken:
                     continue
@@ -139,11 +155,15 @@ class EventStream:
                 except Exception as exc:
                     self._broken.add(id(obs))
                     failure = failure or ObserverFailed(obs, hook, exc)
+            first = failure is not None and self.failure is None
+            if first:
+                self.failure = failure
             if self.best_effort:
                 self._start_thread()
                 self._queue.put((hook, args))
         if failure is not None:
-            self._report(str(failure) + "; the run stops (no new task starts)")
+            if first:
+                self._report(f"the run stops (no new task starts): {failure}")
             raise failure
 
     def _start_thread(self) -> None:

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from runbook.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
+from runbook.errors import EXIT_ENVIRONMENT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
 
 
 class Status(str, Enum):
@@ -127,6 +127,7 @@ class RunResult:
     stop_reason: str | None = None       # e.g. "max_failures exceeded", "window closed"
     unreachable: dict[str, str] = field(default_factory=dict)  # host -> reason
     observer_failed: str | None = None   # a critical observer (audit trail, run state) failed: the run stopped
+    environment_failed: bool = False     # ... because the control machine could not write (disk full, read-only)
 
     @property
     def wall_time(self) -> float:
@@ -163,7 +164,7 @@ class RunResult:
     def exit_code(self) -> int:
         """The documented exit code for this outcome."""
         if self.observer_failed:
-            return EXIT_ERROR
+            return EXIT_ENVIRONMENT if self.environment_failed else EXIT_ERROR
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.unreachable or any(r.status == Status.UNREACHABLE for r in self.results):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Sequence
 
-from runbook.audit import AuditTrail, Redactor, default_audit_path, git_commit_of, is_secret_name, operator_name
+from runbook.audit import AuditTrail, Redactor, default_audit_path, git_commit_of, operator_name
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.errors import Location, PlaybookError, Problem
 from runbook.events import EventStream, Observer, RunInfo
@@ -132,13 +132,11 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
     hosts = inv.select(pb.hosts, request.limit)
     secrets = resolve_secrets(pb)
     redactor = Redactor.from_vars({}, secrets)
+    # Secret-named variables at any depth, and every string under them (lists, mappings).
+    redactor.add_secrets_in(pb.vars)
     for h in hosts:
-        for key, value in h.vars.items():
-            if is_secret_name(key) and value not in (None, ""):
-                redactor.add(str(value))
-    for key, value in request.extra_vars.items():
-        if is_secret_name(key) and value not in (None, ""):
-            redactor.add(str(value))
+        redactor.add_secrets_in(h.vars)
+    redactor.add_secrets_in(request.extra_vars)
     steps = StepGraph.build(pb)
     info = RunInfo(
         run_id=request.run_id or new_run_id(), mode=RunMode(request.mode), playbook_path=pb_path, playbook_name=pb.runbook,

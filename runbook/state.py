@@ -84,6 +84,7 @@ class RunState(Observer):
     """
 
     critical = True   # losing its records would make the run unaccountable (or unresumable)
+    what = "the run state"
 
     def __init__(self, directory: str | os.PathLike, redactor: Redactor, request: RunRequest):
         self.dir = Path(directory)
@@ -111,7 +112,7 @@ class RunState(Observer):
         self._flush(force=True)
 
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
-        if task.attempt == 1:
+        if task.attempt == 1 and not task.on_failure:   # on_failure steps are not resumed (they run again)
             self._append({"started": task_key(task.step_id, task.host)}, sync=False)
 
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:

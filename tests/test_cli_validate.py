@@ -54,7 +54,7 @@ steps:
 on_failure:
   - name: page on-call
     on: controller
-    shell: echo "disk-pressure failed on {{ host.name | quote }}"
+    shell: echo "disk-pressure failed on "{{ host.name | quote }}
 """
 
 
@@ -86,7 +86,7 @@ def test_warnings_pass_unless_strict(tmp_path: Path, capsys: pytest.CaptureFixtu
     path = write(tmp_path, "runbook: x\nsteps:\n  - name: a\n    shell: rm -rf {{ dir }}\n")
     code, out, err = run(["validate", str(path)], capsys)
     assert code == 0 and "2 warning(s)" in out
-    assert f"{path}:4:12: warning: `{{{{ dir }}}}` is interpolated into a shell command without `| quote`" in err
+    assert f"{path}:4:19: warning: `{{{{ dir }}}}` is interpolated into a shell command without `| quote`" in err
     assert f"{path}:4:12: warning: `dir` is not defined" in err
     code, _, _ = run(["validate", "--strict", str(path)], capsys)
     assert code == 4

@@ -100,3 +100,36 @@ def test_a_torn_last_journal_line_loses_nothing_before_it(tmp_path: Path) -> Non
         fh.write('{"finished": {"step_id": "wait", "ho')          # a write cut short by the crash
     state = load_state(tmp_path / "runs", run_id)
     assert {"count@a", "count@b", "count@c"} <= set(state["tasks"])
+
+
+def test_an_audit_trail_that_cannot_be_written_is_an_environment_error(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    out = cli("run", str(pb), "-i", str(inv), "--audit-log", "/dev/full")   # every write: ENOSPC
+    assert out.returncode == 6
+    assert "cannot write the audit trail: No space left on device" in out.stderr
+    assert "internal error" not in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not any((tmp_path / n / "count").exists() for n in "abc")       # nothing ran unaudited
+
+
+def test_a_full_disk_under_the_run_state_stops_the_run_and_resume_continues_it(tmp_path: Path) -> None:
+    from runbook.runner import RunRequest, execute, prepare
+
+    inv, pb, go = _setup(tmp_path)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "r-full.journal").symlink_to("/dev/full")     # the journal's writes fail as on a full disk
+    go.touch()
+    request = RunRequest(run_id="r-full", state_dir=runs, audit_log=tmp_path / "audit.jsonl")
+    result = execute(prepare(pb, str(inv), request), request)
+    assert result.exit_code() == 6 and result.environment_failed
+    assert "cannot write the run state: No space left on device" in (result.stop_reason or "")
+    # Write-ahead: a task is journalled before it starts, so nothing ran that the state cannot account for.
+    assert not any((tmp_path / n / "count").exists() for n in "abc")
+    trail = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert trail[-1]["event"] == "run.finished" and trail[-1]["exit_code"] == 6   # the trail stays complete
+
+    (runs / "r-full.journal").unlink()                     # space is back
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    resumed = cli("resume", "r-full", "--state-dir", str(runs), env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert all((tmp_path / n / "count").read_text() == "ran\n" for n in "abc")

@@ -523,7 +523,6 @@ def column_of(text: str, line: int, needle: str = "{{") -> int:
     return text.splitlines()[line - 1].index(needle) + 1
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires shell_lint into template.py")
 def test_validate_flags_the_attack_that_really_runs(tmp_path: Path) -> None:
     playbook = tmp_path / "attack.yml"
     playbook.write_text(ATTACK)
@@ -546,7 +545,6 @@ def test_validate_flags_the_attack_that_really_runs(tmp_path: Path) -> None:
     assert "`quote`" in found[0]["message"] and found[0]["hint"]
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires shell_lint into template.py")
 def test_validate_lints_wait_for_command_and_sh_c_scripts(tmp_path: Path) -> None:
     text = """\
 runbook: more-shells

@@ -10,7 +10,7 @@ import pytest
 
 from runbook.errors import Problem, TemplateError
 from runbook.loader import parse_playbook, validate_playbook
-from runbook.checks import check_playbook_templates, unquoted_interpolations
+from runbook.checks import check_playbook_templates
 from runbook.template import build_context, evaluate, render, render_value, resolve_local, truth
 
 
@@ -151,22 +151,6 @@ def test_playbook_vars_loop_is_an_error() -> None:
 
 # --- the shell-safety lint --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, unsafe", [
-    ("rm -rf {{ path }}", ["path"]),
-    ("echo {{ host.name }} {{ x['k'] }}", ["host.name", "x['k']"]),
-    ("ls {{ path | quote }}", []),
-    ("sleep {{ n | int }}", []),
-    ("echo {{ path | default('/tmp') | quote }}", []),
-    ("echo {{ path | upper }}", ["path | upper"]),
-    ("echo {{ 'literal' }} plain", []),
-    ("{% for f in files %}rm {{ f }}; {% endfor %}", ["f"]),
-    ("{% if x %}echo {{ x | quote }}{% endif %}", []),
-    ("echo {{ broken", []),  # a syntax error is reported elsewhere, not as a lint finding
-])
-def test_unquoted_interpolations(text: str, unsafe: list[str]) -> None:
-    assert unquoted_interpolations(text) == unsafe
-
-
 def test_lint_warns_on_shell_fields_only() -> None:
     problems = pb_problems("""\
         runbook: x
@@ -181,8 +165,9 @@ def test_lint_warns_on_shell_fields_only() -> None:
           - name: c
             shell: ls {{ dir | quote }} && sleep {{ n | int }}
     """)
+    # Located at the expression itself (the shell lint of runbook/shell_lint.py; more cases in test_shell_lint.py).
     assert [(p.code, p.severity, at(p)) for p in problems] == [
-        ("shell-quote", "warning", (5, 12)), ("shell-quote", "warning", (6, 13))]
+        ("unquoted", "warning", (5, 19)), ("unquoted", "warning", (6, 21))]
     assert "`{{ dir }}`" in problems[0].message and problems[0].hint and "{{ dir | quote }}" in problems[0].hint
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
+from runbook.errors import RunbookError
 from runbook.fields import Strict
 
 
@@ -32,9 +34,16 @@ class Fetch(Action):
         return string_fields(self.spec, ("src", "dest"))
 
     def _paths(self, env: TaskEnv) -> tuple[str, Path]:
-        src = env.render(self.spec.src)
+        src = str(env.render(self.spec.src))
         # Relative destinations start from the current directory, where the operator runs runbook.
-        dest = Path(os.path.expanduser(env.render(self.spec.dest))) / env.host / os.path.basename(src.rstrip("/"))
+        root = Path(os.path.expanduser(str(env.render(self.spec.dest))))
+        # Host names and remote file names are untrusted: each becomes one safe path component, and the
+        # result must stay inside the destination (a host named `../../x` must not write elsewhere).
+        dest = root / safe_component(env.host) / safe_component(os.path.basename(src.rstrip("/")))
+        real_root = root.resolve()
+        if real_root not in dest.resolve().parents:
+            raise RunbookError(f"fetch destination {dest} is outside {root}",
+                               hint="a host name or a symbolic link under the destination points elsewhere")
         return src, dest
 
     def describe(self, env: TaskEnv) -> str | None:
@@ -67,3 +76,9 @@ class Fetch(Action):
         os.replace(tmp, dest)
         return Outcome(changed=before != after, message=f"{dest.stat().st_size} bytes -> {dest}",
                        command=self.describe(env), data={"dest": str(dest), "size": dest.stat().st_size, "sha256": after})
+
+
+def safe_component(name: str) -> str:
+    """One path component from untrusted text: no separators, no `.`/`..`, no control characters."""
+    text = re.sub(r"[^A-Za-z0-9._@+-]", "_", name)[:200]
+    return text if text.strip(".") else "_" + text

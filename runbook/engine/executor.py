@@ -90,9 +90,12 @@ class Executor:
             self.events.run_started(self.info)
             self._loop()
         except ObserverFailed as exc:
+            if not self.scheduler.recorded:
+                self._record_unstarted_after(exc)
             # An observer that must not lose events (audit trail, run state) failed: stop cleanly.
-            self.result.stop_reason = f"stopped: {exc}"
+            self.result.stop_reason = str(exc)
             self.result.observer_failed = str(exc)
+            self.result.environment_failed = exc.environment
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
@@ -104,7 +107,8 @@ class Executor:
         try:
             self.events.run_finished(self.info, self.result)
         except ObserverFailed as exc:   # e.g. the audit trail could not write the run's last record
-            self.result.observer_failed = self.result.observer_failed or str(exc)
+            if not self.result.observer_failed:
+                self.result.observer_failed, self.result.environment_failed = str(exc), exc.environment
         return self.result
 
     # --- the loop ------------------------------------------------------------------------------
@@ -251,6 +255,14 @@ class Executor:
                 res = self.scheduler.result(key, Status.FAILED, ABORTED)
                 self.scheduler.record(key, res)
                 self.events.task_finished(self.info, res)
+
+    def _record_unstarted_after(self, exc: ObserverFailed) -> None:
+        """The run could not even start (e.g. the audit trail cannot be written): nothing ran."""
+        self.result.stop_reason = str(exc)
+        try:
+            self._record_unstarted()
+        except ObserverFailed:
+            pass   # the others got what they could; the first failure is the one reported
 
     def _record_unstarted(self) -> None:
         """Whatever never started: deferred (window), or not run (interrupt, max_failures, a failed observer)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from types import MappingProxyType
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -48,6 +49,9 @@ class TaskRunner:
         self.aborting = False
         self._ask_lock = threading.Lock()
         self.handler: ModeHandler = self.run_for_real
+        # Every selected host's inventory variables, by name (Ansible's `hostvars`); the sandbox is
+        # immutable, so templates can read but never change them.
+        self.hostvars = MappingProxyType({name: MappingProxyType(h.vars) for name, h in hosts.items()})
 
     def action(self, step: Step) -> Action:
         """The action object of a step (made once per run)."""
@@ -99,7 +103,8 @@ class TaskRunner:
         """Record an attempt and emit `task_started`."""
         res.attempts = attempt
         res.command = command
-        self.events.task_started(self.info, TaskRef(host, step.step_id, step.name, step.action, attempt, command))
+        self.events.task_started(self.info, TaskRef(host, step.step_id, step.name, step.action, attempt, command,
+                                                    res.on_failure))
 
     # --- variables and environment -------------------------------------------------------------
 
@@ -110,6 +115,7 @@ class TaskRunner:
             "host": {"name": host, "vars": h.vars, "groups": list(getattr(h, "groups", []) or [])},
             "inventory_hostname": host,
             "groups": self.opt.groups,
+            "hostvars": self.hostvars,
             "run": {"id": self.info.run_id, "mode": str(self.opt.mode), "operator": self.info.operator},
             "playbook_dir": self.opt.playbook_dir,
         }

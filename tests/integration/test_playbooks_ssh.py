@@ -114,7 +114,9 @@ def assert_plan_matched(plan: dict, result: dict, unknown: set[tuple[str, str]])
         if key in unknown:
             mismatches.append(f"{key}: expected unknown, predicted {kind}")
         if status not in EXPECTED[kind]:
-            mismatches.append(f"{key}: predicted {kind}, outcome {status}")
+            why = next((f"{r.get('message')} {r.get('stderr')}" for r in result["results"]
+                        if (r["host"], r["step_id"]) == key), "")
+            mismatches.append(f"{key}: predicted {kind}, outcome {status}: {why}")
     assert not mismatches, "\n".join(mismatches)
 
 

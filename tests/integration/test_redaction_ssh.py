@@ -88,7 +88,6 @@ def collect_outputs(tmp_path: Path, hosts: list[SSHHost], known_hosts: Path, inv
     return outputs
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires Redactor.add_secrets_in into runner.prepare")
 def test_structured_secrets_never_appear_in_clear(clean_ssh_hosts: list[SSHHost], known_hosts: Path,
                                                   tmp_path: Path) -> None:
     hosts = clean_ssh_hosts[:2]

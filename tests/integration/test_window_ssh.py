@@ -135,6 +135,8 @@ STEPS = ("one", "two", "three", "four")
 class CloseWindowAfter(Observer):
     """Moves the fake clock past the window's close as soon as the given step finishes on any host."""
 
+    critical = True   # called in the emitting thread, before the task's successors can start
+
     def __init__(self, clock: FakeClock, step_id: str, to: datetime):
         self.clock, self.step_id, self.to = clock, step_id, to
         self.closed_by: str | None = None
