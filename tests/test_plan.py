@@ -716,3 +716,18 @@ def test_a_playbook_holding_a_secret_value_is_not_kept_and_runs_checked_from_dis
     code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y", *extra)
     assert code == 0, err
     assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+def test_a_secret_named_playbook_var_keeps_the_text_out_of_the_plan(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
+    pb = tmp_path / "pb.yml"
+    pb.write_text(WRITE_PB.replace("steps:", f"vars: {{db_password: {SECRET_VAR}}}\nsteps:"))
+    code, _, err = cli(capsys, "plan", pb, "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    text = (tmp_path / "plan.json").read_text()
+    assert SECRET_VAR not in text and json.loads(text)["playbook"]["text"] is None
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 0, err
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"
