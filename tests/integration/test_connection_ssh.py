@@ -449,3 +449,15 @@ def test_proxy_jump_through_another_test_host(ssh_hosts: list[SSHHost], known_ho
     with pytest.raises(HostKeyError) as info:
         connect(target, only_target, proxy_jump=spec)
     assert jump.known_hosts_name in str(info.value)
+
+
+def test_output_benchmark_measures_one_bounded_run(ssh_hosts: list[SSHHost], known_hosts: Path) -> None:
+    """benchmarks/output_bench.py's measuring path, at a tiny size, on the session's hosts (figures are not asserted)."""
+    from benchmarks.output_bench import measure
+
+    hosts = [{"name": h.name, "address": h.address, "port": h.port, "user": h.user, "key_file": str(h.key_file)}
+             for h in ssh_hosts[:2]]
+    run = measure({"kind": "ssh", "limit": 1000, "bytes": 1_000_000, "hosts": hosts, "known_hosts": str(known_hosts)})
+    assert run["all_counted"] and run["truncated"] and run["hosts"] == len(hosts)
+    assert run["kept_chars_per_host"] < 2 * 1000 + 200
+    assert run["peak_rss_mib"] >= run["rss_before_commands_mib"] > 0
