@@ -166,9 +166,15 @@ def collect(channel: paramiko.Channel, data: bytes | None, started: float, timeo
     ready_fd = channel.fileno()  # readable whenever stdout or stderr has data, or at EOF
 
     def drain() -> None:
-        while channel.recv_ready():
+        # A bounded number of chunks per pass: a stream that never pauses must not keep the loop
+        # from its deadline check (what is left is read on the next pass).
+        for _ in range(64):
+            if not channel.recv_ready():
+                break
             out.feed(channel.recv(65536))
-        while channel.recv_stderr_ready():
+        for _ in range(64):
+            if not channel.recv_stderr_ready():
+                break
             err.feed(channel.recv_stderr(65536))
 
     while True:
@@ -180,7 +186,8 @@ def collect(channel: paramiko.Channel, data: bytes | None, started: float, timeo
         if channel.eof_received or channel.closed:
             # Output is complete; the exit status may still be on its way.
             if channel.status_event.wait(wait):
-                drain()
+                while channel.recv_ready() or channel.recv_stderr_ready():
+                    drain()   # everything: the stream is complete
                 return channel.recv_exit_status(), False
             continue
         select.select([ready_fd], [], [], wait)
