@@ -22,7 +22,8 @@ def cli() -> None:
     """Agentless automation for operations teams.
 
     Exit codes: 0 ok, 1 internal error, 2 a task failed (or drift), 3 a host unreachable,
-    4 invalid input, 5 outside the maintenance window, 130 interrupted.
+    4 invalid input, 5 outside the maintenance window, 6 the run cannot be recorded (disk full,
+    read-only), 130 interrupted.
     """
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class RunRequest:
     registers: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_id: str | None = None
     output_limit: int = 4096
+    stop: threading.Event | None = None          # set it to stop the run as a first interrupt would (servers)
 
 
 @dataclass
@@ -188,7 +190,7 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
         concurrency=request.concurrency, connect=connector(request, prepared.info.host_key_checking, sudo_password),
         window_guard=request.window_guard, predictions=request.predictions, allow_drift=request.allow_drift,
         previous=request.previous, registers=request.registers, groups=groups,
-        handle_signals=request.handle_signals, playbook_dir=str(Path(prepared.playbook_path).parent))
+        handle_signals=request.handle_signals, playbook_dir=str(Path(prepared.playbook_path).parent), stop=request.stop)
     executor = Executor(prepared.playbook, prepared.hosts, prepared.info, EventStream(observers), options,
                         steps=prepared.steps)
     return executor.execute()

@@ -368,3 +368,21 @@ def test_once_step_moves_to_the_next_host_when_the_first_is_unreachable(tmp_path
     assert not (hdir(tmp_path, "c") / "notified").exists()
     assert st(result, "b", "notify") == Status.CHANGED and st(result, "c", "after") == Status.CHANGED
     assert {r.host for r in result.results if r.step_id == "notify"} == {"b"}
+
+
+def test_a_stop_event_stops_the_run_like_a_first_interrupt(tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    """An embedding program (runbook serve shutting down) stops a run: nothing new starts, it is resumable."""
+    import threading
+
+    stop = threading.Event()
+
+    class StopAfterFirst(Observer):
+        critical = True
+
+        def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+            stop.set()
+
+    result = go([{"name": "one", "shell": "true"}, {"name": "two", "shell": "true"}], hosts=["a"],
+                observers=[StopAfterFirst()], stop=stop)
+    assert result.exit_code() == 130 and "shutting down" in (result.stop_reason or "")
+    assert (st(result, "a", "one"), st(result, "a", "two")) == (Status.CHANGED, Status.NOT_RUN)

@@ -144,6 +144,8 @@ class Executor:
 
     def _tick(self, pool: ThreadPoolExecutor) -> bool:
         """One round: admit hosts, start what is ready, collect what finished; False when the run is over."""
+        if self.opt.stop is not None and self.opt.stop.is_set() and not self.stopping:
+            self._stopped_by_caller()
         if not self.stopping:
             reason = self.scheduler.check_failure_limit()
             if reason:
@@ -237,6 +239,14 @@ class Executor:
         self.abort_deadline = time.monotonic() + self.opt.interrupt_grace
         self.events.run_interrupted(self.info, "interrupted: no new task starts; running tasks may finish "
                                     "(interrupt again to abort them)")
+
+    def _stopped_by_caller(self) -> None:
+        """The embedding program asked to stop: like a first interrupt (no new task; running ones finish)."""
+        self.stopping = True
+        self.result.interrupted = True
+        self.result.stop_reason = "stopped: the program running it is shutting down"
+        self.events.run_interrupted(self.info, self.result.stop_reason + "; no new task starts, running tasks finish "
+                                    "(`runbook resume RUN_ID` continues it)")
 
     def _abort(self) -> None:
         """Drop the connections so running commands end now; record what the running tasks report."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +57,7 @@ class ExecOptions:
     registers: dict[str, dict[str, Any]] = field(default_factory=dict)   # resume: their registers
     groups: dict[str, list[str]] = field(default_factory=dict)
     interrupt_grace: float = 10.0
+    stop: threading.Event | None = None      # set by an embedding program (e.g. `runbook serve` shutting down)
     handle_signals: bool = False
     playbook_dir: str = "."
 

@@ -94,24 +94,6 @@ def window_state(playbook: str) -> WindowState | None:
     return WindowState(False, upcoming[0][0].timestamp() if upcoming else None, schedule.describe())
 
 
-class StopGuard:
-    """The executor's start check: the playbook's window (if any) and the server's stop flag.
-
-    When the server stops, no new task starts and the rest of the run is deferred: its run state is
-    the checkpoint the restarted server resumes from.
-    """
-
-    def __init__(self, stop: threading.Event, window: Any = None):
-        self.stop = stop
-        self.window = window
-
-    def allows_start(self, max_duration: float | None = None) -> bool:
-        """False once the server is stopping, else what the window allows."""
-        if self.stop.is_set():
-            return False
-        return self.window.allows_start(max_duration) if self.window is not None else True
-
-
 @dataclass
 class RunSettings:
     """Server-wide settings of every run."""
@@ -139,8 +121,9 @@ class Outcome:
 
     @property
     def checkpointed(self) -> bool:
-        """True when the run stopped early with tasks deferred (window closed or server stopping)."""
-        return self.exit_code == 5 and any(r["status"] == "deferred" for r in self.results)
+        """True when the run stopped early with work left (window closed: deferred; server stopping: not run)."""
+        return (self.exit_code == 5 and any(r["status"] == "deferred" for r in self.results)) or (
+            self.exit_code == 130 and any(r["status"] == "not_run" for r in self.results))
 
 
 def _summary(result: Any, redactor: Any) -> list[dict[str, Any]]:
@@ -165,7 +148,7 @@ def _request(settings: RunSettings, mode: str, host: str, extra_vars: dict[str, 
                       details=dict(details), run_id=run_id, **more)
 
 
-def _prepare(playbook: str, settings: RunSettings, request: Any, host: str) -> Any:
+def _prepare(playbook: Any, settings: RunSettings, request: Any, host: str) -> Any:
     from runbook.runner import prepare
 
     prepared = prepare(playbook, settings.inventory, request)
@@ -180,7 +163,8 @@ def _attach_window(prepared: Any, request: Any, settings: RunSettings) -> None:
     from runbook.window import SystemClock, WindowGuard, resolve_window
 
     schedule = resolve_window(prepared.playbook, prepared.playbook_path) if prepared.playbook.window is not None else None
-    request.window_guard = StopGuard(settings.stop, WindowGuard(schedule, SystemClock()) if schedule else None)
+    request.window_guard = WindowGuard(schedule, SystemClock()) if schedule else None
+    request.stop = settings.stop   # a server shutdown stops the run as an interrupt does; its state is the checkpoint
 
 
 def run(playbook: str, host: str, extra_vars: dict[str, Any], details: dict[str, Any], settings: RunSettings,
@@ -225,7 +209,7 @@ def apply(plan_path: str, extra_vars: dict[str, Any], details: dict[str, Any], s
 
     `previous_run_id`: an apply checkpointed earlier; its finished tasks are not run again.
     """
-    from runbook.plan import drift_between, load_plan, plan_hash, saved_predictions
+    from runbook.plan import drift_between, host_key_level, load_plan, plan_hash, reviewed_playbook, saved_predictions
     from runbook.runner import execute
 
     doc = load_plan(plan_path, max_age=max_age)
@@ -234,7 +218,9 @@ def apply(plan_path: str, extra_vars: dict[str, Any], details: dict[str, Any], s
     host = doc["hosts"][0]
     request = _request(settings, "apply", host, extra_vars, details, run_id, operator=approver, assume_yes=True,
                        plan_hash=plan_hash(doc), predictions=saved_predictions(doc), previous=_done(settings, previous_run_id))
-    prepared = _prepare(doc["playbook"]["path"], settings, request, host)
+    # As `runbook apply`: the reviewed text, and a host-key policy the plan may raise but never lower.
+    request.host_key_checking = host_key_level(doc.get("host_key_checking"), settings.host_key_checking, plan_path)
+    prepared = _prepare(reviewed_playbook(doc, plan_path), settings, request, host)
     drifted = drift_between(doc, prepared, extra_vars)
     if drifted:
         return Outcome(prepared.info.run_id, 2, [], None, plan_path, "the plan no longer matches: " + "; ".join(drifted))
