@@ -16,7 +16,7 @@ from runbook.events import Observer, RunInfo
 from runbook.engine import ExecOptions, Executor
 from runbook.loader import load_playbook
 from runbook.model import Limit
-from runbook.results import RunResult, Status
+from runbook.results import RunResult, Status, TaskResult
 from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
 
 
