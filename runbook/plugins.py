@@ -19,19 +19,21 @@ class Registry(Generic[T]):
     Nothing is imported until a name is asked for, so a run that uses only `local` never imports SSH.
     """
 
-    def __init__(self, group: str, what: str, builtins: Mapping[str, str], check: Callable[[str, object], T]):
+    def __init__(self, group: str, what: str, builtins: Mapping[str, str] | Callable[[], Mapping[str, object]],
+                 check: Callable[[str, object], T]):
         self.group = group
         self.what = what
-        self._builtins = dict(builtins)
+        self._builtins = builtins   # import paths, or a function that finds the built-in classes
         self._check = check
-        self._sources: dict[str, str | EntryPoint] | None = None
+        self._sources: dict[str, object] | None = None
         self._classes: dict[str, T] = {}
         self._lock = threading.RLock()
 
-    def _table(self) -> dict[str, str | EntryPoint]:
+    def _table(self) -> dict[str, object]:
         with self._lock:
             if self._sources is None:
-                sources: dict[str, str | EntryPoint] = dict(self._builtins)
+                found = self._builtins() if callable(self._builtins) else self._builtins
+                sources: dict[str, object] = dict(found)
                 for ep in entry_points(group=self.group):
                     sources.setdefault(ep.name, ep)
                 self._sources = sources
@@ -47,7 +49,8 @@ class Registry(Generic[T]):
                 raise RunbookError(f"unknown {self.what} `{name}`", hint=f"known: {', '.join(self.names())}")
             source = table[name]
             try:
-                loaded = _import(source) if isinstance(source, str) else source.load()
+                loaded = (_import(source) if isinstance(source, str) else
+                          source.load() if isinstance(source, EntryPoint) else source)
             except Exception as exc:  # a broken plugin is named, not a traceback
                 raise RunbookError(f"cannot load {self.what} plugin `{name}`: {type(exc).__name__}: {exc}",
                                    hint=f"fix or uninstall the package that provides it (entry-point group `{self.group}`)") from None

@@ -1,6 +1,6 @@
-"""The action registry: built-in actions by module, third-party ones through the `runbook.actions` entry points.
+"""The action registry: every Action class in a module of this package, then the `runbook.actions` entry points.
 
-Adding an action is adding one module here (and a line below) or, outside runbook, one entry point:
+Adding a built-in action is adding one module here; outside runbook, it is one entry point:
 
     [project.entry-points."runbook.actions"]
     my_action = "my_package.module:MyAction"
@@ -8,7 +8,9 @@ Adding an action is adding one module here (and a line below) or, outside runboo
 
 from __future__ import annotations
 
+import importlib
 import keyword
+import pkgutil
 from typing import TYPE_CHECKING
 
 from runbook.actions.base import (Action, FieldKind, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField,
@@ -30,16 +32,25 @@ def _check(name: str, cls: object) -> type[Action]:
     return cls
 
 
-ACTIONS: Registry[type[Action]] = Registry("runbook.actions", "action", {
-    "shell": "runbook.actions.shell:Shell",
-    "command": "runbook.actions.command:Command",
-    "upload": "runbook.actions.upload:Upload",
-    "template": "runbook.actions.template:Template",
-    "fetch": "runbook.actions.fetch:Fetch",
-    "wait_for": "runbook.actions.wait_for:WaitFor",
-    "assert": "runbook.actions.assert_:Assert",
-    "approve": "runbook.actions.approve:Approve",
-}, _check)
+# The order of the core actions in messages and in the schema; any other built-in follows, by name.
+_FIRST = ("shell", "command", "upload", "template", "fetch", "wait_for", "assert", "approve")
+
+
+def _builtin_actions() -> dict[str, object]:
+    """Every Action subclass defined in a module of this package: adding a built-in action is adding a file."""
+    found: dict[str, object] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, Action) and obj.__module__ == module.__name__ and obj.name:
+                found[obj.name] = obj
+    rank = {name: i for i, name in enumerate(_FIRST)}
+    return dict(sorted(found.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])))
+
+
+ACTIONS: Registry[type[Action]] = Registry("runbook.actions", "action", _builtin_actions, _check)
 
 
 def field_name(action: str) -> str:
