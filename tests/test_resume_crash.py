@@ -133,3 +133,11 @@ def test_a_full_disk_under_the_run_state_stops_the_run_and_resume_continues_it(t
     resumed = cli("resume", "r-full", "--state-dir", str(runs), env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert all((tmp_path / n / "count").read_text() == "ran\n" for n in "abc")
+
+
+def test_resume_refuses_a_run_id_that_is_a_path(tmp_path: Path) -> None:
+    outside = tmp_path / "x.json"
+    outside.write_text(json.dumps({"run_id": "x"}))
+    (tmp_path / "audit" / "runs").mkdir(parents=True)
+    out = cli("resume", "../../x", env={"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit" / "audit.jsonl")})
+    assert out.returncode == 4 and "invalid run id" in out.stderr and "Traceback" not in out.stderr
