@@ -802,6 +802,8 @@ def _load_file(b: _Builder, path: Path) -> None:
 def _vars_files(base: Path, name: str) -> list[Path]:
     """The files holding variables for NAME under group_vars/ or host_vars/: NAME.yml etc., or NAME/*."""
     out: list[Path] = []
+    if "/" in name or os.sep in name or name in (".", ".."):
+        return out   # a name like `../../etc/x` or `/srv/chroot` must not reach files outside group_vars/host_vars
     for ext in VARS_EXTENSIONS:
         candidate = base / f"{name}{ext}"
         if candidate.is_file():

@@ -140,6 +140,21 @@ def test_bare_host_names_under_hosts_are_one_host_each() -> None:
     assert "batch1 batch2" in spaced.message and spaced.location is not None and spaced.location.line == 16
 
 
+def test_a_bare_host_name_is_one_name_whatever_it_holds(tmp_path: Path) -> None:
+    # A bare value is never split, parsed or expanded beyond Ansible's ranges: shell text stays a (warned) name.
+    path = tmp_path / "hosts.yml"
+    path.write_text("all:\n  children:\n    web:\n      hosts: 'w1; touch /tmp/pwned $(id)'\n")
+    inv = Inventory.load(path, ssh_config=False)
+    assert list(inv.hosts) == ["w1; touch /tmp/pwned $(id)"]
+    assert [w.code for w in inv.warnings] == ["bare-host-name"]
+    # A name that climbs out of host_vars/ reads no file there (Ansible would read host_vars/../secret.yml).
+    (tmp_path / "host_vars").mkdir()
+    (tmp_path / "secret.yml").write_text("token: hunter2\n")
+    path.write_text("all:\n  children:\n    web:\n      hosts: '../secret'\n")
+    inv = Inventory.load(path, ssh_config=False)
+    assert list(inv.hosts) == ["../secret"] and inv.get("../secret").vars == {}
+
+
 def test_a_vars_section_indented_under_children_warns_and_points_at_the_indentation() -> None:
     inv = inventory("misindented.yml")
     assert "vars" in inv.groups and inv.groups["vars"].parents == ["all"]
