@@ -237,3 +237,35 @@ def test_approve_yes_interactive_and_non_interactive(tmp_path: Path) -> None:
     action, env = make(tmp_path, step, interactive=True, ask=lambda q: True)
     assert not action.apply(env).failed
     assert action.plan(env).kind == "ok"
+
+
+# --- debug ------------------------------------------------------------------------------------------
+
+def test_debug_shows_a_message_or_a_value_in_runs_and_plans(tmp_path: Path, write_playbook, local_inventory) -> None:
+    import json as _json
+
+    from tests.helpers import cli
+
+    pb = write_playbook([
+        {"name": "measure", "shell": "echo 42", "read_only": True, "register": "usage"},
+        {"name": "say", "debug": "usage is {{ usage.stdout | trim }}%"},
+        {"name": "show", "debug": {"var": "usage.stdout_lines"}},
+        {"name": "unknown", "shell": "echo x", "register": "later"},
+        {"name": "guess", "debug": {"msg": "{{ later.stdout }}"}}])
+    inv = local_inventory(["a"])
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    ran = _json.loads(cli("run", str(pb), "-i", str(inv), "--output", "json", env=env).stdout)
+    by = {r["step_id"]: r for r in ran["results"]}
+    assert by["say"]["message"] == "usage is 42%" and by["say"]["status"] == "ok"
+    assert by["show"]["message"] == 'usage.stdout_lines = ["42"]'
+    planned = _json.loads(cli("plan", str(pb), "-i", str(inv), "--output", "json", env=env).stdout)
+    preds = {p["step_id"]: p for p in planned["predictions"]}
+    assert (preds["say"]["prediction"], preds["say"]["reason"]) == ("ok", "usage is 42%")
+    assert preds["guess"]["prediction"] == "unknown" and "later" in preds["guess"]["reason"]
+
+
+def test_debug_needs_exactly_one_of_msg_and_var(tmp_path: Path, write_playbook) -> None:
+    from tests.helpers import cli
+
+    out = cli("validate", str(write_playbook([{"name": "d", "debug": {"msg": "a", "var": "b"}}])))
+    assert out.returncode == 4 and "exactly one of `msg` or `var`" in out.stderr
