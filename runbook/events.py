@@ -102,6 +102,10 @@ class Observer(Protocol):
         """The run ended; `result` holds every task result and the exit code."""
         return None
 
+    def sync(self) -> None:
+        """Critical observers that buffer: make everything received so far durable (called before dependents start)."""
+        return None
+
 
 class ObserverFailed(Exception):
     """A critical observer raised: the run must stop cleanly."""
@@ -199,6 +203,26 @@ class EventStream:
             return True
         self._report(f"observers did not catch up within {timeout:g}s; their output may be incomplete")
         return False
+
+    def sync(self) -> None:
+        """Ask critical observers that buffer (the run state's journal) to make what they hold durable."""
+        failure: ObserverFailed | None = None
+        with self._lock:
+            for obs in self.critical:
+                if id(obs) in self._broken or not callable(getattr(obs, "sync", None)):
+                    continue
+                try:
+                    obs.sync()
+                except Exception as exc:
+                    self._broken.add(id(obs))
+                    failure = failure or ObserverFailed(obs, "sync", exc)
+            first = failure is not None and self.failure is None
+            if first:
+                self.failure = failure
+        if failure is not None:
+            if first:
+                self._report(f"the run stops (no new task starts): {failure}")
+            raise failure
 
     def run_started(self, run: RunInfo) -> None:
         """Emit `run_started`."""

@@ -76,9 +76,10 @@ def _alive(doc: dict[str, Any]) -> bool:
 class RunState(Observer):
     """An observer that keeps a run's state durable: a write-ahead journal plus a snapshot (secrets redacted).
 
-    Every finished task is appended to `RUN_ID.journal` and fsync'd before `task_finished` returns,
-    which is before any task that depends on it can start (this observer is critical: it runs in
-    the emitting thread). A started task is journalled too, so a task in flight when the controller
+    Every finished task is appended to `RUN_ID.journal` as it finishes (this observer is critical: it
+    runs in the emitting thread), and the journal is fsync'd in `sync()`, which the executor calls
+    before it releases the tasks that depend on what finished: one fsync covers every task that
+    finished meanwhile. A started task is journalled too, so a task in flight when the controller
     died is known as such. The snapshot `RUN_ID.json` is rewritten atomically at most every 0.5 s
     and at the end; `load_state` replays the journal over it.
     """
@@ -94,6 +95,7 @@ class RunState(Observer):
         self._last_flush = 0.0
         self._lock = threading.Lock()
         self._journal: IO[str] | None = None
+        self._dirty = False
 
     def run_started(self, run: RunInfo) -> None:
         self.doc = {
@@ -119,10 +121,20 @@ class RunState(Observer):
         if result.on_failure:
             return
         d = self.redactor.redact(result.as_dict())
-        self._append({"finished": d}, sync=True)
+        self._append({"finished": d}, sync=False)
+        self._dirty = True
         with self._lock:
             self.doc["tasks"][task_key(result.step_id, result.host)] = d
         self._flush()
+
+    def sync(self) -> None:
+        """Make every journalled result durable (called before dependents of finished tasks start)."""
+        journal = self._journal
+        if journal is None or not self._dirty:
+            return
+        with self._lock:
+            self._dirty = False
+            os.fsync(journal.fileno())
 
     def _append(self, entry: dict[str, Any], *, sync: bool) -> None:
         """One journal line; with `sync`, on disk before this returns."""
@@ -153,6 +165,7 @@ class RunState(Observer):
                                   else "ok" if result.ok else "failed")
         self._flush(force=True)
         if self._journal is not None:
+            self.sync()
             self._journal.close()
             self._journal = None
 

@@ -160,6 +160,8 @@ class Executor:
             return not self.stopping and bool(self.scheduler.active or self.scheduler.more_to_admit())
         futures: list[Future[Any]] = [*self.running, *self.connecting]
         done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+        if done:
+            self.events.sync()   # what finished is durable before anything that depends on it starts
         for fut in done:
             self._collect(fut)
         if self.abort_deadline is not None and time.monotonic() > self.abort_deadline:
