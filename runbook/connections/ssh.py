@@ -136,6 +136,22 @@ def connect_error(who: str, exc: Exception, host: str, port: int | None, user: s
     return ConnectionFailed(who, f"cannot connect to {where}: {exc}", hint="check the host's connection settings")
 
 
+def open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Channel:
+    """Open a session channel, retrying briefly when sshd refuses it for want of a free session.
+
+    sshd frees a closed session's slot only in a later pass of its loop, so a new session asked for
+    right after another one closed can still count against MaxSessions ("Connect failed").
+    """
+    for delay in (0.02, 0.05, 0.1, 0.2, 0.4, 0.8):
+        try:
+            return transport.open_session(timeout=timeout)
+        except paramiko.ChannelException as exc:
+            if exc.code != paramiko.common.OPEN_FAILED_CONNECT_FAILED or not transport.is_active():
+                raise
+        time.sleep(delay)
+    return transport.open_session(timeout=timeout)
+
+
 def _feed_stdin(channel: paramiko.Channel, data: bytes | None) -> None:
     """Send the command's stdin and EOF (large input in a thread, so a command that writes first cannot deadlock us)."""
     if not data:
@@ -512,7 +528,7 @@ class SSHConnection:
         with self._sessions:
             started = time.monotonic()
             try:
-                channel = transport.open_session(timeout=self.connect_timeout)
+                channel = open_session(transport, self.connect_timeout)
                 with self._channels_lock:
                     self._channels.add(channel)
                 channel.exec_command(line)

@@ -12,6 +12,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import paramiko
@@ -20,7 +21,7 @@ import pytest
 from runbook.connections import TIMEOUT_RC, CommandResult, Connection, FileStat
 from runbook.connections.ssh import SSHConnection, fingerprint
 from runbook.errors import ConnectionFailed, HostKeyError, RunbookError
-from tests.sshd import SSHHost, _children, write_known_hosts
+from tests.sshd import SSHHost, _children, _terminate, _wait_listening, find_sshd, free_port, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
@@ -172,6 +173,36 @@ def test_concurrent_runs_share_one_connection(conn: SSHConnection) -> None:
         t.join()
     assert {i: (r.rc, r.stdout) for i, r in results.items()} == {i: (0, f"{i}\n") for i in range(14)}
     assert conn._transport is transport  # no reconnect, no new handshake
+
+
+@contextmanager
+def variant_sshd(host: SSHHost, directory: Path, *extra: str) -> Iterator[SSHHost]:
+    """The test host's sshd configuration again, on a new port, with extra sshd_config lines (stopped on exit)."""
+    config = (host.host_key_file.parent / "sshd_config").read_text()
+    port = free_port()
+    config = config.replace(f"Port {host.port}\n", f"Port {port}\n")
+    config = config.replace(f"PidFile {host.host_key_file.parent / 'sshd.pid'}", f"PidFile {directory / 'sshd.pid'}")
+    (directory / "sshd_config").write_text(config + "".join(line + "\n" for line in extra))
+    proc = subprocess.Popen([find_sshd() or "sshd", "-D", "-e", "-f", str(directory / "sshd_config")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        if not _wait_listening(port, proc, 10.0):
+            pytest.fail("the variant sshd did not start")
+        yield SSHHost(name=f"{host.name}-variant", address=host.address, port=port, user=host.user, home=host.home,
+                      key_file=host.key_file, host_public_key=host.host_public_key.replace(f":{host.port} ", f":{port} "),
+                      host_key_file=host.host_key_file, process=proc)
+    finally:
+        _terminate(proc)
+
+
+def test_a_session_freed_a_moment_ago_is_waited_for(ssh_host: SSHHost, tmp_path: Path) -> None:
+    """sshd frees a closed session's slot a loop pass later: back-to-back commands at MaxSessions must not fail."""
+    with variant_sshd(ssh_host, tmp_path, "MaxSessions 1") as tight:
+        kh = write_known_hosts(tmp_path / "known_hosts", [tight])
+        with connect(tight, kh, max_sessions=1) as c:
+            results = [c.run("true").rc for _ in range(50)]   # without waiting, about half are refused here
+    assert results == [0] * 50
 
 
 def test_put_get_read_stat(conn: SSHConnection, ssh_host: SSHHost, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ keys under `off`, certificate-only hosts under `accept-new`), the tests say so.
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,8 @@ import pytest
 from runbook.connections.hostkeys import HostKeyPolicy, host_matches, read_known_hosts
 from runbook.connections.ssh import SSHConnection, fingerprint
 from runbook.errors import HostKeyError, RunbookError
-from tests.sshd import SSHHost, _terminate, _wait_listening, free_port
+from tests.integration.test_connection_ssh import variant_sshd
+from tests.sshd import SSHHost
 
 pytestmark = pytest.mark.ssh
 
@@ -309,27 +309,12 @@ def test_known_hosts_is_read_again_when_it_changes(tmp_path: Path, ssh_host: SSH
 
 @pytest.fixture
 def two_key_host(ssh_host: SSHHost, tmp_path: Path) -> Iterator[tuple[SSHHost, str]]:
-    """The first test host's sshd configuration again on a new port, with an RSA host key besides ed25519."""
+    """The first test host's sshd again on a new port, with an RSA host key besides its ed25519 one."""
     rsa = tmp_path / "ssh_host_rsa_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
-    rsa.chmod(0o600)
-    config = (ssh_host.host_key_file.parent / "sshd_config").read_text()
-    port = free_port()
-    config = config.replace(f"Port {ssh_host.port}\n", f"Port {port}\n") + f"HostKey {rsa}\n"
-    config = config.replace(f"PidFile {ssh_host.host_key_file.parent / 'sshd.pid'}", f"PidFile {tmp_path / 'sshd.pid'}")
-    (tmp_path / "sshd_config").write_text(config)
-    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(tmp_path / "sshd_config")], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        if not _wait_listening(port, proc, 10.0):
-            pytest.fail("the two-key sshd did not start")
-        host = SSHHost(name="two-keys", address="127.0.0.1", port=port, user=ssh_host.user, home=ssh_host.home,
-                       key_file=ssh_host.key_file, host_public_key="", host_key_file=ssh_host.host_key_file)
-        rsa_pub = rsa.with_suffix(".pub").read_text().split()
-        yield host, f"[127.0.0.1]:{port} {rsa_pub[0]} {rsa_pub[1]}"
-    finally:
-        _terminate(proc)
+    with variant_sshd(ssh_host, tmp_path, f"HostKey {rsa}") as host:
+        key_type, blob = rsa.with_suffix(".pub").read_text().split()[:2]
+        yield host, f"[{host.address}]:{host.port} {key_type} {blob}"
 
 
 def test_host_known_by_its_rsa_key_is_not_mistaken_for_changed(two_key_host: tuple[SSHHost, str], tmp_path: Path) -> None:
