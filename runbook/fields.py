@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StringConstraints, ValidationInfo,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?!s))?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*(?:(\d+)\s*ms)?\s*$")
 
@@ -119,10 +122,50 @@ def _str_list(value: Any) -> Any:
 StrList = Annotated[list[str], BeforeValidator(_str_list, json_schema_input_type=str | list[str])]
 
 
+# YAML 1.1 spelled these as booleans (and Ansible still does); runbook reads YAML 1.2, where they are
+# strings. They are refused where a boolean is expected rather than silently guessed at.
+YAML11_BOOLEANS = {"yes": True, "no": False, "on": True, "off": False, "y": True, "n": False}
+
+
+def bool_hint(value: Any) -> str:
+    """How to write a boolean the author evidently meant (`yes` -> true), for error hints."""
+    word = str(value).strip().lower()
+    meant = YAML11_BOOLEANS.get(word)
+    if meant is None and word in ("true", "false"):
+        return f"remove the quotes: `{word}`"
+    if meant is None:
+        return "write true or false"
+    return (f"write `{str(meant).lower()}`: only true and false are booleans in runbook playbooks (YAML 1.2), "
+            f"`{value}` is a string")
+
+
+def strict_bool(value: Any) -> bool:
+    """A boolean is true or false: no `yes`/`on`/`1`/quoted `"true"` guessed into one (pydantic's lax mode would)."""
+    if isinstance(value, bool):
+        return value
+    shown = f"the string {value!r}" if isinstance(value, str) else f"{type(value).__name__} {value!r}"
+    raise PydanticCustomError("bool_word", "expected true or false, got {shown}", {"shown": shown, "hint": bool_hint(value)})
+
+
+def _is_bool_field(annotation: Any) -> bool:
+    return annotation is bool or (get_origin(annotation) in (Union, UnionType)
+                                  and set(get_args(annotation)) == {bool, type(None)})
+
+
 class Strict(BaseModel):
-    """A model that rejects unknown keys (a typo is an error, not a silently ignored key)."""
+    """A model that rejects unknown keys (a typo is an error, not a silently ignored key) and non-boolean booleans."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # One rule for every boolean key of every model built on this one (steps, action specs):
+        # only true and false; `null` stays allowed where the field is optional.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and value is not None and _is_bool_field(field.annotation):
+            return strict_bool(value)
+        return value
 
 
 

@@ -277,6 +277,13 @@ _EXPECTED = {
     "list_type": "a list", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
 }
 
+# Ansible's spelling of keys runbook spells differently: the hint says what to write instead.
+ANSIBLE_KEYS = {
+    "become": "runbook spells it `sudo`: `sudo: true` runs as root (or the host's become_user), `sudo: USER` as USER",
+    "become_user": "runbook spells `become: true` + `become_user: USER` as one key: `sudo: USER`",
+    "become_method": "runbook always becomes another user with sudo: remove it and use `sudo: true` or `sudo: USER`",
+}
+
 _SECTION_MODELS: dict[str, type[pydantic.BaseModel]] = {"window": Window, "blackout": Blackout}
 
 
@@ -428,12 +435,17 @@ def _one_problem(e: _Err, source: SourceMap) -> Problem:
     if kind == "invalid_key" or (err["loc"] and err["loc"][-1] == "[key]"):
         return Problem(f"mapping keys must be strings, got {_describe(path[-1] if path else value)}",
                        source.locate(path, key=True), "quote the key", code="invalid-key")
+    if kind == "bool_word":
+        return _problem(path, err["msg"], ctx.get("hint"), source)
+    if kind == "sudo_word":
+        return Problem(err["msg"], source.locate(path), ctx.get("hint"))
     if kind == "extra_forbidden":
         parent = path[:-1]
         model = _model_at(parent)
         allowed = _field_names(model) if model else []
         word = str(path[-1]) if path else "?"
-        hint = did_you_mean(word, allowed) or (f"allowed keys: {', '.join(allowed)}" if allowed else None)
+        hint = ANSIBLE_KEYS.get(word) or did_you_mean(word, allowed) or (
+            f"allowed keys: {', '.join(allowed)}" if allowed else None)
         return Problem(f"unknown key `{word}`", source.locate(path, key=True), hint, code="unknown-key")
     if kind == "missing":
         missing = e.missing or "?"

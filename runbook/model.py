@@ -7,11 +7,12 @@ import unicodedata
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, PrivateAttr, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from runbook.actions import ACTIONS, field_name
 from runbook.errors import RunbookError
-from runbook.fields import (Duration, Int, Limit, LimitValue, Strict, StrList, _none_as_empty, _none_as_empty_list,
-                            parse_duration, parse_limit)
+from runbook.fields import (YAML11_BOOLEANS, Duration, Int, Limit, LimitValue, Strict, StrList, _none_as_empty,
+                            _none_as_empty_list, bool_hint, parse_duration, parse_limit)
 
 GUARDS = ("creates", "removes", "unless", "only_if")
 
@@ -100,7 +101,7 @@ class StepBase(Strict):
     # `register` would shadow ABCMeta.register on the model class, hence the alias.
     register_as: str | None = Field(None, alias="register", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                                     description="Name under which later steps of the host see this step's result.")
-    sudo: bool | str = False
+    sudo: bool | str = Field(False, description="true (root, or the host's become_user), false, or a user name.")
     timeout: Duration | None = None
     retries: Int = Field(0, ge=0)
     delay: Duration = 0.0
@@ -120,6 +121,19 @@ class StepBase(Strict):
     max_duration: Duration | None = Field(None, description="Do not start when the maintenance window closes sooner than this.")
 
     _action: str = PrivateAttr("")
+
+    @field_validator("sudo", mode="before")
+    @classmethod
+    def _sudo_unambiguous(cls, v: Any) -> Any:
+        # `sudo: yes` would otherwise run as a user named "yes": a YAML 1.1 boolean word is never a user here.
+        if isinstance(v, str) and v.strip().lower() in (*YAML11_BOOLEANS, "true", "false"):
+            raise PydanticCustomError(
+                "sudo_word", "`sudo: {value}` is neither true/false nor a user name", {"value": v,
+                "hint": f"{bool_hint(v)}; `sudo: true` runs as root (or the host's become_user), `sudo: USER` as USER"})
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise PydanticCustomError("sudo_word", "`sudo: {value}` is neither true/false nor a user name",
+                                      {"value": v, "hint": "write `sudo: true`, `sudo: false` or `sudo: USER`"})
+        return v
 
     @field_validator("env", mode="before")
     @classmethod

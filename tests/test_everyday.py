@@ -1,0 +1,102 @@
+"""Everyday use as a new user meets it: what the console shows, what flags mean, what validate agrees with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runbook.cli import main
+from runbook.errors import PlaybookError
+from runbook.loader import parse_playbook
+
+
+def exit_code(fn: Any) -> int:
+    """The exit code of a CLI call: main() returns it or click's sys.exit raises it."""
+    try:
+        rc = fn()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return int(rc or 0)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def problems_of(text: str) -> list[str]:
+    """Every rendered problem of a playbook text that does not load."""
+    with pytest.raises(PlaybookError) as err:
+        parse_playbook(text, "pb.yml")
+    return [p.render() for p in err.value.problems]
+
+
+# --- booleans, sudo, become -------------------------------------------------------------------
+
+STEP = "runbook: t\nsteps:\n  - name: a\n    shell: 'true'\n"
+
+
+@pytest.mark.parametrize("key", ["ignore_errors", "read_only", "once"])
+@pytest.mark.parametrize("word, meant", [("yes", "true"), ("on", "true"), ("no", "false"), ("Off", "false"),
+                                         ("y", "true")])
+def test_yaml11_boolean_words_are_refused_with_the_word_to_write(key: str, word: str, meant: str) -> None:
+    found = problems_of(STEP + f"    {key}: {word}\n")
+    assert len(found) == 1
+    assert f"pb.yml:5:{len(key) + 7}: error: `{key}`: expected true or false, got the string '{word}'" in found[0]
+    assert f"hint: write `{meant}`" in found[0] and "YAML 1.2" in found[0]
+
+
+@pytest.mark.parametrize("value, hint", [('"true"', "remove the quotes: `true`"), ("1", "write true or false")])
+def test_quoted_or_numeric_booleans_are_refused(value: str, hint: str) -> None:
+    found = problems_of(STEP + f"    ignore_errors: {value}\n")
+    assert "expected true or false" in found[0] and hint in found[0]
+
+
+def test_real_booleans_still_load() -> None:
+    pb = parse_playbook(STEP + "    ignore_errors: true\n    read_only: false\n    once: true\n", "pb.yml")
+    step = pb.steps[0]
+    assert (step.ignore_errors, step.read_only, step.once) == (True, False, True)
+
+
+@pytest.mark.parametrize("word", ["yes", "no", "on", "OFF", "y", "'true'"])
+def test_sudo_boolean_words_are_not_user_names(word: str) -> None:
+    found = problems_of(STEP + f"    sudo: {word}\n")
+    assert len(found) == 1 and "is neither true/false nor a user name" in found[0]
+    assert "`sudo: true` runs as root" in found[0]
+
+
+def test_sudo_number_is_refused() -> None:
+    assert "neither true/false nor a user name" in problems_of(STEP + "    sudo: 0\n")[0]
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("postgres", "postgres"),
+                                             ("'{{ app_user }}'", "{{ app_user }}")])
+def test_sudo_true_false_or_user(value: str, expected: Any) -> None:
+    assert parse_playbook(STEP + f"    sudo: {value}\n", "pb.yml").steps[0].sudo == expected
+
+
+def test_become_keys_are_refused_with_a_hint_naming_sudo() -> None:
+    found = problems_of(STEP + "    become: true\n    become_user: postgres\n    become_method: su\n")
+    assert any("unknown key `become`" in p and "runbook spells it `sudo`" in p for p in found)
+    assert any("unknown key `become_user`" in p and "`sudo: USER`" in p for p in found)
+    assert any("unknown key `become_method`" in p and "sudo" in p for p in found)
+
+
+def test_an_action_spec_boolean_follows_the_same_rule() -> None:
+    """The rule lives in the shared strict base model, so every model built on it refuses `yes` too."""
+    from pydantic import ValidationError
+
+    from runbook.fields import Strict
+
+    class Spec(Strict):
+        force: bool = False
+        maybe: bool | None = None
+
+    assert Spec.model_validate({"force": True, "maybe": None}).force is True
+    for bad in ({"force": "yes"}, {"maybe": "on"}, {"force": 1}):
+        with pytest.raises(ValidationError, match="expected true or false"):
+            Spec.model_validate(bad)
