@@ -70,7 +70,7 @@ def test_sudo_boolean_words_are_not_user_names(word: str) -> None:
 
 
 def test_sudo_number_is_refused() -> None:
-    assert "neither true/false nor a user name" in problems_of(STEP + "    sudo: 0\n")[0]
+    assert "`sudo`: expected true or false or a string, got an integer 0" in problems_of(STEP + "    sudo: 0\n")[0]
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("postgres", "postgres"),
