@@ -130,6 +130,10 @@ class StepBase(Strict):
             raise PydanticCustomError(
                 "sudo_word", "`sudo: {value}` is neither true/false nor a user name", {"value": v,
                 "hint": f"{bool_hint(v)}; `sudo: true` runs as root (or the host's become_user), `sudo: USER` as USER"})
+        if isinstance(v, (int, float)) and not isinstance(v, bool):   # pydantic would read 0 and 1 as booleans
+            raise PydanticCustomError("bool_word", "expected true or false or a string, got {shown}",
+                                      {"shown": f"{'an integer' if isinstance(v, int) else 'a number'} {v}",
+                                       "hint": "write `sudo: true`, `sudo: false` or `sudo: USER`"})
         return v
 
     @field_validator("env", mode="before")

@@ -70,7 +70,8 @@ def test_sudo_boolean_words_are_not_user_names(word: str) -> None:
 
 
 def test_sudo_number_is_refused() -> None:
-    assert "`sudo`: expected true or false or a string, got an integer 0" in problems_of(STEP + "    sudo: 0\n")[0]
+    for value, shown in (("0", "an integer 0"), ("1", "an integer 1"), ("1.5", "a number 1.5")):
+        assert f"`sudo`: expected true or false or a string, got {shown}" in problems_of(STEP + f"    sudo: {value}\n")[0]
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("false", False), ("postgres", "postgres"),
