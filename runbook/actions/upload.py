@@ -24,6 +24,9 @@ _SUDO_WRITE = ('set -e; t=$(mktemp "$(dirname -- "$1")/.runbook-XXXXXX"); trap \
 
 DIFF_LIMIT = 256 * 1024   # larger files are summarised, not diffed
 
+# Read a file as the sudo user: its sha256 on the first line, then (when $2 is 1) its base64 on one line.
+_SUDO_READ = 'sha256sum -- "$1" | cut -d" " -f1 && if [ "$2" = 1 ]; then base64 -w0 -- "$1"; fi'
+
 
 def _is_text(data: bytes) -> bool:
     if b"\x00" in data[:8192]:
@@ -86,29 +89,37 @@ class Upload(Action):
     def describe(self, env: TaskEnv) -> str | None:
         return f"{self.name} {self.spec.src} -> {self.spec.dest}"
 
+    def probes_read_only(self) -> bool:
+        # Its only commands read a file as the sudo user (sha256sum, base64): read-only by contract.
+        return True
+
     @staticmethod
-    def _sudo_read(env: TaskEnv, path: str) -> bytes | None:
-        """The file's bytes read as the sudo user (the login user may not read them), or None."""
+    def _sudo_read(env: TaskEnv, path: str, want_content: bool) -> tuple[str | None, bytes | None]:
+        """(sha256, bytes if asked and small enough) of a file read as the sudo user, in one round trip."""
         try:
-            res = env.conn.run(["base64", "--", path], timeout=env.step.timeout or 60.0, sudo=env.sudo())
-        except ReadOnlyViolation:  # a dry run may not run commands here
-            return None
-        if res.rc != 0:
-            return None
+            res = env.conn.run(["sh", "-c", _SUDO_READ, "sh", path, "1" if want_content else "0"],
+                               timeout=env.step.timeout or 60.0, sudo=env.sudo())
+        except ReadOnlyViolation:  # a dry run without read access to commands
+            return None, None
+        lines = res.stdout.split("\n", 1)
+        digest = lines[0].strip()
+        if res.rc != 0 or len(digest) != 64:
+            return None, None
+        if not want_content or res.truncated or len(lines) < 2:
+            return digest, None    # output bounded by the connection: too large to diff here
         try:
-            return base64.b64decode(res.stdout)
+            data = base64.b64decode(lines[1].strip(), validate=True)
         except ValueError:
-            return None
+            return digest, None
+        return digest, data if hashlib.sha256(data).hexdigest() == digest else None
 
     def _compare(self, env: TaskEnv, dest: str, mode: int | None, data: bytes) -> tuple[bool, str, str | None, str]:
         """(needs change, reason, diff, state fingerprint) from one stat (and a read when it differs)."""
         st = env.conn.stat(dest)
         sudo_old = None
-        if st.exists and st.sha256 is None and env.sudo() and st.size <= DIFF_LIMIT * 16:
+        if st.exists and st.sha256 is None and env.sudo():
             # Unreadable by the login user: compare as the user the step writes as.
-            sudo_old = self._sudo_read(env, dest)
-            if sudo_old is not None:
-                st.sha256 = hashlib.sha256(sudo_old).hexdigest()
+            st.sha256, sudo_old = self._sudo_read(env, dest, want_content=st.size <= DIFF_LIMIT)
         want = hashlib.sha256(data).hexdigest()
         state = f"{st.sha256}:{st.mode:o}" if st.exists and st.mode is not None else ("absent" if not st.exists else str(st.sha256))
         if not st.exists:

@@ -627,3 +627,21 @@ def test_upload_and_template_with_sudo_to_another_user(tmp_path: Path, hosts: li
     assert leftovers == ""
     second = go(pb, inv, known_hosts)
     assert {r.status for r in second.results} == {Status.OK}, [(r.step_id, r.status.value, r.message) for r in second.results]
+
+
+def test_sudo_upload_of_a_large_private_file_is_idempotent_and_predicted(tmp_path: Path, hosts: list[SSHHost],
+                                                                         inv: Path, known_hosts: Path) -> None:
+    """A file only the sudo user can read, larger than a command's bounded output: compared by its sha256."""
+    if shutil.which("sudo") is None or os.geteuid() != 0:
+        pytest.skip("per-host test users (and the sudoers drop-in between them) need the tests to run as root")
+    login, target = hosts[0], hosts[1]
+    (tmp_path / "big").write_bytes(os.urandom(300 * 1024))          # base64 of it exceeds 64 KiB head + tail
+    pb = playbook(tmp_path / "pb.yml", [
+        {"name": "up", "upload": {"src": "big", "dest": f"{target.home}/big", "mode": "0600"}, "sudo": target.user},
+    ], hosts=login.name)
+    assert go(pb, inv, known_hosts).exit_code() == 0
+    assert (target.home / "big").read_bytes() == (tmp_path / "big").read_bytes()
+    second = go(pb, inv, known_hosts)
+    assert second.get(login.name, "up").status == Status.OK, second.get(login.name, "up").message
+    planned = go(pb, inv, known_hosts, mode="plan")
+    assert planned.get(login.name, "up").prediction == "ok"
