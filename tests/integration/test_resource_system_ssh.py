@@ -1,0 +1,243 @@
+"""service, package, user, group and cron against a real sshd host, as root through sudo.
+
+Every test host is a user on this one machine, so system state (init scripts, packages, accounts,
+crontabs) is shared with it: each test uses names unique to the run (`rbt-…-<random>`), cleans up
+after itself, and never touches a real service, package or account. The host's user gets
+passwordless sudo to root only while this module runs (a sudoers drop-in of its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runbook.cli import main
+from tests.sshd import SSHHost, write_inventory
+
+pytestmark = pytest.mark.ssh
+
+SUDOERS = Path("/etc/sudoers.d")
+
+
+def unique(prefix: str) -> str:
+    """A name nothing on this machine has (one per test run)."""
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def root_host(ssh_hosts: list[SSHHost]) -> Iterator[SSHHost]:
+    """The first test host, whose user may sudo to root without a password while this module runs."""
+    if os.geteuid() != 0 or shutil.which("sudo") is None or not SUDOERS.is_dir():
+        pytest.skip("the system resource tests need to run as root on a machine with sudo")
+    host = ssh_hosts[0]
+    if host.user == pwd.getpwuid(os.geteuid()).pw_name:
+        pytest.skip("the sshd test hosts log in as the current user (no per-host users)")
+    for stale in SUDOERS.glob("runbook-tests-root-*"):    # left by a run that was killed
+        pid = stale.name.removeprefix("runbook-tests-root-")
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
+    path = SUDOERS / f"runbook-tests-root-{os.getpid()}"
+    tmp = path.with_name(path.name + "~tmp")     # sudo ignores names with `~` while the rule is checked
+    tmp.write_text(f"{host.user} ALL=(root) NOPASSWD: ALL\n")
+    tmp.chmod(0o440)
+    check = subprocess.run(["visudo", "-c", "-q", "-f", str(tmp)], capture_output=True, text=True)
+    if check.returncode != 0:
+        tmp.unlink()
+        pytest.fail(f"sudoers rule for the test host is invalid: {check.stderr}")
+    os.replace(tmp, path)
+    try:
+        yield host
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class Runbook:
+    """The real CLI in process against one sshd host: run, plan (to a file) and apply that plan."""
+
+    def __init__(self, tmp: Path, host: SSHHost, known_hosts: Path, capsys: pytest.CaptureFixture[str]):
+        self.tmp, self.known_hosts, self.capsys = tmp, known_hosts, capsys
+        self.inventory = write_inventory(tmp / "inventory.yml", [host])
+        self.count = 0
+
+    def playbook(self, steps: list[dict[str, Any]], **top: Any) -> Path:
+        """Write a playbook of these steps (each `sudo: true` unless it says otherwise)."""
+        self.count += 1
+        path = self.tmp / f"pb{self.count}.yml"
+        steps = [{"sudo": True, **s} for s in steps]
+        path.write_text(yaml.safe_dump({"runbook": "system", "hosts": "all", **top, "steps": steps}, sort_keys=False))
+        return path
+
+    def _cli(self, *args: str | Path) -> tuple[int, str]:
+        self.capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = self.capsys.readouterr()
+        return code, out + err
+
+    def run(self, steps: list[dict[str, Any]], **top: Any) -> tuple[int, dict[str, dict[str, Any]]]:
+        """`runbook run` of these steps: (exit code, {step_id: result})."""
+        code, out = self._cli("run", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
+                              self.known_hosts, "--output", "json")
+        return code, {r["step_id"]: r for r in json.loads(out[: out.rindex("}") + 1])["results"]}
+
+    def plan(self, steps: list[dict[str, Any]], **top: Any) -> tuple[Path, dict[str, dict[str, Any]]]:
+        """`runbook plan` of these steps to a file: (plan path, {step_id: prediction})."""
+        out = self.tmp / f"plan{self.count + 1}.json"
+        code, text = self._cli("plan", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
+                               self.known_hosts, "--out", out)
+        assert out.exists(), f"plan failed (rc={code}):\n{text}"
+        return out, {p["step_id"]: p for p in json.loads(out.read_text())["predictions"]}
+
+    def apply(self, plan: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+        """`runbook apply` of a saved plan: (exit code, {step_id: result})."""
+        code, out = self._cli("apply", plan, "--known-hosts", self.known_hosts, "--output", "json")
+        return code, {r["step_id"]: r for r in json.loads(out[: out.rindex("}") + 1])["results"]}
+
+    def idempotent(self, steps: list[dict[str, Any]]) -> None:
+        """Applying again changes nothing, and a plan now predicts `ok` for every step."""
+        code, again = self.run(steps)
+        assert code == 0 and {k: r["status"] for k, r in again.items()} == {k: "ok" for k in again}, again
+        _, preds = self.plan(steps)
+        assert {k: p["prediction"] for k, p in preds.items()} == {k: "ok" for k in preds}, preds
+
+
+@pytest.fixture
+def rb(tmp_path: Path, root_host: SSHHost, known_hosts: Path, capsys: pytest.CaptureFixture[str],
+       monkeypatch: pytest.MonkeyPatch) -> Runbook:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    return Runbook(tmp_path, root_host, known_hosts, capsys)
+
+
+# --- service (SysV: systemd does not run in CI containers) ---------------------------------------------
+
+INIT_SCRIPT = """#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          {name}
+# Required-Start:
+# Required-Stop:
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: runbook test service
+### END INIT INFO
+PID=/run/{name}.pid
+running() {{ [ -f "$PID" ] && kill -0 "$(cat "$PID")" 2>/dev/null; }}
+case "$1" in
+  start) {fail}running || {{ setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $! > "$PID"; }} ;;
+  stop) if running; then kill "$(cat "$PID")"; fi; rm -f "$PID" ;;
+  restart|force-reload) "$0" stop; "$0" start ;;
+  reload) running && echo reloaded >> /run/{name}.reloads ;;
+  status) running && exit 0; exit 3 ;;
+  *) echo "usage: $0 start|stop|restart|reload|status" >&2; exit 2 ;;
+esac
+"""
+
+
+def _links(name: str) -> set[str]:
+    return {p.name[0] for d in ("rc2.d", "rc3.d", "rc4.d", "rc5.d") for p in (Path("/etc") / d).glob(f"[SK][0-9][0-9]{name}")}
+
+
+def _pid(name: str) -> int | None:
+    try:
+        pid = int(Path(f"/run/{name}.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+@pytest.fixture
+def init_script(root_host: SSHHost) -> Iterator[Any]:
+    """`init_script(fail=False)` writes /etc/init.d/rbt-svc-<random> (a sleep with a pid file); removed after."""
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("this machine runs systemd: the SysV backend is not the one detected here")
+    if shutil.which("update-rc.d") is None or shutil.which("service") is None:
+        pytest.skip("needs Debian's `service` and `update-rc.d`")
+    made: list[str] = []
+
+    def make(fail: bool = False) -> str:
+        name = unique("rbt-svc")
+        script = Path("/etc/init.d") / name
+        script.write_text(INIT_SCRIPT.format(name=name, fail="echo cannot bind port 8080 >&2; exit 1; " if fail else ""))
+        script.chmod(0o755)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pid = _pid(name)
+        if pid:
+            os.kill(pid, 15)
+        subprocess.run(["update-rc.d", "-f", name, "remove"], capture_output=True)
+        for leftover in (Path("/etc/init.d") / name, Path(f"/run/{name}.pid"), Path(f"/run/{name}.reloads")):
+            leftover.unlink(missing_ok=True)
+
+
+def test_service_started_enabled_exact_plan_apply_and_idempotence(rb: Runbook, init_script: Any) -> None:
+    name = init_script()
+    steps = [{"name": "svc", "service": {"name": name, "state": "started", "enabled": True}}]
+    plan, preds = rb.plan(steps)
+    assert preds["svc"]["prediction"] == "change", preds
+    assert preds["svc"]["diff"].splitlines()[2:] == ["@@ -1,2 +1,2 @@", "-running: no", "-enabled: no",
+                                                     "+running: yes", "+enabled: yes"]
+    assert preds["svc"]["command"] == f"service {name} start; update-rc.d {name} defaults"
+    assert _pid(name) is None and _links(name) == set(), "the dry run changed the host"
+
+    code, results = rb.apply(plan)
+    assert code == 0 and results["svc"]["status"] == "changed", results
+    assert results["svc"]["data"] == {"backend": "sysv", "before": {"running": False, "enabled": False},
+                                      "after": {"running": True, "enabled": True}}
+    assert _pid(name) is not None and _links(name) == {"S"}
+    rb.idempotent(steps)
+
+
+def test_service_restarted_always_changes_and_restarts(rb: Runbook, init_script: Any) -> None:
+    name = init_script()
+    rb.run([{"name": "up", "service": {"name": name, "state": "started"}}])
+    before = _pid(name)
+    steps = [{"name": "restart", "service": {"name": name, "state": "restarted"}}]
+    _, preds = rb.plan(steps)
+    assert preds["restart"]["prediction"] == "change" and "restarted always changes" in preds["restart"]["reason"]
+    assert _pid(name) == before
+    code, results = rb.run(steps)
+    assert code == 0 and results["restart"]["status"] == "changed"
+    assert _pid(name) not in (None, before)
+    code, results = rb.run([{"name": "reload", "service": {"name": name, "state": "reloaded"}}])
+    assert code == 0 and results["reload"]["status"] == "changed"
+    assert Path(f"/run/{name}.reloads").read_text() == "reloaded\n"
+
+
+def test_service_stopped_disabled_then_idempotent(rb: Runbook, init_script: Any) -> None:
+    name = init_script()
+    rb.run([{"name": "up", "service": {"name": name, "state": "started", "enabled": True}}])
+    steps = [{"name": "down", "service": {"name": name, "state": "stopped", "enabled": False}}]
+    code, results = rb.run(steps)
+    assert code == 0 and results["down"]["status"] == "changed", results
+    assert results["down"]["data"]["after"] == {"running": False, "enabled": False}
+    assert _pid(name) is None and _links(name) == {"K"}
+    rb.idempotent(steps)
+
+
+def test_service_errors_name_the_host_the_service_and_what_failed(rb: Runbook, init_script: Any) -> None:
+    broken = init_script(fail=True)
+    missing = unique("rbt-svc-missing")
+    steps = [{"name": "broken", "service": {"name": broken, "state": "started"}, "needs": []},
+             {"name": "missing", "service": {"name": missing, "state": "started"}, "needs": []}]
+    _, preds = rb.plan(steps)
+    assert preds["broken"]["prediction"] == "change"
+    assert preds["missing"]["prediction"] == "unknown" and f"/etc/init.d/{missing} does not exist" in preds["missing"]["reason"]
+    code, results = rb.run(steps)
+    assert code == 2
+    msg = results["broken"]["message"]
+    assert results["broken"]["status"] == "failed" and msg.startswith(f"h0: service {broken}: `service {broken} start` failed")
+    assert "cannot bind port 8080" in msg
+    assert results["missing"]["status"] == "failed" and results["missing"]["message"].startswith(f"h0: service {missing}:")

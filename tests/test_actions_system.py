@@ -1,0 +1,172 @@
+"""service, package, user, group, cron: spec validation (attack inputs refused, located), the command lines each
+backend builds, the parsers of what hosts print, and read-only plans against this machine (nothing is changed)."""
+
+from __future__ import annotations
+
+import shlex
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runbook.actions import Action, PredictionKind, TaskEnv, action_for
+from runbook.actions._system import parse_sections, state_diff
+from runbook.actions.service import ServiceSpec, boot, control, parse_systemd, parse_sysv, plan_changes
+from runbook.connections import ReadOnlyConnection
+from runbook.connections.local import LocalConnection
+from runbook.errors import RunbookError
+from runbook.loader import load_playbook, validate_playbook
+
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
+
+def write(tmp_path: Path, step: dict[str, Any]) -> Path:
+    """A one-step playbook file, written as YAML."""
+    path = tmp_path / "pb.yml"
+    path.write_text(yaml.safe_dump({"runbook": "t", "steps": [step]}, sort_keys=False))
+    return path
+
+
+def problems(tmp_path: Path, step: dict[str, Any]) -> list[str]:
+    """Every problem `validate` finds in a one-step playbook, rendered with its location."""
+    return [p.render() for p in validate_playbook(write(tmp_path, step)).errors]
+
+
+def planned(tmp_path: Path, step: dict[str, Any], vars: dict[str, Any] | None = None) -> tuple[Action, TaskEnv]:
+    """The action and a dry run's environment (read-only connection to this machine) for one step."""
+    pb = load_playbook(write(tmp_path, step))
+    action = action_for(pb.steps[0])
+    conn = ReadOnlyConnection(LocalConnection("local"), allow_run=action.probes_read_only())
+    return action, TaskEnv(step=pb.steps[0], host="web1", conn=conn, vars=dict(vars or {}), playbook=pb)
+
+
+def unique(prefix: str) -> str:
+    """A name nothing on this machine has."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --- shared helpers ----------------------------------------------------------------------------------
+
+def test_sections_split_on_marker_lines_only() -> None:
+    text = "\n--rb:a--\none\ntwo --rb:b-- inline\n\n--rb:b--\n\n--rb:end--\n"
+    assert parse_sections(text) == {"a": "one\ntwo --rb:b-- inline", "b": "", "end": ""}
+
+
+def test_state_diff_is_empty_when_nothing_differs() -> None:
+    assert state_diff(["a: 1"], ["a: 1"], "x") == ""
+    diff = state_diff(["a: 1", "b: 2"], ["a: 1", "b: 3"], "user x")
+    assert "-b: 2\n+b: 3\n" in diff and diff.startswith("--- user x (on host)\n+++ user x (wanted)\n")
+
+
+# --- service ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["x; rm -rf /", "$(reboot)", "-h", "a b", "a\nb", "`id`", "a|b", "../etc/x", "", "x" * 300])
+def test_service_names_with_metacharacters_are_refused_located(tmp_path: Path, name: str) -> None:
+    found = problems(tmp_path, {"name": "s", "service": {"name": name, "state": "started"}})
+    assert len(found) == 1 and "invalid service name" in found[0], found
+    assert found[0].startswith(f"{tmp_path / 'pb.yml'}:5:11: error: `name`: invalid service name"), found  # at the value
+
+
+def test_service_needs_state_or_enabled_and_knows_its_states(tmp_path: Path) -> None:
+    assert "service needs `state`, `enabled` or both" in problems(tmp_path, {"name": "s", "service": {"name": "a"}})[0]
+    assert problems(tmp_path, {"name": "s", "service": {"name": "a", "state": "running"}})
+    assert problems(tmp_path, {"name": "s", "service": {"name": "a", "state": "started", "enable": True}})
+    assert problems(tmp_path, {"name": "s", "service": {"name": "app@1.service", "state": "reloaded", "enabled": False}}) == []
+
+
+def test_systemd_show_parsing() -> None:
+    st = parse_systemd("LoadState=loaded\nActiveState=active\nSubState=running\nUnitFileState=enabled\n")
+    assert (st.backend, st.exists, st.running, st.enabled) == ("systemd", True, True, True)
+    st = parse_systemd("LoadState=loaded\nActiveState=failed\nSubState=failed\nUnitFileState=disabled\n")
+    assert (st.running, st.enabled) == (False, False)
+    assert not parse_systemd("LoadState=not-found\nActiveState=inactive\nSubState=dead\nUnitFileState=\n").exists
+    static = parse_systemd("LoadState=loaded\nActiveState=inactive\nUnitFileState=static\n")
+    assert static.enabled is None and "static" in static.why_fixed
+    masked = parse_systemd("LoadState=masked\nActiveState=inactive\nUnitFileState=masked\n")
+    assert masked.enabled is None and "masked" in masked.why_fixed
+
+
+def _spec(**kw: Any) -> ServiceSpec:
+    return ServiceSpec.model_validate({"name": "app", **kw})
+
+
+def test_systemd_command_lines() -> None:
+    stopped = parse_systemd("LoadState=loaded\nActiveState=inactive\nUnitFileState=disabled\n")
+    running = parse_systemd("LoadState=loaded\nActiveState=active\nUnitFileState=enabled\n")
+    assert plan_changes(_spec(state="started", enabled=True), "app", stopped).commands == [
+        ["systemctl", "start", "--", "app"], ["systemctl", "enable", "--", "app"]]
+    assert plan_changes(_spec(state="stopped", enabled=False), "app", running).commands == [
+        ["systemctl", "stop", "--", "app"], ["systemctl", "disable", "--", "app"]]
+    assert plan_changes(_spec(state="started", enabled=True), "app", running).commands == []
+    assert plan_changes(_spec(state="restarted"), "app", running).commands == [["systemctl", "restart", "--", "app"]]
+    assert plan_changes(_spec(state="reloaded"), "app", running).commands == [["systemctl", "reload", "--", "app"]]
+    # Nothing to restart or reload in a stopped service: it is started.
+    assert plan_changes(_spec(state="reloaded"), "app", stopped).commands == [["systemctl", "start", "--", "app"]]
+    assert control(running, "app@2.service", "start") == ["systemctl", "start", "--", "app@2.service"]
+    assert boot(running, "app", False) == [["systemctl", "disable", "--", "app"]]
+
+
+def test_systemd_refuses_what_it_cannot_change() -> None:
+    static = parse_systemd("LoadState=loaded\nActiveState=inactive\nUnitFileState=static\n")
+    with pytest.raises(RunbookError, match="cannot make it enabled: the unit is static"):
+        plan_changes(_spec(enabled=True), "app", static)
+    assert plan_changes(_spec(state="started"), "app", static).commands == [["systemctl", "start", "--", "app"]]
+    masked = parse_systemd("LoadState=masked\nActiveState=inactive\nUnitFileState=masked\n")
+    with pytest.raises(RunbookError, match="masked"):
+        plan_changes(_spec(state="started"), "app", masked)
+
+
+def _sysv(status: str = "3", links: str = "", tools: str = "service\nupdate-rc.d", chkconfig: str = "") -> dict[str, str]:
+    return {"init": "sysv", "script": "present", "tools": tools, "status": status, "links": links, "chkconfig": chkconfig}
+
+
+def test_sysv_parsing_and_debian_command_lines() -> None:
+    st = parse_sysv(_sysv("3"), "app")
+    assert (st.backend, st.running, st.enabled) == ("sysv", False, False)
+    assert plan_changes(_spec(state="started", enabled=True), "app.service", st).commands == [
+        ["service", "app", "start"], ["update-rc.d", "app", "defaults"]]
+    disabled = parse_sysv(_sysv("0", "K01app\nK01app\nK01app\nK01app"), "app")
+    assert (disabled.running, disabled.enabled) == (True, False)
+    assert plan_changes(_spec(enabled=True), "app", disabled).commands == [["update-rc.d", "app", "enable"]]
+    enabled = parse_sysv(_sysv("0", "S01app\nS01app\nS01app\nS01app"), "app")
+    assert plan_changes(_spec(state="stopped", enabled=False), "app", enabled).commands == [
+        ["service", "app", "stop"], ["update-rc.d", "app", "disable"]]
+    no_service = parse_sysv(_sysv("0", tools="update-rc.d"), "app")
+    assert control(no_service, "app", "restart") == ["/etc/init.d/app", "restart"]
+
+
+def test_sysv_chkconfig_command_lines_and_unknown_status() -> None:
+    st = parse_sysv(_sysv("3", tools="service\nchkconfig", chkconfig="app 0:off 1:off 2:off 3:off 4:off 5:off 6:off"), "app")
+    assert st.enabled is False
+    assert plan_changes(_spec(enabled=True), "app", st).commands == [["chkconfig", "--add", "app"], ["chkconfig", "app", "on"]]
+    on = parse_sysv(_sysv("0", tools="service\nchkconfig", chkconfig="app 0:off 1:off 2:on 3:on 4:on 5:on 6:off"), "app")
+    assert plan_changes(_spec(enabled=False), "app", on).commands == [["chkconfig", "app", "off"]]
+    with pytest.raises(RunbookError, match="exit status 4"):
+        parse_sysv(_sysv("4"), "app")
+    bare = parse_sysv(_sysv("3", tools="service"), "app")
+    with pytest.raises(RunbookError, match="neither update-rc.d nor chkconfig"):
+        plan_changes(_spec(enabled=True), "app", bare)
+
+
+def test_service_plan_of_a_missing_service_reads_this_machine_read_only(tmp_path: Path) -> None:
+    name = unique("rbt-nosvc")
+    action, env = planned(tmp_path, {"name": "s", "service": {"name": name, "state": "started"}})
+    pred = action.plan(env)
+    assert pred.kind == PredictionKind.UNKNOWN and name in pred.reason and "earlier step" in pred.reason
+    expected = "systemd" if Path("/run/systemd/system").is_dir() else "sysv"
+    assert pred.data["backend"] == expected and pred.state
+
+
+def test_service_rendered_name_is_checked_at_run_time(tmp_path: Path) -> None:
+    action, env = planned(tmp_path, {"name": "s", "service": {"name": "{{ svc }}", "state": "started"}},
+                          {"svc": "app; reboot"})
+    with pytest.raises(RunbookError, match=r"web1: step `s`: service name .* rendered to 'app; reboot'"):
+        action.plan(env)
+
+
+def test_service_command_lines_quote_nothing_into_a_shell() -> None:
+    st = parse_systemd("LoadState=loaded\nActiveState=inactive\nUnitFileState=disabled\n")
+    for argv in plan_changes(_spec(state="started", enabled=True), "app", st).commands:
+        assert shlex.split(shlex.join(argv)) == argv and all(not a.startswith("-") or a == "--" for a in argv[1:])
