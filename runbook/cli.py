@@ -105,7 +105,7 @@ def schema() -> None:
 # --- running ------------------------------------------------------------------------------------
 
 def parse_extra_vars(values: tuple[str, ...]) -> dict[str, Any]:
-    """`-e key=value`, `-e @file.yml` (YAML or JSON) and `-e '{"json": 1}'`, later ones win."""
+    """`-e key=value` (the value is text, as in Ansible), `-e @file.yml` and `-e '{"json": 1}'` (typed); later ones win."""
     from runbook.errors import ValidationError
     from runbook.loader import load_document
 
@@ -127,23 +127,10 @@ def parse_extra_vars(values: tuple[str, ...]) -> dict[str, Any]:
             if not eq or not key.strip():
                 raise ValidationError(f"-e {raw!r}: expected key=value, @file.yml or a JSON object",
                                       hint="for example: -e threshold=90")
-            out[key.strip()] = _scalar(value)
+            # Always text, as Ansible keeps them: `version=1.10` must not become 1.1, nor `cmd=true` True.
+            # Typed values come from `-e @file.yml` or `-e '{"n": 90}'`.
+            out[key.strip()] = value
     return out
-
-
-def _scalar(text: str) -> Any:
-    """`-e n=90` gives the number 90 and `-e on=true` a boolean (YAML 1.2 scalars); anything else stays text."""
-    import yaml
-
-    from runbook.loader import _Loader
-
-    try:
-        value = yaml.load(text, Loader=_Loader) if text.strip() else text
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, int) and text.strip().lstrip("+-").startswith("0") and len(text.strip().lstrip("+-")) > 1:
-        return text  # 0644 is a mode or an id, not the number 644
-    return value if isinstance(value, (int, float, bool)) else text
 
 
 def _run_options(f):
@@ -151,7 +138,8 @@ def _run_options(f):
     opts = [
         click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory file, directory or `a,b,` list (repeatable)."),
         click.option("-l", "--limit", help="Further limit the selected hosts with a pattern."),
-        click.option("-e", "--extra-vars", "extra", multiple=True, help="key=value, @file.yml or JSON (highest precedence)."),
+        click.option("-e", "--extra-vars", "extra", multiple=True,
+                     help="key=value (the value is text), @file.yml or a JSON object (typed values); highest precedence."),
         click.option("-t", "--tags", "tags", multiple=True, help="Only run steps with these tags (comma-separated)."),
         click.option("--skip-tags", "skip_tags", multiple=True, help="Skip steps with these tags."),
         click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]),

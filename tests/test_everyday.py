@@ -101,3 +101,32 @@ def test_an_action_spec_boolean_follows_the_same_rule() -> None:
     for bad in ({"force": "yes"}, {"maybe": "on"}, {"force": 1}):
         with pytest.raises(ValidationError, match="expected true or false"):
             Spec.model_validate(bad)
+
+
+# --- -e key=value is text ---------------------------------------------------------------------
+
+def test_extra_vars_key_value_stays_text_json_and_files_keep_types(tmp_path: Path) -> None:
+    from runbook.cli import parse_extra_vars
+
+    write(tmp_path / "vars.yml", "n: 90\nflag: true\nversion: '1.10'\n")
+    got = parse_extra_vars(("restart_command=true", "version=1.10", "threshold=90", "mode=0644", "empty=",
+                            "eq=a=b", "yes=no"))
+    assert got == {"restart_command": "true", "version": "1.10", "threshold": "90", "mode": "0644", "empty": "",
+                   "eq": "a=b", "yes": "no"}
+    assert parse_extra_vars((f"@{tmp_path / 'vars.yml'}",)) == {"n": 90, "flag": True, "version": "1.10"}
+    assert parse_extra_vars(('{"n": 90, "flag": true}', "n=91")) == {"n": "91", "flag": True}
+
+
+def test_extra_vars_reach_the_command_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n"
+               "  - name: show\n    shell: echo {{ version | quote }} {{ restart_command | quote }}\n"
+               "  - name: typed\n    when: not (flag | bool)\n    shell: echo off\n")
+    code = exit_code(lambda: main(["run", str(pb), "-e", "version=1.10", "-e", "restart_command=true",
+                                   "-e", "flag=false", "--output", "json"]))
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    results = {r["step_id"]: r for r in doc["results"]}
+    assert results["show"]["stdout"] == "1.10 true\n"
+    assert results["typed"]["stdout"] == "off\n"    # the text `false` is still false as a condition
