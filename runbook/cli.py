@@ -133,8 +133,13 @@ def parse_extra_vars(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+_HOST_KEYS_HELP = "Unknown host keys: reject (strict, the default), record them (accept-new), or ignore (off)."
+_AUDIT_HELP = "Audit trail file (default: .runbook/audit.jsonl beside the playbook)."
+_VERBOSE_HELP = "Show every task's command, output (bounded), diff and message; failed tasks always show their output."
+
+
 def _run_options(f):
-    """Flags shared by run, plan and apply."""
+    """Flags shared by run and plan."""
     opts = [
         click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory file, directory or `a,b,` list (repeatable)."),
         click.option("-l", "--limit", help="Further limit the selected hosts with a pattern."),
@@ -142,21 +147,39 @@ def _run_options(f):
                      help="key=value (the value is text), @file.yml or a JSON object (typed values); highest precedence."),
         click.option("-t", "--tags", "tags", multiple=True, help="Only run steps with these tags (comma-separated)."),
         click.option("--skip-tags", "skip_tags", multiple=True, help="Skip steps with these tags."),
-        click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]),
-                     help="Unknown host keys: reject (strict, the default), record them (accept-new), or ignore (off)."),
+        click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]), help=_HOST_KEYS_HELP),
         click.option("--known-hosts", type=click.Path(dir_okay=False), help="Known-hosts file (default ~/.ssh/known_hosts)."),
-        click.option("--connect-timeout", type=float, default=10.0, show_default=True),
+        click.option("--connect-timeout", type=float, default=10.0, show_default=True,
+                     help="Seconds to wait for a host to answer."),
         click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Hosts at once (overrides the playbook)."),
-        click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                     help="json: one JSON document on stdout with every task result."),
-        click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG",
-                     help="Audit trail file (default: .runbook/audit.jsonl beside the playbook)."),
-        click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: the OS user)."),
-        click.option("-v", "--verbose", is_flag=True, help="Show commands, diffs and messages of every task."),
+        click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG", help=_AUDIT_HELP),
+        click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: $RUNBOOK_OPERATOR, else the OS user)."),
+        click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
+
+
+def _format_flag(json_help: str):
+    """`--format text|json` (the spelling every command uses); `--output` is its old name, kept hidden."""
+    import functools
+
+    def decorate(f):
+        @functools.wraps(f)
+        def command(*args: Any, **kw: Any) -> Any:
+            alias = kw.pop("output_alias", None)
+            if alias:
+                kw["output"] = alias
+            return f(*args, **kw)
+
+        command = click.option("--output", "output_alias", type=click.Choice(["text", "json"]), hidden=True)(command)
+        return click.option("--format", "output", type=click.Choice(["text", "json"]), default="text",
+                            show_default=True, help=json_help)(command)
+    return decorate
+
+
+_RUN_JSON = "json: the run's result on stdout (every task's status, output and timing); the console goes to stderr."
 
 
 def _split(values: tuple[str, ...]) -> frozenset[str]:
@@ -222,6 +245,7 @@ def _check_window_flags(kw: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("playbook", type=click.Path())
 @_run_options
+@_format_flag(_RUN_JSON)
 @_window_options
 @click.option("--dry-run", "--check", "dry_run", is_flag=True, help="Plan only: predict every change, change nothing.")
 @click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
@@ -287,6 +311,7 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
 @cli.command()
 @click.argument("playbook", type=click.Path())
 @_run_options
+@_format_flag("json: the plan document on stdout (what --out saves: every prediction with its reason and diff).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Save the plan for review and `runbook apply`.")
 @click.option("--sign-key", type=click.Path(dir_okay=False),
               help=f"Sign the plan with the key in FILE (HMAC-SHA256; default: ${_PLAN_KEY_ENV}, the key itself).")
@@ -329,15 +354,16 @@ def show(plan_file: str, no_diff: bool, html_file: str | None, playbook_text: bo
 @click.option("-e", "--extra-vars", "extra", multiple=True, help="Needed again only for values the plan redacted.")
 @click.option("--allow-drift", is_flag=True, help="Go on when a host's state no longer matches the plan.")
 @click.option("--max-age", default="24h", show_default=True, help="Refuse plans older than this.")
-@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]))
-@click.option("--known-hosts", type=click.Path(dir_okay=False))
-@click.option("--connect-timeout", type=float, default=10.0, show_default=True)
-@click.option("-c", "--concurrency", type=click.IntRange(min=1))
-@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
-@click.option("--operator", envvar="RUNBOOK_OPERATOR")
+@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]),
+              help=_HOST_KEYS_HELP + " The plan may raise it, never lower it.")
+@click.option("--known-hosts", type=click.Path(dir_okay=False), help="Known-hosts file (default ~/.ssh/known_hosts).")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a host to answer.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Hosts at once (overrides the playbook).")
+@_format_flag(_RUN_JSON)
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG", help=_AUDIT_HELP)
+@click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: $RUNBOOK_OPERATOR, else the OS user).")
 @click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP)
 @_window_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 @click.option("--sign-key", type=click.Path(dir_okay=False),
@@ -466,14 +492,14 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.option("--rerun-in-flight", is_flag=True,
               help="Run again the tasks that were running when the run stopped (their outcome is unknown).")
 @click.option("-e", "--extra-vars", "extra", multiple=True, help="Needed again for the values the run state redacted.")
-@click.option("--state-dir", type=click.Path(file_okay=False))
-@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
-@click.option("--operator", envvar="RUNBOOK_OPERATOR")
-@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]))
-@click.option("--known-hosts", type=click.Path(dir_okay=False))
-@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("-y", "--yes", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("--state-dir", type=click.Path(file_okay=False), help="Run state directory (default: runs/ beside the audit trail).")
+@click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG", help=_AUDIT_HELP)
+@click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: $RUNBOOK_OPERATOR, else the OS user).")
+@click.option("--host-key-checking", type=click.Choice(["strict", "accept-new", "off"]), help=_HOST_KEYS_HELP)
+@click.option("--known-hosts", type=click.Path(dir_okay=False), help="Known-hosts file (default ~/.ssh/known_hosts).")
+@_format_flag(_RUN_JSON)
+@click.option("-y", "--yes", is_flag=True, help="Approve every `approve` gate in advance.")
+@click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP)
 @_window_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:

@@ -124,9 +124,47 @@ def test_extra_vars_reach_the_command_as_written(tmp_path: Path, monkeypatch: py
                "  - name: show\n    shell: echo {{ version | quote }} {{ restart_command | quote }}\n"
                "  - name: typed\n    when: not (flag | bool)\n    shell: echo off\n")
     code = exit_code(lambda: main(["run", str(pb), "-e", "version=1.10", "-e", "restart_command=true",
-                                   "-e", "flag=false", "--output", "json"]))
+                                   "-e", "flag=false", "--format", "json"]))
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
     results = {r["step_id"]: r for r in doc["results"]}
     assert results["show"]["stdout"] == "1.10 true\n"
     assert results["typed"]["stdout"] == "off\n"    # the text `false` is still false as a condition
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+def help_of(*command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert exit_code(lambda: main([*command, "--help"])) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "apply", "resume"])
+def test_one_format_flag_and_the_old_spelling_hidden(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    text = help_of(command, capsys=capsys)
+    assert "--format [text|json]" in text and "--output" not in text
+
+
+@pytest.mark.parametrize("command", ["apply", "resume"])
+def test_every_option_of_apply_and_resume_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    from runbook.cli import cli
+
+    cmd = cli.commands[command]
+    bare = [p.name for p in cmd.params if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert bare == []
+
+
+def test_plan_json_help_says_what_it_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    text = " ".join(help_of("plan", capsys=capsys).split())
+    assert "every task result" not in text and "the plan document on stdout" in text
+
+
+@pytest.mark.parametrize("flag", ["--format", "--output"])
+def test_format_json_and_its_old_alias(flag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: hi\n    shell: echo hi\n")
+    assert exit_code(lambda: main(["run", str(pb), flag, "json"])) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["stdout"] == "hi\n"

@@ -645,7 +645,7 @@ def test_the_extra_vars_hash_is_salted_and_the_same_values_apply(tmp_path: Path,
     monkeypatch.delenv("RUNBOOK_PLAN_KEY", raising=False)
     (tmp_path / "pb.yml").write_text(VARS_PB)
     one, two = _vars_plan(tmp_path, capsys, "one.json"), _vars_plan(tmp_path, capsys, "two.json")
-    right = {"release": 7, "db_password": SECRET_VAR}
+    right = {"release": "7", "db_password": SECRET_VAR}
     assert SECRET_VAR not in (tmp_path / "one.json").read_text()
     assert one["extra_vars_scheme"] == "scrypt" and len(one["extra_vars_salt"]) == 32
     # Same values, two plans: nothing in common, so one plan says nothing about another's values.
@@ -666,7 +666,7 @@ def test_the_extra_vars_hash_is_salted_and_the_same_values_apply(tmp_path: Path,
     code, _, err = cli(capsys, "plan", tmp_path / "pb.yml", "-e", "release=8", "--out", tmp_path / "three.json")
     assert code == 0, err
     three = json.loads((tmp_path / "three.json").read_text())
-    assert three["extra_vars_scheme"] == "salted" and three["extra_vars_hash"] != sha256_text(canonical({"release": 8}))
+    assert three["extra_vars_scheme"] == "salted" and three["extra_vars_hash"] != sha256_text(canonical({"release": "8"}))
     code, _, err = cli(capsys, "apply", tmp_path / "three.json", "-y")
     assert code == 0, err
 
@@ -680,7 +680,7 @@ def test_with_a_plan_key_the_extra_vars_hash_is_keyed(tmp_path: Path, capsys: py
     (tmp_path / "pb.yml").write_text(VARS_PB)
     key = key_file(tmp_path / "key.txt")
     doc = _vars_plan(tmp_path, capsys, "plan.json", "--sign-key", str(key))
-    right = {"release": 7, "db_password": SECRET_VAR}
+    right = {"release": "7", "db_password": SECRET_VAR}
     assert doc["extra_vars_scheme"] == "keyed"
     # The right guess, with the salt, cannot be confirmed by any computation that lacks the key.
     for scheme in ("salted", "scrypt"):
