@@ -21,8 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv
+from runbook.actions.upload import content_diff
 from runbook.errors import RunbookError
+from runbook.fields import OctalMode, Strict
 
 #: Content up to this size comes back with the state read (base64 fits the connections' default output limit).
 INLINE_LIMIT = 64 * 1024
@@ -714,3 +718,97 @@ class ResourceAction(Action):
 def parent_of(path: str) -> str:
     """The directory a path is in."""
     return posixpath.dirname(path) or "/"
+
+
+# --- actions that write a whole file: copy, line, block, sysctl's persist file ----------------------------
+
+
+class ContentOptions(Strict):
+    """The keys every action that writes a whole file shares: attributes, backup and validation."""
+
+    mode: OctalMode = None
+    owner: str | None = Field(None, description="User name or uid.")
+    group: str | None = Field(None, description="Group name or gid.")
+    backup: bool = Field(False, description="Keep a timestamped copy (PATH.YYYYmmddTHHMMSSZ.bak) before replacing.")
+    # `validate` would shadow a pydantic method: the attribute is validate_, the key `validate`.
+    validate_: str | None = Field(None, alias="validate", description=(
+        "Command run on the candidate file before it replaces the original; %s is the candidate's path "
+        "(e.g. `sshd -t -f %s`). Its failure fails the step and leaves the original untouched."))
+
+    @model_validator(mode="after")
+    def _validate_has_placeholder(self) -> ContentOptions:
+        if self.validate_ is not None and "%s" not in self.validate_:
+            raise ValueError("`validate` needs %s where the candidate file's path goes, e.g. `sshd -t -f %s`")
+        return self
+
+
+def blocked_file(env: TaskEnv, state: PathState, follow: bool) -> str | None:
+    """Why a whole file cannot be written at `state.path`: a directory there, a missing parent, no read access."""
+    if state.kind == "directory":
+        return f"{state.path} is a directory, not a file"
+    if state.dangling and follow:
+        return f"{state.path} is a symlink to {state.target!r}, which does not exist"
+    if state.exists and state.kind == "other":
+        return f"{state.path} is not a regular file"
+    if state.kind == "file" and (state.unreadable or state.sha256 is None):
+        return f"cannot read {state.path} as {who(env)}: permission denied; use sudo"
+    return None
+
+
+@dataclass
+class Wanted:
+    """A whole file as a step wants it."""
+
+    data: bytes
+    mode: str | None = None
+    owner: str | None = None
+    group: str | None = None
+    backup: bool = False
+    validate: str | None = None
+    follow: bool = True
+    parents: bool = False        # create missing parent directories (line/block `create`)
+
+
+def plan_write(env: TaskEnv, change: Change, want: Wanted, diff_limit: int) -> None:
+    """Close the difference between the file read into `change.state` and `want`: attributes, or content and attributes."""
+    state = change.state
+    target = content_target(env, state, want.follow)
+    info = state.info if state.kind == "file" else None
+    new_sha = hashlib.sha256(want.data).hexdigest()
+    problem = attr_problem(env, state, info, want.owner, want.group)
+    before, after = attr_changes(state, info, want.mode, want.owner, want.group)
+    if info is not None and state.sha256 == new_sha:
+        if after:
+            change.fail = problem
+            change.before.update(before)
+            change.after.update(after)
+            change.add(f"{target}: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in after),
+                       set_attrs(env, target, after.get("mode"), after.get("owner"), after.get("group")))
+            change.diff = attr_diff(target, before, after)
+            change.planned[target] = change.planned[state.path] = planned_after(state, "file", want.mode)
+        return
+    if not state.exists and not want.parents and (state.ancestor != parent_of(state.path) or state.ancestor_kind != "dir"):
+        change.fail = f"cannot create {state.path}: directory {parent_of(state.path)} does not exist"
+        return
+    if problem:
+        change.fail = problem
+        return
+    if info is None:
+        after = {k: v for k, v in (("mode", want.mode), ("owner", want.owner), ("group", want.group)) if v}
+        attrs = " (" + ", ".join(f"{k} {v}" for k, v in after.items()) + ")" if after else ""
+        what = (f"replace symlink {state.path} -> {state.target} with a file" if state.kind == "link"
+                else f"create {target}") + attrs
+    else:
+        what = f"{target}: content differs" + "".join(f", {k} {before[k]} -> {v}" for k, v in after.items())
+    change.before.update({"state": state.kind, **before} if info is None else before)
+    change.after.update({"state": "file", **after} if info is None else after)
+    change.before["sha256"], change.after["sha256"] = state.sha256 if info else None, new_sha
+    expect = expected(state, want.follow)
+    change.add(what, lambda: write_file(env, target, want.data, expect, mode=want.mode, owner=want.owner,
+                                        group=want.group, backup=want.backup, validate=want.validate,
+                                        parents=want.parents))
+    old = full_content(env, state, diff_limit) if info is not None and info.size <= diff_limit else None
+    diff = (content_diff(old, want.data, target) if info is None or old is not None
+            else f"large file {target}: {info.size} bytes -> {len(want.data)} bytes\n")
+    change.diff = diff + attr_diff(target, before if info else {}, after if info else {})
+    change.planned[target] = change.planned[state.path] = planned_after(state, "file", want.mode, content=want.data)
