@@ -4,6 +4,7 @@ backend builds, the parsers of what hosts print, and read-only plans against thi
 from __future__ import annotations
 
 import shlex
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,13 @@ import yaml
 
 from runbook.actions import Action, PredictionKind, TaskEnv, action_for
 from runbook.actions._system import parse_sections, state_diff
+from runbook.actions.package import PackageSpec, Packages, commands, parse_apk, parse_apt, parse_rpm, simulated
+from runbook.actions.package import plan_changes as package_changes
 from runbook.actions.service import ServiceSpec, boot, control, parse_systemd, parse_sysv, plan_changes
 from runbook.connections import ReadOnlyConnection
 from runbook.connections.local import LocalConnection
 from runbook.errors import RunbookError
 from runbook.loader import load_playbook, validate_playbook
-
-pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 
 
 def write(tmp_path: Path, step: dict[str, Any]) -> Path:
@@ -170,3 +171,112 @@ def test_service_command_lines_quote_nothing_into_a_shell() -> None:
     st = parse_systemd("LoadState=loaded\nActiveState=inactive\nUnitFileState=disabled\n")
     for argv in plan_changes(_spec(state="started", enabled=True), "app", st).commands:
         assert shlex.split(shlex.join(argv)) == argv and all(not a.startswith("-") or a == "--" for a in argv[1:])
+
+
+# --- package --------------------------------------------------------------------------------------------
+
+
+APT_POLICY = """rbt-a:
+  Installed: 1.0
+  Candidate: 2.0
+  Version table:
+     2.0 500
+        500 file:/tmp/repo ./ Packages
+ *** 1.0 100
+        100 /var/lib/dpkg/status
+rbt-b:
+  Installed: (none)
+  Candidate: 3.1-2
+rbt-c:
+  Installed: (none)
+  Candidate: (none)
+"""
+
+
+@pytest.mark.parametrize("name", ["x; rm -rf /", "$(id)", "-y", "--purge", "a b", "pkg=1.0", "a\nb", "../x", "", "p>1"])
+def test_package_names_with_metacharacters_or_pins_are_refused_located(tmp_path: Path, name: str) -> None:
+    found = problems(tmp_path, {"name": "p", "package": {"name": ["ok-pkg", name]}})
+    assert len(found) == 1 and "invalid package name" in found[0] and ":7:7: error: `name`" in found[0], found
+
+
+def test_package_spec_accepts_one_name_or_a_list() -> None:
+    assert PackageSpec.model_validate({"name": "nginx"}).name == ["nginx"]
+    assert PackageSpec.model_validate({"name": ["libc6:amd64", "g++", "python3.11"], "state": "latest"}).state == "latest"
+    with pytest.raises(ValueError):
+        PackageSpec.model_validate({"name": []})
+    with pytest.raises(ValueError):
+        PackageSpec.model_validate({"name": "nginx", "state": "installed"})
+
+
+def test_apt_parsing() -> None:
+    names = ["rbt-a", "rbt-b", "rbt-c", "rbt-d"]
+    installed = "rbt-a\tall\tii \t1.0\nrbt-d\tamd64\trc \t0.5\n"   # rbt-d: removed, config files left
+    pk = parse_apt(names, installed, APT_POLICY)
+    assert pk.installed == {"rbt-a": "1.0", "rbt-b": None, "rbt-c": None, "rbt-d": None}
+    assert pk.candidate == {"rbt-a": "2.0", "rbt-b": "3.1-2", "rbt-c": None, "rbt-d": None}
+    assert parse_apt(["libc6:amd64"], "libc6\tamd64\tii \t2.36\n", "").installed == {"libc6:amd64": "2.36"}
+
+
+def test_package_changes_per_state() -> None:
+    pk = Packages("apt", {"a": "1.0", "b": None}, {"a": "2.0", "b": "3.0"})
+    present = package_changes("present", pk)
+    assert present.steps == [("install", ["b"])] and present.after == {"a": "1.0", "b": "3.0"}
+    latest = package_changes("latest", pk)
+    assert latest.steps == [("install", ["b"]), ("upgrade", ["a"])] and latest.after == {"a": "2.0", "b": "3.0"}
+    absent = package_changes("absent", pk)
+    assert absent.steps == [("remove", ["a"])] and absent.after == {"a": None, "b": None}
+    assert package_changes("present", Packages("apt", {"a": "1"}, {"a": "2"})).steps == []
+    assert package_changes("present", Packages("apt", {"x": None}, {"x": None})).missing == ["x"]
+    # Installed and in no list: `latest` leaves it alone.
+    assert package_changes("latest", Packages("apt", {"x": "1"}, {"x": None})).steps == []
+
+
+def test_package_command_lines_per_manager() -> None:
+    assert commands("apt", "install", ["a", "b"])[-3:] == ["--", "a", "b"]
+    assert commands("apt", "install", ["a"]) == ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-y", "-o",
+                                                 "DPkg::Lock::Timeout=120", "-o", "Dpkg::Options::=--force-confdef",
+                                                 "-o", "Dpkg::Options::=--force-confold", "install", "--", "a"]
+    assert commands("apt", "upgrade", ["a"])[-3:] == ["install", "--", "a"]
+    assert commands("apt", "remove", ["a"])[-3:] == ["remove", "--", "a"]
+    assert commands("apt", "update", []) == ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "update"]
+    assert commands("dnf", "install", ["a"]) == ["dnf", "-y", "-q", "install", "--", "a"]
+    assert commands("yum", "upgrade", ["a"]) == ["yum", "-y", "-q", "upgrade", "--", "a"]
+    assert commands("dnf", "remove", ["a"]) == ["dnf", "-y", "-q", "remove", "--", "a"]
+    assert commands("dnf", "update", []) == ["dnf", "-y", "-q", "makecache"]
+    assert commands("apk", "install", ["a"]) == ["apk", "add", "a"]
+    assert commands("apk", "upgrade", ["a"]) == ["apk", "add", "-u", "a"]
+    assert commands("apk", "remove", ["a"]) == ["apk", "del", "a"]
+    assert commands("apk", "update", []) == ["apk", "update"]
+
+
+def test_rpm_and_apk_parsing() -> None:
+    pk = parse_rpm("dnf", ["bash", "nginx", "gone"], "bash\tx86_64\tii\t5.1.8-6.el9\n",
+                   "bash\t5.1.8-9.el9\nnginx\t1:1.20.1-14.el9\n")
+    assert pk.installed == {"bash": "5.1.8-6.el9", "nginx": None, "gone": None}
+    assert pk.candidate == {"bash": "5.1.8-9.el9", "nginx": "1:1.20.1-14.el9", "gone": None}
+    apk = parse_apk(["busybox", "curl", "py3-foo-bar"],
+                    "busybox-1.36.1-r15 x86_64 {busybox} (GPL-2.0-only) [installed]\n",
+                    "busybox-1.36.1-r16 x86_64 {busybox} (GPL-2.0-only) [upgradable from: busybox-1.36.1-r15]\n"
+                    "curl-8.5.0-r0 x86_64 {curl} (curl)\npy3-foo-bar-2.0-r1 noarch {py3-foo-bar} (MIT)\n")
+    assert apk.installed == {"busybox": "1.36.1-r15", "curl": None, "py3-foo-bar": None}
+    assert apk.candidate == {"busybox": "1.36.1-r16", "curl": "8.5.0-r0", "py3-foo-bar": "2.0-r1"}
+
+
+def test_apt_simulation_parsing() -> None:
+    text = ("NOTE: This is only a simulation!\nInst libx (1.2 local [all])\nInst app [0.9] (1.0 local [all])\n"
+            "Conf libx (1.2 local [all])\nRemv old [3.0]\n")
+    assert simulated(text) == {"libx": (None, "1.2"), "app": ("0.9", "1.0"), "old": ("3.0", None)}
+
+
+@pytest.mark.skipif(shutil.which("dpkg-query") is None or shutil.which("apt-cache") is None, reason="needs apt and dpkg")
+def test_package_plans_read_this_machine_without_changing_it(tmp_path: Path) -> None:
+    action, env = planned(tmp_path, {"name": "p", "package": {"name": "dpkg", "state": "present"}})
+    pred = action.plan(env)
+    assert pred.kind == PredictionKind.OK and pred.data["manager"] == "apt" and pred.data["before"]["dpkg"]
+    missing = unique("rbt-nopkg")
+    action, env = planned(tmp_path, {"name": "p", "package": {"name": missing}})
+    pred = action.plan(env)
+    assert pred.kind == PredictionKind.UNKNOWN and f"no candidate for {missing}" in pred.reason
+    action, env = planned(tmp_path, {"name": "p", "package": {"name": "dpkg", "state": "absent"}})
+    pred = action.plan(env)   # simulated only: removing dpkg is never done by a test
+    assert pred.kind == PredictionKind.CHANGE and "-dpkg: " in (pred.diff or "") and "+dpkg: absent" in (pred.diff or "")

@@ -89,12 +89,12 @@ def parse_sections(text: str) -> dict[str, str]:
     return found
 
 
-def run_argv(env: TaskEnv, argv: Sequence[str], *, stdin: str | None = None,
-             timeout: float | None = None) -> CommandResult:
+def run_argv(env: TaskEnv, argv: Sequence[str], *, stdin: str | None = None, timeout: float | None = None,
+             sudo: bool | str | None = None) -> CommandResult:
     """Run an argv (no shell) with the step's env and sudo; `stdin` feeds it data that must stay off argv."""
     step_env = {k: str(env.render(v)) for k, v in env.step.env.items()} or None
     return env.conn.run(list(argv), env=step_env, timeout=timeout if timeout is not None else env.step.timeout,
-                        sudo=env.sudo(), stdin=stdin)
+                        sudo=env.sudo() if sudo is None else sudo, stdin=stdin)
 
 
 def first_line(res: CommandResult, default: str) -> str:

@@ -8,11 +8,13 @@ passwordless sudo to root only while this module runs (a sudoers drop-in of its 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +243,140 @@ def test_service_errors_name_the_host_the_service_and_what_failed(rb: Runbook, i
     assert results["broken"]["status"] == "failed" and msg.startswith(f"h0: service {broken}: `service {broken} start` failed")
     assert "cannot bind port 8080" in msg
     assert results["missing"]["status"] == "failed" and results["missing"]["message"].startswith(f"h0: service {missing}:")
+
+
+# --- package (apt with a local `file:` source: no network, the machine's apt lists untouched) ----------
+
+class AptRepo:
+    """Tiny .deb packages built here, served from a `file:` source that only a private APT_CONFIG lists."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.repo = base / "repo"
+        self.repo.mkdir(parents=True)
+        for sub in ("lists/partial", "cache/archives/partial", "log", "sources.list.d"):
+            (base / sub).mkdir(parents=True)
+        (base / "sources.list").write_text(f"deb [trusted=yes] file:{self.repo} ./\n")
+        self.config = base / "apt.conf"
+        self.config.write_text("".join(f'{key} "{value}";\n' for key, value in {
+            "Dir::Etc::sourcelist": base / "sources.list", "Dir::Etc::sourceparts": base / "sources.list.d",
+            "Dir::State::Lists": base / "lists", "Dir::State::extended_states": base / "extended_states",
+            "Dir::Cache": base / "cache", "Dir::Cache::pkgcache": "", "Dir::Cache::srcpkgcache": "",
+            "Dir::Log": base / "log", "APT::Sandbox::User": "root"}.items()))
+        self.built: list[Path] = []
+        self.names: set[str] = set()
+        self.index()
+
+    def add(self, name: str, version: str, depends: str = "") -> None:
+        """Build NAME_VERSION_all.deb (it installs /usr/share/NAME/version) and rewrite the Packages index."""
+        root = self.base / "build" / f"{name}_{version}"
+        (root / "DEBIAN").mkdir(parents=True)
+        (root / "DEBIAN/control").write_text(
+            f"Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: runbook tests <t@example.invalid>\n"
+            + (f"Depends: {depends}\n" if depends else "") + "Description: runbook test package\n")
+        (root / "usr/share" / name).mkdir(parents=True)
+        (root / "usr/share" / name / "version").write_text(version + "\n")
+        deb = self.repo / f"{name}_{version}_all.deb"
+        subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True, capture_output=True)
+        self.built.append(deb)
+        self.names.add(name)
+        self.index()
+
+    def index(self) -> None:
+        """A hand-written Packages file (what dpkg-scanpackages would print) for every built package."""
+        entries = []
+        for deb in self.built:
+            control = subprocess.run(["dpkg-deb", "--field", str(deb)], check=True, capture_output=True, text=True).stdout
+            data = deb.read_bytes()
+            entries.append(control.rstrip("\n") + f"\nFilename: ./{deb.name}\nSize: {len(data)}\n"
+                           f"SHA256: {hashlib.sha256(data).hexdigest()}\n")
+        (self.repo / "Packages").write_text("\n".join(entries))
+
+    def refresh(self) -> None:
+        """What `update_cache` does, run by the test itself (into the private lists)."""
+        subprocess.run(["apt-get", "-q", "update"], env={**os.environ, "APT_CONFIG": str(self.config)}, check=True,
+                       capture_output=True)
+
+
+def installed(name: str) -> str | None:
+    """The version dpkg says is installed, or None."""
+    res = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev} ${Version}", "--", name], capture_output=True, text=True)
+    return res.stdout.split()[1] if res.returncode == 0 and res.stdout.startswith("ii") else None
+
+
+@pytest.fixture
+def apt_repo(root_host: SSHHost) -> Iterator[AptRepo]:
+    """A local apt source in a temp dir readable by everyone; its packages are purged afterwards."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("needs apt and dpkg")
+    base = Path(tempfile.mkdtemp(prefix="runbook-apt-"))
+    base.chmod(0o755)
+    repo = AptRepo(base)
+    try:
+        yield repo
+    finally:
+        if repo.names:
+            subprocess.run(["dpkg", "--purge", *sorted(repo.names)], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_package_present_from_a_local_source_then_latest_then_absent(rb: Runbook, apt_repo: AptRepo) -> None:
+    name = unique("rbt-pkg")
+    apt_repo.add(name, "1.0")
+    env = {"APT_CONFIG": str(apt_repo.config)}
+    first = [{"name": "pkg", "package": {"name": name, "update_cache": True}, "env": env}]
+    _, preds = rb.plan(first)   # the private lists are empty: nothing offers the package yet
+    assert preds["pkg"]["prediction"] == "unknown" and "update_cache" in preds["pkg"]["reason"]
+    code, results = rb.run(first)
+    assert code == 0 and results["pkg"]["status"] == "changed", results
+    assert results["pkg"]["data"] == {"manager": "apt", "before": {name: None}, "after": {name: "1.0"}}
+    assert installed(name) == "1.0" and Path(f"/usr/share/{name}/version").read_text() == "1.0\n"
+    rb.idempotent(first)
+
+    apt_repo.add(name, "2.0")
+    apt_repo.refresh()
+    present = [{"name": "pkg", "package": {"name": name, "state": "present"}, "env": env}]
+    latest = [{"name": "pkg", "package": {"name": name, "state": "latest"}, "env": env}]
+    _, preds = rb.plan(present)
+    assert preds["pkg"]["prediction"] == "ok"
+    plan, preds = rb.plan(latest)
+    assert preds["pkg"]["prediction"] == "change", preds
+    assert preds["pkg"]["diff"].splitlines()[2:] == ["@@ -1 +1 @@", f"-{name}: 1.0", f"+{name}: 2.0"]
+    assert installed(name) == "1.0", "the dry run changed the host"
+    code, results = rb.apply(plan)
+    assert code == 0 and results["pkg"]["status"] == "changed" and results["pkg"]["data"]["after"] == {name: "2.0"}
+    assert installed(name) == "2.0"
+    rb.idempotent(latest)
+
+    absent = [{"name": "pkg", "package": {"name": name, "state": "absent"}, "env": env}]
+    plan, preds = rb.plan(absent)
+    assert preds["pkg"]["prediction"] == "change" and f"+{name}: absent" in preds["pkg"]["diff"]
+    code, results = rb.apply(plan)
+    assert code == 0 and results["pkg"]["status"] == "changed" and installed(name) is None
+    rb.idempotent(absent)
+
+
+def test_package_plan_names_dependencies_an_install_pulls_in_and_a_removal_takes(rb: Runbook, apt_repo: AptRepo) -> None:
+    app, lib = unique("rbt-app"), unique("rbt-lib")
+    apt_repo.add(lib, "1.2")
+    apt_repo.add(app, "1.0", depends=lib)
+    apt_repo.refresh()
+    env = {"APT_CONFIG": str(apt_repo.config)}
+    plan, preds = rb.plan([{"name": "app", "package": {"name": app}, "env": env}])
+    assert preds["app"]["prediction"] == "change" and f"with {lib}" in preds["app"]["reason"]
+    assert sorted(preds["app"]["diff"].splitlines()[3:]) == sorted(
+        [f"-{app}: absent", f"-{lib}: absent", f"+{app}: 1.0", f"+{lib}: 1.2"])
+    code, results = rb.apply(plan)
+    assert code == 0 and results["app"]["status"] == "changed"
+    assert installed(app) == "1.0" and installed(lib) == "1.2"
+    _, preds = rb.plan([{"name": "lib", "package": {"name": lib, "state": "absent"}, "env": env}])
+    assert preds["lib"]["prediction"] == "change" and f"with {app}" in preds["lib"]["reason"]
+    assert f"+{app}: absent" in preds["lib"]["diff"]
+
+
+def test_package_errors_name_the_host_the_package_and_what_failed(rb: Runbook, apt_repo: AptRepo) -> None:
+    missing = unique("rbt-nopkg")
+    apt_repo.refresh()
+    code, results = rb.run([{"name": "pkg", "package": {"name": missing}, "env": {"APT_CONFIG": str(apt_repo.config)}}])
+    assert code == 2 and results["pkg"]["status"] == "failed"
+    assert results["pkg"]["message"] == f"h0: package {missing}: finding a candidate failed: no candidate for {missing} in the apt lists"
