@@ -82,6 +82,11 @@ MIN_SECRET_NUMBER_LEN = 6
 # A line of a multi-line secret (a PEM key) is masked on its own from this length on, so output
 # that shows only part of the secret does not show those lines in clear either.
 MIN_SECRET_LINE_LEN = 8
+# Texts under a secret-like name that are settings, not secrets: `password_authentication: "no"`
+# must not mask every "no" of a run. Shorter than 3 characters, or a yes/no word: not masked
+# (a secret that short protects nothing anyway). Values declared under `secrets:` are always masked.
+MIN_SECRET_TEXT_LEN = 3
+SETTING_WORDS = frozenset({"yes", "no", "on", "off", "true", "false", "none", "null", "enabled", "disabled"})
 
 
 def is_secret_name(name: str) -> bool:
@@ -112,6 +117,8 @@ def _secret_forms(value: Any) -> Iterator[str]:
     text = value.decode("utf-8", "replace") if isinstance(value, (bytes, bytearray)) else str(value)
     if not text.strip():
         return                                # masking blanks would mask every space in every output
+    if len(text.strip()) < MIN_SECRET_TEXT_LEN or text.strip().lower() in SETTING_WORDS:
+        return
     yield text
     # Commands and files often trim a value or show it line by line.
     if text.strip() != text:

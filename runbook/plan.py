@@ -193,11 +193,13 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
                                    order.get(r.step_id, 0))):
         kind = str(r.prediction) if r.prediction else {"not_run": "not_run", "unreachable": "unknown", "failed": "fail"}.get(
             r.status.value, r.status.value)
-        preds.append(red.redact({
-            "host": r.host, "step_id": r.step_id, "action": r.action, "prediction": kind, "reason": r.message,
-            "diff": r.diff, "state": r.state, "command": r.command, "gate": action_class(r.action).asks_operator if r.action in ACTIONS else False,
-            "read_only": r.read_only,
-        }))
+        # Free text is redacted; the structure (names, the prediction) is not text a secret could be in.
+        preds.append({
+            "host": r.host, "step_id": r.step_id, "action": r.action, "prediction": kind,
+            "reason": red.redact(r.message), "diff": red.redact(r.diff), "state": red.redact(r.state),
+            "command": red.redact(r.command),
+            "gate": action_class(r.action).asks_operator if r.action in ACTIONS else False, "read_only": r.read_only,
+        })
     doc = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_ts": time.time(),

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from runbook.audit import (
     MIN_SECRET_LINE_LEN,
     MIN_SECRET_NUMBER_LEN,
+    MIN_SECRET_TEXT_LEN,
+    SETTING_WORDS,
     Redactor,
     is_secret_name,
     secret_values_in,
@@ -200,8 +202,8 @@ def test_from_vars_walks_like_add_secrets_in() -> None:
 def test_secret_values_are_text_not_patterns() -> None:
     # Injection into the pattern: a secret full of regex syntax masks only itself.
     r = Redactor()
-    r.add_secrets_in({"tokens": ["a.*b", "(x|y)", "back\\slash", "^$"]})
-    assert r.redact_text("aXXb x y a.*b (x|y) back\\slash ^$") == "aXXb x y *** *** *** ***"
+    r.add_secrets_in({"tokens": ["a.*b", "(x|y)", "back\\slash", "^$^"]})
+    assert r.redact_text("aXXb x y a.*b (x|y) back\\slash ^$^") == "aXXb x y *** *** *** ***"
 
 
 def test_longest_secret_wins_when_one_contains_another() -> None:
@@ -255,5 +257,14 @@ def test_property_no_secret_string_survives_redaction(values: dict) -> None:
         text = str(leaf)
         if isinstance(leaf, int) and len(text) < MIN_SECRET_NUMBER_LEN or not text.strip():
             continue
+        if isinstance(leaf, str) and (len(text.strip()) < MIN_SECRET_TEXT_LEN or text.strip().lower() in SETTING_WORDS):
+            continue   # a setting (`password_authentication: "no"`), not a secret: see audit.py
         rendered = r.redact_text(f"<{text}> {json.dumps(values, default=str)}")
         assert text not in rendered.replace(MASK, "\0"), (text, rendered)
+
+
+def test_settings_under_secret_like_names_are_not_masked() -> None:
+    # `password_authentication: "no"` is a setting: masking "no" would blank every "no" of a run.
+    r = Redactor()
+    r.add_secrets_in({"password_authentication": "no", "token_refresh": "on", "pin_secret": "ab", "db_password": "hunter2"})
+    assert r.redact_text("no on ab hunter2") == "no on ab ***"
