@@ -14,10 +14,11 @@ $(BIN)/runbook: pyproject.toml
 install: $(BIN)/runbook
 
 # Install, then run a harmless shipped playbook against the local machine (no SSH needed).
+# -v shows what each step measured (its output) and what each check concluded (its message).
 demo: install
 	$(BIN)/runbook validate playbooks/health-check.yml
 	@# Exit 2 means a check found a breach on this machine: the playbook worked, the demo succeeded.
-	@$(BIN)/runbook run playbooks/health-check.yml; rc=$$?; \
+	@$(BIN)/runbook run playbooks/health-check.yml -v; rc=$$?; \
 	if [ $$rc -eq 2 ]; then echo "health-check: a threshold was breached on this machine (exit 2; see the failed check above)"; \
 	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 

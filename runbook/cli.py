@@ -277,7 +277,8 @@ def _console_view(prepared, kw: dict[str, Any]):
     from runbook.actions import action_class
 
     gates = any(action_class(s.action).asks_operator for s in prepared.playbook.all_steps())
-    return ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"], live=False if gates else None)
+    return ConsoleView(make_console(), prepared.redactor, verbose=kw["verbose"], live=False if gates else None,
+                       playbook=prepared.playbook)
 
 
 _PLAN_KEY_ENV = "RUNBOOK_PLAN_KEY"   # runbook.plan.KEY_ENV (not imported: the CLI module stays light)
@@ -292,7 +293,7 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     request = _request(kw, "plan")
     prepared = prepare(playbook, _inventory_arg(kw), request)
     console = make_console()
-    request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"]))
+    request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"], playbook=prepared.playbook))
     result = execute(prepared, request)
     doc = build_plan(prepared, request, result, key=key)
     if out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections import Counter
 from typing import Any, TextIO
 
@@ -30,19 +31,102 @@ def make_console(stream: TextIO | None = None, *, color: bool | None = None) -> 
     return Console(file=stream, force_terminal=color, no_color=color is False, highlight=False, soft_wrap=True)
 
 
-class ConsoleView(Observer):
-    """Shows a run as it happens: live per-host progress on a terminal, one line per task otherwise."""
+OUTPUT_LINES = 20        # per stream and task: the console shows the last lines; --format json has everything
+OUTPUT_LINE_CHARS = 400
+RUNNING_SHOWN = 3        # running steps listed per host in the live view
 
-    def __init__(self, console: Console, redactor: Redactor, *, verbose: bool = False, live: bool | None = None):
+
+def max_attempts(step: Any) -> int:
+    """How many attempts a step gets (as the task runner counts them: `until` alone retries 3 times)."""
+    return step.retries + 1 if (step.retries or not step.until) else 4
+
+
+def output_lines(text: str, limit: int = OUTPUT_LINES) -> tuple[list[str], int]:
+    """The last `limit` lines of a command's output, each cut to a readable width, and how many were left out."""
+    lines = text.rstrip("\n").splitlines() if text.strip() else []
+    shown = [ln if len(ln) <= OUTPUT_LINE_CHARS else ln[:OUTPUT_LINE_CHARS] + " …" for ln in lines[-limit:]]
+    return shown, max(0, len(lines) - limit)
+
+
+class _Progress:
+    """What the live view shows per host: done of total, and every running task with its attempt and start."""
+
+    def __init__(self, hosts: list[str], playbook: Any | None):
+        self.lock = threading.Lock()
+        self.hosts = list(hosts)
+        self.done: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.running: dict[str, dict[str, tuple[int, float]]] = {h: {} for h in hosts}
+        self.attempts: dict[str, int] = {}
+        self.total: dict[str, int] = {}
+        self.rescue_steps = 0
+        self.rescued: set[str] = set()
+        if playbook is not None:
+            once = sum(1 for s in playbook.steps if s.once)
+            self.total = {h: len(playbook.steps) - (once if i else 0) for i, h in enumerate(hosts)}
+            self.attempts = {s.step_id: max_attempts(s) for s in playbook.all_steps()}
+            self.rescue_steps = len(playbook.on_failure)
+
+    def started(self, task: TaskRef) -> None:
+        with self.lock:
+            if task.on_failure and task.host not in self.rescued and task.host in self.total:
+                self.rescued.add(task.host)
+                self.total[task.host] += self.rescue_steps
+            self.running.setdefault(task.host, {})[task.step_id] = (task.attempt, time.monotonic())
+
+    def finished(self, result: TaskResult) -> None:
+        with self.lock:
+            self.done[result.host] += 1
+            self.counts[result.status.value] += 1
+            self.running.get(result.host, {}).pop(result.step_id, None)
+
+    def attempt_text(self, step_id: str, attempt: int) -> str:
+        """`attempt 2 of 4` (or `attempt 2` when the limit is not known)."""
+        limit = self.attempts.get(step_id)
+        return f"attempt {attempt} of {limit}" if limit else f"attempt {attempt}"
+
+    def running_text(self, host: str, now: float) -> str:
+        tasks = sorted(self.running.get(host, {}).items(), key=lambda kv: kv[1][1])
+        parts = [f"{sid}{f' ({self.attempt_text(sid, n)})' if n > 1 else ''} {now - t0:.0f}s"
+                 for sid, (n, t0) in tasks[:RUNNING_SHOWN]]
+        if len(tasks) > RUNNING_SHOWN:
+            parts.append(f"+{len(tasks) - RUNNING_SHOWN} more")
+        return ", ".join(parts)
+
+    def table(self) -> Table:
+        t = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
+        t.add_column("host")
+        t.add_column("done", justify="right")
+        t.add_column("running")
+        now = time.monotonic()
+        with self.lock:
+            for h in self.hosts[:40]:
+                total = self.total.get(h)
+                t.add_row(h, f"{self.done[h]}/{total}" if total is not None else str(self.done[h]),
+                          self.running_text(h, now))
+            if len(self.hosts) > 40:
+                busy = sum(1 for h in self.hosts[40:] if self.running.get(h))
+                t.add_row(f"… {len(self.hosts) - 40} more", "", f"{busy} host(s) busy" if busy else "")
+            t.caption = "  ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        return t
+
+
+class ConsoleView(Observer):
+    """Shows a run as it happens: live per-host progress on a terminal, one line per task otherwise.
+
+    Failed tasks always show their output (the last lines of stdout and stderr); `verbose` shows
+    every task's command, output, message and diff. Give `playbook` for done/total and attempt limits.
+    """
+
+    def __init__(self, console: Console, redactor: Redactor, *, verbose: bool = False, live: bool | None = None,
+                 playbook: Any | None = None):
         self.console = console
         self.redactor = redactor
         self.verbose = verbose
+        self.playbook = playbook
         self.live_enabled = console.is_terminal if live is None else live
         self._live: Live | None = None
-        self._current: dict[str, str] = {}
-        self._done: Counter[str] = Counter()
-        self._total: Counter[str] = Counter()
-        self._counts: Counter[str] = Counter()
+        self._progress = _Progress([], playbook)
         self._lock = threading.Lock()
         self._mode = "run"
         self._plain = not console.is_terminal
@@ -60,32 +144,31 @@ class ConsoleView(Observer):
         if run.host_key_checking == "off":
             self.console.print("[bold red]WARNING: host key checking is OFF: any machine can impersonate "
                                "these hosts and receive your commands and secrets[/]")
-        for h in run.hosts:
-            self._total[h] = 0
+        self._progress = _Progress(run.hosts, self.playbook)
         if self.live_enabled:
-            self._live = Live(self._table(), console=self.console, refresh_per_second=8, transient=True)
+            # get_renderable: redrawn on every refresh, so running tasks' elapsed times move on their own.
+            self._live = Live(console=self.console, refresh_per_second=4, transient=True,
+                              get_renderable=self._progress.table)
             self._live.start()
 
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
-        with self._lock:
-            self._current[task.host] = task.step_id + (f" (attempt {task.attempt})" if task.attempt > 1 else "")
-        if self.verbose and not self._live:
-            self.console.print(f"[dim]{task.host}: {task.step_id} started: {self._r(task.command)}[/]")
-        self._refresh()
+        self._progress.started(task)
+        if self._live is not None:
+            return
+        if task.attempt > 1 and self._mode != "plan":
+            self._print(Text(f"{task.host}: {task.step_id}: retrying ({self._progress.attempt_text(task.step_id, task.attempt)})",
+                             style="yellow"))
+        elif self.verbose:
+            self._print(Text(f"{task.host}: {task.step_id} started: {self._r(task.command)}", style="dim"))
 
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:
-        with self._lock:
-            self._done[result.host] += 1
-            self._counts[result.status.value] += 1
-            self._current.pop(result.host, None)
+        self._progress.finished(result)
         if self._mode == "plan":
-            self._refresh()
             return
         if result.status == Status.UNREACHABLE:
             pass  # said once per host by host_unreachable, not once per step
-        elif self._live is None or result.status in (Status.FAILED, Status.DRIFT):
+        elif self._live is None or self.verbose or result.status in (Status.FAILED, Status.DRIFT):
             self._print_result(result)
-        self._refresh()
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
         self._print(Text.assemble((f"{host}", "bold"), ": ", ("UNREACHABLE", STYLE["unreachable"]), f": {self._r(reason)}"))
@@ -133,35 +216,28 @@ class ConsoleView(Observer):
                 self._print(Text(f"{r.host}: {r.step_id}: {r.status.value} in run {r.from_run} (not run again)", style="dim"))
             return
         status = r.status.value + (" (ignored)" if r.ignored else "")
+        if r.attempts > 1:
+            status += f" after {r.attempts} attempts"
         line = Text.assemble((r.host, "bold"), f": {r.step_id}: ", (status, STYLE.get(r.status.value, "")))
         if r.duration:
             line.append(f" {r.duration:.2f}s", style="dim")
         if r.message and (r.status != Status.OK or self.verbose):
             line.append(f" — {self._r(r.message)}")
         self._print(line)
-        if r.status == Status.FAILED:
-            tail = (r.stderr or r.stdout or "").strip().splitlines()[-5:]
-            for t in tail:
-                self._print(Text("    " + self._r(t), style="red"))
+        if r.status == Status.FAILED or self.verbose:
+            self._print_output(r)
         if r.diff and (self.verbose or r.status == Status.CHANGED):
             self._print(diff_text(self._r(r.diff)))
 
-    def _table(self) -> Table:
-        t = Table(box=None, show_header=True, header_style="bold", pad_edge=False)
-        t.add_column("host")
-        t.add_column("done", justify="right")
-        t.add_column("current step")
-        for h in list(self._total)[:40]:
-            t.add_row(h, str(self._done[h]), self._current.get(h, ""))
-        if len(self._total) > 40:
-            t.add_row(f"… {len(self._total) - 40} more", "", "")
-        t.caption = "  ".join(f"{k}: {v}" for k, v in sorted(self._counts.items()))
-        return t
-
-    def _refresh(self) -> None:
-        if self._live is not None:
-            with self._lock:
-                self._live.update(self._table())
+    def _print_output(self, r: TaskResult) -> None:
+        """The last lines of the task's stdout and stderr, redacted, each line marked with its stream."""
+        failed = r.status == Status.FAILED
+        for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):
+            lines, cut = output_lines(self._r(text or ""))
+            if cut:
+                self._print(Text(f"    {name}| … {cut} earlier line(s) not shown (--format json has them all)", style="dim"))
+            for ln in lines:
+                self._print(Text(f"    {name}| {ln}", style="red" if failed and name == "stderr" else "dim" if not failed else ""))
 
 
 def diff_text(diff: str) -> Text:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from runbook.audit import Redactor
 from runbook.console import ConsoleView, make_console, recap_text, render_plan
-from runbook.events import RunInfo
+from runbook.events import RunInfo, TaskRef
 from runbook.results import RunResult, Status, TaskResult
 
 
@@ -33,7 +35,7 @@ def test_plain_lines_recap_and_redaction() -> None:
     text = out.getvalue()
     assert "\x1b[" not in text                                   # no colour codes in a pipe
     assert "web1: deploy: failed 0.50s — exit code 1" in text
-    assert "    login with *** failed" in text and "hunter22" not in text
+    assert "    stderr| login with *** failed" in text and "hunter22" not in text
     assert "web2: deploy: changed 0.25s" in text
     assert recap_text(result) in text and "wall time 1.50s, exit code 2" in text
 
@@ -76,3 +78,106 @@ def test_render_plan_marks_reasons_diffs_and_totals() -> None:
     assert "  ? restart  unknown — no guard" in lines
     assert "Plan: 1 change, 1 no change, 1 unknown, 1 gate" in lines
     assert "25% of steps unknown (3 of 4 predicted)" in lines
+
+
+# --- output, retries and the live view ----------------------------------------------------------
+
+def _playbook(text: str):  # type: ignore[no-untyped-def]
+    from runbook.loader import parse_playbook
+
+    return parse_playbook(text, "pb.yml")
+
+
+def test_failed_tasks_always_show_both_streams_bounded() -> None:
+    out = io.StringIO()
+    view = ConsoleView(make_console(out), Redactor(["hunter22"]))
+    run = info()
+    view.run_started(run)
+    stdout = "".join(f"line {i}\n" for i in range(1, 31))
+    view.task_finished(run, TaskResult("web1", "deploy", "shell", Status.FAILED, rc=1, message="exit code 1",
+                                       stdout=stdout, stderr="token hunter22 refused\n"))
+    view.task_finished(run, TaskResult("web2", "deploy", "shell", Status.OK, stdout="quiet ok\n"))
+    text = out.getvalue()
+    assert "    stdout| … 10 earlier line(s) not shown (--format json has them all)" in text
+    assert "    stdout| line 11" in text and "    stdout| line 30" in text and "line 10\n" not in text
+    assert "    stderr| token *** refused" in text
+    assert "quiet ok" not in text          # without -v, successful tasks keep their output to themselves
+
+
+def test_verbose_shows_every_tasks_output_and_long_lines_are_cut() -> None:
+    out = io.StringIO()
+    view = ConsoleView(make_console(out), Redactor(), verbose=True)
+    run = info()
+    view.run_started(run)
+    view.task_finished(run, TaskResult("web1", "measure", "shell", Status.OK, stdout="23 /\n" + "x" * 1000 + "\n"))
+    view.task_finished(run, TaskResult("web1", "quiet", "shell", Status.OK, stdout="", stderr=""))
+    lines = out.getvalue().splitlines()
+    assert "    stdout| 23 /" in lines
+    assert "    stdout| " + "x" * 400 + " …" in lines
+    assert not any("quiet" in ln and "|" in ln for ln in lines)
+
+
+def test_retries_are_announced_and_the_final_result_counts_attempts() -> None:
+    pb = _playbook("runbook: t\nsteps:\n  - name: verify\n    shell: 'false'\n    retries: 2\n"
+                   "  - name: poll\n    shell: 'true'\n    until: result.rc == 0\n")
+    out = io.StringIO()
+    view = ConsoleView(make_console(out), Redactor(), playbook=pb)
+    run = info(hosts=["web1"])
+    view.run_started(run)
+    for attempt in (1, 2, 3):
+        view.task_started(run, TaskRef("web1", "verify", "verify", "shell", attempt, "false"))
+    view.task_started(run, TaskRef("web1", "poll", "poll", "shell", 2, "true"))
+    view.task_finished(run, TaskResult("web1", "verify", "shell", Status.FAILED, rc=1, attempts=3, duration=0.5,
+                                       message="exit code 1"))
+    lines = out.getvalue().splitlines()
+    assert "web1: verify: retrying (attempt 2 of 3)" in lines and "web1: verify: retrying (attempt 3 of 3)" in lines
+    assert "web1: poll: retrying (attempt 2 of 4)" in lines            # `until` alone: 3 retries
+    assert "web1: verify: failed after 3 attempts 0.50s — exit code 1" in lines
+
+
+def _render(table: object) -> str:
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=160, force_terminal=False).print(table)
+    return buf.getvalue()
+
+
+def test_live_view_shows_done_of_total_every_running_step_attempts_and_elapsed() -> None:
+    pb = _playbook("runbook: t\nsteps:\n  - name: a\n    shell: 'true'\n"
+                   "  - name: left\n    shell: 'true'\n    retries: 1\n"
+                   "  - name: right\n    needs: [a]\n    shell: 'true'\n"
+                   "  - name: notify\n    once: true\n    shell: 'true'\n"
+                   "on_failure:\n  - name: page\n    shell: 'true'\n")
+    view = ConsoleView(make_console(io.StringIO()), Redactor(), playbook=pb, live=False)
+    run = info()
+    view.run_started(run)
+    progress = view._progress
+    view.task_started(run, TaskRef("web1", "a", "a", "shell"))
+    view.task_finished(run, TaskResult("web1", "a", "shell", Status.OK))
+    view.task_started(run, TaskRef("web1", "left", "left", "shell", 2))
+    view.task_started(run, TaskRef("web1", "right", "right", "shell"))
+    text = _render(progress.table())
+    row = next(ln for ln in text.splitlines() if ln.startswith("web1"))
+    assert " 1/4 " in row                                   # the once step counts on the first host only
+    assert "left (attempt 2 of 2) 0s" in row and "right 0s" in row
+    assert next(ln for ln in text.splitlines() if ln.startswith("web2")).split()[1] == "0/3"
+    view.task_finished(run, TaskResult("web1", "left", "shell", Status.FAILED))
+    row = next(ln for ln in _render(progress.table()).splitlines() if ln.startswith("web1"))
+    assert "right 0s" in row and "left" not in row          # a branch still running keeps its row busy
+    view.task_started(run, TaskRef("web1", "page", "page", "shell", on_failure=True))
+    row = next(ln for ln in _render(progress.table()).splitlines() if ln.startswith("web1"))
+    assert " 2/5 " in row and "page 0s" in row              # on_failure steps join the total when they start
+
+
+def test_live_view_elapsed_time_moves_without_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    import runbook.console as console_module
+
+    now = [1000.0]
+    monkeypatch.setattr(console_module.time, "monotonic", lambda: now[0])
+    view = ConsoleView(make_console(io.StringIO()), Redactor(), live=False)
+    run = info(hosts=["web1"])
+    view.run_started(run)
+    view.task_started(run, TaskRef("web1", "slow", "slow", "shell"))
+    now[0] += 42
+    assert "slow 42s" in _render(view._progress.table())

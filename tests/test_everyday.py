@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from runbook.cli import main
 from runbook.errors import PlaybookError
@@ -168,3 +167,75 @@ def test_format_json_and_its_old_alias(flag: str, tmp_path: Path, monkeypatch: p
     pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: hi\n    shell: echo hi\n")
     assert exit_code(lambda: main(["run", str(pb), flag, "json"])) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["stdout"] == "hi\n"
+
+
+# --- seeing what happened ---------------------------------------------------------------------
+
+def run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+            text: str, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", text)
+    code = exit_code(lambda: main(["run", str(pb), *args]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+MEASURE = ("runbook: t\nhosts: localhost\nsteps:\n"
+           "  - name: measure\n    read_only: true\n    shell: echo 'usage 42%'; echo 'note' >&2\n"
+           "  - name: flaky\n    shell: echo x >> n; echo \"attempts so far=$(grep -c x n)\"; exit 3\n    retries: 2\n"
+           "    ignore_errors: true\n")
+
+
+def test_verbose_shows_each_tasks_output_on_the_console(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(tmp_path, monkeypatch, capsys, MEASURE, "-v")
+    assert code == 0, err
+    assert "localhost: measure: ok" in err and "    stdout| usage 42%" in err and "    stderr| note" in err
+
+
+def test_failures_show_output_and_attempts_without_verbose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(tmp_path, monkeypatch, capsys, MEASURE)
+    assert code == 0, err
+    assert "usage 42%" not in err                                    # ok tasks stay one line without -v
+    assert "localhost: flaky: retrying (attempt 2 of 3)" in err
+    assert "localhost: flaky: retrying (attempt 3 of 3)" in err
+    assert "localhost: flaky: failed (ignored) after 3 attempts" in err
+    assert "    stdout| attempts so far=3" in err
+
+
+def test_live_view_on_a_terminal_prints_failures_with_output(tmp_path: Path) -> None:
+    import io
+
+    from runbook import run
+    from runbook.audit import Redactor
+    from runbook.console import ConsoleView, make_console
+    from runbook.inventory import Inventory
+    from runbook.loader import load_playbook
+
+    out = io.StringIO()
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n"
+               "  - name: a\n    shell: sleep 0.3; echo done-a\n  - name: b\n    needs: []\n    shell: echo boom >&2; exit 4\n")
+    view = ConsoleView(make_console(out, color=True), Redactor(), live=True, playbook=load_playbook(pb))
+    result = run(pb, Inventory.default(), audit_log=str(tmp_path / "a.jsonl"), state_dir=str(tmp_path / "runs"),
+                 observers=[view])
+    text = out.getvalue()
+    assert result.exit_code() == 2
+    assert "boom" in text and "failed" in text and "RECAP" in text
+    assert "done-a" not in text                  # without -v only failures print above the live table
+
+
+def test_make_demo_shows_what_was_checked_and_the_measured_values(tmp_path: Path) -> None:
+    from tests.helpers import REPO, cli
+
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "runbook run playbooks/health-check.yml -v" in recipe
+    proc = cli("run", "playbooks/health-check.yml", "-v", cwd=REPO,
+               env={"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")})
+    assert proc.returncode in (0, 2), proc.stderr          # 2: this machine breached a threshold
+    err = proc.stderr
+    assert "localhost: check-disk-usage: " in err and "fullest mount" in err     # what was checked, concluded
+    assert any(ln.startswith("    stdout| ") and "/" in ln for ln in err.splitlines())  # the measured value
