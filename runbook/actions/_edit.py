@@ -124,6 +124,21 @@ def insert(lines: list[str], index: int, new: list[str]) -> list[str]:
     return out
 
 
+@dataclass
+class Target:
+    """The file an edit works on and how it is written (from the spec, or made up by the action)."""
+
+    path: str
+    state: str = "present"
+    create: bool = False
+    mode: str | None = None
+    owner: str | None = None
+    group: str | None = None
+    backup: bool = False
+    validate: str | None = None
+    extra: str | None = None         # another file read in the same command (sysctl: the live value)
+
+
 class TextEdit(ResourceAction):
     """An action that edits part of a text file: read it with the state, `edit` it, write it back if it changed."""
 
@@ -131,9 +146,12 @@ class TextEdit(ResourceAction):
         """The file's new text (equal to `text` when nothing needs to change) and why."""
         raise NotImplementedError
 
-    def target(self, env: TaskEnv) -> str:
-        """The file's path as the step gives it."""
-        return str(self.spec.path)
+    def target(self, env: TaskEnv) -> Target:
+        """The file to edit, rendered and checked, and how to write it."""
+        spec = self.spec
+        return Target(host_path(env, spec.path, "path"), spec.state, spec.create, mode_text(spec.mode),
+                      account(env, spec.owner, "owner"), account(env, spec.group, "group"), spec.backup,
+                      None if spec.validate_ is None else str(env.render(spec.validate_)))
 
     def edit_fields(self) -> Iterator[TemplatedField]:
         """The shared templated keys (the subclass adds its own)."""
@@ -142,27 +160,27 @@ class TextEdit(ResourceAction):
             yield TemplatedField(("validate",), self.spec.validate_, FieldKind.SHELL)
 
     def compute(self, env: TaskEnv) -> Change:
-        spec = self.spec
-        path = host_path(env, self.target(env), "path")
-        owner, group, mode = account(env, spec.owner, "owner"), account(env, spec.group, "group"), mode_text(spec.mode)
-        state = read_state(env, path, content=True, follow=True, owner=owner, group=group)
+        return self.compute_edit(env, self.target(env))
+
+    def compute_edit(self, env: TaskEnv, t: Target) -> Change:
+        """Read the file (one command when small), edit it, and plan the write of what changed."""
+        state = read_state(env, t.path, content=True, follow=True, owner=t.owner, group=t.group, extra=t.extra)
         change = Change(state)
         change.fail = unreadable_reason(env, state) or blocked_file(env, state, True)
         if change.fail:
             return change
         if not state.exists:
-            if spec.state == "absent":
+            if t.state == "absent":
                 change.ok_reason = f"{state.path} does not exist: nothing to remove"
                 return change
-            if not spec.create:
+            if not t.create:
                 change.fail = f"{state.path} does not exist (create: true creates it)"
                 return change
         old = full_content(env, state, EDIT_LIMIT).decode("utf-8", "surrogateescape") if state.exists else ""
         result = self.edit(env, old)
         change.ok_reason = result.reason
-        validate = None if spec.validate_ is None else str(env.render(spec.validate_))
-        plan_write(env, change, Wanted(result.text.encode("utf-8", "surrogateescape"), mode, owner, group, spec.backup,
-                                       validate, follow=True, parents=spec.create), EDIT_LIMIT)
+        plan_write(env, change, Wanted(result.text.encode("utf-8", "surrogateescape"), t.mode, t.owner, t.group,
+                                       t.backup, t.validate, follow=True, parents=t.create), EDIT_LIMIT)
         if change.ops and result.text != old and state.exists:
             change.reasons[0] = f"{state.path}: {result.reason}" + change.reasons[0].partition(": content differs")[2]
         elif change.ops and not state.exists:

@@ -79,9 +79,14 @@ rb_state() {
 }
 """
 
-# $1 path, $2 content limit, $3 follow links, $4 owner, $5 group, $6 recurse with mode $7, $8 count entries.
+# $1 path, $2 content limit, $3 follow links, $4 owner, $5 group, $6 recurse with mode $7, $8 count entries,
+# $9 another file to read first (a sysctl's live value).
 # Content comes last (it runs to the end of the output), so the counts come before it for directories only.
 STATE_SCRIPT = _LIB + r"""
+if [ -n "$9" ]; then
+  if [ -r "$9" ] && v=$(base64 -w0 < "$9"); then w=r; if [ -w "$9" ]; then w=w; fi; printf 'extra %s %s\n' "$w" "$v"
+  else echo noextra; fi
+fi
 rb_ids "$4" "$5"; rb_state "$1" "$2" "$3" || exit $?
 if [ -d "$p" ]; then
   if [ "$6" = 1 ]; then
@@ -214,6 +219,8 @@ class PathState:
     below: dict[str, tuple[int, list[str]]] = field(default_factory=dict)   # recurse: mode/owner/group -> (count, first names)
     entries: int | None = None              # a directory's entries, counted for removal
     planned: bool = False                   # (partly) what an earlier step of this dry run leaves
+    extra: bytes | None = None              # the other file read with the state (a sysctl's live value)
+    extra_writable: bool = False
 
     @property
     def info(self) -> Info | None:
@@ -287,6 +294,10 @@ def parse_state(out: str) -> PathState:
             state.below[tag[1:]] = (int(words[0]), [n for n in names if n])
         elif tag == "entries":
             state.entries = int(words[0])
+        elif tag == "extra":
+            state.extra, state.extra_writable = base64.b64decode(words[1] if len(words) > 1 else ""), words[0] == "w"
+        elif tag == "noextra":
+            state.extra = None
         elif tag:
             raise ValueError(f"unexpected line {line[:60]!r}")
     if not state.path:
@@ -396,7 +407,7 @@ def overlay(env: TaskEnv, state: PathState) -> PathState:
     where, planned = found
     new = PathState(path=state.path, fingerprint=state.fingerprint + ":planned", uid=state.uid, groups=state.groups,
                     umask=state.umask, want_uid=state.want_uid, want_gid=state.want_gid, planned=True,
-                    below=state.below)
+                    below=state.below, extra=state.extra, extra_writable=state.extra_writable)
     if planned.kind == "absent":
         new.ancestor, new.ancestor_kind = parent_of(where), "dir"
         return new
@@ -473,11 +484,11 @@ def sh(script: str, *args: str) -> list[str]:
 
 def read_state(env: TaskEnv, path: str, *, content: bool, follow: bool, owner: str | None = None,
                group: str | None = None, recurse_mode: str | None = None, recurse: bool = False,
-               count: bool = False) -> PathState:
+               count: bool = False, extra: str | None = None) -> PathState:
     """The state of `path` in one command as the step's user: type, mode, owner, link target, content or sha256."""
     def args(limit: int) -> list[str]:
         return sh(STATE_SCRIPT, path, str(limit), "1" if follow else "0", owner or "", group or "",
-                  "1" if recurse else "0", recurse_mode or "", "1" if count else "0")
+                  "1" if recurse else "0", recurse_mode or "", "1" if count else "0", extra or "")
 
     res = env.run(args(INLINE_LIMIT if content else 0))
     if res.truncated and content:

@@ -64,7 +64,7 @@ class Block(TextEdit):
         starts = [i for i, line in enumerate(lines) if bare(line) == begin]
         ends = [i for i, line in enumerate(lines) if bare(line) == end]
         if len(starts) > 1 or len(ends) > 1 or len(starts) != len(ends) or (starts and starts[0] > ends[0]):
-            raise RunbookError(f"{env.host}: {self.spec.path}: the markers `{begin}` / `{end}` are not one pair "
+            raise RunbookError(f"{env.host}: the markers `{begin}` / `{end}` are not one pair "
                                f"(begin at lines {[i + 1 for i in starts]}, end at lines {[i + 1 for i in ends]})",
                                hint="repair the file by hand, or give this block its own `marker`")
         body = str(env.render(spec.block))
