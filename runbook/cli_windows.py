@@ -61,6 +61,31 @@ def show_windows(target: str | None, count: int) -> str:
     return "\n".join(lines).rstrip()
 
 
+_OUTPUT_LOCK = threading.Lock()   # whole lines from concurrent runs, never a mix of two in one line
+
+
+def run_prefixed(argv: list[str], prefix: str) -> int:
+    """Run a command with each line of its stdout and stderr prefixed (runs started together stay readable)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    relays = [threading.Thread(target=_relay, args=(stream, prefix, target), daemon=True)
+              for stream, target in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+    for t in relays:
+        t.start()
+    for t in relays:
+        t.join()
+    return proc.wait()
+
+
+def _relay(stream: Any, prefix: str, target: Any) -> None:
+    """Copy lines from a child's pipe to our stream, each with the run's prefix."""
+    with stream:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            with _OUTPUT_LOCK:
+                target.write(f"{prefix}{line}\n")
+                target.flush()
+
+
 def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | None, interval: float,
                   audit_log: str | None, once: bool, passthrough: list[str] | None = None) -> int:
     """Run the foreground scheduler until SIGTERM or SIGINT; each run is a `runbook run` subprocess."""
@@ -77,8 +102,9 @@ def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | 
 
     def log(event: str, fields: dict[str, Any]) -> None:
         trail.append(scheduler_id, event, fields)
-        print(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {event} "
-              + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
+        with _OUTPUT_LOCK:
+            print(f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ} {event} "
+                  + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr, flush=True)
 
     def run_playbook(path: Path) -> int:
         argv = [sys.executable, "-m", "runbook", "run", str(path), "--yes"]
@@ -87,7 +113,7 @@ def run_scheduler(directory: str, inventory: list[str] | None, state_dir: str | 
         if audit_log:
             argv += ["--audit-log", audit_log]
         argv += passthrough or []
-        return subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
+        return run_prefixed(argv, f"[{path.stem}] ")
 
     scheduler = Scheduler(base, run_playbook, SystemClock(), state, log, interval=interval)
     if once:

@@ -104,3 +104,24 @@ def test_schedule_once_runs_a_due_playbook_and_logs_it(here: Path, capsys: pytes
     started = [r["due"] for r in again if r["event"] == "schedule.run_started"]
     assert len(started) == len(set(started)) and marker.read_text().count("ran") == len(started) >= before
     assert main(["audit", "verify", "--audit-log", str(trail)]) == 0
+
+
+def test_schedule_once_prefixes_each_runs_output_with_its_playbook(here: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    playbooks = here / "playbooks"
+    playbooks.mkdir()
+    for name in ("alpha", "beta"):
+        steps = "".join(f"  - name: {name} step {i}\n    shell: sleep 0.05; echo {name}-{i}; exit {1 if i == 2 else 0}\n"
+                        for i in range(3))
+        (playbooks / f"{name}.yml").write_text(f"runbook: {name}\nschedule: '* * * * *'\nsteps:\n{steps}")
+    inv = here / "inv.yml"
+    inv.write_text("all:\n  hosts:\n    me: {ansible_connection: local}\n")
+    args = ["schedule", "--dir", str(playbooks), "-i", str(inv), "--audit-log", str(here / "audit.jsonl"), "--once"]
+    assert main(args) == 0
+    err = capfd.readouterr().err.splitlines()
+    runs = [ln for ln in err if not ln[:4].isdigit()]          # the scheduler's own lines start with a time
+    assert runs and all(ln.startswith(("[alpha] ", "[beta] ")) for ln in runs), runs
+    for name in ("alpha", "beta"):
+        mine = [ln for ln in runs if ln.startswith(f"[{name}] ")]
+        assert any(f"Running {name} on 1 host(s)" in ln for ln in mine)
+        assert f"[{name}]     stdout| {name}-2" in mine         # the failed step's output, with its run's prefix
+        assert any(ln.startswith(f"[{name}] wall time") for ln in mine)
