@@ -23,8 +23,7 @@ def _schedule_for(target: str | None):
         pb = load_playbook(target)
         schedule = resolve_window(pb, target)
         if schedule is None:
-            raise WindowError([Problem(f"playbook `{pb.runbook}` has no `window:`", Location(target),
-                                       "add `window: NAME` or an inline window")])
+            return f"playbook `{pb.runbook}` ({target}): no window: runs any time"
         return schedule
     files = [p for p in (Path("windows.yml"), Path("playbooks/windows.yml")) if p.is_file()]
     if not files:
@@ -47,6 +46,8 @@ def show_windows(target: str | None, count: int) -> str:
     from runbook.window import format_duration, format_local_and_utc
 
     found = _schedule_for(target)
+    if isinstance(found, str):
+        return found   # a playbook without a window: nothing to list, and nothing wrong
     schedules = found if isinstance(found, list) else [found]
     now = datetime.now(UTC)
     lines: list[str] = []

@@ -48,10 +48,11 @@ def test_unknown_window_name_is_invalid_input(here: Path, capsys: pytest.Capture
     assert "unknown window `saturday-nite`" in err and "saturday-night" in err
 
 
-def test_playbook_without_window_is_invalid_input(here: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_playbook_without_window_runs_any_time(here: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (here / "pb.yml").write_text("runbook: plain\nsteps:\n  - name: a\n    shell: 'true'\n")
-    assert main(["windows", "pb.yml"]) == 4
-    assert "has no `window:`" in capsys.readouterr().err
+    assert main(["windows", "pb.yml"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "playbook `plain` (pb.yml): no window: runs any time\n" and err == ""
 
 
 def test_named_window_from_the_playbook_directory(here: Path, capsys: pytest.CaptureFixture[str]) -> None:
