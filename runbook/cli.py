@@ -431,10 +431,16 @@ def audit() -> None:
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG",
               help="Audit trail file (default: ./.runbook/audit.jsonl).")
 def audit_verify(audit_log: str | None) -> None:
-    """Check the whole hash chain; report the first broken or missing record by line (exit 2 when broken)."""
+    """Check the whole hash chain; report the first broken or missing record by line (exit 2 when broken, 4 when no trail)."""
     from runbook.audit import verify
+    from runbook.errors import Location, ValidationError
 
-    report = verify(_audit_file(audit_log))
+    path = _audit_file(audit_log)
+    report = verify(path)
+    if report.kind == "missing":   # nothing to check is a wrong path (invalid input), not a broken chain
+        raise ValidationError("no audit trail at this path", location=Location(str(path)),
+                              hint="give the trail with --audit-log FILE (or RUNBOOK_AUDIT_LOG), or run from the "
+                                   "directory holding .runbook/ or playbooks/.runbook/")
     click.echo(report.render())
     if not report.ok:
         sys.exit(2)

@@ -239,3 +239,18 @@ def test_make_demo_shows_what_was_checked_and_the_measured_values(tmp_path: Path
     err = proc.stderr
     assert "localhost: check-disk-usage: " in err and "fullest mount" in err     # what was checked, concluded
     assert any(ln.startswith("    stdout| ") and "/" in ln for ln in err.splitlines())  # the measured value
+
+
+# --- small but visible ------------------------------------------------------------------------
+
+def test_audit_verify_without_a_trail_is_invalid_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RUNBOOK_AUDIT_LOG", raising=False)
+    assert main(["audit", "verify", "--audit-log", str(tmp_path / "nope.jsonl")]) == 4
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nope.jsonl'}: error: no audit trail at this path" in err and "--audit-log" in err
+    assert main(["audit", "verify"]) == 4          # the default places, none there
+    # A broken chain still exits 2.
+    broken = write(tmp_path / "broken.jsonl", '{"not": "a record"}\n')
+    assert main(["audit", "verify", "--audit-log", str(broken)]) == 2
