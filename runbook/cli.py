@@ -196,6 +196,22 @@ def _request(kw: dict[str, Any], mode: str, **extra: Any):
                       handle_signals=True, **extra)
 
 
+def _check_tags(playbook, request) -> None:
+    """`--tags`/`--skip-tags` naming no step's tag would silently select nothing: invalid input, known tags listed."""
+    from runbook.errors import Problem, ValidationError, did_you_mean
+
+    known = sorted({t for s in playbook.all_steps() for t in s.tags} | {"always"})
+    problems = []
+    for flag, given in (("--tags", request.tags), ("--skip-tags", request.skip_tags)):
+        for tag in sorted(set(given) - set(known)):
+            listed = ", ".join(t for t in known if t != "always") or "none (no step has `tags:`)"
+            hint = did_you_mean(tag, known)
+            problems.append(Problem(f"{flag}: no step of `{playbook.runbook}` has the tag `{tag}`", None,
+                                    f"{hint + ' ' if hint else ''}known tags: {listed}"))
+    if problems:
+        raise ValidationError(problems)
+
+
 def _inventory_arg(kw: dict[str, Any]):
     return list(kw["inventory"]) if kw["inventory"] else None
 
@@ -261,6 +277,7 @@ def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
 
     request = _request(kw, "run", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask)
     prepared = prepare(playbook, _inventory_arg(kw), request)
+    _check_tags(prepared.playbook, request)
     _window_guard(prepared, kw, request)
     request.observers.append(_console_view(prepared, kw))
     from runbook.cli_report import add_report
@@ -292,6 +309,7 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     key = plan_key(kw.get("sign_key"))   # a bad key file fails before any host is contacted
     request = _request(kw, "plan")
     prepared = prepare(playbook, _inventory_arg(kw), request)
+    _check_tags(prepared.playbook, request)
     console = make_console()
     request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"], playbook=prepared.playbook))
     result = execute(prepared, request)

@@ -254,3 +254,38 @@ def test_audit_verify_without_a_trail_is_invalid_input(tmp_path: Path, monkeypat
     # A broken chain still exits 2.
     broken = write(tmp_path / "broken.jsonl", '{"not": "a record"}\n')
     assert main(["audit", "verify", "--audit-log", str(broken)]) == 2
+
+
+TAGGED = ("runbook: t\nhosts: localhost\nsteps:\n  - name: a\n    shell: touch a\n    tags: [deploy]\n"
+          "  - name: b\n    shell: touch b\n    tags: [restart, deploy]\n")
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize("flag", ["--tags", "--skip-tags"])
+def test_an_unknown_tag_is_an_error_listing_the_known_ones(command: str, flag: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", TAGGED)
+    assert exit_code(lambda: main([command, str(pb), flag, "deploy,restrat"])) == 4
+    err = capsys.readouterr().err
+    assert f"error: {flag}: no step of `t` has the tag `restrat`" in err
+    assert "did you mean `restart`? known tags: deploy, restart" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "audit.jsonl").exists()   # nothing started
+
+
+def test_known_tags_still_select(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", TAGGED)
+    assert exit_code(lambda: main(["run", str(pb), "--tags", "restart", "--skip-tags", "always"])) == 0
+    assert (tmp_path / "b").exists() and not (tmp_path / "a").exists()
+
+
+def test_a_playbook_without_tags_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: a\n    shell: touch a\n")
+    assert exit_code(lambda: main(["run", str(pb), "--tags", "nosuch", "--audit-log", str(tmp_path / "a.jsonl")])) == 4
+    assert "known tags: none (no step has `tags:`)" in capsys.readouterr().err
