@@ -819,7 +819,8 @@ def format_table(records: list[dict]) -> str:
             hosts = r.get("hosts") or []
             host = ",".join(hosts[:3]) + (f",+{len(hosts) - 3}" if len(hosts) > 3 else "")
         status = _status_of(r).replace("\n", " ")
-        rows.append((stamp, str(r.get("run_id", "-"))[:12], str(operators.get(r.get("run_id")) or "-"),
+        # The whole run id: it is what `resume` and `--run` take, so it must survive a copy and paste.
+        rows.append((stamp, str(r.get("run_id", "-")), str(operators.get(r.get("run_id")) or "-"),
                      str(host or "-"), str(r.get("event", "-")), str(r.get("step_id") or "-"),
                      status[:60]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

@@ -289,3 +289,24 @@ def test_a_playbook_without_tags_says_so(tmp_path: Path, monkeypatch: pytest.Mon
     pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: a\n    shell: touch a\n")
     assert exit_code(lambda: main(["run", str(pb), "--tags", "nosuch", "--audit-log", str(tmp_path / "a.jsonl")])) == 4
     assert "known tags: none (no step has `tags:`)" in capsys.readouterr().err
+
+
+def _one_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: a\n    shell: 'true'\n")
+    assert exit_code(lambda: main(["run", str(pb), "--format", "json"])) == 0
+    return str(json.loads(capsys.readouterr().out)["run_id"])
+
+
+def test_audit_show_prints_whole_run_ids_that_resume_and_run_accept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    run_id = _one_run(tmp_path, monkeypatch, capsys)
+    assert len(run_id) > 12
+    assert main(["audit", "show"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    pasted = table[1].split()[2]                      # TIME is two words: date and time
+    assert pasted == run_id
+    assert main(["audit", "show", "--run", pasted, "--format", "json"]) == 0
+    assert {r["run_id"] for r in json.loads(capsys.readouterr().out)} == {run_id}
+    assert main(["resume", pasted]) == 0             # a finished run: nothing left, but the id is accepted
