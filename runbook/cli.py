@@ -498,16 +498,11 @@ def audit_show(audit_log: str | None, run_id: str | None, host: str | None, sinc
 @click.option("-n", "--count", default=20, show_default=True)
 def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
     """List recent runs with their status."""
-    from runbook.state import list_runs
+    from runbook.state import format_runs, list_runs
 
     directory = Path(state_dir) if state_dir else _audit_file(audit_log).parent / "runs"
     items = list_runs(directory, count)
-    if not items:
-        click.echo(f"no runs in {directory}")
-    for r in items:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(r["counts"].items()))
-        click.echo(f"{r['run_id']}  {r['mode']:<6} {r['status']:<11} {r['playbook']}  "
-                   f"{r['hosts']} host(s)  by {r['operator']}  [{counts}]")
+    click.echo(format_runs(items) if items else f"no runs in {directory}")
 
 
 @cli.command()

@@ -251,6 +251,23 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
     return out
 
 
+def format_runs(items: list[dict[str, Any]]) -> str:
+    """`runbook runs` as an aligned table: start time (UTC), run id, mode, status, playbook, hosts, operator, tasks."""
+    from datetime import UTC, datetime
+
+    rows = [("STARTED (UTC)", "RUN", "MODE", "STATUS", "PLAYBOOK", "HOSTS", "OPERATOR", "TASKS")]
+    for r in items:
+        started = r.get("started_at")
+        stamp = (datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S")
+                 if isinstance(started, (int, float)) and not isinstance(started, bool) else "-")
+        counts = ", ".join(f"{v} {k}" for k, v in sorted((r.get("counts") or {}).items())) or "-"
+        rows.append((stamp, str(r.get("run_id") or "-"), str(r.get("mode") or "-"), str(r.get("status") or "-"),
+                     str(r.get("playbook") or "-"), str(r.get("hosts", 0)), str(r.get("operator") or "-"), counts))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i == 5 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
+
+
 def resumable(doc: dict[str, Any]) -> tuple[dict[TaskKey, TaskResult], dict[str, dict[str, Any]]]:
     """Tasks of a saved run that are done (not to be re-run), and the registers they left."""
     done: dict[TaskKey, TaskResult] = {}

@@ -310,3 +310,25 @@ def test_audit_show_prints_whole_run_ids_that_resume_and_run_accept(tmp_path: Pa
     assert main(["audit", "show", "--run", pasted, "--format", "json"]) == 0
     assert {r["run_id"] for r in json.loads(capsys.readouterr().out)} == {run_id}
     assert main(["resume", pasted]) == 0             # a finished run: nothing left, but the id is accepted
+
+
+def test_runs_has_a_time_column_and_aligned_columns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    first = _one_run(tmp_path, monkeypatch, capsys)
+    write(tmp_path / "long.yml", "runbook: a-much-longer-playbook-name\nhosts: localhost\nsteps:\n"
+          "  - name: a\n    shell: exit 1\n")
+    assert exit_code(lambda: main(["run", str(tmp_path / "long.yml"), "--operator", "someone-else"])) == 2
+    capsys.readouterr()
+    assert main(["runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["STARTED", "(UTC)", "RUN", "MODE", "STATUS", "PLAYBOOK", "HOSTS", "OPERATOR", "TASKS"]
+    assert len(lines) == 3
+    row = next(ln for ln in lines if first in ln)
+    stamp = datetime.strptime(row[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 3600
+    for header in ("RUN", "MODE", "STATUS", "PLAYBOOK", "OPERATOR", "TASKS"):   # every column starts where its header does
+        col = lines[0].index(header)
+        assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in lines[1:]), header
+    assert "1 failed" in lines[1] + lines[2] and "1 changed" in row
