@@ -16,6 +16,8 @@ from runbook.actions import Action, PredictionKind, TaskEnv, action_for
 from runbook.actions._system import parse_sections, state_diff
 from runbook.actions.package import PackageSpec, Packages, commands, parse_apk, parse_apt, parse_rpm, simulated
 from runbook.actions.package import plan_changes as package_changes
+from runbook.actions.group import GroupSpec, group_commands, parse_group
+from runbook.actions.user import UserSpec, UserState, parse_user, user_changes
 from runbook.actions.service import ServiceSpec, boot, control, parse_systemd, parse_sysv, plan_changes
 from runbook.connections import ReadOnlyConnection
 from runbook.connections.local import LocalConnection
@@ -280,3 +282,115 @@ def test_package_plans_read_this_machine_without_changing_it(tmp_path: Path) -> 
     action, env = planned(tmp_path, {"name": "p", "package": {"name": "dpkg", "state": "absent"}})
     pred = action.plan(env)   # simulated only: removing dpkg is never done by a test
     assert pred.kind == PredictionKind.CHANGE and "-dpkg: " in (pred.diff or "") and "+dpkg: absent" in (pred.diff or "")
+
+
+# --- group and user -------------------------------------------------------------------------------------
+
+def _user(**kw: Any) -> UserSpec:
+    return UserSpec.model_validate({"name": "app", **kw})
+
+
+def _user_state(exists: bool = True, **kw: Any) -> UserState:
+    sections = {"passwd": "app:x:1001:1001:App:/home/app:/bin/sh" if exists else "", "groups": "app adm",
+                "primary": "app", "known_groups": "adm:4\nwww-data:33\napp:1001", "pgroup": "app:1001"}
+    return parse_user({**sections, **kw})
+
+
+@pytest.mark.parametrize("key,value", [("name", "x;id"), ("name", "-o"), ("name", "a b"), ("name", "x" * 40), ("name", "9x"),
+                                       ("groups", ["ok", "$(id)"]), ("group", "a,b"), ("shell", "/bin/sh\n/x"),
+                                       ("shell", "bin/sh"), ("home", "/home/a:b"), ("comment", "a\nb"), ("comment", "a:b")])
+def test_user_fields_with_metacharacters_are_refused_located(tmp_path: Path, key: str, value: Any) -> None:
+    found = problems(tmp_path, {"name": "u", "user": {"name": "app", key: value}} if key != "name" else
+                     {"name": "u", "user": {"name": value}})
+    assert len(found) == 1 and "invalid" in found[0] and str(tmp_path / "pb.yml") + ":" in found[0], found
+
+
+def test_password_must_be_a_hash_and_is_never_echoed(tmp_path: Path) -> None:
+    found = problems(tmp_path, {"name": "u", "user": {"name": "app", "password": "hunter2-plain"}})
+    assert len(found) == 1 and "not a password hash" in found[0] and "hunter2" not in found[0], found
+    for good in ("$6$salt$abcdefghijklmnopqrstuvwxyz./0123456789", "$y$j9T$abc$def", "!", "*", "!$6$s$h",
+                 "$argon2id$v=19$m=65536,t=2,p=1$c2FsdA$aGFzaA", "ab01234567890"):
+        assert UserSpec.model_validate({"name": "app", "password": good}).password == good
+    for bad in ("", " ", "$6$salt$has space", "$6$a$b:c", "abc\n$6$x$y"):
+        with pytest.raises(ValueError):
+            UserSpec.model_validate({"name": "app", "password": bad})
+
+
+def test_a_literal_password_hash_gets_a_validate_warning(tmp_path: Path) -> None:
+    path = write(tmp_path, {"name": "u", "user": {"name": "app", "password": "$6$salt$abcdefgh"}})
+    report = validate_playbook(path)
+    assert report.errors == [] and [p.code for p in report.problems] == ["secret-in-playbook"]
+    assert "$6$salt" not in report.problems[0].render() and report.problems[0].location.line == 6
+    templated = validate_playbook(write(tmp_path, {"name": "u", "user": {"name": "app", "password": "{{ app_password }}"}}))
+    assert [p.code for p in templated.problems] == ["undefined-variable"]   # the inventory or -e may define it
+
+
+def test_user_state_parsing() -> None:
+    st = _user_state()
+    assert st.exists and st.facts == {"uid": "1001", "gid": "1001", "group": "app", "groups": "adm", "comment": "App",
+                                      "home": "/home/app", "shell": "/bin/sh"}
+    assert st.summary() == {"uid": 1001, "group": "app", "groups": ["adm"], "shell": "/bin/sh", "home": "/home/app",
+                            "comment": "App"}
+    assert st.known_groups == {"adm": "adm", "4": "adm", "www-data": "www-data", "33": "www-data", "app": "app", "1001": "app"}
+    absent = _user_state(exists=False)
+    assert not absent.exists and absent.summary() is None and absent.pgroup == ("app", "1001")
+
+
+def test_user_command_lines() -> None:
+    created = user_changes(_user(uid=1500, group="app", groups=["adm", "www-data"], shell="/bin/bash", home="/srv/app",
+                                 comment="App user", system=True, password="$6$s$h"), "app", _user_state(exists=False))
+    assert created.commands == [["useradd", "-u", "1500", "-s", "/bin/bash", "-d", "/srv/app", "-c", "App user", "-g", "app",
+                                 "-G", "adm,www-data", "-r", "-m", "--", "app"], ["chpasswd", "-e"]]
+    assert all("$6$" not in word for argv in created.commands for word in argv), "a hash on a command line"
+    st = _user_state(password="same")
+    assert user_changes(_user(shell="/bin/sh", groups=["adm"], password="$6$s$h"), "app", st).commands == []
+    assert user_changes(_user(groups=["www-data"]), "app", st).commands == [["usermod", "-G", "www-data", "--", "app"]]
+    assert user_changes(_user(groups=["www-data"], append=True), "app", st).commands == [
+        ["usermod", "-a", "-G", "www-data", "--", "app"]]
+    assert user_changes(_user(groups=[]), "app", st).commands == [["usermod", "-G", "", "--", "app"]]
+    assert user_changes(_user(groups=["33"]), "app", st).commands == [["usermod", "-G", "www-data", "--", "app"]]
+    assert user_changes(_user(groups=["33", "adm"]), "app", st).commands == [["usermod", "-G", "adm,www-data", "--", "app"]]
+    assert user_changes(_user(password="$6$s$h"), "app", _user_state(password="differs")).commands == [["chpasswd", "-e"]]
+    assert user_changes(_user(password="$6$s$h", update_password="on_create"), "app",
+                        _user_state(password="differs")).commands == []
+    assert user_changes(_user(state="absent", remove=True), "app", st).commands == [["userdel", "-r", "--", "app"]]
+    assert user_changes(_user(state="absent"), "app", _user_state(exists=False)).commands == []
+
+
+def test_user_refusals_and_missing_groups() -> None:
+    assert user_changes(_user(groups=["nosuch"]), "app", _user_state()).missing == ["nosuch"]
+    assert user_changes(_user(uid=0), "app", _user_state(uid_owner="root")).refusal == "uid 0 belongs to user root"
+    assert "readable by root only" in user_changes(_user(password="$6$s$h"), "app", _user_state(password="unreadable")).refusal
+
+
+def test_group_command_lines_and_parsing() -> None:
+    absent = parse_group({"group": "", "gid_owner": ""})
+    assert absent.gid is None and absent.lines() == ["absent"]
+    assert group_commands(GroupSpec(name="ops", gid=2000, system=True), "ops", absent)[0] == [
+        ["groupadd", "-g", "2000", "-r", "--", "ops"]]
+    present = parse_group({"group": "ops:x:1500:alice,bob", "gid_owner": ""})
+    assert present.gid == 1500
+    assert group_commands(GroupSpec(name="ops", gid=2000), "ops", present)[0] == [["groupmod", "-g", "2000", "--", "ops"]]
+    assert group_commands(GroupSpec(name="ops"), "ops", present)[0] == []
+    assert group_commands(GroupSpec(name="ops", state="absent"), "ops", present)[0] == [["groupdel", "--", "ops"]]
+    taken = parse_group({"group": "ops:x:1500:", "gid_owner": "staff"})
+    assert group_commands(GroupSpec(name="ops", gid=50), "ops", taken)[2] == "gid 50 belongs to group staff"
+
+
+@pytest.mark.parametrize("spec", [{"name": "a;b"}, {"name": "ops", "gid": -1}, {"name": "ops", "gid": True},
+                                  {"name": "ops", "gid": 2**32}, {"name": "ops", "members": ["x"]}])
+def test_group_spec_refuses_bad_input_located(tmp_path: Path, spec: dict[str, Any]) -> None:
+    found = problems(tmp_path, {"name": "g", "group": spec})
+    assert len(found) == 1 and str(tmp_path / "pb.yml") + ":" in found[0], found
+
+
+def test_user_and_group_plans_read_this_machine(tmp_path: Path) -> None:
+    action, env = planned(tmp_path, {"name": "u", "user": {"name": "root", "uid": 0}})
+    assert action.plan(env).kind == PredictionKind.OK
+    action, env = planned(tmp_path, {"name": "g", "group": {"name": "root", "gid": 0}})
+    assert action.plan(env).kind == PredictionKind.OK
+    name = unique("rbtu")
+    action, env = planned(tmp_path, {"name": "u", "user": {"name": name, "shell": "/bin/sh"}})
+    pred = action.plan(env)
+    assert pred.kind == PredictionKind.CHANGE and pred.command == f"useradd -s /bin/sh -m -- {name}"
+    assert pred.diff and pred.diff.splitlines()[3:] == ["-absent", "+present", "+shell: /bin/sh"]

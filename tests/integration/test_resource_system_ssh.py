@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import grp
 import pwd
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,11 +106,11 @@ class Runbook:
         code, out = self._cli("apply", plan, "--known-hosts", self.known_hosts, "--output", "json")
         return code, {r["step_id"]: r for r in json.loads(out[: out.rindex("}") + 1])["results"]}
 
-    def idempotent(self, steps: list[dict[str, Any]]) -> None:
+    def idempotent(self, steps: list[dict[str, Any]], **top: Any) -> None:
         """Applying again changes nothing, and a plan now predicts `ok` for every step."""
-        code, again = self.run(steps)
+        code, again = self.run(steps, **top)
         assert code == 0 and {k: r["status"] for k, r in again.items()} == {k: "ok" for k in again}, again
-        _, preds = self.plan(steps)
+        _, preds = self.plan(steps, **top)
         assert {k: p["prediction"] for k, p in preds.items()} == {k: "ok" for k in preds}, preds
 
 
@@ -380,3 +382,109 @@ def test_package_errors_name_the_host_the_package_and_what_failed(rb: Runbook, a
     code, results = rb.run([{"name": "pkg", "package": {"name": missing}, "env": {"APT_CONFIG": str(apt_repo.config)}}])
     assert code == 2 and results["pkg"]["status"] == "failed"
     assert results["pkg"]["message"] == f"h0: package {missing}: finding a candidate failed: no candidate for {missing} in the apt lists"
+
+
+# --- group and user ----------------------------------------------------------------------------------------
+
+def free_id(exists: Any, start: int = 62000) -> int:
+    """The first id from `start` that no account (or group) on this machine has."""
+    for n in range(start, start + 3000):
+        try:
+            exists(n)
+        except KeyError:
+            return n
+    raise AssertionError("no free id")
+
+
+@pytest.fixture
+def accounts(root_host: SSHHost) -> Iterator[dict[str, list[str]]]:
+    """Names of users and groups a test creates: deleted afterwards (users first, with their homes)."""
+    made: dict[str, list[str]] = {"users": [], "groups": []}
+    yield made
+    for user in made["users"]:
+        subprocess.run(["userdel", "-r", "--", user], capture_output=True)
+    for group in made["groups"]:
+        subprocess.run(["groupdel", "--", group], capture_output=True)
+
+
+def shadow_hash(user: str) -> str | None:
+    for line in Path("/etc/shadow").read_text().splitlines():
+        if line.split(":", 1)[0] == user:
+            return line.split(":")[1]
+    return None
+
+
+def test_groups_and_a_user_lifecycle_exact_and_the_hash_never_shown(rb: Runbook, accounts: dict[str, list[str]],
+                                                                    tmp_path: Path) -> None:
+    g1, g2, user = unique("rbtg"), unique("rbtg"), unique("rbtu")
+    accounts["users"].append(user)
+    accounts["groups"] += [g1, g2]
+    gid, uid = free_id(grp.getgrgid), free_id(pwd.getpwuid)
+    hash1 = "$6$rbtsalt1$" + uuid.uuid4().hex * 2
+    hash2 = "$6$rbtsalt2$" + uuid.uuid4().hex * 2
+    steps = [{"name": "g1", "group": {"name": g1, "gid": gid}},
+             {"name": "g2", "group": {"name": g2, "system": True}},
+             {"name": "user", "user": {"name": user, "uid": uid, "group": g1, "groups": [g2], "shell": "/bin/sh",
+                                       "comment": "runbook test", "password": "{{ user_password }}"}}]
+    secrets = {"user_password": hash1, "new_password": hash2}    # secret-named vars: masked in every output
+    plan, preds = rb.plan(steps, vars=secrets)
+    assert [preds[s]["prediction"] for s in ("g1", "g2", "user")] == ["change", "change", "unknown"], preds
+    assert preds["g1"]["diff"].splitlines()[3:] == ["-absent", "+present", f"+gid: {gid}"]
+    assert "no group" in preds["user"]["reason"] and "earlier step creates it" in preds["user"]["reason"]
+    code, results = rb.apply(plan)
+    assert code == 0 and [results[s]["status"] for s in ("g1", "g2", "user")] == ["changed"] * 3, [r["message"] for r in results.values()]
+    entry = pwd.getpwnam(user)
+    assert (entry.pw_uid, entry.pw_gid, entry.pw_shell, entry.pw_gecos) == (uid, gid, "/bin/sh", "runbook test")
+    assert Path(entry.pw_dir).is_dir() and grp.getgrnam(g2).gr_mem == [user] and shadow_hash(user) == hash1
+    assert results["user"]["data"]["after"] == {"uid": uid, "group": g1, "groups": [g2], "shell": "/bin/sh",
+                                                "home": entry.pw_dir, "comment": "runbook test"}
+    assert results["g1"]["data"] == {"before": None, "after": {"gid": gid}}
+    rb.idempotent(steps, vars=secrets)
+
+    changed = [{"name": "user", "user": {"name": user, "groups": [], "shell": "/bin/bash", "password": "{{ new_password }}"}}]
+    plan, preds = rb.plan(changed, vars=secrets)
+    assert preds["user"]["prediction"] == "change", preds
+    diff = preds["user"]["diff"].splitlines()
+    assert {"-groups: " + g2, "+groups: ", "-shell: /bin/sh", "+shell: /bin/bash", "-password: (hash differs)",
+            "+password: (new hash)"} <= set(diff), diff
+    code, results = rb.apply(plan)
+    assert code == 0 and results["user"]["status"] == "changed", results
+    assert pwd.getpwnam(user).pw_shell == "/bin/bash" and grp.getgrnam(g2).gr_mem == [] and shadow_hash(user) == hash2
+    rb.idempotent(changed, vars=secrets)
+
+    gone = [{"name": "user", "user": {"name": user, "state": "absent", "remove": True}},
+            {"name": "g1", "group": {"name": g1, "state": "absent"}}, {"name": "g2", "group": {"name": g2, "state": "absent"}}]
+    code, results = rb.run(gone)
+    assert code == 0 and [results[s]["status"] for s in ("user", "g1", "g2")] == ["changed"] * 3, results
+    with pytest.raises(KeyError):
+        pwd.getpwnam(user)
+    assert not Path(entry.pw_dir).exists()
+    rb.idempotent(gone)
+    # The hashes were on no command line, in no output, plan file or audit record.
+    assert hash1 in (tmp_path / "pb1.yml").read_text()
+    written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
+    assert hash1 not in written and hash2 not in written and "rbtsalt" not in written
+
+
+def test_user_conflicts_and_errors_name_the_host_and_the_account(rb: Runbook, accounts: dict[str, list[str]]) -> None:
+    user = unique("rbtu")
+    accounts["users"].append(user)
+    steps = [{"name": "user", "user": {"name": user, "uid": 0}}]
+    _, preds = rb.plan(steps)
+    assert preds["user"]["prediction"] == "fail" and preds["user"]["reason"] == f"user {user}: uid 0 belongs to user root"
+    code, results = rb.run(steps)
+    assert code == 2 and results["user"]["message"] == f"h0: user {user}: checking the account failed: uid 0 belongs to user root"
+    code, results = rb.run([{"name": "user", "user": {"name": user, "shell": "/bin/sh"}}])
+    assert code == 0 and results["user"]["status"] == "changed"
+    # usermod refuses to change the uid of an account that has a running process: its own reason is reported.
+    entry = pwd.getpwnam(user)
+    busy = subprocess.Popen(["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        code, results = rb.run([{"name": "uid", "user": {"name": user, "uid": free_id(pwd.getpwuid)}}])
+    finally:
+        busy.kill()
+        busy.wait()
+    msg = results["uid"]["message"]
+    assert code == 2 and msg.startswith(f"h0: user {user}: `usermod -u "), msg
+    assert f"user {user} is currently used by process {busy.pid}" in msg, msg
