@@ -298,6 +298,18 @@ def _console_view(prepared, kw: dict[str, Any]):
                        playbook=prepared.playbook)
 
 
+def _check_out_dir(out: str | None) -> None:
+    """`--out dir/plan.json` needs `dir/` to exist: a mistyped path must not create a directory tree."""
+    from runbook.errors import Location, ValidationError
+
+    if out is None:
+        return
+    parent = Path(out).parent
+    if not parent.is_dir():
+        raise ValidationError(f"--out {out}: the directory {parent} does not exist", location=Location(out),
+                              hint=f"create it first (mkdir -p {parent}), or check the path")
+
+
 _PLAN_KEY_ENV = "RUNBOOK_PLAN_KEY"   # runbook.plan.KEY_ENV (not imported: the CLI module stays light)
 
 
@@ -307,6 +319,7 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     from runbook.runner import execute, prepare
 
     key = plan_key(kw.get("sign_key"))   # a bad key file fails before any host is contacted
+    _check_out_dir(out)
     request = _request(kw, "plan")
     prepared = prepare(playbook, _inventory_arg(kw), request)
     _check_tags(prepared.playbook, request)

@@ -332,3 +332,30 @@ def test_runs_has_a_time_column_and_aligned_columns(tmp_path: Path, monkeypatch:
         col = lines[0].index(header)
         assert all(ln[col - 2:col] == "  " and ln[col] != " " for ln in lines[1:]), header
     assert "1 failed" in lines[1] + lines[2] and "1 changed" in row
+
+
+def test_plan_out_refuses_a_missing_directory_before_planning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nsteps:\n  - name: a\n    shell: touch a\n")
+    assert exit_code(lambda: main(["plan", str(pb), "--out", "plasn/x/plan.json"])) == 4
+    err = capsys.readouterr().err
+    assert "--out plasn/x/plan.json: the directory plasn/x does not exist" in err and "mkdir -p plasn/x" in err
+    assert not (tmp_path / "plasn").exists() and not (tmp_path / "audit.jsonl").exists()
+    (tmp_path / "plans").mkdir()
+    assert exit_code(lambda: main(["plan", str(pb), "-o", "plans/plan.json"])) == 0
+    assert (tmp_path / "plans" / "plan.json").is_file()
+
+
+def test_gitignore_covers_plan_files_and_the_drain_directory() -> None:
+    import subprocess
+
+    from tests.helpers import REPO
+
+    paths = ["plan.json", "restart.plan.json", "drain/web01", "drain/events.log", "playbooks/.runbook/audit.jsonl"]
+    proc = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *paths], capture_output=True, text=True)
+    assert sorted(proc.stdout.split()) == sorted(paths)
+    kept = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "playbooks/disk-pressure.yml",
+                           "inventory/local.yml"], capture_output=True, text=True)
+    assert kept.stdout == ""
