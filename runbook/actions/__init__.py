@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import keyword
 import pkgutil
+
+from pydantic import BaseModel
 from typing import TYPE_CHECKING
 
 from runbook.actions.base import (Action, FieldKind, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField,
@@ -54,8 +56,9 @@ ACTIONS: Registry[type[Action]] = Registry("runbook.actions", "action", _builtin
 
 
 def field_name(action: str) -> str:
-    """The attribute that holds an action's spec on a Step (`assert` is a Python keyword: `assert_`)."""
-    return action + "_" if keyword.iskeyword(action) else action
+    """The attribute that holds an action's spec on a Step: its name, or `NAME_` when that is a Python
+    keyword (`assert`) or a pydantic model attribute (`copy`); the playbook key is always the name."""
+    return action + "_" if keyword.iskeyword(action) or hasattr(BaseModel, action) else action
 
 
 def action_class(name: str) -> type[Action]:

@@ -152,20 +152,36 @@ def open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Chan
     return transport.open_session(timeout=timeout)
 
 
+def _shutdown_write(channel: paramiko.Channel) -> None:
+    """Send EOF on a channel unless it is closed already, atomically with paramiko's own close.
+
+    paramiko's `shutdown_write` builds the EOF under the channel lock but sends it after releasing
+    it; a fast command's CLOSE handled in between makes the EOF arrive after the close, and OpenSSH
+    drops the whole connection ("ieof packet referred to nonexistent channel"), killing every other
+    command on it. Sending under the lock orders the two (paramiko sends its CLOSE after the lock).
+    """
+    with channel.lock:
+        if channel.closed or channel.eof_sent:
+            return
+        message = channel._send_eof()
+        if message is not None and channel.transport is not None:
+            channel.transport._send_user_message(message)
+
+
 def _feed_stdin(channel: paramiko.Channel, data: bytes | None) -> None:
     """Send the command's stdin and EOF (large input in a thread, so a command that writes first cannot deadlock us)."""
     if not data:
-        channel.shutdown_write()  # EOF at once: a command reading stdin must not hang
+        _shutdown_write(channel)  # EOF at once: a command reading stdin must not hang
         return
     if len(data) <= 65536:
         channel.sendall(data)
-        channel.shutdown_write()
+        _shutdown_write(channel)
         return
 
     def feed() -> None:
         try:
             channel.sendall(data)
-            channel.shutdown_write()
+            _shutdown_write(channel)
         except (OSError, EOFError, paramiko.SSHException):
             pass
     threading.Thread(target=feed, daemon=True).start()

@@ -175,6 +175,30 @@ def test_concurrent_runs_share_one_connection(conn: SSHConnection) -> None:
     assert conn._transport is transport  # no reconnect, no new handshake
 
 
+def test_fast_commands_in_parallel_never_drop_the_connection(conn: SSHConnection) -> None:
+    """A command that ends before its EOF is sent must not make sshd drop the connection.
+
+    paramiko sends a channel's EOF after releasing the channel lock; when the server's CLOSE of a
+    fast command was handled in between, OpenSSH saw an EOF for a closed channel and disconnected
+    ("ieof packet referred to nonexistent channel"), failing every command on the connection.
+    """
+    transport = conn._transport
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(80):
+            res = conn.run("true")
+            if res.rc != 0:
+                failures.append(res.stderr)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and conn._transport is transport and transport is not None and transport.is_active()
+
+
 @contextmanager
 def variant_sshd(host: SSHHost, directory: Path, *extra: str) -> Iterator[SSHHost]:
     """The test host's sshd configuration again, on a new port, with extra sshd_config lines (stopped on exit)."""

@@ -146,7 +146,9 @@ def test_health_check_reports_each_check_per_host(rb: Runbook, clean_ssh_hosts: 
     preds = predictions(plan)
     assert preds[(h1.name, "check-expected-ports")] == "fail"
     assert preds[(h2.name, "check-disk-usage")] == "fail"
-    assert all(kind in ("ok", "fail") for kind in preds.values())
+    assert all(kind in ("ok", "fail") for kind in preds.values()), {
+        k: (p["prediction"], p["reason"]) for p in plan["predictions"] for k in [(p["host"], p["step_id"])]
+        if p["prediction"] not in ("ok", "fail")}
 
     rc, result = rb.apply(plan)
     assert rc == 2 and result["exit_code"] == 2
