@@ -211,7 +211,7 @@ class File(ResourceAction):
             return
         for key, (count, names) in below.items():
             example = ", ".join(names[:3]) + (", ..." if count > len(names[:3]) else "")
-            change.reasons.append(f"{count} entries below {state.path} differ in {key} ({example})")
+            change.reasons.append(f"{count} {'entry' if count == 1 else 'entries'} below {state.path} differ in {key} ({example})")
             change.before[f"{key} below"], change.after[f"{key} below"] = f"{count} differ", {
                 "mode": mode, "owner": owner, "group": group}[key]
         change.ops.append(_op(env, sh(RECURSE_APPLY_SCRIPT, state.path, (mode or "") if "mode" in below else "",
