@@ -16,6 +16,7 @@ from runbook.actions import Action, PredictionKind, TaskEnv, action_for
 from runbook.actions._system import parse_sections, state_diff
 from runbook.actions.package import PackageSpec, Packages, commands, parse_apk, parse_apt, parse_rpm, simulated
 from runbook.actions.package import plan_changes as package_changes
+from runbook.actions.cron import CronSpec, entry_line, new_table, table_diff
 from runbook.actions.group import GroupSpec, group_commands, parse_group
 from runbook.actions.user import UserSpec, UserState, parse_user, user_changes
 from runbook.actions.service import ServiceSpec, boot, control, parse_systemd, parse_sysv, plan_changes
@@ -394,3 +395,67 @@ def test_user_and_group_plans_read_this_machine(tmp_path: Path) -> None:
     pred = action.plan(env)
     assert pred.kind == PredictionKind.CHANGE and pred.command == f"useradd -s /bin/sh -m -- {name}"
     assert pred.diff and pred.diff.splitlines()[3:] == ["-absent", "+present", "+shell: /bin/sh"]
+
+
+# --- cron -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,message", [
+    ({"name": "x", "job": "true\n* * * * * rm -rf /"}, "invalid cron job"),
+    ({"name": "x", "job": "true\r"}, "invalid cron job"),
+    ({"name": "x", "job": "a\x00b"}, "invalid cron job"),
+    ({"name": "x", "job": ""}, "invalid cron job"),
+    ({"name": "x", "job": "y" * 5000}, "invalid cron job"),
+    ({"name": "x\n* * * * * evil", "job": "true"}, "invalid cron entry name"),
+    ({"name": "# x", "job": "true"}, "invalid cron entry name"),
+    ({"name": "x", "job": "true", "minute": "* * * * *"}, "invalid cron time field"),
+    ({"name": "x", "job": "true", "hour": "1;id"}, "invalid cron time field"),
+    ({"name": "x", "job": "true", "user": "root;id"}, "invalid user name"),
+    ({"name": "x", "job": "true", "minute": 5, "special_time": "daily"}, "exclude each other"),
+    ({"name": "x"}, "cron needs `job`"),
+    ({"name": "x", "job": "true", "special_time": "often"}, "special_time"),
+])
+def test_cron_spec_refuses_bad_input_located(tmp_path: Path, spec: dict[str, Any], message: str) -> None:
+    found = problems(tmp_path, {"name": "c", "cron": spec})
+    assert len(found) == 1 and message in found[0] and str(tmp_path / "pb.yml") + ":" in found[0], found
+
+
+def _cron(**kw: Any) -> CronSpec:
+    return CronSpec.model_validate({"name": "backup", "job": "run-backup", **kw})
+
+
+def test_cron_entry_lines() -> None:
+    assert entry_line(_cron(minute=5, hour="2", weekday="mon-fri"), "run-backup") == "5 2 * * mon-fri run-backup"
+    assert entry_line(_cron(special_time="reboot"), "run-backup") == "@reboot run-backup"
+    assert entry_line(_cron(minute="*/10", disabled=True), "x") == "#*/10 * * * * x"
+    assert _cron().state == "present" and _cron(state="absent", job=None).job is None
+
+
+TABLE = "MAILTO=ops\n# runbook: other\n1 1 * * * other\n0 * * * * unmarked\n"
+
+
+def test_cron_new_table_edits_only_the_marked_entry() -> None:
+    added, current = new_table(TABLE, "backup", "5 2 * * * b")
+    assert current is None and added == TABLE + "# runbook: backup\n5 2 * * * b\n"
+    same, current = new_table(added, "backup", "5 2 * * * b")
+    assert same is added and current == "5 2 * * * b"
+    middle = "A=1\n# runbook: backup\n5 2 * * * b\nlast\n"
+    assert new_table(middle, "backup", "6 2 * * * b") == ("A=1\n# runbook: backup\n6 2 * * * b\nlast\n", "5 2 * * * b")
+    assert new_table(middle, "backup", None) == ("A=1\nlast\n", "5 2 * * * b")
+    assert new_table(TABLE, "backup", None) == (TABLE, None)
+    assert new_table("", "backup", "@daily b") == ("# runbook: backup\n@daily b\n", None)
+    # Duplicated markers (someone copied the entry) become one; a marker without its entry is repaired.
+    dup = "# runbook: backup\n1 * * * * b\n# runbook: backup\n2 * * * * b\n"
+    assert new_table(dup, "backup", "1 * * * * b") == ("# runbook: backup\n1 * * * * b\n", "1 * * * * b")
+    assert new_table("x\n# runbook: backup\n", "backup", "1 * * * * b") == ("x\n# runbook: backup\n1 * * * * b\n", None)
+    # A marker of another name that starts the same is not ours.
+    assert new_table("# runbook: backup2\n1 * * * * c\n", "backup", None)[1] is None
+    # A table without a final newline is kept byte for byte when the entry is already right.
+    table = "# runbook: backup\n1 * * * * b"
+    assert new_table(table, "backup", "1 * * * * b") == (table, "1 * * * * b")
+
+
+def test_cron_diff_shows_only_changed_lines() -> None:
+    new, _ = new_table(TABLE, "other", "2 2 * * * other")
+    diff = table_diff(TABLE, new, "crontab of app")
+    assert diff.splitlines()[2:] == ["@@ -3 +3 @@", "-1 1 * * * other", "+2 2 * * * other"]
+    assert "MAILTO" not in diff and "unmarked" not in diff

@@ -81,30 +81,32 @@ class Runbook:
         path.write_text(yaml.safe_dump({"runbook": "system", "hosts": "all", **top, "steps": steps}, sort_keys=False))
         return path
 
-    def _cli(self, *args: str | Path) -> tuple[int, str]:
+    def _cli(self, *args: str | Path) -> tuple[int, str, str]:
         self.capsys.readouterr()
         code = main([str(a) for a in args])
         out, err = self.capsys.readouterr()
-        return code, out + err
+        return code, out, err
 
     def run(self, steps: list[dict[str, Any]], **top: Any) -> tuple[int, dict[str, dict[str, Any]]]:
         """`runbook run` of these steps: (exit code, {step_id: result})."""
-        code, out = self._cli("run", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
-                              self.known_hosts, "--output", "json")
-        return code, {r["step_id"]: r for r in json.loads(out[: out.rindex("}") + 1])["results"]}
+        code, out, err = self._cli("run", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
+                                   self.known_hosts, "--output", "json")
+        assert out.strip(), f"run printed no JSON (rc={code}):\n{err}"
+        return code, {r["step_id"]: r for r in json.loads(out)["results"]}
 
     def plan(self, steps: list[dict[str, Any]], **top: Any) -> tuple[Path, dict[str, dict[str, Any]]]:
         """`runbook plan` of these steps to a file: (plan path, {step_id: prediction})."""
         out = self.tmp / f"plan{self.count + 1}.json"
-        code, text = self._cli("plan", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
-                               self.known_hosts, "--out", out)
-        assert out.exists(), f"plan failed (rc={code}):\n{text}"
+        code, text, err = self._cli("plan", self.playbook(steps, **top), "-i", self.inventory, "--known-hosts",
+                                    self.known_hosts, "--out", out)
+        assert out.exists(), f"plan failed (rc={code}):\n{text}\n{err}"
         return out, {p["step_id"]: p for p in json.loads(out.read_text())["predictions"]}
 
     def apply(self, plan: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         """`runbook apply` of a saved plan: (exit code, {step_id: result})."""
-        code, out = self._cli("apply", plan, "--known-hosts", self.known_hosts, "--output", "json")
-        return code, {r["step_id"]: r for r in json.loads(out[: out.rindex("}") + 1])["results"]}
+        code, out, err = self._cli("apply", plan, "--known-hosts", self.known_hosts, "--output", "json")
+        assert out.strip(), f"apply printed no JSON (rc={code}):\n{err}"
+        return code, {r["step_id"]: r for r in json.loads(out)["results"]}
 
     def idempotent(self, steps: list[dict[str, Any]], **top: Any) -> None:
         """Applying again changes nothing, and a plan now predicts `ok` for every step."""
@@ -488,3 +490,71 @@ def test_user_conflicts_and_errors_name_the_host_and_the_account(rb: Runbook, ac
     msg = results["uid"]["message"]
     assert code == 2 and msg.startswith(f"h0: user {user}: `usermod -u "), msg
     assert f"user {user} is currently used by process {busy.pid}" in msg, msg
+
+
+# --- cron ------------------------------------------------------------------------------------------------
+
+FOREIGN = 'MAILTO=""\n# kept as it is\n*/5 * * * * echo foreign  # with a comment\n'
+
+
+def crontab(user: str) -> str:
+    """The user's crontab as `crontab -l` prints it ("" when there is none)."""
+    res = subprocess.run(["crontab", "-u", user, "-l"], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else ""
+
+
+@pytest.fixture
+def cron_user(root_host: SSHHost) -> Iterator[str]:
+    """The test host's user, with a crontab holding entries of its own; the crontab is removed afterwards."""
+    if shutil.which("crontab") is None:
+        pytest.skip("crontab is not installed (the `cron` package)")
+    user = root_host.user
+    subprocess.run(["crontab", "-u", user, "-"], input=FOREIGN, text=True, check=True, capture_output=True)
+    try:
+        yield user
+    finally:
+        subprocess.run(["crontab", "-u", user, "-r"], capture_output=True)
+
+
+def test_cron_edits_only_its_marked_entry(rb: Runbook, cron_user: str) -> None:
+    job = "/usr/local/bin/backup --db main > /dev/null 2>&1"
+    steps = [{"name": "cron", "cron": {"name": "backup db", "user": cron_user, "minute": 30, "hour": 2, "job": job}}]
+    plan, preds = rb.plan(steps)
+    assert preds["cron"]["prediction"] == "change", preds
+    assert preds["cron"]["diff"].splitlines()[2:] == ["@@ -3,0 +4,2 @@", "+# runbook: backup db", f"+30 2 * * * {job}"]
+    assert crontab(cron_user) == FOREIGN, "the dry run changed the crontab"
+    code, results = rb.apply(plan)
+    assert code == 0 and results["cron"]["status"] == "changed", results
+    assert results["cron"]["data"] == {"user": cron_user, "before": None, "after": f"30 2 * * * {job}"}
+    assert crontab(cron_user) == FOREIGN + f"# runbook: backup db\n30 2 * * * {job}\n"
+    rb.idempotent(steps)
+    # The same entry seen from the user's own crontab (no `user`, no sudo).
+    _, preds = rb.plan([{"name": "own", "sudo": False, "cron": {"name": "backup db", "minute": "30", "hour": "2", "job": job}}])
+    assert preds["own"]["prediction"] == "ok", preds
+
+    moved = [{"name": "cron", "cron": {"name": "backup db", "user": cron_user, "minute": 30, "hour": 3, "job": job}},
+             {"name": "daily", "cron": {"name": "rotate", "user": cron_user, "special_time": "daily", "job": "rotate-logs"}}]
+    _, preds = rb.plan(moved)
+    assert preds["cron"]["diff"].splitlines()[3:] == [f"-30 2 * * * {job}", f"+30 3 * * * {job}"]
+    code, results = rb.run(moved)
+    assert code == 0 and [results[s]["status"] for s in ("cron", "daily")] == ["changed", "changed"]
+    assert crontab(cron_user) == (FOREIGN + f"# runbook: backup db\n30 3 * * * {job}\n"
+                                  "# runbook: rotate\n@daily rotate-logs\n")
+    rb.idempotent(moved)
+
+    gone = [{"name": "cron", "cron": {"name": "backup db", "user": cron_user, "state": "absent"}},
+            {"name": "daily", "cron": {"name": "rotate", "user": cron_user, "state": "absent"}}]
+    code, results = rb.run(gone)
+    assert code == 0 and results["cron"]["data"]["before"] == f"30 3 * * * {job}" and results["cron"]["data"]["after"] is None
+    assert crontab(cron_user) == FOREIGN, "other entries were not kept byte for byte"
+    rb.idempotent(gone)
+
+
+def test_cron_refuses_a_job_that_renders_to_several_lines(rb: Runbook, cron_user: str) -> None:
+    steps = [{"name": "cron", "cron": {"name": "evil", "user": cron_user, "job": "{{ job }}"}}]
+    code, results = rb.run(steps, vars={"job": "true\n* * * * * rm -rf /tmp/x"})
+    assert code == 2 and results["cron"]["status"] == "failed"
+    assert "h0: step `cron`: cron job '{{ job }}' rendered to 'true\\n* * * * * rm" in results["cron"]["message"]
+    assert crontab(cron_user) == FOREIGN
+    code, results = rb.run([{"name": "cron", "cron": {"name": "x", "user": "rbt-nosuch-user", "job": "true"}}])
+    assert code == 2 and "h0: cron 'x': cannot read the crontab of rbt-nosuch-user: " in results["cron"]["message"]
