@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,11 +17,6 @@ from runbook.template import resolve_local
 
 if TYPE_CHECKING:
     from runbook.model import Playbook
-
-# The step key `copy` becomes a field of the Step model, where it hides pydantic's deprecated
-# BaseModel.copy() (nothing in runbook calls it; model_copy is the API). Say so once, here, instead
-# of warning on every start. This module is imported by the registry before Step is built.
-warnings.filterwarnings("ignore", message='Field name "copy" in "Step" shadows an attribute', category=UserWarning)
 
 
 class CopySpec(ContentOptions):
