@@ -558,3 +558,29 @@ def test_cron_refuses_a_job_that_renders_to_several_lines(rb: Runbook, cron_user
     assert crontab(cron_user) == FOREIGN
     code, results = rb.run([{"name": "cron", "cron": {"name": "x", "user": "rbt-nosuch-user", "job": "true"}}])
     assert code == 2 and "h0: cron 'x': cannot read the crontab of rbt-nosuch-user: " in results["cron"]["message"]
+
+
+# --- the shipped rolling-restart playbook restarts through `service` when no restart_command is given -------
+
+def test_rolling_restart_uses_the_service_action_by_default(rb: Runbook, init_script: Any, root_host: SSHHost,
+                                                           tmp_path: Path) -> None:
+    name = init_script()
+    rb.run([{"name": "up", "service": {"name": name, "state": "started"}}])
+    before = _pid(name)
+    playbooks = Path(__file__).resolve().parents[2] / "playbooks"
+    shutil.copy(playbooks / "rolling-restart.yml", tmp_path / "rolling-restart.yml")
+    (tmp_path / "windows.yml").write_text('windows:\n  maintenance: {cron: "* * * * *", duration: 2h}\n')
+    # The host's own sshd port stands in for the service's port: it is listening.
+    inv = write_inventory(tmp_path / "restart-inventory.yml", [root_host],
+                          extra={"service": name, "health_port": root_host.port, "drain_dir": str(tmp_path / "drain")})
+    out = tmp_path / "restart.plan.json"
+    code, _, err = rb._cli("plan", tmp_path / "rolling-restart.yml", "-i", inv, "--known-hosts", rb.known_hosts, "--out", out)
+    preds = {p["step_id"]: p["prediction"] for p in json.loads(out.read_text())["predictions"]}
+    assert preds == {"drain": "change", "restart-service": "change", "restart": "skip", "health": "unknown",
+                     "undrain": "change"}, err
+    assert _pid(name) == before
+    code, results = rb.apply(out)
+    assert code == 0, results
+    assert {k: r["status"] for k, r in results.items()} == {"drain": "changed", "restart-service": "changed",
+                                                            "restart": "skipped", "health": "ok", "undrain": "changed"}
+    assert _pid(name) not in (None, before)
