@@ -9,6 +9,7 @@ from jinja2 import meta, nodes
 
 from runbook.actions import FieldKind, TemplatedField, action_for
 from runbook.errors import Location, Problem, close_match
+from runbook.fields import YAML11_BOOLEANS
 from runbook.model import Playbook, Step
 from runbook.shell_lint import locate_in_file, shell_findings
 from runbook.template import BUILTINS, environment, strip_braces
@@ -82,7 +83,7 @@ class _TemplateChecker:
             return
         # `changed_when`, `failed_when` and `until` also see the step's own result as `result`.
         local = self.defined | {"result"} if path and path[-1] in ("changed_when", "failed_when", "until") else self.defined
-        for name in sorted(meta.find_undeclared_variables(tree) - local):
+        for name in sorted(meta.find_undeclared_variables(tree) - local - guarded_names(tree)):
             self._undefined(path, name)
         if kind == FieldKind.SHELL:
             self._lint_shell(path, text)
@@ -98,13 +99,17 @@ class _TemplateChecker:
             self.problems.append(Problem(finding.message, loc, finding.hint, severity="warning", code=finding.code))
 
     def _undefined(self, path: tuple[str | int, ...], name: str) -> None:
+        expression = bool(path) and path[-1] in EXPRESSION_FIELDS
         if self.known_vars is not None:
             self.problems.append(Problem(f"undefined variable `{name}`", self.locate(path),
-                                         _undefined_hint(name, self.defined), code="undefined-variable"))
-        else:
-            self.problems.append(Problem(f"`{name}` is not defined by the playbook's vars, secrets or registers",
-                                         self.locate(path), "define a default under `vars:`, or make sure the inventory "
-                                         "or -e provides it", severity="warning", code="undefined-variable"))
+                                         _undefined_hint(name, self.defined, expression), code="undefined-variable"))
+            return
+        # The inventory or -e may still define it, so a warning; but a near miss of a defined name is
+        # almost always a typo that fails the run part-way, so the hint says which name was meant.
+        hint = _undefined_hint(name, self.defined, expression,
+                               fallback="define a default under `vars:`, or make sure the inventory or -e provides it")
+        self.problems.append(Problem(f"`{name}` is not defined by the playbook's vars, secrets or registers",
+                                     self.locate(path), hint, severity="warning", code="undefined-variable"))
 
     def run(self) -> list[Problem]:
         """Check every templated string of the playbook, and each action's own static checks."""
@@ -120,13 +125,27 @@ class _TemplateChecker:
         return sorted(self.problems, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))
 
 
+def guarded_names(tree: nodes.Template) -> set[str]:
+    """Names a template only reads behind `is defined`/`is undefined` or `| default(...)`: optional, not typos."""
+    found: set[str] = set()
+    for node in tree.find_all((nodes.Test, nodes.Filter)):
+        if node.name in ("defined", "undefined", "default", "d") and isinstance(node.node, nodes.Name):
+            found.add(node.node.name)
+    return found
+
+
 def check_playbook_templates(playbook: Playbook, *, known_vars: set[str] | None = None) -> list[Problem]:
     """Template syntax, provably undefined names, and the shell-safety lint, all located."""
     return _TemplateChecker(playbook, known_vars).run()
 
 
-def _undefined_hint(name: str, defined: set[str]) -> str:
+def _undefined_hint(name: str, defined: set[str], expression: bool = False,
+                    fallback: str = "define it under `vars:`, in the inventory, with `register:` on an earlier step, "
+                                    "or with -e") -> str:
+    if expression and name.lower() in YAML11_BOOLEANS:   # `changed_when: yes`
+        meant = str(YAML11_BOOLEANS[name.lower()]).lower()
+        return f"write `{meant}`: in an expression `{name}` is a variable name, only true and false are booleans"
     match = close_match(name, defined - BUILTINS)
     if match:
         return f"did you mean `{match}`?"
-    return "define it under `vars:`, in the inventory, with `register:` on an earlier step, or with -e"
+    return fallback

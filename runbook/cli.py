@@ -32,7 +32,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("playbooks", nargs=-1, required=True, type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--strict", is_flag=True, help="Treat warnings as errors.")
+@click.option("--strict", is_flag=True, help="Treat warnings (undefined variables, shell quoting) as errors.")
 def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
     """Check playbooks: structure, step graph, templates and the shell-safety lint."""
     from runbook.loader import validate_playbook
@@ -41,7 +41,10 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
 
     reports = [_validate_windows_file(p) if Path(p).name in ("windows.yml", "windows.yaml")
                else validate_rules(p) if is_rules_file(p) else validate_playbook(p) for p in playbooks]
-    failed = any(r.errors or (strict and r.warnings) for r in reports)
+    if strict:
+        # Warnings become errors, in every output: the text, the JSON and the exit code all agree.
+        reports = [_as_errors(r) for r in reports]
+    failed = any(r.errors for r in reports)
     if fmt == "json":
         click.echo(json.dumps([{
             "file": r.path, "valid": not r.errors,
@@ -65,6 +68,16 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
                            f"{f' + {len(pb.on_failure)} on_failure' if pb.on_failure else ''}{warn}")
     if failed:
         sys.exit(EXIT_INVALID)
+
+
+def _as_errors(report):
+    """A report whose warnings are errors (`validate --strict`)."""
+    import dataclasses
+
+    if not report.warnings:
+        return report
+    problems = [dataclasses.replace(p, severity="error") for p in report.problems]
+    return dataclasses.replace(report, problems=problems)
 
 
 def _validate_windows_file(path: str):
@@ -285,12 +298,28 @@ def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
     _finish(execute(prepared, request), kw, prepared.redactor)
 
 
+def _warn_undefined(prepared) -> None:
+    """Before a host is touched: names no vars, inventory host, register or -e defines, with a did-you-mean.
+
+    Without this, a typo (`log_dri` for `log_dir`) is found only when its step runs, part-way through.
+    """
+    import dataclasses
+
+    from runbook.checks import check_playbook_templates
+
+    known = set(prepared.info.extra_vars).union(*(h.vars for h in prepared.hosts))
+    for p in check_playbook_templates(prepared.playbook, known_vars=known):
+        if p.code == "undefined-variable":
+            _echo_err(dataclasses.replace(p, severity="warning", message=p.message + " (its step fails if it runs)").render())
+
+
 def _console_view(prepared, kw: dict[str, Any]):
     """The terminal observer; no live redraw when an approval prompt may appear, and inventory warnings first."""
     from runbook.console import ConsoleView, make_console
 
     for w in prepared.inventory.warnings:
         _echo_err(w.render())
+    _warn_undefined(prepared)
     from runbook.actions import action_class
 
     gates = any(action_class(s.action).asks_operator for s in prepared.playbook.all_steps())
@@ -323,6 +352,7 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     request = _request(kw, "plan")
     prepared = prepare(playbook, _inventory_arg(kw), request)
     _check_tags(prepared.playbook, request)
+    _warn_undefined(prepared)
     console = make_console()
     request.observers.append(ConsoleView(console, prepared.redactor, verbose=kw["verbose"], playbook=prepared.playbook))
     result = execute(prepared, request)

@@ -359,3 +359,56 @@ def test_gitignore_covers_plan_files_and_the_drain_directory() -> None:
     kept = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "playbooks/disk-pressure.yml",
                            "inventory/local.yml"], capture_output=True, text=True)
     assert kept.stdout == ""
+
+
+# --- validation that matches run --------------------------------------------------------------
+
+TYPO = ("runbook: t\nhosts: localhost\nvars: {log_dir: /tmp}\nsteps:\n"
+        "  - name: list\n    shell: ls {{ log_dri | quote }}\n"
+        "  - name: optional\n    shell: echo {{ maybe | default('x') | quote }}\n    when: other is defined\n"
+        "  - name: words\n    shell: 'true'\n    changed_when: yes\n")
+
+
+def test_a_mistyped_variable_gets_a_did_you_mean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pb = write(tmp_path / "pb.yml", TYPO)
+    assert main(["validate", str(pb)]) == 0
+    out, err = capsys.readouterr()
+    assert f"{pb}:6:12: warning: `log_dri` is not defined by the playbook's vars, secrets or registers\n" \
+           "  hint: did you mean `log_dir`?" in err
+    assert "`yes` is not defined" in err and "write `true`: in an expression `yes` is a variable name" in err
+    assert "maybe" not in err and "other" not in err    # only read behind `default` / `is defined`
+    assert out.strip().endswith("2 warning(s)")
+
+
+def test_strict_makes_them_errors_and_every_output_agrees(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pb = write(tmp_path / "pb.yml", TYPO)
+    assert main(["validate", "--strict", str(pb)]) == 4
+    out, err = capsys.readouterr()
+    assert f"{pb}:6:12: error: `log_dri` is not defined" in err and "warning:" not in err
+    assert out.strip() == f"{pb}: invalid (2 error(s), 0 warning(s))" and "ok" not in out
+    assert main(["validate", "--strict", "--format", "json", str(pb)]) == 4
+    [report] = json.loads(capsys.readouterr().out)
+    assert report["valid"] is False
+    assert {p["severity"] for p in report["problems"]} == {"error"}
+    # Without --strict the same playbook is valid, with warnings, in both outputs.
+    assert main(["validate", "--format", "json", str(pb)]) == 0
+    [report] = json.loads(capsys.readouterr().out)
+    assert report["valid"] is True and {p["severity"] for p in report["problems"]} == {"warning"}
+
+
+def test_strict_on_a_clean_playbook_still_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pb = write(tmp_path / "pb.yml", "runbook: t\nvars: {d: /tmp}\nsteps:\n  - name: a\n    shell: ls {{ d | quote }}\n")
+    assert main(["validate", "--strict", "--format", "json", str(pb)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["valid"] is True
+
+
+def test_run_warns_of_an_undefined_name_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(tmp_path, monkeypatch, capsys, TYPO, "-e", "other=1")
+    assert code == 2
+    warning = "warning: undefined variable `log_dri` (its step fails if it runs)\n  hint: did you mean `log_dir`?"
+    assert warning in err and err.index(warning) < err.index("Running t on")
+    # A name the inventory or -e defines is not reported.
+    code, _, err = run_cli(tmp_path, monkeypatch, capsys, TYPO, "-e", "log_dri=/tmp")
+    assert "log_dri" not in err.split("Running t on")[0]

@@ -541,7 +541,7 @@ def test_validate_flags_the_attack_that_really_runs(tmp_path: Path) -> None:
     assert strict.returncode == 4, strict.stdout + strict.stderr
     [report] = json.loads(strict.stdout)
     found = [p for p in report["problems"] if "inside-quotes" in p["code"]]
-    assert [(p["line"], p["column"], p["severity"]) for p in found] == [(5, column_of(ATTACK, 5), "warning")]
+    assert [(p["line"], p["column"], p["severity"]) for p in found] == [(5, column_of(ATTACK, 5), "error")]   # --strict: an error everywhere
     assert "`quote`" in found[0]["message"] and found[0]["hint"]
 
 
