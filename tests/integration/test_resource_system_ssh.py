@@ -584,3 +584,17 @@ def test_rolling_restart_uses_the_service_action_by_default(rb: Runbook, init_sc
     assert {k: r["status"] for k, r in results.items()} == {"drain": "changed", "restart-service": "changed",
                                                             "restart": "skipped", "health": "ok", "undrain": "changed"}
     assert _pid(name) not in (None, before)
+
+
+def test_apply_refuses_a_plan_the_host_drifted_from(rb: Runbook, init_script: Any, cron_user: str) -> None:
+    name = init_script()
+    steps = [{"name": "svc", "service": {"name": name, "state": "started"}},
+             {"name": "cron", "cron": {"name": "drift", "user": cron_user, "job": "true"}, "needs": []}]
+    plan, preds = rb.plan(steps)
+    assert preds["svc"]["prediction"] == "change" and preds["cron"]["prediction"] == "change"
+    subprocess.run(["service", name, "start"], check=True, capture_output=True)        # someone else started it
+    subprocess.run(["crontab", "-u", cron_user, "-"], input=FOREIGN + "@hourly other\n", text=True, check=True)
+    code, results = rb.apply(plan)
+    assert code == 2 and results["svc"]["status"] == "drift" and results["cron"]["status"] == "drift", results
+    assert "the plan said change" in results["svc"]["message"] and "now ok" in results["svc"]["message"]
+    assert crontab(cron_user) == FOREIGN + "@hourly other\n"
