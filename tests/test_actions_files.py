@@ -210,7 +210,7 @@ def test_file_owner_and_group_by_name_or_number(tmp_path: Path) -> None:
     # The same owner as a number is already true; an unknown name fails before anything runs.
     converge(tmp_path, {"file": {"path": str(f), "owner": str(nobody.pw_uid)}})
     pred, out = both(tmp_path, {"file": {"path": str(f), "owner": "no-such-user-rb"}})
-    assert pred.kind == "fail" and "no user 'no-such-user-rb'" in pred.reason and out.failed
+    assert pred.kind == "fail" and "user 'no-such-user-rb': no such user" in pred.reason and out.failed
 
 
 @needs_root

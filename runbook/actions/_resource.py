@@ -541,14 +541,15 @@ def unreadable_reason(env: TaskEnv, state: PathState) -> str | None:
 def attr_problem(env: TaskEnv, state: PathState, info: Info | None, owner: str | None, group: str | None) -> str | None:
     """Why setting this owner/group would fail (unknown name, not root, not a member), or None."""
     if owner and state.want_uid == -1:
-        return f"no user {owner!r} on the host"
+        return f"cannot give {state.path} to user {owner!r}: no such user on the host"
     if group and state.want_gid == -1:
-        return f"no group {group!r} on the host"
+        return f"cannot give {state.path} to group {group!r}: no such group on the host"
     if state.uid == 0:
         return None
     current = info.uid if info else state.uid
     if owner and state.want_uid not in (None, current):
-        return f"changing the owner to {owner} needs root, and {who(env)} is uid {state.uid}: use sudo: true"
+        return (f"changing the owner of {state.path} to {owner} needs root, and {who(env)} is uid {state.uid}: "
+                "use sudo: true")
     if (group and state.want_gid not in (None, info.gid if info else -2)
             and (state.want_gid not in state.groups or (info is not None and info.uid != state.uid))):
         return f"{who(env)} may not give {state.path} to group {group}: use sudo: true"
