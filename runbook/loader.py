@@ -552,8 +552,9 @@ def _action_problems(data: dict, source: SourceMap) -> list[Problem]:
     return found
 
 
-def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = None) -> ValidationReport:
-    """Validate a playbook file completely: structure, step graph, templates and shell-safety lint."""
+def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = None,
+                      check_window: bool = True) -> ValidationReport:
+    """Validate a playbook file completely: structure, step graph, templates, shell-safety lint and its window."""
     from runbook.graph import StepGraph
     from runbook.checks import check_playbook_templates
 
@@ -566,14 +567,32 @@ def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = 
         StepGraph.build(playbook)
     except PlaybookError as exc:
         problems.extend(exc.problems)
+    if check_window and playbook.window is not None:
+        problems.extend(_window_problems(playbook, path))
     problems.extend(check_playbook_templates(playbook, known_vars=known_vars))
     problems.sort(key=lambda p: (p.location.line or 0 if p.location else 0, p.location.column or 0 if p.location else 0))
     return ValidationReport(str(path), playbook if not any(p.severity == "error" for p in problems) else None, problems)
 
 
+def _window_problems(playbook: Playbook, path: str | os.PathLike) -> list[Problem]:
+    """A named window must exist in windows.yml (as `run` requires), and its definition must hold."""
+    from runbook.errors import ValidationError
+    from runbook.window import resolve_window
+
+    try:
+        resolve_window(playbook, path)
+    except ValidationError as exc:   # WindowError, or the windows.yml itself does not load
+        return exc.problems
+    return []
+
+
 def load_playbook(path: str | os.PathLike) -> Playbook:
-    """Load and fully validate a playbook file; raise PlaybookError with every error found."""
-    report = validate_playbook(path, known_vars=None)
+    """Load and fully validate a playbook file; raise PlaybookError with every error found.
+
+    The window is resolved where it is used (`run`/`apply` refuse an unknown one before starting),
+    so loading stays free of windows.yml and croniter.
+    """
+    report = validate_playbook(path, known_vars=None, check_window=False)
     if report.errors:
         raise PlaybookError(report.problems)
     assert report.playbook is not None

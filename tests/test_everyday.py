@@ -412,3 +412,43 @@ def test_run_warns_of_an_undefined_name_before_it_starts(tmp_path: Path, monkeyp
     # A name the inventory or -e defines is not reported.
     code, _, err = run_cli(tmp_path, monkeypatch, capsys, TYPO, "-e", "log_dri=/tmp")
     assert "log_dri" not in err.split("Running t on")[0]
+
+
+def test_validate_refuses_an_unknown_window_as_run_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "windows.yml", 'windows:\n  saturday-night: {cron: "0 2 * * SAT", duration: 2h}\n')
+    pb = write(tmp_path / "pb.yml", "runbook: t\nhosts: localhost\nwindow: saturday-nite\nsteps:\n"
+               "  - name: a\n    shell: touch ran\n")
+    assert main(["validate", "pb.yml"]) == 4
+    out, validate_err = capsys.readouterr()
+    assert "pb.yml: invalid (1 error(s)" in out
+    assert "pb.yml:3:9: error: unknown window `saturday-nite`" in validate_err
+    assert "did you mean `saturday-night`?" in validate_err
+    assert exit_code(lambda: main(["run", str(pb), "--audit-log", str(tmp_path / "a.jsonl")])) == 4
+    run_err = capsys.readouterr().err
+    assert "error: unknown window `saturday-nite`" in run_err and not (tmp_path / "ran").exists()
+    # The right name validates; so does an inline window.
+    pb.write_text(pb.read_text().replace("saturday-nite", "saturday-night"))
+    assert main(["validate", "pb.yml"]) == 0
+    (tmp_path / "windows.yml").unlink()
+    pb.write_text(pb.read_text().replace("saturday-night", "{cron: '0 2 * * SAT', duration: 2h}"))
+    assert main(["validate", "pb.yml"]) == 0
+
+
+def test_validate_a_named_window_without_windows_yml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    write(tmp_path / "sub" / "pb.yml", "runbook: t\nwindow: nightly\nsteps:\n  - name: a\n    shell: 'true'\n")
+    assert main(["validate", "pb.yml", "--format", "json"]) == 4
+    [report] = json.loads(capsys.readouterr().out)
+    assert report["valid"] is False and "unknown window `nightly`: no windows.yml" in report["problems"][0]["message"]
+
+
+def test_the_shipped_playbooks_still_validate(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.helpers import REPO
+
+    monkeypatch.chdir(REPO)
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / "playbooks").glob("*.yml"))
+    assert main(["validate", *files]) == 0, capsys.readouterr()
