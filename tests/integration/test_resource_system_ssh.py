@@ -249,6 +249,45 @@ def test_service_errors_name_the_host_the_service_and_what_failed(rb: Runbook, i
     assert results["missing"]["status"] == "failed" and results["missing"]["message"].startswith(f"h0: service {missing}:")
 
 
+@pytest.fixture
+def systemd_unit(root_host: SSHHost) -> Iterator[str]:
+    """A runtime unit /run/systemd/system/rbt-svc-<random>.service (a sleep); stopped, disabled and removed after."""
+    if not Path("/run/systemd/system").is_dir():
+        pytest.skip("systemd is not running here (CI containers): the SysV tests cover this machine")
+    name = unique("rbt-svc") + ".service"
+    unit = Path("/run/systemd/system") / name
+    unit.write_text("[Unit]\nDescription=runbook test\n[Service]\nExecStart=/bin/sleep 600\nExecReload=/bin/true\n"
+                    "[Install]\nWantedBy=multi-user.target\n")
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["systemctl", "disable", "--now", "--", name], capture_output=True)
+        unit.unlink(missing_ok=True)
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True)
+
+
+def _systemd(name: str, prop: str) -> str:
+    return subprocess.run(["systemctl", "show", f"--property={prop}", "--value", "--", name],
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_service_on_systemd_where_it_runs(rb: Runbook, systemd_unit: str) -> None:
+    steps = [{"name": "svc", "service": {"name": systemd_unit, "state": "started", "enabled": True}}]
+    plan, preds = rb.plan(steps)
+    assert preds["svc"]["prediction"] == "change"
+    assert preds["svc"]["command"] == f"systemctl start -- {systemd_unit}; systemctl enable -- {systemd_unit}"
+    assert _systemd(systemd_unit, "ActiveState") == "inactive"
+    code, results = rb.apply(plan)
+    assert code == 0 and results["svc"]["data"]["backend"] == "systemd", results
+    assert _systemd(systemd_unit, "ActiveState") == "active" and _systemd(systemd_unit, "UnitFileState") == "enabled"
+    rb.idempotent(steps)
+    down = [{"name": "svc", "service": {"name": systemd_unit, "state": "stopped", "enabled": False}}]
+    code, results = rb.run(down)
+    assert code == 0 and results["svc"]["status"] == "changed"
+    assert _systemd(systemd_unit, "ActiveState") == "inactive" and _systemd(systemd_unit, "UnitFileState") == "disabled"
+    rb.idempotent(down)
+
 # --- package (apt with a local `file:` source: no network, the machine's apt lists untouched) ----------
 
 class AptRepo:
