@@ -449,6 +449,9 @@ def test_cron_new_table_edits_only_the_marked_entry() -> None:
     assert new_table("x\n# runbook: backup\n", "backup", "1 * * * * b") == ("x\n# runbook: backup\n1 * * * * b\n", None)
     # A marker of another name that starts the same is not ours.
     assert new_table("# runbook: backup2\n1 * * * * c\n", "backup", None)[1] is None
+    # Other lines keep every byte, carriage returns and form feeds included.
+    odd = "A=1\r\n0 * * * * x\x0cy\n"
+    assert new_table(odd, "backup", "@daily b") == (odd + "# runbook: backup\n@daily b\n", None)
     # A table without a final newline is kept byte for byte when the entry is already right.
     table = "# runbook: backup\n1 * * * * b"
     assert new_table(table, "backup", "1 * * * * b") == (table, "1 * * * * b")

@@ -73,6 +73,9 @@ def read_sections(env: TaskEnv, script: str, args: Sequence[str], *, what: str,
     """Run a read script (`sh -c SCRIPT sh ARGS...`) with the step's sudo and env; return its sections."""
     res = run_argv(env, ["sh", "-c", SECTION_FUNCTION + script, "sh", *args], stdin=stdin,
                    timeout=env.step.timeout or READ_TIMEOUT)
+    if res.truncated:
+        raise RunbookError(f"{env.host}: cannot read the state of {what}: the output passed the connection's limit",
+                           hint="name fewer packages (or groups) in one step")
     if res.rc != 0 or "--rb:end--" not in res.stdout:
         raise RunbookError(f"{env.host}: cannot read the state of {what}: " + first_line(res, "the read script failed"),
                            hint="check that the step's `sudo` is allowed on the host")

@@ -78,7 +78,11 @@ def entry_line(spec: CronSpec, job: str) -> str:
 def new_table(table: str, name: str, line: str | None) -> tuple[str, str | None]:
     """(the table with the marked entry set to `line`, or removed when None; the entry's line now, or None)."""
     marker = MARKER + name
-    lines = table.splitlines()
+    # Split on newlines only: str.splitlines() also splits on \r, \f and others, which would
+    # rewrite other entries' bytes.
+    lines = table.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
     out: list[str] = []
     current: str | None = None
     at: int | None = None
@@ -103,9 +107,13 @@ def new_table(table: str, name: str, line: str | None) -> tuple[str, str | None]
     return "".join(f"{x}\n" for x in out), current
 
 
+def _lines(text: str) -> list[str]:
+    return [line + "\n" for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
+
+
 def table_diff(old: str, new: str, label: str) -> str:
     """The changed lines only: context lines could be other entries, which are not this step's to show."""
-    return "".join(difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+    return "".join(difflib.unified_diff(_lines(old), _lines(new),
                                         fromfile=f"{label} (on host)", tofile=f"{label} (wanted)", n=0))
 
 
@@ -144,6 +152,10 @@ class Cron(Action):
     def read(self, env: TaskEnv, name: str, user: str | None) -> str:
         """The crontab's text ("" when the user has none)."""
         res = run_argv(env, ["crontab", *(["-u", user] if user else []), "-l"], timeout=env.step.timeout or 60.0)
+        if res.rc == 0 and res.truncated:
+            # Writing back a table the connection cut short would drop other entries.
+            raise RunbookError(f"{env.host}: cron {shown(name)}: {self._who(user)} is larger than the connection's "
+                               "output limit; it is not edited", hint="runbook edits a crontab only when it has read all of it")
         if res.rc == 0:
             return res.stdout
         if res.rc == 1 and "no crontab for" in res.stderr:
