@@ -462,3 +462,34 @@ def test_cron_diff_shows_only_changed_lines() -> None:
     diff = table_diff(TABLE, new, "crontab of app")
     assert diff.splitlines()[2:] == ["@@ -3 +3 @@", "-1 1 * * * other", "+2 2 * * * other"]
     assert "MAILTO" not in diff and "unmarked" not in diff
+
+
+# --- one round trip -------------------------------------------------------------------------------------
+
+class Counting(LocalConnection):
+    """This machine, counting the commands it is asked to run."""
+
+    def __init__(self) -> None:
+        super().__init__("local")
+        self.commands: list[Any] = []
+
+    def run(self, command: Any, **kw: Any) -> Any:
+        self.commands.append(command)
+        return super().run(command, **kw)
+
+
+@pytest.mark.parametrize("step", [
+    {"service": {"name": "rbt-nosvc-x", "state": "started", "enabled": True}},
+    {"package": {"name": ["dpkg", "coreutils"], "state": "present"}},   # a predicted apt change adds its simulation
+    {"user": {"name": "root", "uid": 0, "groups": [], "shell": "/bin/bash"}},
+    {"group": {"name": "root", "gid": 0}},
+], ids=["service", "package", "user", "group"])
+def test_a_plan_reads_in_one_round_trip(tmp_path: Path, step: dict[str, Any]) -> None:
+    if "package" in step and shutil.which("dpkg-query") is None:
+        pytest.skip("needs dpkg")
+    pb = load_playbook(write(tmp_path, {"name": "s", **step}))
+    action = action_for(pb.steps[0])
+    conn = Counting()
+    pred = action.plan(TaskEnv(step=pb.steps[0], host="web1", conn=ReadOnlyConnection(conn, allow_run=True), vars={}, playbook=pb))
+    assert pred.kind in (PredictionKind.OK, PredictionKind.UNKNOWN, PredictionKind.CHANGE) and pred.state
+    assert len(conn.commands) == 1 and conn.commands[0][:2] == ["sh", "-c"], conn.commands
