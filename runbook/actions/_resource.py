@@ -256,7 +256,10 @@ def _b64(text: str) -> str:
 
 def parse_state(out: str) -> PathState:
     """Parse the state script's output (raises ValueError on anything unexpected)."""
-    state = PathState(path="", fingerprint=hashlib.sha256(out.encode("utf-8", "surrogateescape")).hexdigest())
+    # The fingerprint is of what was found, not of where: a path that renders differently at apply time
+    # (a run id in it) is not drift by itself, only a different state there is.
+    found = "\n".join(line for line in out.split("\n") if not line.startswith("path "))
+    state = PathState(path="", fingerprint=hashlib.sha256(found.encode("utf-8", "surrogateescape")).hexdigest())
     lines = out.split("\n")
     for i, line in enumerate(lines):
         tag, _, rest = line.partition(" ")

@@ -319,3 +319,57 @@ def test_hostile_names_over_ssh(capsys: pytest.CaptureFixture[str], clean_ssh_ho
         assert os.readlink(h0.home / f"link{i}") == f"{name}/../{name}"
     assert not list(h0.home.rglob("PWNED")) and not Path("/PWNED").exists()
     assert subprocess.run(["find", str(h0.home), "-name", ".runbook-*"], capture_output=True, text=True).stdout == ""
+
+
+# --- the shipped ssh-hardening playbook: its `line` step adds a missing Include, checked by sshd -t ---------------
+
+PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+
+
+def _sshd_home(h: SSHHost, settings: str) -> Path:
+    """An sshd config in the host's home that does not include the drop-in directory."""
+    d = h.home / "sshd"
+    (d / "conf.d").mkdir(parents=True)
+    shutil.copyfile(h.host_key_file, d / "hostkey")
+    (d / "sshd_config").write_text(f"HostKey {d}/hostkey\n{settings}")
+    give(h, d)
+    (d / "hostkey").chmod(0o600)
+    return d
+
+
+def test_ssh_hardening_enforce_adds_the_include_and_sshd_rejects_a_broken_one(
+        capsys: pytest.CaptureFixture[str], clean_ssh_hosts: list[SSHHost], tmp_path: Path, env: Path) -> None:
+    h0, h1 = clean_ssh_hosts[:2]
+    d0 = _sshd_home(h0, "PermitRootLogin yes\n")
+    d1 = _sshd_home(h1, "PermitRootLogin yes\n")
+    (d1 / "conf.d" / "99-broken.conf").write_text("ThisIsNotAnOption yes\n")
+    give(h1, d1 / "conf.d")
+    originals = {h.name: (d / "sshd_config").read_text() for h, d in ((h0, d0), (h1, d1))}
+    inv = inventory(tmp_path, [h0, h1], {h.name: {"dropin_path": f"{d}/conf.d/50-runbook-hardening.conf"}
+                                         for h, d in ((h0, d0), (h1, d1))})
+    code, plan, err = cli(capsys, "plan", PLAYBOOKS / "ssh-hardening.yml", "-i", inv, "--known-hosts", env,
+                          "-e", "mode=enforce", "-e", "sshd_config=~/sshd/sshd_config", "--out", tmp_path / "plan.json")
+    include = {h: p for (h, s), p in by_key(plan, "predictions").items() if s == "include"}
+    for h, d in ((h0, d0), (h1, d1)):
+        assert include[h.name]["prediction"] == "change", include[h.name]
+        assert f"+Include {d}/conf.d/*.conf\n" in include[h.name]["diff"]
+    code, result, _ = cli(capsys, "apply", tmp_path / "plan.json", "--known-hosts", env, "-y")
+    got = by_key(result, "results")
+    # h0: the Include went in first, sshd -t accepted the whole candidate, and the controls now hold.
+    assert got[(h0.name, "include")]["status"] == "changed" and got[(h0.name, "verify")]["status"] == "ok"
+    assert (d0 / "sshd_config").read_text() == f"Include {d0}/conf.d/*.conf\n" + originals[h0.name]
+    # h1: the broken drop-in it would include made sshd -t reject the candidate: sshd_config is as it
+    # was, and the run rolled back the drop-in it had installed.
+    assert got[(h1.name, "include")]["status"] == "failed"
+    message = got[(h1.name, "include")]["message"]
+    assert message.startswith(f"{h1.name}: {d1}/sshd_config: ") and "rejected the candidate" in message
+    assert "Bad configuration option: ThisIsNotAnOption" in message and "is untouched" in message
+    assert (d1 / "sshd_config").read_text() == originals[h1.name]
+    assert got[(h1.name, "rollback")]["status"] == "changed"
+    assert not (d1 / "conf.d" / "50-runbook-hardening.conf").exists()
+    assert not [p for p in d1.iterdir() if p.name.startswith(".runbook-")]
+    # Planned again on h0: nothing left to do.
+    _, again, _ = cli(capsys, "plan", PLAYBOOKS / "ssh-hardening.yml", "-i", inv, "--known-hosts", env, "-l", h0.name,
+                      "-e", "mode=enforce", "-e", "sshd_config=~/sshd/sshd_config")
+    assert by_key(again, "predictions")[(h0.name, "include")]["prediction"] == "ok"
+    assert by_key(again, "predictions")[(h0.name, "install")]["prediction"] == "ok"
