@@ -141,12 +141,8 @@ def parse_yaml(text: str, filename: str, error_cls: type[PlaybookError] = Playbo
     try:
         nodes = list(yaml.compose_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        hint = "check the indentation and quoting around this line"
-        if any(t in str(exc.problem or "") for t in ("\t", "\\t", "tab")):  # PyYAML writes the tab as `\t`
-            hint = "YAML does not allow tabs for indentation; use spaces"
-        raise error_cls([Problem(f"malformed YAML: {exc.problem or exc.context or 'cannot parse'}",
-                                 _mark_location(filename, mark), hint)]) from None
+        message, mark, hint = explain_yaml_error(exc, text)
+        raise error_cls([Problem(f"malformed YAML: {message}", _mark_location(filename, mark), hint)]) from None
     except yaml.reader.ReaderError as exc:
         # Raised for control characters; it carries an offset instead of a mark.
         raise error_cls([Problem(f"malformed YAML: unacceptable character #x{exc.character:04x} ({exc.reason})"
@@ -175,6 +171,101 @@ def parse_yaml(text: str, filename: str, error_cls: type[PlaybookError] = Playbo
         raise error_cls([Problem("the document is nested too deeply", Location(filename, 1, 1))]) from None
     problems.raise_if_errors(error_cls)
     return LocatedDocument(data, source)
+
+
+_INDENT_HINT = "give it the same indentation (in spaces) as the keys or `-` items it belongs with"
+
+
+def explain_yaml_error(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, yaml.Mark | None, str]:
+    """PyYAML's complaint in plain words, where the mistake is (an unclosed quote: where it opens), and a hint.
+
+    The parser's own words follow in parentheses, for searching; the explanation says what to do.
+    """
+    problem, context = str(exc.problem or ""), str(exc.context or "")
+    at, opened = exc.problem_mark or exc.context_mark, exc.context_mark or exc.problem_mark
+    jargon = f" (YAML parser: {problem or context or 'cannot parse'})"
+    lines = text.splitlines()
+
+    def line_of(mark: yaml.Mark | None) -> str:
+        return lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+
+    if "quoted scalar" in context and "end of stream" in problem:
+        quote = line_of(opened)[opened.column] if opened is not None and opened.column < len(line_of(opened)) else "quote"
+        return (f"the {quote} opened here is never closed{jargon}", opened,
+                "close the value with the same quote on this line; inside '...' write a ' as '', inside \"...\" write \\\"")
+    if "cannot start any token" in problem:
+        char = problem.split("'")[1] if problem.count("'") >= 2 else "?"
+        if char in ("\t", "\\t"):
+            return f"a tab indents this line; YAML allows only spaces{jargon}", at, "YAML does not allow tabs for indentation; use spaces"
+        return (f"a plain value cannot start with '{char}', which YAML reserves{jargon}", at,
+                f"quote the whole value: '{line_of(at)[at.column:].strip() if at else char}'")
+    if "while scanning an alias" in context:
+        return (f"`*` at the start of a value refers to an anchor (`&name`){jargon}", opened,
+                f"quote the whole value: '{line_of(opened)[opened.column:].strip() if opened else '*'}'")
+    if problem.startswith("found undefined alias"):
+        name = problem.split("'")[1] if problem.count("'") >= 2 else "?"
+        return (f"`*{name}` refers to an anchor `&{name}` that is not defined above it{jargon}", at,
+                f"define `&{name}` earlier in the file, or quote the value if `*` is meant literally")
+    if "flow mapping" in context or "flow sequence" in context:
+        pair = "{}" if "mapping" in context else "[]"
+        return (f"the `{pair[0]}` opened here is not closed with `{pair[1]}` (or lacks a comma between items){jargon}",
+                opened, "close it on the same line, separate items with `, `, or write it as indented lines")
+    if "could not find expected ':'" in problem:
+        return (f"this line is not `key: value`: there is no `: ` after the key{jargon}", opened,
+                "add the colon, or quote a long value / continue it with `>-` on the line of its key")
+    if "block scalar" in context:
+        return (f"text follows `|` or `>` on the same line; a block value starts on the next line{jargon}", at,
+                "move the text to the next line, indented deeper than the key")
+    if problem == "mapping values are not allowed here":
+        return _explain_colon(at, lines, jargon)
+    if "expected <block end>" in problem or "expected <block mapping start>" in problem:
+        before = line_of(at)[:at.column].rstrip() if at else ""
+        if before.endswith(("'", '"')) and "<scalar>" in problem:
+            start = _quoted_start(text, at)
+            if start is not None and at is not None and start.line < at.line:
+                # A quote left open on an earlier line was closed by a quote meant as text here.
+                return (f"the {before[-1]} opened here is closed only on line {at.line + 1}, by a {before[-1]} that "
+                        f"seems meant as text{jargon}", start,
+                        "close the value on its own line; inside '...' write a ' as '', inside \"...\" write \\\"")
+            return (f"text follows the closing quote of a quoted value{jargon}", at,
+                    "quote the whole value, or leave the quotes out")
+        if problem.endswith("found '-'"):
+            return (f"a `-` list item where the lines before it are `key: value` pairs{jargon}", at,
+                    "indent the list under the key it belongs to, or write the item as `key: value`")
+        return (f"this line is indented differently from the lines before it, so YAML cannot tell "
+                f"which mapping or list it belongs to{jargon}", at, _INDENT_HINT)
+    if "did not find expected" in problem:
+        return f"the indentation does not match the lines before it{jargon}", at, _INDENT_HINT
+    return (problem or context or "cannot parse"), at, "check the indentation and quoting around this line"
+
+
+def _quoted_start(text: str, at: yaml.Mark | None) -> yaml.Mark | None:
+    """Where the last quoted value before `at` opens (from the scanner's tokens, which stop at the error)."""
+    start = None
+    try:
+        for token in yaml.scan(text, Loader=_Loader):
+            if at is not None and token.start_mark.index >= at.index:
+                break
+            if isinstance(token, yaml.ScalarToken) and token.style in ("'", '"'):
+                start = token.start_mark
+    except yaml.YAMLError:
+        pass   # the scanner met the same mistake: the tokens before it are what we need
+    return start
+
+
+def _explain_colon(at: yaml.Mark | None, lines: list[str], jargon: str) -> tuple[str, yaml.Mark | None, str]:
+    """`mapping values are not allowed here`: a `: ` inside a plain value, or a key indented too deep."""
+    line = lines[at.line] if at is not None and at.line < len(lines) else ""
+    previous = next((ln for ln in reversed(lines[:at.line]) if ln.strip()), "") if at is not None else ""
+    indent, prev_indent = len(line) - len(line.lstrip()), len(previous) - len(previous.lstrip(" -"))
+    key = line.strip().split(":", 1)[0]
+    if at is not None and indent > prev_indent and key.replace("_", "").isalnum() and line.strip().startswith(key + ":"):
+        start = yaml.Mark(at.name, at.index - (at.column - indent), at.line, indent, at.buffer, at.pointer)
+        return (f"`{key}:` is indented deeper than the key above it, so YAML reads this line as the "
+                f"continuation of that key's value{jargon}", start, f"align `{key}:` with the keys above it")
+    value = line.split(": ", 1)[1].strip() if ": " in line else line.strip()
+    return (f"an unquoted value contains `: ` (a colon and a space), which YAML reads as a new key{jargon}", at,
+            f"quote the whole value: '{value}'" if "'" not in value else f'quote the whole value: "{value}"')
 
 
 class _Converter:

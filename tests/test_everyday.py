@@ -452,3 +452,51 @@ def test_the_shipped_playbooks_still_validate(capsys: pytest.CaptureFixture[str]
     monkeypatch.chdir(REPO)
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "playbooks").glob("*.yml"))
     assert main(["validate", *files]) == 0, capsys.readouterr()
+
+
+# --- YAML errors in plain words ---------------------------------------------------------------
+
+@pytest.mark.parametrize("text, where, explained, hint", [
+    ("runbook: t\nsteps:\n  - name: a\n    shell: x\n   register: r\n", (5, 4),
+     "this line is indented differently from the lines before it", "same indentation"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: x\n     register: r\n", (5, 6),
+     "`register:` is indented deeper than the key above it", "align `register:` with the keys above it"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: echo a: b\n", (4, 18),
+     "an unquoted value contains `: `", "quote the whole value: 'echo a: b'"),
+    ('runbook: t\nsteps:\n  - name: "a\n    shell: x\n  - name: b\n    shell: y\n', (3, 11),
+     'the " opened here is never closed', "close the value with the same quote"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: 'echo x\n  - name: b\n    shell: y\n", (4, 12),
+     "the ' opened here is never closed", "close the value with the same quote"),
+    ("runbook: t\nvars: {a: 1\nsteps:\n  - name: a\n    shell: x\n", (2, 7),
+     "the `{` opened here is not closed with `}`", "close it on the same line"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: *.log\n", (4, 12),
+     "`*` at the start of a value refers to an anchor", "quote the whole value: '*.log'"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: @x\n", (4, 12),
+     "a plain value cannot start with '@'", "quote the whole value: '@x'"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell x\n    register: r\n", (4, 5),
+     "this line is not `key: value`", "add the colon"),
+    ("runbook: t\nvars:\n  a: 1\n  - b\nsteps: []\n", (4, 3),
+     "a `-` list item where the lines before it are `key: value` pairs", "indent the list"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: \"echo\" x\n", (4, 19),
+     "text follows the closing quote", "quote the whole value"),
+    ("runbook: t\nsteps:\n  - name: a\n    shell: | x\n      y\n", (4, 14),
+     "text follows `|` or `>` on the same line", "move the text to the next line"),
+])
+def test_yaml_errors_are_explained_in_plain_words(text: str, where: tuple[int, int], explained: str,
+                                                  hint: str) -> None:
+    [found] = problems_of(text)
+    head, hint_line = found.split("\n")
+    assert head.startswith(f"pb.yml:{where[0]}:{where[1]}: error: malformed YAML: {explained}"), found
+    assert "(YAML parser: " in head                 # the parser's own words stay, for searching
+    assert hint in hint_line
+
+
+def test_an_unclosed_quote_is_located_at_the_quote_not_the_end_of_the_file() -> None:
+    text = "runbook: t\nsteps:\n  - name: 'a\n" + "".join(f"  - name: s{i}\n    shell: x\n" for i in range(50))
+    [found] = problems_of(text)
+    assert found.startswith("pb.yml:3:11: error: malformed YAML: the ' opened here is never closed")
+
+
+def test_a_quote_left_open_and_closed_by_a_later_apostrophe_is_reported_where_it_opens() -> None:
+    [found] = problems_of("runbook: t\nsteps:\n  - name: 'a\n    shell: it's x\n")
+    assert found.startswith("pb.yml:3:11: error: malformed YAML: the ' opened here is closed only on line 4")

@@ -147,7 +147,7 @@ def test_several_documents(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, line, column", [
     ("runbook: x\nsteps: [\n", 3, 1),                      # unclosed flow sequence
     ("runbook: x\nsteps:\n  - name: a\n   shell: b\n", 4, 4),  # bad indentation
-    ("runbook: 'x\n", 2, 1),                               # unclosed quote
+    ("runbook: 'x\n", 1, 10),                              # unclosed quote: where it opens
     ("runbook: x\n\tsteps: []\n", 2, 1),                   # tab indentation
     ("a: *nowhere\n", 1, 4),                               # unknown alias
 ])
