@@ -253,6 +253,24 @@ def test_file_plan_runs_only_the_state_read(tmp_path: Path) -> None:
     assert [c[2] for c in conn.commands] == [STATE_SCRIPT] and not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("step", [
+    {"copy": {"dest": "{{ dir }}/f", "content": "new\n", "mode": "0600"}},
+    {"line": {"path": "{{ dir }}/f", "line": "x", "regexp": "^o"}},
+    {"block": {"path": "{{ dir }}/f", "block": "x"}},
+    {"sysctl": {"name": "vm.swappiness", "value": 1, "persist": "{{ dir }}/f"}},
+    {"file": {"path": "{{ dir }}/f", "mode": "0600", "owner": "root"}},
+], ids=lambda s: next(iter(s)))
+def test_one_command_to_plan_two_to_apply(tmp_path: Path, step: dict[str, Any]) -> None:
+    (tmp_path / "f").write_text("old\n")
+    conn = Recording()
+    action, plan_env, apply_env = step_env(tmp_path, step, conn=conn)
+    assert action.plan(plan_env).kind in ("change", "fail")
+    assert [c[2] for c in conn.commands] == [STATE_SCRIPT]
+    conn.commands.clear()
+    if action.apply(apply_env).changed:
+        assert len(conn.commands) <= 2 + (next(iter(step)) == "sysctl"), conn.commands
+
+
 # --- copy ------------------------------------------------------------------------------------------
 
 
@@ -295,6 +313,19 @@ def test_copy_src_is_read_on_the_controller_and_declared(tmp_path: Path, capsys:
         {"name": "s", "copy": {"src": "files/missing", "dest": "/tmp/x"}}]}))
     code = main(["validate", str(tmp_path / "pb.yml")])
     assert code != 0 and "copy source `files/missing` is not a file" in "".join(capsys.readouterr())
+
+
+def test_apply_refuses_a_copy_source_changed_after_the_review(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "app.conf").write_text("workers = 8\n")
+    pb = tmp_path / "copy.yml"
+    pb.write_text(yaml.safe_dump({"runbook": "c", "steps": [
+        {"name": "conf", "copy": {"src": "app.conf", "dest": str(tmp_path / "out.conf")}}]}))
+    code, plan, err = cli(capsys, "plan", pb, "--out", tmp_path / "plan.json")
+    assert code == 0 and "+workers = 8\n" in plan["predictions"][0]["diff"], err
+    (tmp_path / "app.conf").write_text("workers = 666\n")
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 4 and "app.conf changed since the plan" in err and not (tmp_path / "out.conf").exists()
 
 
 def test_copy_validate_failure_keeps_the_original(tmp_path: Path) -> None:
