@@ -459,11 +459,42 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, sign_key: 
     if drifted:
         raise DriftError("the plan no longer matches:\n  - " + "\n  - ".join(drifted),
                          hint="review a new plan: runbook plan ... --out FILE")
+    if _already_applied(plan_file, doc, prepared, request, kw):
+        return
     _window_guard(prepared, kw, request)
     request.observers.append(_console_view(prepared, kw))
     from runbook.cli_report import add_report
     add_report(prepared, request, kw["report"])
     _finish(execute(prepared, request), kw, prepared.redactor)
+
+
+def _already_applied(plan_file: str, doc: dict[str, Any], prepared, request, kw: dict[str, Any]) -> bool:
+    """A plan applied once with success has reached its state: say so and change nothing (exit 0).
+
+    Re-applying it would find every planned change already made and stop each host as drifted.
+    An earlier apply that did not end ok is pointed out (resume continues it), and this one goes on.
+    """
+    from datetime import UTC, datetime
+
+    from runbook.runner import state_dir_for
+    from runbook.state import applies_of
+
+    earlier = applies_of(state_dir_for(request, prepared), str(doc["hash"]), after=str(doc.get("run_id") or ""))
+    done = [e for e in earlier if e["status"] == "ok"]
+    if not done:
+        for e in earlier:
+            _echo_err(f"note: this plan was applied before in run {e['run_id']} (status {e['status']}); "
+                      f"`runbook resume {e['run_id']}` continues that run instead")
+        return False
+    last = done[-1]
+    when = (datetime.fromtimestamp(last["finished_at"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+            if isinstance(last.get("finished_at"), (int, float)) else "earlier")
+    _echo_err(f"{plan_file} was already applied: run {last['run_id']} by {last['operator']} ended ok ({when}). "
+              "Its changes are in place; nothing was run again.")
+    _echo_err("To review the hosts as they are now, plan again: runbook plan PLAYBOOK --out FILE")
+    if kw["output"] == "json":
+        click.echo(json.dumps({"plan": plan_file, "already_applied": last, "exit_code": 0, "results": []}, indent=2))
+    return True
 
 
 # --- audit trail, run history, resume -----------------------------------------------------------

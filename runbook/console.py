@@ -224,6 +224,10 @@ class ConsoleView(Observer):
         if r.message and (r.status != Status.OK or self.verbose):
             line.append(f" — {self._r(r.message)}")
         self._print(line)
+        if r.status == Status.DRIFT:
+            # Drift is checked only before a host's first planned change, so the host is untouched.
+            self._print(Text(f"    {r.host} is stopped before any planned change on it (no on_failure: nothing to roll "
+                             "back); review a new plan: runbook plan ... --out FILE", style="dim"))
         if r.status == Status.FAILED or self.verbose:
             self._print_output(r)
         if r.diff and (self.verbose or r.status == Status.CHANGED):

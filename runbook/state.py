@@ -251,6 +251,23 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
     return out
 
 
+def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list[dict[str, Any]]:
+    """Earlier `apply` runs of one plan (by its hash) among the runs after `after` (the plan's own run id), oldest first."""
+    d = Path(directory)
+    out: list[dict[str, Any]] = []
+    # Run ids start with their UTC start time, so only the files named after the plan's run are read.
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        if p.stem <= after:
+            continue
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(doc, dict) and doc.get("mode") == "apply" and doc.get("plan_hash") == plan_hash:
+            out.append({k: doc.get(k) for k in ("run_id", "status", "operator", "started_at", "finished_at")})
+    return out
+
+
 def format_runs(items: list[dict[str, Any]]) -> str:
     """`runbook runs` as an aligned table: start time (UTC), run id, mode, status, playbook, hosts, operator, tasks."""
     from datetime import UTC, datetime

@@ -500,3 +500,72 @@ def test_an_unclosed_quote_is_located_at_the_quote_not_the_end_of_the_file() -> 
 def test_a_quote_left_open_and_closed_by_a_later_apostrophe_is_reported_where_it_opens() -> None:
     [found] = problems_of("runbook: t\nsteps:\n  - name: 'a\n    shell: it's x\n")
     assert found.startswith("pb.yml:3:11: error: malformed YAML: the ' opened here is closed only on line 4")
+
+
+# --- re-applying a plan, drift and on_failure ---------------------------------------------------
+
+APPLY_PB = ("runbook: t\nhosts: localhost\nsteps:\n"
+            "  - name: flag\n    shell: touch flag\n    creates: flag\n"
+            "  - name: count\n    shell: echo run >> counter\n"
+            "on_failure:\n  - name: page\n    shell: echo paged >> paged\n")
+
+
+def _plan_and_apply(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                    ) -> tuple[int, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    write(tmp_path / "pb.yml", APPLY_PB)
+    assert exit_code(lambda: main(["plan", "pb.yml", "--out", "plan.json"])) == 0
+    code = exit_code(lambda: main(["apply", "plan.json", "-y"]))
+    return code, capsys.readouterr().err
+
+
+def test_reapplying_an_applied_plan_says_so_and_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _plan_and_apply(tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert (tmp_path / "counter").read_text() == "run\n"
+    code = exit_code(lambda: main(["apply", "plan.json", "-y"]))
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "plan.json was already applied: run " in err and "ended ok" in err and "nothing was run again" in err
+    assert "drift" not in err
+    assert (tmp_path / "counter").read_text() == "run\n" and not (tmp_path / "paged").exists()
+    code = exit_code(lambda: main(["apply", "plan.json", "-y", "--format", "json"]))
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["exit_code"] == 0 and out["already_applied"]["status"] == "ok"
+
+
+def test_drift_is_refused_before_any_change_and_does_not_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    write(tmp_path / "pb.yml", APPLY_PB)
+    assert exit_code(lambda: main(["plan", "pb.yml", "--out", "plan.json"])) == 0
+    (tmp_path / "flag").write_text("made by hand\n")          # the world moved between review and apply
+    capsys.readouterr()
+    code = exit_code(lambda: main(["apply", "plan.json", "-y", "--format", "json"]))
+    out, err = capsys.readouterr()
+    results = {r["step_id"]: r for r in json.loads(out)["results"]}
+    assert code == 2
+    assert results["flag"]["status"] == "drift" and results["count"]["status"] == "not_run"
+    assert "page" not in results and not (tmp_path / "paged").exists()      # no on_failure for drift
+    assert not (tmp_path / "counter").exists()
+    assert "localhost is stopped before any planned change on it (no on_failure" in err
+
+
+def test_a_real_failure_still_runs_on_failure_and_a_failed_apply_points_to_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    write(tmp_path / "pb.yml", APPLY_PB.replace("echo run >> counter", "echo run >> counter; test -f ok"))
+    assert exit_code(lambda: main(["plan", "pb.yml", "--out", "plan.json"])) == 0
+    assert exit_code(lambda: main(["apply", "plan.json", "-y"])) == 2
+    assert (tmp_path / "paged").read_text() == "paged\n"
+    capsys.readouterr()
+    (tmp_path / "ok").write_text("")
+    code = exit_code(lambda: main(["apply", "plan.json", "-y"]))
+    err = capsys.readouterr().err
+    assert "note: this plan was applied before in run " in err and "(status failed); `runbook resume " in err
+    assert code == 2 and "drift" in err      # the flag step now drifts (it was made), and that pages no one
+    assert (tmp_path / "paged").read_text() == "paged\n"

@@ -47,7 +47,8 @@ class TaskScheduler:
         self.batches = deque(_batches(hosts, batch))
         self.waiting: deque[str] = deque()
         self.active: set[str] = set()
-        self.failed: set[str] = set()
+        self.failed: set[str] = set()          # for max_failures: failed, unreachable or drifted hosts
+        self.rescue_due: set[str] = set()      # for on_failure: hosts with a task that really failed
         self.stopped: dict[str, str] = {}
         self.unreachable: dict[str, str] = {}
         self.admitting = True
@@ -81,6 +82,11 @@ class TaskScheduler:
                 self.ready[succ.host].append(succ)
         if res.failed or res.status in (Status.UNREACHABLE, Status.DRIFT):
             self.host_failed(key.host)
+        if res.failed:
+            # Drift is refused before any planned change on the host: there is nothing to rescue or
+            # roll back, so a host whose only "failure" is drift does not run on_failure.
+            with self.lock:
+                self.rescue_due.add(key.host)
 
     def _block(self, node: TaskKey, cause: TaskKey, res: TaskResult) -> None:
         if res.status == Status.UNREACHABLE and node.host == cause.host:
@@ -156,7 +162,7 @@ class TaskScheduler:
     def next_rescue(self, host: str) -> str | None:
         """The next on_failure step of a failed host once its main tasks settled, or None."""
         if host not in self.rescue:
-            if self.left[host] or host not in self.failed or host in self.unreachable:
+            if self.left[host] or host not in self.rescue_due or host in self.unreachable:
                 return None
             self.rescue[host] = deque(self.steps.rescue_order())
         queue = self.rescue[host]
