@@ -246,6 +246,24 @@ def test_file_without_root_predicts_the_failure_it_would_meet(open_dir: Path) ->
     assert out.failed and "web1" in out.message
 
 
+@needs_root
+def test_permission_failures_are_predicted_not_met(open_dir: Path) -> None:
+    # As nobody in root's 0755 directory: no file may be created, replaced or removed there, and a
+    # mode change needs the owner; each is a `fail` prediction, and the run fails the same way.
+    (open_dir / "roots").write_text("root's\n")
+    for step, words in (
+            ({"copy": {"dest": str(open_dir / "new"), "content": "x"}}, "is not writable by user nobody (use sudo)"),
+            ({"line": {"path": str(open_dir / "roots"), "line": "more"}}, "is not writable by user nobody"),
+            ({"file": {"path": str(open_dir / "roots"), "state": "absent"}}, "is not writable by user nobody"),
+            ({"file": {"path": str(open_dir / "d"), "state": "directory"}}, "is not writable by user nobody"),
+            ({"file": {"path": str(open_dir / "roots"), "mode": "0600"}}, "needs its owner (root) or root")):
+        pred, out = both(open_dir, {"sudo": NOBODY, **step})
+        assert pred.kind == "fail" and words in pred.reason, (step, pred.reason)
+        assert out.failed and str(open_dir) in out.message
+    assert sorted(p.name for p in open_dir.iterdir()) == ["pb.yml", "roots"]
+    assert (open_dir / "roots").read_text() == "root's\n" and mode(open_dir / "roots") == 0o644
+
+
 def test_file_plan_runs_only_the_state_read(tmp_path: Path) -> None:
     conn = Recording()
     action, plan_env, _ = step_env(tmp_path, {"file": {"path": str(tmp_path / "x"), "state": "directory"}}, conn=conn)
@@ -501,6 +519,10 @@ def test_block_with_unpaired_markers_is_an_error_not_a_guess(tmp_path: Path) -> 
     with pytest.raises(RunbookError, match="not one pair"):
         action.plan(plan_env)
     assert conf.read_text() == "# BEGIN MANAGED BY RUNBOOK\nhalf a block\n"
+    action, plan_env, _ = step_env(tmp_path, {"block": {"path": str(tmp_path / "other"), "create": True,
+                                                        "block": "a\n# END MANAGED BY RUNBOOK\nb"}})
+    with pytest.raises(RunbookError, match="holds its own marker line"):
+        action.plan(plan_env)
 
 
 # --- sysctl ----------------------------------------------------------------------------------------

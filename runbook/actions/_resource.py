@@ -42,6 +42,7 @@ _NAME = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|\d{1,10})$")
 _LIB = r"""
 rb_count() { n=$(find -H "$p" -mindepth 1 "$@" -printf x | wc -c); printf '%s ' "$n"; find -H "$p" -mindepth 1 "$@" -print0 | head -z -n 5 | base64 -w0; echo; }
 rb_b64() { printf '%s' "$1" | base64 -w0; echo; }
+rb_w() { if [ -w "$2" ]; then echo "$1 1"; else echo "$1 0"; fi; }
 rb_path() { case $1 in "~") p=$HOME ;; "~/"*) p=$HOME/${1#"~/"} ;; *) p=$1 ;; esac; }
 rb_ids() {
   printf 'me %s %s\n' "$(id -u)" "$(id -G)"; printf 'umask %s\n' "$(umask)"
@@ -59,9 +60,10 @@ rb_state() {
       if [ -e "$a" ] || [ -L "$a" ]; then break; fi
     done
     if [ -d "$a" ]; then if [ -x "$a" ]; then k=dir; else k=denied; fi; else k=notdir; fi
-    printf 'absent %s ' "$k"; rb_b64 "$a"; return 0
+    rb_w dirw "$a"; printf 'absent %s ' "$k"; rb_b64 "$a"; return 0
   fi
   stat -c 'lstat %f %a %u %g %U %G %s' -- "$p" || return 3
+  d=${p%/*}; rb_w dirw "${d:-/}"
   f=$p
   if [ -L "$p" ]; then
     printf 'target %s\n' "$(readlink -- "$p" | base64 -w0)"
@@ -69,6 +71,7 @@ rb_state() {
     if [ ! -e "$p" ]; then echo dangling; return 0; fi
     stat -L -c 'follow %f %a %u %g %U %G %s' -- "$p" || return 3
     printf 'real %s\n' "$(readlink -f -- "$p" | base64 -w0)"
+    r=$(readlink -f -- "$p"); d=${r%/*}; rb_w realdirw "${d:-/}"
   fi
   if [ -f "$f" ]; then
     if [ ! -r "$f" ]; then echo unreadable; return 0; fi
@@ -219,6 +222,8 @@ class PathState:
     below: dict[str, tuple[int, list[str]]] = field(default_factory=dict)   # recurse: mode/owner/group -> (count, first names)
     entries: int | None = None              # a directory's entries, counted for removal
     planned: bool = False                   # (partly) what an earlier step of this dry run leaves
+    dirw: bool = True                       # the directory it is in (absent: the nearest existing one) is writable
+    realdirw: bool = True                   # the same for the end of a followed symlink
     extra: bytes | None = None              # the other file read with the state (a sysctl's live value)
     extra_writable: bool = False
 
@@ -297,6 +302,8 @@ def parse_state(out: str) -> PathState:
             state.below[tag[1:]] = (int(words[0]), [n for n in names if n])
         elif tag == "entries":
             state.entries = int(words[0])
+        elif tag in ("dirw", "realdirw"):
+            setattr(state, tag, words[0] == "1")
         elif tag == "extra":
             state.extra, state.extra_writable = base64.b64decode(words[1] if len(words) > 1 else ""), words[0] == "w"
         elif tag == "noextra":
@@ -410,7 +417,8 @@ def overlay(env: TaskEnv, state: PathState) -> PathState:
     where, planned = found
     new = PathState(path=state.path, fingerprint=state.fingerprint + ":planned", uid=state.uid, groups=state.groups,
                     umask=state.umask, want_uid=state.want_uid, want_gid=state.want_gid, planned=True,
-                    below=state.below, extra=state.extra, extra_writable=state.extra_writable)
+                    below=state.below, extra=state.extra, extra_writable=state.extra_writable,
+                    dirw=state.dirw, realdirw=state.realdirw)
     if planned.kind == "absent":
         new.ancestor, new.ancestor_kind = parent_of(where), "dir"
         return new
@@ -533,6 +541,17 @@ def full_content(env: TaskEnv, state: PathState, limit: int = EDIT_LIMIT) -> byt
     return data
 
 
+def unwritable_reason(env: TaskEnv, state: PathState, follow: bool = False) -> str | None:
+    """Why a file cannot be created, replaced or removed there: its directory is not writable by the step's user."""
+    followed = follow and state.real is not None
+    if state.realdirw if followed else state.dirw:
+        return None
+    where = parent_of(state.real) if followed and state.real else (
+        state.ancestor if not state.exists and state.ancestor else parent_of(state.path))
+    why = "use sudo" if state.uid != 0 else "a read-only file system?"
+    return f"cannot write {state.path}: {where} is not writable by {who(env)} ({why})"
+
+
 def unreadable_reason(env: TaskEnv, state: PathState) -> str | None:
     """Why the state of the path cannot be known (a parent that may not be searched), or None."""
     if not state.exists and state.ancestor_kind == "denied":
@@ -541,8 +560,9 @@ def unreadable_reason(env: TaskEnv, state: PathState) -> str | None:
     return None
 
 
-def attr_problem(env: TaskEnv, state: PathState, info: Info | None, owner: str | None, group: str | None) -> str | None:
-    """Why setting this owner/group would fail (unknown name, not root, not a member), or None."""
+def attr_problem(env: TaskEnv, state: PathState, info: Info | None, owner: str | None, group: str | None,
+                 mode: str | None = None) -> str | None:
+    """Why setting these attributes would fail (unknown name, not root, not a member, not the owner), or None."""
     if owner and state.want_uid == -1:
         return f"cannot give {state.path} to user {owner!r}: no such user on the host"
     if group and state.want_gid == -1:
@@ -550,6 +570,9 @@ def attr_problem(env: TaskEnv, state: PathState, info: Info | None, owner: str |
     if state.uid == 0:
         return None
     current = info.uid if info else state.uid
+    if mode and info is not None and info.uid != state.uid and int(mode, 8) != info.mode:
+        return (f"changing the mode of {state.path} needs its owner ({info.attrs()['owner']}) or root, and "
+                f"{who(env)} is uid {state.uid}: use sudo")
     if owner and state.want_uid not in (None, current):
         return (f"changing the owner of {state.path} to {owner} needs root, and {who(env)} is uid {state.uid}: "
                 "use sudo: true")
@@ -790,7 +813,7 @@ def plan_write(env: TaskEnv, change: Change, want: Wanted, diff_limit: int) -> N
     target = content_target(env, state, want.follow)
     info = state.info if state.kind == "file" else None
     new_sha = hashlib.sha256(want.data).hexdigest()
-    problem = attr_problem(env, state, info, want.owner, want.group)
+    problem = attr_problem(env, state, info, want.owner, want.group, want.mode)
     before, after = attr_changes(state, info, want.mode, want.owner, want.group)
     if info is not None and state.sha256 == new_sha:
         if after:
@@ -805,6 +828,7 @@ def plan_write(env: TaskEnv, change: Change, want: Wanted, diff_limit: int) -> N
     if not state.exists and not want.parents and (state.ancestor != parent_of(state.path) or state.ancestor_kind != "dir"):
         change.fail = f"cannot create {state.path}: directory {parent_of(state.path)} does not exist"
         return
+    problem = problem or unwritable_reason(env, state, want.follow)
     if problem:
         change.fail = problem
         return

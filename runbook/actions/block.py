@@ -69,6 +69,9 @@ class Block(TextEdit):
                                hint="repair the file by hand, or give this block its own `marker`")
         body = str(env.render(spec.block))
         content = [line + "\n" for line in body.removesuffix("\n").split("\n")] if body else []
+        if any(bare(line) in (begin, end) for line in content):
+            raise RunbookError(f"{env.host}: the block holds its own marker line `{begin}` or `{end}`",
+                               hint="give the block another `marker`")
         if spec.state == "absent" or not content:
             if not starts:
                 return Edit(text, "no block to remove")

@@ -7,10 +7,10 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from runbook.actions._resource import (MKDIR_SCRIPT, RECURSE_APPLY_SCRIPT, REMOVE_SCRIPT, TOUCH_SCRIPT, LINK_SCRIPT,
+from runbook.actions._resource import (LINK_SCRIPT, MKDIR_SCRIPT, RECURSE_APPLY_SCRIPT, REMOVE_SCRIPT, TOUCH_SCRIPT,
                                        Change, Info, PathState, ResourceAction, account, attr_changes, attr_diff,
-                                       attr_problem, host_path, mode_text, parent_of, planned_after, planned_below, read_state, run_op, set_attrs,
-                                       sh, unreadable_reason)
+                                       attr_problem, host_path, mode_text, parent_of, planned_after, planned_below,
+                                       read_state, run_op, set_attrs, sh, unreadable_reason, unwritable_reason)
 from runbook.actions.base import TaskEnv, TemplatedField, string_fields
 from runbook.errors import RunbookError
 from runbook.fields import OctalMode, Strict
@@ -124,6 +124,10 @@ class File(ResourceAction):
         if old_kind == "link":
             change.before["src"] = state.target
         op = _op(env, sh(LINK_SCRIPT, state.path, src), "create the symlink", state.path)
+        if not (old_kind == "link" and state.target == src):
+            change.fail = unwritable_reason(env, state)
+            if change.fail:
+                return
         if not state.exists:
             if state.ancestor != parent_of(state.path) or state.ancestor_kind != "dir":
                 change.fail = f"cannot create symlink {state.path}: directory {parent_of(state.path)} does not exist"
@@ -148,9 +152,12 @@ class File(ResourceAction):
         if not state.exists or state.lstat is None:
             return
         kind = state.lstat.kind
+        change.fail = unwritable_reason(env, state)
+        if change.fail:
+            return
         change.before["state"], change.after["state"] = kind, "absent"
-        what = (f"remove directory {state.path} and the {state.entries} entries below it"
-                if kind == "directory" else f"remove {kind} {state.path}")
+        below = "everything below it" if state.entries is None else f"the {state.entries} entries below it"
+        what = f"remove directory {state.path} and {below}" if kind == "directory" else f"remove {kind} {state.path}"
         change.add(what, _op(env, sh(REMOVE_SCRIPT, state.path), "remove", state.path))
 
     def _touch(self, env: TaskEnv, change: Change, mode: str | None, owner: str | None, group: str | None) -> None:
@@ -172,6 +179,9 @@ class File(ResourceAction):
                 owner: str | None, group: str | None) -> None:
         """Create the path, then give it every attribute the step names (new paths get them all)."""
         state = change.state
+        change.fail = unwritable_reason(env, state)
+        if change.fail:
+            return
         change.before["state"], change.after["state"] = "absent", kind
         change.add(what, _op(env, sh(script, state.path), f"create {kind}", state.path))
         self._attrs(env, change, None, mode, owner, group)
@@ -180,7 +190,7 @@ class File(ResourceAction):
                group: str | None, link: bool = False) -> None:
         """Close the difference in mode/owner/group (info None: the path is new, so set every one given)."""
         state = change.state
-        problem = attr_problem(env, state, info, owner, group)
+        problem = attr_problem(env, state, info, owner, group, mode)
         if info is None:
             after = {k: v for k, v in (("mode", mode), ("owner", owner), ("group", group)) if v}
             before: dict[str, str] = {}
