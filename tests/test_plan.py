@@ -731,3 +731,87 @@ def test_a_secret_named_playbook_var_keeps_the_text_out_of_the_plan(
     code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
     assert code == 0, err
     assert (tmp_path / "ran.txt").read_text() == "ran\n"
+
+
+# --- predicted `changed`/`skipped` of upstream steps reach `when` --------------------------------
+
+RELOAD_PB = """\
+runbook: reload
+hosts: localhost
+steps:
+  - name: config
+    upload: {src: app.conf, dest: "{{ playbook_dir }}/live/app.conf", mode: "0644"}
+    register: config
+  - name: reload
+    when: config.changed
+    shell: echo reloaded >> {{ playbook_dir | quote }}/reloads
+  - name: report
+    needs: [config]
+    when: config.stdout == ''
+    shell: echo {{ playbook_dir | quote }}
+  - name: skipped-gate
+    needs: []
+    shell: echo never
+    creates: "{{ playbook_dir }}/app.conf"
+    register: gate
+  - name: after-gate
+    needs: [skipped-gate]
+    when: gate.skipped
+    shell: echo gated >> {{ playbook_dir | quote }}/gated
+    creates: "{{ playbook_dir }}/gated"
+  - name: judged
+    needs: []
+    shell: "true"
+    creates: "{{ playbook_dir }}/never"
+    changed_when: result.rc == 7
+    register: judged
+  - name: after-judged
+    needs: [judged]
+    when: not judged.changed
+    shell: "true"
+"""
+
+
+def _reload_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                 live: str | None) -> dict[str, dict]:
+    monkeypatch.setenv("RUNBOOK_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    (tmp_path / "app.conf").write_text("listen 80\n")
+    (tmp_path / "live").mkdir(exist_ok=True)
+    if live is not None:
+        (tmp_path / "live" / "app.conf").write_text(live)
+        os.chmod(tmp_path / "live" / "app.conf", 0o644)
+    (tmp_path / "pb.yml").write_text(RELOAD_PB)
+    code, out, err = cli(capsys, "plan", tmp_path / "pb.yml", "--format", "json", "--out", tmp_path / "plan.json")
+    assert code == 0, err
+    return {p["step_id"]: p for p in json.loads(out)["predictions"]}
+
+
+def test_when_config_changed_is_decided_when_config_is_predicted_no_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _reload_plan(tmp_path, capsys, monkeypatch, live="listen 80\n")
+    assert p["config"]["prediction"] == "ok"
+    assert p["reload"]["prediction"] == "skip" and p["reload"]["reason"] == "when: `config.changed` is false"
+    # Its output is still unknown: reading it keeps the prediction unknown, and says why.
+    assert p["report"]["prediction"] == "unknown"
+    assert p["report"]["reason"] == ("needs `config.stdout`, registered by `config`, which cannot run in a dry run "
+                                     "(only whether it changes is predicted)")
+    # A skipped upstream step is known completely; a `changed_when` expression leaves `changed` unknown.
+    assert p["skipped-gate"]["prediction"] == "skip"
+    assert p["after-gate"]["prediction"] == "change" and p["after-gate"]["reason"].startswith("would run: creates")
+    assert p["judged"]["prediction"] == "change"
+    assert p["after-judged"]["prediction"] == "unknown" and "needs `judged.changed`" in p["after-judged"]["reason"]
+    # apply does what the plan said: no reload.
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 0, err
+    assert not (tmp_path / "reloads").exists()
+
+
+def test_when_config_changed_follows_a_predicted_change(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _reload_plan(tmp_path, capsys, monkeypatch, live="listen 8080\n")
+    assert p["config"]["prediction"] == "change"
+    assert p["reload"]["prediction"] != "skip"       # the condition holds: the step is predicted on its own terms
+    assert "config" not in p["reload"]["reason"]
+    code, _, err = cli(capsys, "apply", tmp_path / "plan.json", "-y")
+    assert code == 0, err
+    assert (tmp_path / "reloads").read_text() == "reloaded\n"

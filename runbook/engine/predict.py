@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jinja2
 import networkx as nx
 from jinja2 import meta
 
@@ -23,6 +26,12 @@ _STATUS = {PredictionKind.CHANGE: Status.CHANGED, PredictionKind.OK: Status.OK, 
 _RESTS_ON_NOTHING = (PredictionKind.OK, PredictionKind.SKIP)
 
 
+class NotKnownInPlan(jinja2.StrictUndefined):
+    """A field of a dry-run register that only the real run can fill (stdout, rc): any use of it raises."""
+
+    __slots__ = ()
+
+
 class Predictor:
     """Predicts tasks from what the hosts are now, reading only; in `apply`, checks that the plan still holds."""
 
@@ -37,6 +46,8 @@ class Predictor:
         self.stop_host = stop_host
         self.warn = warn
         self.drift_checkable = self._drift_checkable() if predictions else set()
+        self._lock = threading.Lock()
+        self.partial: dict[str, dict[str, str]] = {}   # plan: host ("" for once steps) -> partial register -> step id
 
     # --- plan ------------------------------------------------------------------------------------
 
@@ -57,9 +68,45 @@ class Predictor:
         # change, so later steps must not predict from its output: its register is unknown too.
         stale = step.read_only and self.after_change(key)
         if step.register_as and (not step.read_only or stale) and pred.kind != PredictionKind.SKIP:
+            if not stale and pred.kind in (PredictionKind.CHANGE, PredictionKind.OK):
+                # Whether it changes is predicted, its output is not: `when: config.changed` can be
+                # decided, `config.stdout` still makes a prediction unknown.
+                self.runner.registers.store(key.host, step.register_as, self._partial(key, step, res), shared=step.once)
+                return True
             self.runner.registers.mark_unknown(key.host, step.register_as, step.step_id, stale=stale)
             return True
         return False
+
+    def _partial(self, key: TaskKey, step: Step, res: TaskResult) -> dict[str, Any]:
+        """The register of a step predicted `change` or `ok`: `changed`/`skipped` known, its output not."""
+        name = step.register_as or ""
+        with self._lock:
+            self.partial.setdefault("" if step.once else key.host, {})[name] = step.step_id
+
+        def unknown(field: str) -> NotKnownInPlan:
+            return NotKnownInPlan(hint=f"`{name}.{field}` is not known in a dry run")
+
+        value: dict[str, Any] = {f: unknown(f) for f in ("stdout", "stderr", "rc", "duration", "stdout_lines", "msg", "data")}
+        changed: Any = res.changed
+        if isinstance(step.changed_when, bool):
+            changed = step.changed_when
+        elif step.changed_when is not None:
+            changed = unknown("changed")   # decided by the output, which a dry run does not have
+        failed: Any = unknown("failed") if isinstance(step.failed_when, str) else False
+        value.update(changed=changed, failed=failed, skipped=False,
+                     status=unknown("status") if isinstance(changed, NotKnownInPlan) or isinstance(failed, NotKnownInPlan)
+                     else (Status.CHANGED if changed else Status.OK).value)
+        return value
+
+    def _partial_field(self, host: str, message: str) -> tuple[str, str] | None:
+        """The (`register.field`, step id) a failed template read from a partial register, if that is what failed."""
+        with self._lock:
+            known = {**self.partial.get("", {}), **self.partial.get(host, {})}
+        for name, sid in known.items():
+            hit = re.search(rf"`({re.escape(name)}\.\w+)` is not known in a dry run", message)
+            if hit:
+                return hit.group(1), sid
+        return None
 
     def after_change(self, key: TaskKey) -> bool:
         """True when a task this one waits for is predicted to change something, or may (unknown)."""
@@ -86,10 +133,14 @@ class Predictor:
             return Prediction(PredictionKind.UNKNOWN, f"`when` reads `{unknown[0]}`, {registers.why_unknown(host, unknown[0])}")
         try:
             return self._predict_known(key, step, action, conn, ctx, res)
-        except RunbookError as exc:
+        except (RunbookError, jinja2.UndefinedError) as exc:   # a bare `when: config.stdout` raises the latter
             missing = [n for n in registers.unknown_names(host) if f"'{n}'" in str(exc)]
             if missing:
                 return Prediction(PredictionKind.UNKNOWN, f"needs `{missing[0]}`, {registers.why_unknown(host, missing[0])}")
+            partial = self._partial_field(host, str(exc))
+            if partial:
+                return Prediction(PredictionKind.UNKNOWN, f"needs `{partial[0]}`, registered by `{partial[1]}`, which "
+                                  "cannot run in a dry run (only whether it changes is predicted)")
             raise
 
     def _predict_known(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
