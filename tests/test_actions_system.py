@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from runbook.actions import Action, PredictionKind, TaskEnv, action_for
-from runbook.actions._system import parse_sections, state_diff
+from runbook.actions._system import ABSENT, parse_sections, record_planned, state_diff
+from runbook.actions._system import planned as planned_state
 from runbook.actions.package import PackageSpec, Packages, commands, parse_apk, parse_apt, parse_rpm, simulated
 from runbook.actions.package import plan_changes as package_changes
 from runbook.actions.cron import CronSpec, entry_line, new_table, table_diff
@@ -462,6 +463,8 @@ def test_cron_diff_shows_only_changed_lines() -> None:
     diff = table_diff(TABLE, new, "crontab of app")
     assert diff.splitlines()[2:] == ["@@ -3 +3 @@", "-1 1 * * * other", "+2 2 * * * other"]
     assert "MAILTO" not in diff and "unmarked" not in diff
+    assert table_diff("", "# runbook: x\n@daily x\n", "crontab").splitlines()[2:] == [
+        "@@ -0,0 +1,2 @@", "+# runbook: x", "+@daily x"]
 
 
 # --- one round trip -------------------------------------------------------------------------------------
@@ -493,3 +496,18 @@ def test_a_plan_reads_in_one_round_trip(tmp_path: Path, step: dict[str, Any]) ->
     pred = action.plan(TaskEnv(step=pb.steps[0], host="web1", conn=ReadOnlyConnection(conn, allow_run=True), vars={}, playbook=pb))
     assert pred.kind in (PredictionKind.OK, PredictionKind.UNKNOWN, PredictionKind.CHANGE) and pred.state
     assert len(conn.commands) == 1 and conn.commands[0][:2] == ["sh", "-c"], conn.commands
+
+
+def test_planned_changes_are_seen_only_by_later_steps_of_the_same_dry_run(tmp_path: Path) -> None:
+    group = unique("rbtg")
+    step = {"name": "u", "user": {"name": unique("rbtu"), "groups": [group]}}
+    action, env = planned(tmp_path, step, {"run": {"id": "r1", "mode": "plan"}})
+    assert action.plan(env).kind == PredictionKind.UNKNOWN
+    record_planned(env, "group", group, {"gid": None})
+    assert action.plan(env).kind == PredictionKind.CHANGE
+    for other in ({"run": {"id": "r2", "mode": "plan"}}, {"run": {"id": "r1", "mode": "apply"}}):
+        action, env = planned(tmp_path, step, other)
+        assert action.plan(env).kind == PredictionKind.UNKNOWN and planned_state(env, "group", group) is None
+    action, env = planned(tmp_path, step, {"run": {"id": "r1", "mode": "plan"}})
+    record_planned(env, "group", group, ABSENT)
+    assert action.plan(env).kind == PredictionKind.UNKNOWN

@@ -14,6 +14,8 @@ import difflib
 import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -134,3 +136,44 @@ def failed(env: TaskEnv, what: str, doing: str, res: CommandResult | None, *, co
     return Outcome(failed=True, rc=res.rc if res is not None else None, stdout=res.stdout if res is not None else "",
                    stderr=res.stderr if res is not None else "", command=command,
                    message=f"{env.host}: {what}: {doing} failed: {reason}", data=data or {})
+
+
+# --- what earlier steps of a dry run are predicted to leave --------------------------------------------
+#
+# A plan reads every host as it is now, so a `user` step after a `group` step that creates its group
+# would find no group, and a `cron` step for a user an earlier step creates would find no user. In a
+# plan, each predicted change of a group or user is recorded per run and host, and later steps of
+# that dry run read it as if it were done. A real run never consults this (it reads what is there).
+
+_PLANNED: OrderedDict[tuple[str, str], dict[tuple[str, str], Any]] = OrderedDict()
+_PLANNED_RUNS = 64          # a long-lived process (runbook serve) plans many runs: keep the last few
+_PLANNED_LOCK = threading.Lock()
+ABSENT = object()
+
+
+def _plan_key(env: TaskEnv) -> tuple[str, str] | None:
+    run = env.vars.get("run")
+    if not isinstance(run, dict) or str(run.get("mode")) != "plan":
+        return None
+    return str(run.get("id")), env.host
+
+
+def record_planned(env: TaskEnv, kind: str, name: str, value: Any) -> None:
+    """In a dry run, remember what a predicted change leaves (`ABSENT` for a deletion) for later steps on this host."""
+    key = _plan_key(env)
+    if key is None:
+        return
+    with _PLANNED_LOCK:
+        _PLANNED.setdefault(key, {})[(kind, name)] = value
+        _PLANNED.move_to_end(key)
+        while len(_PLANNED) > _PLANNED_RUNS:
+            _PLANNED.popitem(last=False)
+
+
+def planned(env: TaskEnv, kind: str, name: str) -> Any:
+    """What an earlier step of this dry run is predicted to leave (`ABSENT`, a value), or None when nothing is planned."""
+    key = _plan_key(env)
+    if key is None:
+        return None
+    with _PLANNED_LOCK:
+        return _PLANNED.get(key, {}).get((kind, name))

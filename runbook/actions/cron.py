@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from runbook.actions._system import ACCOUNT_NAME, checked, failed, first_line, grammar, run_argv, shown
+from runbook.actions._system import ACCOUNT_NAME, checked, failed, first_line, grammar, planned, run_argv, shown
 from runbook.actions.base import Action, FieldKind, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
 from runbook.actions.group import NAME_HINT
 from runbook.errors import RunbookError
@@ -108,7 +108,7 @@ def new_table(table: str, name: str, line: str | None) -> tuple[str, str | None]
 
 
 def _lines(text: str) -> list[str]:
-    return [line + "\n" for line in text.split("\n")[: -1 if text.endswith("\n") else None]]
+    return [line + "\n" for line in text.split("\n")[: -1 if text.endswith("\n") else None]] if text else []
 
 
 def table_diff(old: str, new: str, label: str) -> str:
@@ -170,8 +170,19 @@ class Cron(Action):
         new, current = new_table(old, name, line)
         return name, user, old, new, current, line
 
+    def _decide_planned(self, env: TaskEnv) -> tuple[str, str | None, str, str, str | None, str | None]:
+        """As `_decide`, for a dry run: a user an earlier step is predicted to create has an empty crontab."""
+        try:
+            return self._decide(env)
+        except RunbookError:
+            name, user, line = self._target(env)
+            if not user or not isinstance(planned(env, "user", user), dict):
+                raise
+            new, current = new_table("", name, line)
+            return name, user, "", new, current, line
+
     def plan(self, env: TaskEnv) -> Prediction:
-        name, user, old, new, current, line = self._decide(env)
+        name, user, old, new, current, line = self._decide_planned(env)
         state = hashlib.sha256(old.encode()).hexdigest()[:32]
         data = {"user": user, "before": current, "after": line}
         label = f"cron {name!r}"

@@ -9,8 +9,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
-from runbook.actions._system import (ACCOUNT_NAME, checked, failed, fingerprint, grammar, read_sections, run_argv,
-                                     state_diff)
+from runbook.actions._system import (ABSENT, ACCOUNT_NAME, checked, failed, fingerprint, grammar, read_sections,
+                                     record_planned, run_argv, state_diff)
 from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
 from runbook.fields import Int, Strict
 
@@ -112,6 +112,7 @@ class Group(Action):
             return Prediction(PredictionKind.OK, f"group {name} is {self.spec.state}" + (
                 f" (gid {st.gid})" if st.gid is not None else ""), state=state, command=self.describe(env), data=data)
         after = self._after(st)
+        record_planned(env, "group", name, ABSENT if self.spec.state == "absent" else {"gid": after.gid})
         after_lines = ["present", "gid: (the system picks one)"] if after.gid is None and self.spec.state == "present" else after.lines()
         return Prediction(PredictionKind.CHANGE, f"group {name}: " + "; ".join(reasons),
                           diff=state_diff(st.lines(), after_lines, f"group {name}"), state=state,

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, Field
 
-from runbook.actions._system import (ACCOUNT_NAME, COMMENT_TEXT, PATH_TEXT, checked, failed, fingerprint, grammar,
-                                     read_sections, run_argv, state_diff)
+from runbook.actions._system import (ABSENT, ACCOUNT_NAME, COMMENT_TEXT, PATH_TEXT, checked, failed, fingerprint,
+                                     grammar, planned, read_sections, record_planned, run_argv, state_diff)
 from runbook.actions.base import Action, FieldKind, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
 from runbook.actions.group import NAME_HINT, AccountName, Id
 from runbook.errors import Location, Problem, RunbookError
@@ -263,13 +263,27 @@ class User(Action):
         return parse_user(read_sections(env, READ_SCRIPT, args, what=f"user {name}",
                                         stdin=(spec.password or "") + "\n" if ask else None))
 
+    @staticmethod
+    def _overlay(env: TaskEnv, spec: UserSpec, st: UserState) -> UserState:
+        """In a dry run, the groups earlier steps are predicted to create or delete, as if they had."""
+        for g in ([spec.group] if spec.group else []) + (spec.groups or []):
+            found = planned(env, "group", g)
+            if found is ABSENT:
+                st.known_groups.pop(g, None)
+                st.pgroup = None if g == spec.group else st.pgroup
+            elif found is not None:
+                st.known_groups[g] = g
+                if g == spec.group:
+                    st.pgroup = (g, "" if found["gid"] is None else str(found["gid"]))
+        return st
+
     def _keys(self, spec: UserSpec) -> list[str]:
         """The facts a diff shows: those the step manages (all of them for a deletion)."""
         return list(_FACTS) if spec.state == "absent" else [k for k in _FACTS if getattr(spec, k) is not None]
 
     def plan(self, env: TaskEnv) -> Prediction:
         name, spec = self._spec(env)
-        st = self.read(env, name, spec)
+        st = self._overlay(env, spec, self.read(env, name, spec))
         up = user_changes(spec, name, st)
         state = fingerprint({"exists": st.exists, "facts": st.facts, "password": st.password, "uid_owner": st.uid_owner,
                              "pgroup": st.pgroup, "known": st.known_groups})
@@ -281,6 +295,7 @@ class User(Action):
             return Prediction(PredictionKind.FAIL, f"user {name}: {up.refusal}", state=state, command=self.describe(env), data=data)
         if not up.commands:
             return Prediction(PredictionKind.OK, f"user {name} is {spec.state}", state=state, command=self.describe(env), data=data)
+        record_planned(env, "user", name, ABSENT if spec.state == "absent" else {"exists": True})
         keys = self._keys(spec)
         before = fact_lines(st.exists, st.facts, keys, "(hash differs)" if up.set_password and st.exists else "")
         after = fact_lines(spec.state == "present", up.after, keys, "(new hash)" if up.set_password else "")

@@ -469,9 +469,14 @@ def test_groups_and_a_user_lifecycle_exact_and_the_hash_never_shown(rb: Runbook,
                                        "comment": "runbook test", "password": "{{ user_password }}"}}]
     secrets = {"user_password": hash1, "new_password": hash2}    # secret-named vars: masked in every output
     plan, preds = rb.plan(steps, vars=secrets)
-    assert [preds[s]["prediction"] for s in ("g1", "g2", "user")] == ["change", "change", "unknown"], preds
+    # The user's groups do not exist yet: the plan reads them as the group steps before it leave them.
+    assert [preds[s]["prediction"] for s in ("g1", "g2", "user")] == ["change", "change", "change"], preds
     assert preds["g1"]["diff"].splitlines()[3:] == ["-absent", "+present", f"+gid: {gid}"]
-    assert "no group" in preds["user"]["reason"] and "earlier step creates it" in preds["user"]["reason"]
+    assert preds["user"]["diff"].splitlines()[3:] == [
+        "-absent", "+present", f"+uid: {uid}", f"+group: {g1}", f"+groups: {g2}", "+shell: /bin/sh", "+comment: runbook test",
+        "+password: (new hash)"]
+    assert preds["user"]["command"] == (f"useradd -u {uid} -s /bin/sh -c 'runbook test' -g {g1} -G {g2} -m -- {user}; "
+                                        "chpasswd -e")
     code, results = rb.apply(plan)
     assert code == 0 and [results[s]["status"] for s in ("g1", "g2", "user")] == ["changed"] * 3, [r["message"] for r in results.values()]
     entry = pwd.getpwnam(user)
@@ -505,6 +510,35 @@ def test_groups_and_a_user_lifecycle_exact_and_the_hash_never_shown(rb: Runbook,
     assert hash1 in (tmp_path / "pb1.yml").read_text()
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl"))
     assert hash1 not in written and hash2 not in written and "rbtsalt" not in written
+
+
+def test_a_missing_group_is_unknown_unless_an_earlier_step_creates_it(rb: Runbook, accounts: dict[str, list[str]]) -> None:
+    user, group = unique("rbtu"), unique("rbtg")
+    accounts["users"].append(user)
+    _, preds = rb.plan([{"name": "user", "user": {"name": user, "groups": [group]}}])
+    assert preds["user"]["prediction"] == "unknown", preds
+    assert preds["user"]["reason"] == f"user {user}: no group {group} on the host now; it fails unless an earlier step creates it"
+    code, results = rb.run([{"name": "user", "user": {"name": user, "groups": [group]}}])
+    assert code == 2 and results["user"]["message"] == f"h0: user {user}: checking the account failed: no group {group} on the host"
+
+
+def test_cron_for_a_user_an_earlier_step_creates(rb: Runbook, accounts: dict[str, list[str]]) -> None:
+    if shutil.which("crontab") is None:
+        pytest.skip("crontab is not installed (the `cron` package)")
+    user = unique("rbtu")
+    accounts["users"].append(user)
+    steps = [{"name": "user", "user": {"name": user, "create_home": False}},
+             {"name": "cron", "cron": {"name": "report", "user": user, "special_time": "hourly", "job": "report --quiet"}}]
+    try:
+        plan, preds = rb.plan(steps)
+        assert [preds[s]["prediction"] for s in ("user", "cron")] == ["change", "change"], preds
+        assert preds["cron"]["diff"].splitlines()[3:] == ["+# runbook: report", "+@hourly report --quiet"]
+        code, results = rb.apply(plan)
+        assert code == 0 and [results[s]["status"] for s in ("user", "cron")] == ["changed", "changed"], results
+        assert crontab(user) == "# runbook: report\n@hourly report --quiet\n"
+        rb.idempotent(steps)
+    finally:
+        subprocess.run(["crontab", "-u", user, "-r"], capture_output=True)
 
 
 def test_user_conflicts_and_errors_name_the_host_and_the_account(rb: Runbook, accounts: dict[str, list[str]]) -> None:
