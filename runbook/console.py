@@ -223,25 +223,29 @@ class ConsoleView(Observer):
             line.append(f" {r.duration:.2f}s", style="dim")
         if r.message and (r.status != Status.OK or self.verbose):
             line.append(f" — {self._r(r.message)}")
-        self._print(line)
+        lines = [line]
         if r.status == Status.DRIFT:
             # Drift is checked only before a host's first planned change, so the host is untouched.
-            self._print(Text(f"    {r.host} is stopped before any planned change on it (no on_failure: nothing to roll "
-                             "back); review a new plan: runbook plan ... --out FILE", style="dim"))
+            lines.append(Text(f"    {r.host} is stopped before any planned change on it (no on_failure: nothing to roll "
+                              "back); review a new plan: runbook plan ... --out FILE", style="dim"))
         if r.status == Status.FAILED or self.verbose:
-            self._print_output(r)
+            lines.extend(self._output(r))
         if r.diff and (self.verbose or r.status == Status.CHANGED):
-            self._print(diff_text(self._r(r.diff)))
+            lines.append(diff_text(self._r(r.diff)))
+        # One renderable per task: its lines stay together, and the live view redraws once.
+        self._print(Text("\n").join(lines) if len(lines) > 1 else line)
 
-    def _print_output(self, r: TaskResult) -> None:
+    def _output(self, r: TaskResult) -> list[Text]:
         """The last lines of the task's stdout and stderr, redacted, each line marked with its stream."""
         failed = r.status == Status.FAILED
+        out: list[Text] = []
         for name, text in (("stdout", r.stdout), ("stderr", r.stderr)):
             lines, cut = output_lines(self._r(text or ""))
             if cut:
-                self._print(Text(f"    {name}| … {cut} earlier line(s) not shown (--format json has them all)", style="dim"))
-            for ln in lines:
-                self._print(Text(f"    {name}| {ln}", style="red" if failed and name == "stderr" else "dim" if not failed else ""))
+                out.append(Text(f"    {name}| … {cut} earlier line(s) not shown (--format json has them all)", style="dim"))
+            style = "red" if failed and name == "stderr" else "" if failed else "dim"
+            out.extend(Text(f"    {name}| {ln}", style=style) for ln in lines)
+        return out
 
 
 def diff_text(diff: str) -> Text:
