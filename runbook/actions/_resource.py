@@ -479,6 +479,16 @@ def mode_text(mode: str | None) -> str | None:
     return None if mode is None else f"{int(mode, 8):04o}"
 
 
+def shown(env: TaskEnv, text: str | None) -> str:
+    """A templated value rendered for the console and the audit trail (the raw text if it cannot be)."""
+    if text is None:
+        return ""
+    try:
+        return str(env.render(text))
+    except RunbookError:
+        return text
+
+
 def who(env: TaskEnv) -> str:
     """Whom the step runs as, for messages."""
     sudo = env.sudo()

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from pydantic import Field, model_validator
 
 from runbook.actions._edit import Edit, EditSpec, TextEdit, bare, insert, insert_at, split_lines
+from runbook.actions._resource import shown
 from runbook.actions.base import TaskEnv, TemplatedField, string_fields
 from runbook.errors import RunbookError
 
@@ -45,7 +46,7 @@ class Block(TextEdit):
         yield from string_fields(self.spec, ("block", "marker", "marker_begin", "marker_end"))
 
     def describe(self, env: TaskEnv) -> str | None:
-        return f"block {self.spec.state} in {self.spec.path}"
+        return f"block {self.spec.state} in {shown(env, self.spec.path)}"
 
     def _markers(self, env: TaskEnv) -> tuple[str, str]:
         spec = self.spec

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field, model_validator
 
 from runbook.actions._resource import (Change, ContentOptions, ResourceAction, Wanted, account, blocked_file, host_path,
-                                       mode_text, plan_write, read_state, unreadable_reason)
+                                       mode_text, plan_write, read_state, shown, unreadable_reason)
 from runbook.actions.base import FieldKind, TaskEnv, TemplatedField, string_fields
 from runbook.actions.upload import DIFF_LIMIT
 from runbook.errors import Location, Problem, RunbookError
@@ -61,7 +61,7 @@ class Copy(ResourceAction):
         return []
 
     def describe(self, env: TaskEnv) -> str | None:
-        return f"copy {self.spec.src or 'content'} -> {self.spec.dest}"
+        return f"copy {shown(env, self.spec.src) if self.spec.src else 'content'} -> {shown(env, self.spec.dest)}"
 
     def _content(self, env: TaskEnv) -> bytes:
         """The bytes the file should hold."""

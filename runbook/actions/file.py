@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from runbook.actions._resource import (LINK_SCRIPT, MKDIR_SCRIPT, RECURSE_APPLY_SCRIPT, REMOVE_SCRIPT, TOUCH_SCRIPT,
                                        Change, Info, PathState, ResourceAction, account, attr_changes, attr_diff,
                                        attr_problem, host_path, mode_text, parent_of, planned_after, planned_below,
-                                       read_state, run_op, set_attrs, sh, unreadable_reason, unwritable_reason)
+                                       read_state, run_op, set_attrs, sh, shown, unreadable_reason, unwritable_reason)
 from runbook.actions.base import TaskEnv, TemplatedField, string_fields
 from runbook.errors import RunbookError
 from runbook.fields import OctalMode, Strict
@@ -58,7 +58,7 @@ class File(ResourceAction):
 
     def describe(self, env: TaskEnv) -> str | None:
         spec = self.spec
-        return f"file {spec.path} ({spec.state}{' -> ' + spec.src if spec.src else ''})"
+        return f"file {shown(env, spec.path)} ({spec.state}{' -> ' + shown(env, spec.src) if spec.src else ''})"
 
     def compute(self, env: TaskEnv) -> Change:
         spec = self.spec

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from runbook.actions._edit import (Edit, EditSpec, TextEdit, _static_regex, bare, compile_regex, find_last, insert,
                                    insert_at, split_lines)
+from runbook.actions._resource import shown
 from runbook.actions.base import TaskEnv, TemplatedField, string_fields
 from runbook.errors import RunbookError
 
@@ -55,8 +56,8 @@ class Line(TextEdit):
 
     def describe(self, env: TaskEnv) -> str | None:
         spec = self.spec
-        what = spec.line if spec.line is not None else f"/{spec.regexp}/"
-        return f"line {spec.state} in {spec.path}: {what}"
+        what = shown(env, spec.line) if spec.line is not None else f"/{shown(env, spec.regexp)}/"
+        return f"line {spec.state} in {shown(env, spec.path)}: {what}"
 
     def edit(self, env: TaskEnv, text: str) -> Edit:
         spec = self.spec

@@ -9,7 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from runbook.actions._edit import Edit, Target, TextEdit, bare, split_lines
-from runbook.actions._resource import ApplyError, Change, host_path, read_state, run_op, sh, who
+from runbook.actions._resource import ApplyError, Change, host_path, read_state, run_op, sh, shown, who
 from runbook.actions.base import TaskEnv, TemplatedField, string_fields
 from runbook.errors import RunbookError
 from runbook.fields import Strict
@@ -81,7 +81,8 @@ class Sysctl(TextEdit):
 
     def describe(self, env: TaskEnv) -> str | None:
         spec = self.spec
-        return f"sysctl {spec.name} = {spec.value}" if spec.state == "present" else f"sysctl {spec.name} absent"
+        name = shown(env, spec.name)
+        return f"sysctl {name} = {shown(env, spec.value)}" if spec.state == "present" else f"sysctl {name} absent"
 
     def _key(self, env: TaskEnv) -> tuple[str, str | None, str]:
         name = str(env.render(self.spec.name)).strip()
