@@ -255,9 +255,11 @@ def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list
     """Earlier `apply` runs of one plan (by its hash) among the runs after `after` (the plan's own run id), oldest first."""
     d = Path(directory)
     out: list[dict[str, Any]] = []
-    # Run ids start with their UTC start time, so only the files named after the plan's run are read.
+    # Run ids start with their UTC start time (to the second), so only the files of runs started in
+    # the plan's second or later are read; the random suffix orders nothing.
+    since = after.split("-", 1)[0]
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-        if p.stem <= after:
+        if p.stem.split("-", 1)[0] < since or p.stem == after:
             continue
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))

@@ -569,3 +569,22 @@ def test_a_real_failure_still_runs_on_failure_and_a_failed_apply_points_to_resum
     assert "note: this plan was applied before in run " in err and "(status failed); `runbook resume " in err
     assert code == 2 and "drift" in err      # the flag step now drifts (it was made), and that pages no one
     assert (tmp_path / "paged").read_text() == "paged\n"
+
+
+def test_earlier_applies_are_found_within_the_plans_own_second(tmp_path: Path) -> None:
+    from runbook.state import applies_of
+
+    def state(run_id: str, **doc: Any) -> None:
+        write(tmp_path / f"{run_id}.json", json.dumps({"run_id": run_id, "mode": "apply", "plan_hash": "h1",
+                                                       "status": "ok", **doc}))
+
+    state("20260101T000000Z-000000")                     # the plan's second, a smaller random suffix
+    state("20260101T000001Z-aaaaaa", status="failed")
+    state("20251231T235959Z-ffffff")                     # before the plan: not its apply
+    state("20260101T000002Z-bbbbbb", plan_hash="other")
+    state("20260101T000003Z-cccccc", mode="run")
+    write(tmp_path / "20260101T000004Z-dddddd.json", "{torn")
+    found = applies_of(tmp_path, "h1", after="20260101T000000Z-ffffff")
+    assert [(e["run_id"], e["status"]) for e in found] == [("20260101T000000Z-000000", "ok"),
+                                                          ("20260101T000001Z-aaaaaa", "failed")]
+    assert applies_of(tmp_path / "none", "h1", after="x") == []
