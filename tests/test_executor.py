@@ -386,3 +386,29 @@ def test_a_stop_event_stops_the_run_like_a_first_interrupt(tmp_path: Path, go: C
                 observers=[StopAfterFirst()], stop=stop)
     assert result.exit_code() == 130 and "shutting down" in (result.stop_reason or "")
     assert (st(result, "a", "one"), st(result, "a", "two")) == (Status.CHANGED, Status.NOT_RUN)
+
+
+def test_apply_rechecks_a_no_change_that_an_earlier_planned_change_makes_stale(
+        tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> None:
+    """A step predicted `ok` from the host's state runs in apply when an earlier step on the host changes it."""
+    import json
+
+    from tests.helpers import cli
+
+    inv = local_inventory(["a"])
+    target = tmp_path / "hosts" / "a" / "scratch"
+    pb = write_playbook([
+        {"name": "make scratch", "shell": f"touch {target}", "creates": str(target)},
+        {"name": "remove scratch", "file": {"path": str(target), "state": "absent"}},
+        {"name": "status", "shell": f"echo s >> {target}.status", "changed_when": False},
+    ])
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    plan = tmp_path / "plan.json"
+    assert cli("plan", str(pb), "-i", str(inv), "--out", str(plan), env=env).returncode == 0
+    preds = {p["step_id"]: p["prediction"] for p in json.loads(plan.read_text())["predictions"]}
+    assert preds == {"make-scratch": "change", "remove-scratch": "ok", "status": "ok"}   # read before the touch
+    applied = cli("apply", str(plan), "--output", "json", env=env)
+    assert applied.returncode == 0, applied.stderr
+    by = {r["step_id"]: r["status"] for r in json.loads(applied.stdout)["results"]}
+    assert by["remove-scratch"] == "changed" and not target.exists()     # re-checked, not skipped as planned
+    assert by["status"] == "ok" and not Path(f"{target}.status").exists()  # rests on nothing: stands as reviewed

@@ -202,7 +202,14 @@ class Predictor:
                     self.stop_host(key.host, f"host stopped: `{step.step_id}` drifted from the plan")
                     return
                 self.warn(f"{key.host}: {message} (--allow-drift)")
-        if kind in _RESTS_ON_NOTHING and not step.read_only and not action.rerun_on_apply:
+        # A "no change" that rested on what the host looked like (a guard, a checksum, a resource's
+        # state: `saved.state`) is taken as reviewed only when nothing planned before it on the host
+        # changes anything. After a planned change such a step runs, and its guards, checksums or the
+        # resource action's own comparison decide: a step an earlier one makes necessary is not
+        # skipped on the strength of a stale read. A "no change" that rests on nothing
+        # (`changed_when: false`) stands as reviewed.
+        stale = saved.state is not None and key not in self.drift_checkable
+        if kind in _RESTS_ON_NOTHING and not stale and not step.read_only and not action.rerun_on_apply:
             res.status = Status.SKIPPED if kind == PredictionKind.SKIP else Status.OK
             res.message = f"as planned: {saved.reason}"
             return
