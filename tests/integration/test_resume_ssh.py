@@ -126,9 +126,10 @@ def test_interrupted_run_resumes_without_rerunning_finished_tasks(clean_ssh_host
     assert {(r["host"], r["step_id"]) for r in second if r["event"] == "task.started"} == {
         (h.name, s) for h in hosts for s in ("three", "four")}
     assert cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
-    listed = cli("runs", "--audit-log", str(trail)).stdout.splitlines()
-    assert listed[0].startswith(second[0]["run_id"]) and " ok " in listed[0]
-    assert listed[1].startswith(run_id)
+    header, *listed = cli("runs", "--audit-log", str(trail)).stdout.splitlines()
+    assert header.startswith("STARTED (UTC)")   # then one row per run, newest first: time, run id, mode, status
+    assert listed[0].split()[2] == second[0]["run_id"] and " ok " in listed[0]
+    assert listed[1].split()[2] == run_id
 
 
 def test_second_interrupt_aborts_the_running_step_and_resume_reruns_it(clean_ssh_hosts: list[SSHHost],
