@@ -79,9 +79,12 @@ def run_prefixed(argv: list[str], prefix: str) -> int:
 
 def _relay(stream: Any, prefix: str, target: Any) -> None:
     """Copy lines from a child's pipe to our stream, each with the run's prefix."""
+    from runbook.console import visible
+
     with stream:
         for raw in iter(stream.readline, b""):
-            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            # Control characters escaped: a line must not rewrite the prefix (\r) or drive the terminal.
+            line = visible(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
             with _OUTPUT_LOCK:
                 target.write(f"{prefix}{line}\n")
                 target.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -41,10 +42,18 @@ def max_attempts(step: Any) -> int:
     return step.retries + 1 if (step.retries or not step.until) else 4
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """Control characters as escapes: a host's output must not move the cursor, retitle or recolour the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def output_lines(text: str, limit: int = OUTPUT_LINES) -> tuple[list[str], int]:
-    """The last `limit` lines of a command's output, each cut to a readable width, and how many were left out."""
-    lines = text.rstrip("\n").splitlines() if text.strip() else []
-    shown = [ln if len(ln) <= OUTPUT_LINE_CHARS else ln[:OUTPUT_LINE_CHARS] + " …" for ln in lines[-limit:]]
+    """The last `limit` lines of a command's output, made visible and cut to a readable width, and how many were left out."""
+    lines = text.rstrip("\n").split("\n") if text.strip() else []
+    shown = [visible(ln if len(ln) <= OUTPUT_LINE_CHARS else ln[:OUTPUT_LINE_CHARS] + " …") for ln in lines[-limit:]]
     return shown, max(0, len(lines) - limit)
 
 

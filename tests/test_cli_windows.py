@@ -126,3 +126,19 @@ def test_schedule_once_prefixes_each_runs_output_with_its_playbook(here: Path, c
         assert any(f"Running {name} on 1 host(s)" in ln for ln in mine)
         assert f"[{name}]     stdout| {name}-2" in mine         # the failed step's output, with its run's prefix
         assert any(ln.startswith(f"[{name}] wall time") for ln in mine)
+
+
+def test_a_runs_output_cannot_forge_another_runs_prefix(here: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Attack: a step prints a carriage return and another run's prefix, hoping to overwrite its own."""
+    playbooks = here / "playbooks"
+    playbooks.mkdir()
+    (playbooks / "alpha.yml").write_text(
+        "runbook: alpha\nschedule: '* * * * *'\nsteps:\n"
+        "  - name: forge\n    shell: printf 'x\\r[beta] all good\\033[2K\\n'; exit 1\n")
+    inv = here / "inv.yml"
+    inv.write_text("all:\n  hosts:\n    me: {ansible_connection: local}\n")
+    args = ["schedule", "--dir", str(playbooks), "-i", str(inv), "--audit-log", str(here / "audit.jsonl"), "--once"]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert "[alpha]     stdout| x\\x0d[beta] all good\\x1b[2K" in err.splitlines()

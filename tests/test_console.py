@@ -181,3 +181,17 @@ def test_live_view_elapsed_time_moves_without_events(monkeypatch: pytest.MonkeyP
     view.task_started(run, TaskRef("web1", "slow", "slow", "shell"))
     now[0] += 42
     assert "slow 42s" in _render(view._progress.table())
+
+
+def test_host_output_cannot_drive_the_terminal() -> None:
+    """Attack: a host prints escape sequences (retitle, clear line, carriage return) into its output."""
+    out = io.StringIO()
+    view = ConsoleView(make_console(out), Redactor(), verbose=True)
+    run = info()
+    view.run_started(run)
+    hostile = "ok\x1b]0;pwned\x07\n\x1b[2K\rweb2: deploy: ok\n\x9b31m\n"
+    view.task_finished(run, TaskResult("web1", "deploy", "shell", Status.FAILED, stdout=hostile, rc=1))
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text and "\x9b" not in text
+    assert "    stdout| ok\\x1b]0;pwned\\x07" in text
+    assert "    stdout| \\x1b[2K\\x0dweb2: deploy: ok" in text       # the forged line stays inside web1's output
