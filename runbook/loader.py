@@ -198,10 +198,10 @@ def explain_yaml_error(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, yaml.
         if char in ("\t", "\\t"):
             return f"a tab indents this line; YAML allows only spaces{jargon}", at, "YAML does not allow tabs for indentation; use spaces"
         return (f"a plain value cannot start with '{char}', which YAML reserves{jargon}", at,
-                f"quote the whole value: '{line_of(at)[at.column:].strip() if at else char}'")
+                f"quote the whole value: '{_clip(line_of(at)[at.column:].strip()) if at else char}'")
     if "while scanning an alias" in context:
         return (f"`*` at the start of a value refers to an anchor (`&name`){jargon}", opened,
-                f"quote the whole value: '{line_of(opened)[opened.column:].strip() if opened else '*'}'")
+                f"quote the whole value: '{_clip(line_of(opened)[opened.column:].strip()) if opened else '*'}'")
     if problem.startswith("found undefined alias"):
         name = problem.split("'")[1] if problem.count("'") >= 2 else "?"
         return (f"`*{name}` refers to an anchor `&{name}` that is not defined above it{jargon}", at,
@@ -239,6 +239,11 @@ def explain_yaml_error(exc: yaml.MarkedYAMLError, text: str) -> tuple[str, yaml.
     return (problem or context or "cannot parse"), at, "check the indentation and quoting around this line"
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    """A piece of the author's line for a hint: short, and one line."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _quoted_start(text: str, at: yaml.Mark | None) -> yaml.Mark | None:
     """Where the last quoted value before `at` opens (from the scanner's tokens, which stop at the error)."""
     start = None
@@ -263,7 +268,7 @@ def _explain_colon(at: yaml.Mark | None, lines: list[str], jargon: str) -> tuple
         start = yaml.Mark(at.name, at.index - (at.column - indent), at.line, indent, at.buffer, at.pointer)
         return (f"`{key}:` is indented deeper than the key above it, so YAML reads this line as the "
                 f"continuation of that key's value{jargon}", start, f"align `{key}:` with the keys above it")
-    value = line.split(": ", 1)[1].strip() if ": " in line else line.strip()
+    value = _clip(line.split(": ", 1)[1].strip() if ": " in line else line.strip())
     return (f"an unquoted value contains `: ` (a colon and a space), which YAML reads as a new key{jargon}", at,
             f"quote the whole value: '{value}'" if "'" not in value else f'quote the whole value: "{value}"')
 

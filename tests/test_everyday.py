@@ -588,3 +588,8 @@ def test_earlier_applies_are_found_within_the_plans_own_second(tmp_path: Path) -
     assert [(e["run_id"], e["status"]) for e in found] == [("20260101T000000Z-000000", "ok"),
                                                           ("20260101T000001Z-aaaaaa", "failed")]
     assert applies_of(tmp_path / "none", "h1", after="x") == []
+
+
+def test_yaml_hints_quote_at_most_a_short_piece_of_a_hostile_line() -> None:
+    [found] = problems_of("runbook: t\nsteps:\n  - name: a\n    shell: echo " + "a: b " * 20000 + "\n")
+    assert len(found) < 600 and "…" in found
