@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import jinja2
@@ -45,10 +46,18 @@ def _parse(text: str, kind: FieldKind) -> nodes.Template:
     return environment().parse(source)
 
 
+@functools.lru_cache(maxsize=4096)   # load and the pre-run check of `run` read the same templates: once
+def _free_names(text: str, kind: FieldKind) -> frozenset[str]:
+    """The names a template reads that it does not define itself, except those it only reads guarded."""
+    tree = _parse(text, kind)
+    return frozenset(meta.find_undeclared_variables(tree) - guarded_names(tree))
+
+
 class _TemplateChecker:
     """Checks one playbook's templated strings, collecting located problems."""
 
-    def __init__(self, playbook: Playbook, known_vars: set[str] | None):
+    def __init__(self, playbook: Playbook, known_vars: set[str] | None, *, names_only: bool = False):
+        self.names_only = names_only   # only undefined names: no shell lint, no action checks
         self.playbook = playbook
         self.source = playbook._source
         self.known_vars = known_vars
@@ -76,16 +85,16 @@ class _TemplateChecker:
     def check(self, path: tuple[str | int, ...], text: str, kind: FieldKind) -> None:
         """Syntax, undefined names and (for shell fields) the quoting lint of one templated string."""
         try:
-            tree = _parse(text, kind)
+            names = _free_names(text, kind)
         except jinja2.TemplateSyntaxError as exc:
             self.problems.append(Problem(f"template syntax error: {exc.message}", self.locate(path),
                                          "check the {{ }} and {% %} pairs and the expression", code="template-syntax"))
             return
         # `changed_when`, `failed_when` and `until` also see the step's own result as `result`.
         local = self.defined | {"result"} if path and path[-1] in ("changed_when", "failed_when", "until") else self.defined
-        for name in sorted(meta.find_undeclared_variables(tree) - local - guarded_names(tree)):
+        for name in sorted(names - local):
             self._undefined(path, name)
-        if kind == FieldKind.SHELL:
+        if kind == FieldKind.SHELL and not self.names_only:
             self._lint_shell(path, text)
 
     def _lint_shell(self, path: tuple[str | int, ...], text: str) -> None:
@@ -120,9 +129,15 @@ class _TemplateChecker:
             for i, step in enumerate(getattr(self.playbook, section)):
                 for field in step_templates(step):
                     self.check((section, i, *field.path), field.text, field.kind)
-                self.problems.extend(action_for(step).check(self.playbook, self._locator((section, i, step.action))))
+                if not self.names_only:
+                    self.problems.extend(action_for(step).check(self.playbook, self._locator((section, i, step.action))))
         # Reported in file order, whichever part of the step (or its action) a string belongs to.
         return sorted(self.problems, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))
+
+
+def undefined_variables(playbook: Playbook, known_vars: set[str]) -> list[Problem]:
+    """Names no vars, secrets, register, built-in or `known_vars` define, located, with a did-you-mean (errors)."""
+    return [p for p in _TemplateChecker(playbook, known_vars, names_only=True).run() if p.code == "undefined-variable"]
 
 
 def guarded_names(tree: nodes.Template) -> set[str]:

@@ -305,12 +305,11 @@ def _warn_undefined(prepared) -> None:
     """
     import dataclasses
 
-    from runbook.checks import check_playbook_templates
+    from runbook.checks import undefined_variables
 
     known = set(prepared.info.extra_vars).union(*(h.vars for h in prepared.hosts))
-    for p in check_playbook_templates(prepared.playbook, known_vars=known):
-        if p.code == "undefined-variable":
-            _echo_err(dataclasses.replace(p, severity="warning", message=p.message + " (its step fails if it runs)").render())
+    for p in undefined_variables(prepared.playbook, known):
+        _echo_err(dataclasses.replace(p, severity="warning", message=p.message + " (its step fails if it runs)").render())
 
 
 def _console_view(prepared, kw: dict[str, Any]):
