@@ -1,4 +1,4 @@
-"""The benchmarks of issue 9: fan-out, wide graph, dry run, scale without SSH, optional ansible.
+"""The benchmark suite: fan-out, wide graph, dry run, scale without SSH, optional ansible.
 
 Every timed program runs as a subprocess of its own, started the same way for both sides, and is
 reaped with ``os.wait4`` so that its own peak RSS is known. The two sides of a comparison run

@@ -159,7 +159,11 @@ def evaluate(expr: str | bool, context: dict[str, Any]) -> Any:
     if isinstance(expr, bool):
         return expr
     try:
-        return _compile_expr(strip_braces(expr))(context)
+        value = _compile_expr(strip_braces(expr))(context)
+        if isinstance(value, jinja2.Undefined):
+            # A bare undefined name evaluates to an Undefined that fails only when used: fail here, located.
+            value._fail_with_undefined_error()
+        return value
     except Exception as exc:
         raise _explain(exc, expr) from None
 

@@ -131,3 +131,14 @@ steps:
     _run(["plan", "pb.yml", "--out", "p2.json"], tmp_path, tmp_path)
     preds = {p["step_id"]: p["prediction"] for p in json.loads((tmp_path / "p2.json").read_text())["predictions"]}
     assert preds == {"change": "skip", "after": "ok", "check": "ok", "restart": "change"}
+
+
+def test_numeric_limits_given_as_key_value_extra_vars_work(tmp_path: Path) -> None:
+    """`-e key=value` is text (as in Ansible): the shipped playbooks compare limits with `| int`."""
+    from tests.helpers import cli
+
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    out = cli("run", str(ROOT / "playbooks" / "health-check.yml"), "-e", "disk_max_pct=100", "-e", "inode_max_pct=100",
+              "-e", "mem_min_available_pct=0", "-e", "swap_max_pct=100", "-e", "load_max_per_core=100000",
+              "-e", "max_clock_skew=60", "--format", "json", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr

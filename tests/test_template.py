@@ -268,3 +268,10 @@ def test_result_is_defined_in_changed_when_failed_when_and_until_only() -> None:
         """)
     undefined = [p for p in problems if p.code == "undefined-variable"]
     assert len(undefined) == 1 and undefined[0].location.line == 11  # only in step b's shell
+
+
+def test_a_bare_undefined_name_in_a_condition_is_a_clear_error() -> None:
+    from runbook.errors import TemplateError
+
+    with pytest.raises(TemplateError, match="undefined variable in `nosuch`"):
+        truth("nosuch", {})
