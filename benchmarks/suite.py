@@ -27,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Goals of issue 9 (reported, never asserted).
+# Performance goals (reported, never asserted).
 TARGET_FANOUT_30 = 1.25
 TARGET_FANOUT_1 = 1.5
 TARGET_WIDE = 1.2
