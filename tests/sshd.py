@@ -22,7 +22,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,3 +357,29 @@ def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@contextmanager
+def root_sudo(users: list[str], prefix: str) -> Iterator[Path]:
+    """Let these test users sudo to root without a password while the block runs (a checked sudoers drop-in).
+
+    Drop-ins with `prefix` left by a killed run (its pid gone) are removed first; the rule is checked
+    with `visudo -c` under a name sudo ignores (`~`) before it is moved into place.
+    """
+    for stale in SUDOERS_DIR.glob(prefix + "*"):
+        pid = stale.name.removeprefix(prefix)
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
+    path = SUDOERS_DIR / f"{prefix}{os.getpid()}"
+    tmp = path.with_name(path.name + "~tmp")
+    tmp.write_text("".join(f"{user} ALL=(root) NOPASSWD: ALL\n" for user in users))
+    tmp.chmod(0o440)
+    check = subprocess.run(["visudo", "-c", "-q", "-f", str(tmp)], capture_output=True, text=True, check=False)
+    if check.returncode != 0:
+        tmp.unlink()
+        raise SSHDUnavailable(f"sudoers rule for the test users is invalid: {check.stderr}")
+    os.replace(tmp, path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.helpers import cli
-from tests.sshd import SSHHost, write_inventory
+from tests.sshd import SSHHost, root_sudo, write_inventory
 
 pytestmark = pytest.mark.ssh
 
@@ -140,23 +140,8 @@ def root_hosts(ssh_hosts: list[SSHHost]) -> Iterator[list[SSHHost]]:
     hosts = ssh_hosts[:3]
     if len(hosts) < 3 or len({h.user for h in hosts}) < 3:
         pytest.skip("needs three sshd test hosts with users of their own (run as root)")
-    for stale in SUDOERS.glob(PREFIX + "*"):   # left by a run that was killed
-        pid = stale.name.removeprefix(PREFIX)
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            stale.unlink(missing_ok=True)
-    path = SUDOERS / f"{PREFIX}{os.getpid()}"
-    tmp = path.with_name(path.name + "~tmp")     # sudo ignores names with `~` while the rule is checked
-    tmp.write_text("".join(f"{h.user} ALL=(root) NOPASSWD: ALL\n" for h in hosts))
-    tmp.chmod(0o440)
-    check = subprocess.run(["visudo", "-c", "-q", "-f", str(tmp)], capture_output=True, text=True)
-    if check.returncode != 0:
-        tmp.unlink()
-        pytest.fail(f"sudoers rule for the test hosts is invalid: {check.stderr}")
-    os.replace(tmp, path)
-    try:
+    with root_sudo([h.user for h in hosts], PREFIX):
         yield hosts
-    finally:
-        path.unlink(missing_ok=True)
 
 
 class AptRepo:

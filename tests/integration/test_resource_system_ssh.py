@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from runbook.cli import main
-from tests.sshd import SSHHost, write_inventory
+from tests.sshd import SSHHost, root_sudo, write_inventory
 
 pytestmark = pytest.mark.ssh
 
@@ -46,23 +46,8 @@ def root_host(ssh_hosts: list[SSHHost]) -> Iterator[SSHHost]:
     host = ssh_hosts[0]
     if host.user == pwd.getpwuid(os.geteuid()).pw_name:
         pytest.skip("the sshd test hosts log in as the current user (no per-host users)")
-    for stale in SUDOERS.glob("runbook-tests-root-*"):    # left by a run that was killed
-        pid = stale.name.removeprefix("runbook-tests-root-")
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            stale.unlink(missing_ok=True)
-    path = SUDOERS / f"runbook-tests-root-{os.getpid()}"
-    tmp = path.with_name(path.name + "~tmp")     # sudo ignores names with `~` while the rule is checked
-    tmp.write_text(f"{host.user} ALL=(root) NOPASSWD: ALL\n")
-    tmp.chmod(0o440)
-    check = subprocess.run(["visudo", "-c", "-q", "-f", str(tmp)], capture_output=True, text=True)
-    if check.returncode != 0:
-        tmp.unlink()
-        pytest.fail(f"sudoers rule for the test host is invalid: {check.stderr}")
-    os.replace(tmp, path)
-    try:
+    with root_sudo([host.user], "runbook-tests-root-"):
         yield host
-    finally:
-        path.unlink(missing_ok=True)
 
 
 class Runbook:
