@@ -148,6 +148,11 @@ def open_session(transport: paramiko.Transport, timeout: float) -> paramiko.Chan
         except paramiko.ChannelException as exc:
             if exc.code != paramiko.common.OPEN_FAILED_CONNECT_FAILED or not transport.is_active():
                 raise
+        except paramiko.SSHException as exc:
+            # paramiko keeps one refusal per transport: when two sessions are refused at once, the
+            # second thread gets "Unable to open channel." without the reason. Same case, same retry.
+            if str(exc) != "Unable to open channel." or not transport.is_active():
+                raise
         time.sleep(delay)
     return transport.open_session(timeout=timeout)
 

@@ -187,7 +187,11 @@ def test_fast_commands_in_parallel_never_drop_the_connection(conn: SSHConnection
 
     def work() -> None:
         for _ in range(80):
-            res = conn.run("true")
+            try:
+                res = conn.run("true")
+            except Exception as exc:   # recorded: a thread's exception must fail the test, not vanish
+                failures.append(f"{type(exc).__name__}: {exc}")
+                return
             if res.rc != 0:
                 failures.append(res.stderr)
 
