@@ -147,28 +147,45 @@ class EventStream:
         self._thread: threading.Thread | None = None
 
     def _emit(self, hook: str, *args: Any) -> None:
-        failure: ObserverFailed | None = None
         with self._lock:
             if hook == "task_started" and self.failure is not None:
                 raise self.failure   # another worker's task must not start unrecorded either
-            for obs in self.critical:
-                if id(obs) in self._broken:
-                    continue
-                try:
-                    getattr(obs, hook)(*args)
-                except Exception as exc:
-                    self._broken.add(id(obs))
-                    failure = failure or ObserverFailed(obs, hook, exc)
-            first = failure is not None and self.failure is None
-            if first:
-                self.failure = failure
+            failure = self._call_critical(hook, args)
             if self.best_effort:
                 self._start_thread()
                 self._queue.put((hook, args))
-        if failure is not None:
-            if first:
-                self._report(f"the run stops (no new task starts): {failure}")
-            raise failure
+        self._raise(failure)
+
+    def _call_critical(self, hook: str, args: tuple[Any, ...], *,
+                       optional: bool = False) -> tuple[ObserverFailed, bool] | None:
+        """Call `hook` on every working critical observer (lock held); the first failure, and whether it is the run's first.
+
+        `optional`: observers without the hook are passed over (`sync` is for those that buffer).
+        """
+        failure: ObserverFailed | None = None
+        for obs in self.critical:
+            if id(obs) in self._broken or (optional and not callable(getattr(obs, hook, None))):
+                continue
+            try:
+                getattr(obs, hook)(*args)
+            except Exception as exc:
+                self._broken.add(id(obs))
+                failure = failure or ObserverFailed(obs, hook, exc)
+        if failure is None:
+            return None
+        first = self.failure is None
+        if first:
+            self.failure = failure
+        return failure, first
+
+    def _raise(self, failure: tuple[ObserverFailed, bool] | None) -> None:
+        """Report a critical failure once (the run's first), then stop the caller with it."""
+        if failure is None:
+            return
+        error, first = failure
+        if first:
+            self._report(f"the run stops (no new task starts): {error}")
+        raise error
 
     def _start_thread(self) -> None:
         if self._thread is None:
@@ -206,23 +223,9 @@ class EventStream:
 
     def sync(self) -> None:
         """Ask critical observers that buffer (the run state's journal) to make what they hold durable."""
-        failure: ObserverFailed | None = None
         with self._lock:
-            for obs in self.critical:
-                if id(obs) in self._broken or not callable(getattr(obs, "sync", None)):
-                    continue
-                try:
-                    obs.sync()
-                except Exception as exc:
-                    self._broken.add(id(obs))
-                    failure = failure or ObserverFailed(obs, "sync", exc)
-            first = failure is not None and self.failure is None
-            if first:
-                self.failure = failure
-        if failure is not None:
-            if first:
-                self._report(f"the run stops (no new task starts): {failure}")
-            raise failure
+            failure = self._call_critical("sync", (), optional=True)
+        self._raise(failure)
 
     def run_started(self, run: RunInfo) -> None:
         """Emit `run_started`."""
