@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from runbook.errors import EXIT_ENVIRONMENT, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_WINDOW_CLOSED
 
@@ -193,3 +194,11 @@ class RunResult:
             "exit_code": self.exit_code(),
             "results": [r.as_dict() for r in self.results],
         }
+
+
+def register_value(res: TaskResult, skipped: bool = False) -> dict[str, Any]:
+    """What `register:` stores for a task (the same shape Ansible users expect: stdout, rc, changed, ...)."""
+    return {"stdout": res.stdout, "stderr": res.stderr, "rc": res.rc, "changed": res.changed,
+            "failed": res.status == Status.FAILED, "skipped": skipped, "status": res.status.value,
+            "duration": res.duration, "stdout_lines": res.stdout.splitlines(), "msg": res.message,
+            "data": res.data}

@@ -17,7 +17,7 @@ from runbook.documents import STATE_VERSION, check_state
 from runbook.errors import ValidationError
 from runbook.events import Observer, RunInfo, TaskRef
 from runbook.graph import TaskKey
-from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult
+from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult, register_value
 
 if TYPE_CHECKING:
     from runbook.runner import RunRequest
@@ -115,13 +115,13 @@ class RunState(Observer):
 
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
         if task.attempt == 1 and not task.on_failure:   # on_failure steps are not resumed (they run again)
-            self._append({"started": task_key(task.step_id, task.host)}, sync=False)
+            self._append({"started": task_key(task.step_id, task.host)})
 
     def task_finished(self, run: RunInfo, result: TaskResult) -> None:
         if result.on_failure:
             return
         d = self.redactor.redact(result.as_dict())
-        self._append({"finished": d}, sync=False)
+        self._append({"finished": d})
         self._dirty = True
         with self._lock:
             self.doc["tasks"][task_key(result.step_id, result.host)] = d
@@ -136,16 +136,14 @@ class RunState(Observer):
             self._dirty = False
             os.fsync(journal.fileno())
 
-    def _append(self, entry: dict[str, Any], *, sync: bool) -> None:
-        """One journal line; with `sync`, on disk before this returns."""
+    def _append(self, entry: dict[str, Any]) -> None:
+        """One journal line, handed to the OS (a crash of this process loses nothing; `sync` makes it durable)."""
         journal = self._journal
         if journal is None:
             return
         with self._lock:
             journal.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
             journal.flush()
-            if sync:
-                os.fsync(journal.fileno())
 
     def run_interrupted(self, run: RunInfo, reason: str) -> None:
         self.doc["status"] = "interrupted"
@@ -307,8 +305,5 @@ def registers_from(playbook: Any, done: dict[TaskKey, TaskResult]) -> dict[str, 
         except KeyError:
             continue
         if step.register_as:
-            out.setdefault(host, {})[step.register_as] = {
-                "stdout": r.stdout, "stderr": r.stderr, "rc": r.rc, "changed": r.changed,
-                "failed": False, "skipped": r.status == Status.SKIPPED, "status": r.status.value,
-                "duration": r.duration, "stdout_lines": r.stdout.splitlines(), "msg": r.message, "data": r.data}
+            out.setdefault(host, {})[step.register_as] = register_value(r, skipped=r.status == Status.SKIPPED)
     return out

@@ -5,15 +5,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from runbook.results import Status, TaskResult
-
-
-def register_value(res: TaskResult, skipped: bool = False) -> dict[str, Any]:
-    """What `register:` stores for a task (the same shape Ansible users expect: stdout, rc, changed, ...)."""
-    return {"stdout": res.stdout, "stderr": res.stderr, "rc": res.rc, "changed": res.changed,
-            "failed": res.status == Status.FAILED, "skipped": skipped, "status": res.status.value,
-            "duration": res.duration, "stdout_lines": res.stdout.splitlines(), "msg": res.message,
-            "data": res.data}
 
 
 class Registers:

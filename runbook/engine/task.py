@@ -11,7 +11,8 @@ from typing import Any, Protocol
 from runbook.actions import Action, Outcome, TaskEnv
 from runbook.connections import Connection
 from runbook.engine.options import ExecOptions, HostLike
-from runbook.engine.registers import Registers, register_value
+from runbook.engine.registers import Registers
+from runbook.results import register_value
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, ObserverFailed, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey
