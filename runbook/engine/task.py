@@ -12,12 +12,11 @@ from runbook.actions import Action, Outcome, TaskEnv
 from runbook.connections import Connection
 from runbook.engine.options import ExecOptions, HostLike
 from runbook.engine.registers import Registers
-from runbook.results import register_value
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, ObserverFailed, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey
 from runbook.model import Playbook, Step
-from runbook.results import RunMode, Status, TaskResult
+from runbook.results import RunMode, Status, TaskResult, register_value
 from runbook.template import build_context, truth
 
 ABORTED = "aborted by a second interrupt"
