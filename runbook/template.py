@@ -26,9 +26,6 @@ BUILTINS = frozenset({"host", "inventory_hostname", "groups", "hostvars", "run",
                       "range", "lipsum", "dict", "cycler", "joiner", "namespace", "true", "false", "none",
                       "True", "False", "None"})
 
-# Filters whose output is safe to put into a shell command unquoted (numbers or quoted strings).
-SHELL_SAFE_FILTERS = frozenset({"quote", "quote_path", "int", "float", "length", "count", "abs", "round", "shell_code"})
-
 
 def _quote(value: Any) -> str:
     if isinstance(value, (list, tuple)):
