@@ -225,7 +225,7 @@ class Executor:
         key = self.running.pop(fut)
         res = fut.result()
         if isinstance(key, _Rescue):
-            self.scheduler.record(TaskKey("rescue:" + key.key.step_id, key.key.host), res)
+            self.scheduler.record(key.key, res)   # step ids are unique across steps and on_failure
         else:
             self.scheduler.finish(key, res)
 

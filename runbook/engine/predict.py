@@ -32,6 +32,14 @@ class NotKnownInPlan(jinja2.StrictUndefined):
     __slots__ = ()
 
 
+def _kind(value: PredictionKind | str) -> PredictionKind | None:
+    """A saved prediction as a kind; None for what a plan records beyond predictions (not_run, deferred)."""
+    try:
+        return PredictionKind(value)
+    except ValueError:
+        return None
+
+
 class Predictor:
     """Predicts tasks from what the hosts are now, reading only; in `apply`, checks that the plan still holds."""
 
@@ -192,7 +200,7 @@ class Predictor:
         if saved is None:
             self.runner.run_for_real(key, step, action, conn, ctx, res)
             return
-        kind = PredictionKind(saved.kind) if saved.kind in PredictionKind._value2member_map_ else None
+        kind = _kind(saved.kind)
         if key in self.drift_checkable and kind in (PredictionKind.CHANGE, *_RESTS_ON_NOTHING) and saved.state is not None:
             now = self.predict(key, step, action, conn, ctx)
             if now.kind != kind or (now.state or None) != saved.state:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from runbook.actions import Action, Outcome, TaskEnv
+from runbook.actions import Action, Outcome, TaskEnv, action_for
 from runbook.connections import Connection
 from runbook.engine.options import ExecOptions, HostLike
 from runbook.engine.registers import Registers
@@ -57,8 +57,6 @@ class TaskRunner:
         """The action object of a step (made once per run)."""
         found = self.actions.get(step.step_id)
         if found is None:
-            from runbook.actions import action_for
-
             found = self.actions[step.step_id] = action_for(step)
         return found
 
