@@ -11,7 +11,6 @@ users may sudo to root only while this module runs (a sudoers drop-in of its own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pwd
@@ -28,6 +27,7 @@ import pytest
 import yaml
 
 from tests.helpers import cli
+from tests.aptrepo import AptRepo
 from tests.sshd import SSHHost, root_sudo, write_inventory
 
 pytestmark = pytest.mark.ssh
@@ -144,51 +144,6 @@ def root_hosts(ssh_hosts: list[SSHHost]) -> Iterator[list[SSHHost]]:
         yield hosts
 
 
-class AptRepo:
-    """Tiny .deb packages built here, in a `file:` source that only a private APT_CONFIG lists."""
-
-    def __init__(self, base: Path):
-        self.base, self.repo = base, base / "repo"
-        self.repo.mkdir(parents=True)
-        for sub in ("lists/partial", "cache/archives/partial", "log", "sources.list.d"):
-            (base / sub).mkdir(parents=True)
-        (base / "sources.list").write_text(f"deb [trusted=yes] file:{self.repo} ./\n")
-        self.config = base / "apt.conf"
-        self.config.write_text("".join(f'{key} "{value}";\n' for key, value in {
-            "Dir::Etc::sourcelist": base / "sources.list", "Dir::Etc::sourceparts": base / "sources.list.d",
-            "Dir::State::Lists": base / "lists", "Dir::State::extended_states": base / "extended_states",
-            "Dir::Cache": base / "cache", "Dir::Cache::pkgcache": "", "Dir::Cache::srcpkgcache": "",
-            "Dir::Log": base / "log", "APT::Sandbox::User": "root"}.items()))
-        self.debs: dict[str, Path] = {}
-
-    def build(self, names: list[str]) -> None:
-        """Build NAME_1.0_all.deb for each name, index them all and refresh the private lists."""
-        entries = []
-        for name in names:
-            root = self.base / "build" / name
-            (root / "DEBIAN").mkdir(parents=True)
-            (root / "DEBIAN/control").write_text(
-                f"Package: {name}\nVersion: 1.0\nArchitecture: all\nMaintainer: runbook tests <t@example.invalid>\n"
-                "Description: runbook accuracy test package\n")
-            (root / "usr/share" / name).mkdir(parents=True)
-            (root / "usr/share" / name / "version").write_text("1.0\n")
-            deb = self.repo / f"{name}_1.0_all.deb"
-            subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)], check=True,
-                           capture_output=True)
-            self.debs[name] = deb
-            control = subprocess.run(["dpkg-deb", "--field", str(deb)], check=True, capture_output=True,
-                                     text=True).stdout
-            data = deb.read_bytes()
-            entries.append(control.rstrip("\n") + f"\nFilename: ./{deb.name}\nSize: {len(data)}\n"
-                           f"SHA256: {hashlib.sha256(data).hexdigest()}\n")
-        (self.repo / "Packages").write_text("\n".join(entries))
-        subprocess.run(["apt-get", "-q", "update"], env={**os.environ, "APT_CONFIG": str(self.config)}, check=True,
-                       capture_output=True)
-
-    def install(self, name: str) -> None:
-        subprocess.run(["dpkg", "-i", str(self.debs[name])], check=True, capture_output=True)
-
-
 def _run(*args: str, stdin: str | None = None) -> None:
     res = subprocess.run(list(args), input=stdin, capture_output=True, text=True)
     assert res.returncode == 0, f"{args}: {res.stderr}"
@@ -227,7 +182,9 @@ class Machine:
             script = Path("/etc/init.d") / name
             script.write_text(INIT_SCRIPT.format(name=name))
             script.chmod(0o755)
-        self.apt.build([self.names(h)[k] for h in hosts for k in ("p", "q")])
+        for name in (self.names(h)[k] for h in hosts for k in ("p", "q")):
+            self.apt.add(name, "1.0")
+        self.apt.refresh()
 
     def cleanup(self) -> None:
         for user in self.users:
@@ -235,8 +192,8 @@ class Machine:
             subprocess.run(["userdel", "--", user], capture_output=True)
         for group in self.groups:
             subprocess.run(["groupdel", "--", group], capture_output=True)
-        if self.apt.debs:
-            subprocess.run(["dpkg", "--purge", *sorted(self.apt.debs)], capture_output=True)
+        if self.apt.names:
+            subprocess.run(["dpkg", "--purge", *sorted(self.apt.names)], capture_output=True)
         for name in self.services:
             pid = _pid(name)
             if pid:
