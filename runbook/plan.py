@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import ValidationError as PydanticError
 
 from runbook import __version__
-from runbook.actions import ACTIONS, action_class, action_for
+from runbook.actions import ACTIONS, action_for
 from runbook.documents import PLAN_FORMAT, PLAN_VERSION, PlanSignature, check_plan
 from runbook.errors import Location, PlanFileError, PlaybookError, ValidationError
 from runbook.state import absolute_sources, write_atomic
@@ -187,10 +187,11 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
     key = _resolve_key(key)
     red = prepared.redactor
     order = {sid: i for i, sid in enumerate(prepared.steps.order())}
+    gates = {name: cls.asks_operator for name, cls in ACTIONS.all().items()}   # once, not per prediction
     preds = []
+    position = {h: i for i, h in enumerate(prepared.info.hosts)}   # not list.index: O(tasks x hosts) at scale
     for r in sorted((r for r in result.results if not r.on_failure),
-                    key=lambda r: (prepared.info.hosts.index(r.host) if r.host in prepared.info.hosts else 0,
-                                   order.get(r.step_id, 0))):
+                    key=lambda r: (position.get(r.host, 0), order.get(r.step_id, 0))):
         kind = str(r.prediction) if r.prediction else {"not_run": "not_run", "unreachable": "unknown", "failed": "fail"}.get(
             r.status.value, r.status.value)
         # Free text is redacted; the structure (names, the prediction) is not text a secret could be in.
@@ -198,7 +199,7 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
             "host": r.host, "step_id": r.step_id, "action": r.action, "prediction": kind,
             "reason": red.redact(r.message), "diff": red.redact(r.diff), "state": red.redact(r.state),
             "command": red.redact(r.command),
-            "gate": action_class(r.action).asks_operator if r.action in ACTIONS else False, "read_only": r.read_only,
+            "gate": gates.get(r.action, False), "read_only": r.read_only,
         })
     doc = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__,
