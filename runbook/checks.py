@@ -37,8 +37,59 @@ def step_templates(step: Step) -> Iterator[TemplatedField]:
             yield TemplatedField((f,), value, FieldKind.EXPRESSION)
     for k, v in step.env.items():
         yield TemplatedField(("env", k), v, FieldKind.TEMPLATE)
+    yield from _loop_templates(step)
     for field in action_for(step).fields():
         yield TemplatedField((step.action, *field.path), field.text, field.kind)
+
+
+def _loop_templates(step: Step) -> Iterator[TemplatedField]:
+    """The loop's expression (or the strings of its literal items) and its label."""
+    if isinstance(step.loop, str):
+        yield TemplatedField(("loop",), step.loop, FieldKind.EXPRESSION)
+    elif step.loop is not None:
+        stack: list[tuple[tuple[str | int, ...], object]] = [(("loop",), step.loop)]
+        while stack:
+            path, value = stack.pop()
+            if isinstance(value, str) and "{" in value:
+                yield TemplatedField(path, value, FieldKind.TEMPLATE)
+            elif isinstance(value, dict):
+                stack.extend(((*path, str(k)), v) for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend(((*path, i), v) for i, v in enumerate(value))
+    if step.label is not None:
+        yield TemplatedField(("label",), step.label, FieldKind.TEMPLATE)
+
+
+# Names a loop variable must not take: the built-ins, a step's own `result`, and `loop` (kept for loop details).
+RESERVED_LOOP_NAMES = BUILTINS | {"result", "loop", "and", "or", "not", "in", "is", "if", "else"}
+LOOP_OPTIONS = ("loop_var", "index_var", "label", "loop_concurrency")
+
+
+def loop_locals(step: Step) -> set[str]:
+    """The names a looped step's own templates may use: its loop variable and index variable."""
+    if step.loop is None:
+        return set()
+    return {step.loop_name} | ({step.index_var} if step.index_var else set())
+
+
+def loop_problems(step: Step, locate: Callable[[str], Location]) -> list[Problem]:
+    """Misused loop keys of one step: loop options without `loop`, a reserved or doubled loop variable name."""
+    found: list[Problem] = []
+    if step.loop is None:
+        for key in LOOP_OPTIONS:
+            if getattr(step, key) is not None:
+                found.append(Problem(f"`{key}` is set but the step has no `loop`", locate(key),
+                                     f"add `loop:` with the items to run the step for, or remove `{key}`", code="loop-misuse"))
+        return found
+    for key in ("loop_var", "index_var"):
+        name = getattr(step, key)
+        if name in RESERVED_LOOP_NAMES:
+            found.append(Problem(f"`{key}: {name}` shadows the reserved name `{name}`", locate(key),
+                                 f"choose another name, e.g. `{name}_item`", code="loop-misuse"))
+    if step.index_var is not None and step.index_var == step.loop_name:
+        found.append(Problem(f"`index_var` and the loop variable are both `{step.index_var}`", locate("index_var"),
+                             "give the position its own name, e.g. `index_var: i`", code="loop-misuse"))
+    return found
 
 
 def _parse(text: str, kind: FieldKind) -> nodes.Template:
@@ -125,14 +176,34 @@ class _TemplateChecker:
         for name, value in self.playbook.vars.items():
             if isinstance(value, str) and "{" in value:
                 self.check(("vars", name), value, FieldKind.TEMPLATE)
-        for section in ("steps", "on_failure"):
+        for section in ("steps", "on_failure", "handlers"):
             for i, step in enumerate(getattr(self.playbook, section)):
-                for field in step_templates(step):
-                    self.check((section, i, *field.path), field.text, field.kind)
-                if not self.names_only:
-                    self.problems.extend(action_for(step).check(self.playbook, self._locator((section, i, step.action))))
+                if step.flush_handlers and not step.actions_present():
+                    continue   # a flush point: no templates (graph.py reports misuse)
+                self._check_step(step, (section, i))
         # Reported in file order, whichever part of the step (or its action) a string belongs to.
         return sorted(self.problems, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))
+
+
+    def _check_step(self, step: Step, path: tuple[str | int, ...]) -> None:
+        """One step's templates and action checks, located in the file the step is written in."""
+        from runbook.compose import origin, role_defaults
+
+        found = origin(step)
+        source, defined = self.source, self.defined
+        if found is not None:   # a composed step: its own file and place (a block, an include, a role)
+            self.source, path = found.source, found.path
+        own = set(step.vars) | set(role_defaults(step)) | loop_locals(step)
+        if own:
+            self.defined = defined | own
+        try:
+            for field in step_templates(step):
+                self.check((*path, *field.path), field.text, field.kind)
+            if not self.names_only:
+                self.problems.extend(loop_problems(step, lambda key: self.locate((*path, key))))
+                self.problems.extend(action_for(step).check(self.playbook, self._locator((*path, step.action))))
+        finally:
+            self.source, self.defined = source, defined
 
 
 def undefined_variables(playbook: Playbook, known_vars: set[str]) -> list[Problem]:

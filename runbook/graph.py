@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import networkx as nx
 
+from runbook import handlers
 from runbook.errors import PlaybookError, Problems, did_you_mean
 from runbook.model import Playbook, Step
 
@@ -19,11 +20,11 @@ class TaskKey(NamedTuple):
 
 
 def _locate(playbook: Playbook, section: str, index: int, key: str | None = None, item: int | None = None):
-    source = playbook._source
-    path: tuple = (section, index) + ((key,) if key else ()) + ((item,) if item is not None else ())
-    from runbook.errors import Location
+    # A composed step knows its own file and place (it may come from a block, an include or a role).
+    from runbook.compose import locate
 
-    return source.locate(path) if source else Location("<playbook>")
+    step = getattr(playbook, section)[index]
+    return locate(playbook, step, *((key,) if key else ()), *((item,) if item is not None else ()))
 
 
 @dataclass
@@ -51,6 +52,8 @@ class StepGraph:
                 else:
                     seen[sid] = (section, i)
         graphs = [cls._section_graph(playbook, section, problems) for section in ("steps", "on_failure")]
+        # Handler instances join the main graph; flush_handlers steps are replaced by the handlers they run.
+        handlers.add_to_graph(playbook, graphs[0], problems)
         problems.raise_if_errors(PlaybookError)
         return cls(playbook, graphs[0], graphs[1])
 
@@ -61,6 +64,10 @@ class StepGraph:
         ids = [s.step_id for s in steps]
         for i, step in enumerate(steps):
             g.add_node(step.step_id, step=step, index=i)
+        if any(grp.section == section for grp in playbook._groups.values()):
+            _composed_edges(playbook, section, g, problems)
+            _cycle_problem(playbook, section, g, problems)
+            return g
         for i, step in enumerate(steps):
             sid = step.step_id
             if step.needs is None:
@@ -82,21 +89,7 @@ class StepGraph:
                                  hint, code="unknown-needs")
                 else:
                     g.add_edge(need, sid)
-        try:
-            cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
-            path = [edge[0] for edge in cycle] + [cycle[0][0]]
-            # Point at an explicit `needs` entry that makes the loop (a default edge has no text to point at).
-            where = _locate(playbook, section, g.nodes[cycle[-1][1]]["index"], "needs")
-            for u, v in reversed(cycle):
-                target: Step = g.nodes[v]["step"]
-                if target.needs is not None and u in target.needs:
-                    where = _locate(playbook, section, g.nodes[v]["index"], "needs", target.needs.index(u))
-                    break
-            problems.add(f"dependency cycle: {' -> '.join(path)}", where,
-                         "remove one of these `needs` so the steps can run in order", code="cycle")
+        _cycle_problem(playbook, section, g, problems)
         return g
 
     def step(self, step_id: str) -> Step:
@@ -139,7 +132,9 @@ class StepGraph:
                 step = self.step(sid)
                 needs = sorted(self.graph.predecessors(sid), key=lambda n: self.graph.nodes[n]["index"])
                 after = f"  <- {', '.join(needs)}" if needs else ""
-                lines.append(f"  {sid} [{step.action}]{after}")
+                inst = handlers.instance_of(self.graph, sid)
+                note = f"  ({handlers.describe(inst)})" if inst else ""
+                lines.append(f"  {sid} [{step.action}]{after}{note}")
         if self.rescue:
             lines.append("on_failure")
             for sid in self.rescue_order():
@@ -157,7 +152,9 @@ class StepGraph:
             out.append("  { rank=same; " + " ".join(q(s) for s in layer) + " }")
         for sid in self.order():
             step = self.step(sid)
-            out.append(f"  {q(sid)} [label={q(step.name + chr(10) + '[' + step.action + ']')}];")
+            inst = handlers.instance_of(self.graph, sid)
+            style = ", style=\"rounded,dashed\"" if inst else ""   # a handler: runs only when notified
+            out.append(f"  {q(sid)} [label={q(step.name + chr(10) + '[' + step.action + ']')}{style}];")
         for a, b in self.graph.edges:
             out.append(f"  {q(a)} -> {q(b)};")
         if self.rescue:
@@ -176,7 +173,10 @@ class StepGraph:
 
         def label(sid: str) -> str:
             step = self.step(sid)
-            return f'{ids[sid]}["{_mermaid_text(step.name)}<br/><small>{_mermaid_text(sid)} · {step.action}</small>"]'
+            text = f'"{_mermaid_text(step.name)}<br/><small>{_mermaid_text(sid)} · {step.action}</small>"'
+            if handlers.instance_of(self.graph, sid):
+                return f"{ids[sid]}{{{{{text}}}}}"   # a hexagon: a handler, which runs only when notified
+            return f'{ids[sid]}[{text}]'
 
         out = ["flowchart TD"]
         for sid in self.order():
@@ -191,6 +191,39 @@ class StepGraph:
                 out.append(f"    {ids[a]} --> {ids[b]}")
             out.append("  end")
         return "\n".join(out)
+
+
+def _composed_edges(playbook: Playbook, section: str, g: nx.DiGraph, problems: Problems) -> None:
+    """Edges of a section with blocks, includes or roles; `settled` edges run whatever the dependency's status."""
+    from runbook.compose import section_edges
+
+    found = section_edges(playbook, section, {sid: g.nodes[sid]["step"] for sid in g}, problems)
+    for (a, b), settled in found.edges.items():
+        if settled:
+            g.add_edge(a, b, settled=True)
+        else:
+            g.add_edge(a, b)
+    for sid, gates in found.gates.items():
+        g.nodes[sid]["gates"] = tuple(gates)
+
+
+def _cycle_problem(playbook: Playbook, section: str, g: nx.DiGraph, problems: Problems) -> None:
+    """A dependency cycle, located at an explicit `needs` entry that makes it."""
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return
+    path = [edge[0] for edge in cycle] + [cycle[0][0]]
+    # Point at an explicit `needs` entry that makes the loop (a default edge has no text to point at).
+    where = _locate(playbook, section, g.nodes[cycle[-1][1]]["index"], "needs")
+    for u, v in reversed(cycle):
+        target: Step = g.nodes[v]["step"]
+        if target.needs is not None and (u in target.needs or u.rsplit("/", 1)[-1] in target.needs):
+            item = target.needs.index(u) if u in target.needs else target.needs.index(u.rsplit("/", 1)[-1])
+            where = _locate(playbook, section, g.nodes[v]["index"], "needs", item)
+            break
+    problems.add(f"dependency cycle: {' -> '.join(path)}", where,
+                 "remove one of these `needs` so the steps can run in order", code="cycle")
 
 
 def _mermaid_text(text: str) -> str:

@@ -8,13 +8,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
 import yaml
 
 from runbook.errors import Location, PlaybookError, Problem, Problems, did_you_mean
-from runbook.model import ACTIONS, Blackout, Playbook, Step, Window, action_count_problem
+from runbook.model import (ACTIONLESS_KEYS, ACTIONS, STRUCTURAL_KEYS, Blackout, Playbook, Step, Window,
+                           action_count_problem, structure_problem)
 
 Path_ = tuple  # a path into the document: keys and list indexes
 
@@ -404,6 +406,8 @@ def _model_at(path: Path_) -> type[pydantic.BaseModel] | None:
         return Playbook
     if len(path) == 2 and path[0] in ("steps", "on_failure") and isinstance(path[1], int):
         return Step
+    if isinstance(path[-1], int) and (len(path) == 1 or path[-2] in STEP_LISTS):
+        return Step   # a step inside a block (or at the top of an included file)
     for part in reversed(path):
         if isinstance(part, str):
             return _section_model(part)
@@ -464,11 +468,14 @@ def _is_type_error(e: _Err) -> bool:
     return e.err["type"] in _EXPECTED and e.path == e.root
 
 
-def pydantic_problems(exc: pydantic.ValidationError, data: Any, source: SourceMap) -> list[Problem]:
-    """Turn pydantic errors into located problems with hints, reporting each union failure once."""
+def pydantic_problems(exc: pydantic.ValidationError, data: Any, source: SourceMap, root: Path_ = ()) -> list[Problem]:
+    """Turn pydantic errors into located problems with hints, reporting each union failure once.
+
+    `root`: where in `data` the validated value sits (an included file's steps are validated one by one).
+    """
     entries: list[_Err] = []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        loc = tuple(root) + tuple(err["loc"])
         missing = None
         if err["type"] == "missing" and loc:
             missing, loc = str(loc[-1]), loc[:-1]
@@ -613,8 +620,11 @@ class ValidationReport:
         return [p for p in self.problems if p.severity == "warning"]
 
 
-def parse_playbook(text: str, filename: str = "<playbook>") -> Playbook:
-    """Validate playbook text into the model (structure only; see `validate_playbook` for the rest)."""
+def parse_playbook(text: str, filename: str = "<playbook>", reader: Callable[[Path, str], str] | None = None) -> Playbook:
+    """Validate playbook text into the composed model (structure only; see `validate_playbook` for the rest).
+
+    `reader` reads the files it includes (default: from disk; a plan passes the texts it kept).
+    """
     doc = parse_yaml(text, filename)
     if not isinstance(doc.data, dict):
         raise PlaybookError([Problem(f"expected a mapping at the top of the playbook, got {_describe(doc.data)}",
@@ -627,25 +637,51 @@ def parse_playbook(text: str, filename: str = "<playbook>") -> Playbook:
         unique = list({(p.message, p.location): p for p in found}.values())
         raise PlaybookError(sorted(unique, key=lambda p: (p.location.line or 0, p.location.column or 0) if p.location else (0, 0))) from None
     playbook._source = doc.source
-    return playbook
+    from runbook.compose import compose
+
+    return compose(playbook, doc.source, reader)
+
+
+# Keys holding lists of steps (a step's `block`/`rescue`/`always`, a playbook's sections).
+STEP_LISTS = ("steps", "on_failure", "handlers", "block", "rescue", "always")
 
 
 def _action_problems(data: dict, source: SourceMap) -> list[Problem]:
     """No-action and several-actions problems of every step mapping, from the raw document."""
     found = []
-    for section in ("steps", "on_failure"):
+    for section in ("steps", "on_failure", "handlers"):
         steps = data.get(section)
         if not isinstance(steps, list):
             continue
         for i, raw in enumerate(steps):
-            if not isinstance(raw, dict):
-                continue
-            present = [a for a in ACTIONS if raw.get(a) is not None]
-            message = action_count_problem(present)
-            if message:
-                path = (section, i) + ((present[1],) if len(present) > 1 else ())
-                found.append(Problem(message, source.locate(path, key=True), f"use one of: {', '.join(ACTIONS.names())}"))
+            found.extend(raw_action_problems(raw, (section, i), source))
     return found
+
+
+def raw_action_problems(raw: Any, path: Path_, source: SourceMap) -> list[Problem]:
+    """The action-count and structure problems of one raw step mapping (and the steps of its blocks)."""
+    if not isinstance(raw, dict):
+        return []
+    structure = [k for k in STRUCTURAL_KEYS if isinstance(raw.get(k), list if k == "block" else str)]
+    present = [a for a in ACTIONS if raw.get(a) is not None and a not in structure]
+    parts = [k for k in ("rescue", "always") if raw.get(k) is not None]
+    message = structure_problem(present, structure, parts)
+    if message:
+        at = path + ((parts[0],) if parts and structure != ["block"] else (present[0],) if present else ())
+        return [Problem(message, source.locate(at, key=True), "a `block:` step holds `block:`, `rescue:`, `always:` and "
+                        "keys for every step inside (when, sudo, vars, tags); actions go in the steps")]
+    if structure or any(raw.get(k) for k in ACTIONLESS_KEYS):
+        found = []
+        for part in ("block", "rescue", "always"):
+            if isinstance(raw.get(part), list) and "block" in structure:
+                for i, inner in enumerate(raw[part]):
+                    found.extend(raw_action_problems(inner, path + (part, i), source))
+        return found
+    message = action_count_problem(present)
+    if message:
+        at = path + ((present[1],) if len(present) > 1 else ())
+        return [Problem(message, source.locate(at, key=True), f"use one of: {', '.join(ACTIONS.names())}")]
+    return []
 
 
 def validate_playbook(path: str | os.PathLike, *, known_vars: set[str] | None = None,
@@ -696,11 +732,7 @@ def load_playbook(path: str | os.PathLike) -> Playbook:
 
 
 def locate_step(playbook: Playbook, step: Step, key: str | None = None) -> Location:
-    """Location of a step (or one of its keys) in the playbook file."""
-    source: SourceMap | None = playbook._source
-    for section in ("steps", "on_failure"):
-        for i, s in enumerate(getattr(playbook, section)):
-            if s is step:
-                path = (section, i) + ((key,) if key else ())
-                return source.locate(path) if source else Location("<playbook>")
-    return Location(source.file if source else "<playbook>")
+    """Location of a step (or one of its keys) in the file it is written in (the playbook, an include, a role)."""
+    from runbook.compose import locate
+
+    return locate(playbook, step, *((key,) if key else ()))

@@ -77,6 +77,41 @@ class Window(Strict):
         return v
 
 
+def _loop_literal(value: Any) -> Any:
+    """`loop:` takes a list, a mapping or an expression string; anything else is refused with what to write."""
+    if value is None or isinstance(value, (list, dict, str)):
+        return value
+    shown = (f"the boolean {str(value).lower()}" if isinstance(value, bool) else
+             f"the number {value}" if isinstance(value, (int, float)) else f"a {type(value).__name__}")
+    raise ValueError(f"expected a list, a mapping, or an expression such as \"{{{{ users }}}}\", got {shown} "
+                     "(write a single item as a list: `loop: [x]`)")
+
+
+# Keys that make a step structural (compose expands them away): exactly one of these, or one action.
+STRUCTURAL_KEYS = ("block", "include", "role")
+# Keys of a step that is neither an action nor structural (e.g. `flush_handlers: true`): other features
+# append their key here; a step with one of them set to a true value needs no action.
+ACTIONLESS_KEYS: list[str] = ["flush_handlers"]   # handlers.py: a flush point is no action
+
+
+#: `delegate_to: controller` (and `on: controller`): the control machine, never an inventory host of that name.
+CONTROLLER = "controller"
+# An inventory host name as a delegate may spell it: no shell or path metacharacters, no spaces.
+_DELEGATE_NAME = re.compile(r"^[A-Za-z0-9_:][A-Za-z0-9_.:-]{0,252}$")
+
+
+def delegate_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a delegate host (shell/path metacharacters, empty, too long), or None."""
+    text = name.strip()
+    if not text:
+        return "`delegate_to` is empty: expected an inventory host name or `controller`"
+    if not _DELEGATE_NAME.match(text) or ".." in text:
+        shown = text if len(text) <= 60 else text[:59] + "…"
+        return (f"`delegate_to` {shown!r} is not a host name: expected an inventory host name (letters, digits, "
+                "`.`, `-`, `_`, `:`) or `controller`")
+    return None
+
+
 def action_count_problem(present: list[str]) -> str | None:
     """The complaint about a step declaring these actions, or None when it declares exactly one."""
     if not present:
@@ -114,13 +149,59 @@ class StepBase(Strict):
     unless: str | None = None
     only_if: str | None = None
     read_only: bool = False
-    on: Literal["controller"] | None = None
+    on: Literal["controller"] | None = Field(None, description="`on: controller` is an alias of `delegate_to: controller`.")
+    delegate_to: str | None = Field(None, description="Run the step on this inventory host (or `controller`, the control "
+                                    "machine) on behalf of each selected host, with that host's variables; may be a "
+                                    "template naming an inventory host.")
     once: bool = False
     tags: Annotated[StrList, BeforeValidator(_none_as_empty_list, json_schema_input_type=str | list[str] | None)] = Field(default_factory=list)
     env: Annotated[dict[str, str], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, str | int | float | bool] | None)] = Field(default_factory=dict)
     max_duration: Duration | None = Field(None, description="Do not start when the maintenance window closes sooner than this.")
+    # Handlers (runbook/handlers.py).
+    notify: Annotated[StrList, BeforeValidator(_none_as_empty_list, json_schema_input_type=str | list[str] | None)] = Field(
+        default_factory=list, description="Handlers (by name or id) to run once on this host after this step's "
+                                          "segment, when this step changed something.")
+    flush_handlers: bool = Field(False, description="`true`: a step with only a name (no action) where the handlers "
+                                                    "notified so far run, instead of after the last step.")
+    # Loops (runbook/engine/loops.py): one task per (step, host) runs every item and reports each.
+    loop: Annotated[list[Any] | dict[str, Any] | str | None, BeforeValidator(_loop_literal)] = Field(
+        None, description="Run the step once per item: a list, a mapping (items with `key` and `value`), or an "
+                          "expression like `users | selectattr('admin')` (as in `when`, `{{ }}` optional).")
+    loop_var: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                 description="Name of the current item in templates (default `item`).")
+    index_var: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                  description="Name of the current item's position (0, 1, ...) in templates.")
+    label: str | None = Field(None, description="How an item is shown in results, plan, console and audit: a template "
+                                                "(default: the item, shortened).")
+    loop_concurrency: Int | None = Field(None, ge=1, description="Items of one host run at once (default 1: in order).")
+
+    vars: Annotated[dict[str, Any], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, Any] | None)] = Field(
+        default_factory=dict, description="Variables of this step (of every step inside, on a block, include or role).")
+    include: str | None = Field(None, description="A YAML file holding a list of steps, relative to this file; "
+                                                  "its steps are namespaced `ID/step-id`.")
+    role: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="A role: `roles/NAME/` beside the "
+                             "playbook (or on $RUNBOOK_ROLES_PATH) with steps.yml, defaults.yml, handlers.yml, "
+                             "templates/ and files/.")
 
     _action: str = PrivateAttr("")
+    # Set by compose (runbook/compose.py) on the flat steps; read them through its accessors.
+    _origin: Any = PrivateAttr(None)              # compose.Origin: the file and document path of the step
+    _blocks: tuple = PrivateAttr(())              # ((block id, part), ...) of enclosing blocks, outermost first
+    _namespace: str = PrivateAttr("")             # include/role namespace ("" in the playbook itself)
+    _search_dirs: tuple = PrivateAttr(())         # directories searched for template/upload sources, first first
+    _defaults: dict = PrivateAttr(default_factory=dict)   # role defaults (lowest precedence variables)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        # `- role: nginx` and `- include: x.yml` need no name: they are named after what they bring in.
+        if isinstance(data, dict) and "name" not in data and not any(k in data for k in ("block", "rescue", "always")):
+            if isinstance(data.get("role"), str):
+                return {"name": f"role {data['role']}", **({} if "id" in data else {"id": data["role"]}), **data}
+            if isinstance(data.get("include"), str):
+                stem = data["include"].replace("\\", "/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+                return {"name": f"include {data['include']}", **({} if "id" in data else {"id": slugify(stem)}), **data}
+        return data
 
     @field_validator("sudo", mode="before")
     @classmethod
@@ -136,6 +217,27 @@ class StepBase(Strict):
                                        "hint": "write `sudo: true`, `sudo: false` or `sudo: USER`"})
         return v
 
+    @field_validator("delegate_to")
+    @classmethod
+    def _delegate_name(cls, v: str | None) -> str | None:
+        if v is None or "{" in v:
+            return v   # a template: its rendered value is checked when the task runs
+        problem = delegate_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _one_delegate(self) -> StepBase:
+        if self.on is not None and self.delegate_to is not None:
+            raise ValueError("`on: controller` is `delegate_to: controller`: give only one of them")
+        return self
+
+    @property
+    def delegate(self) -> str | None:
+        """Where the step runs instead of its host: `delegate_to` as written, `controller` for `on:`, or None."""
+        return self.delegate_to if self.delegate_to is not None else self.on
+
     @field_validator("env", mode="before")
     @classmethod
     def _env_strings(cls, v: Any) -> Any:
@@ -146,6 +248,12 @@ class StepBase(Strict):
     @model_validator(mode="after")
     def _one_action(self) -> StepBase:
         present = self.actions_present()
+        structure = self.structure()
+        problem = structure_problem(present, structure, self.structural_parts())
+        if problem:
+            raise ValueError(problem)
+        if structure or self.actionless():
+            return self
         problem = action_count_problem(present)
         if problem:
             raise ValueError(problem)
@@ -154,7 +262,20 @@ class StepBase(Strict):
 
     def actions_present(self) -> list[str]:
         """Names of the actions this step declares (valid steps have exactly one)."""
-        return [a for a in action_names() if getattr(self, field_name(a), None) is not None]
+        return [a for a in action_names() if (v := getattr(self, field_name(a), None)) is not None
+                and not (a in STRUCTURAL_KEYS and isinstance(v, list))]
+
+    def structure(self) -> list[str]:
+        """The structural keys this step uses (`block` with a list of steps, `include`, `role`)."""
+        return [k for k in STRUCTURAL_KEYS if isinstance(getattr(self, k, None), str if k != "block" else list)]
+
+    def structural_parts(self) -> list[str]:
+        """`rescue` and `always`, when given."""
+        return [k for k in ("rescue", "always") if getattr(self, k, None) is not None]
+
+    def actionless(self) -> bool:
+        """True for a step that needs no action (one of ACTIONLESS_KEYS is set)."""
+        return any(getattr(self, k, None) for k in ACTIONLESS_KEYS)
 
     @property
     def action(self) -> str:
@@ -172,6 +293,11 @@ class StepBase(Strict):
         return self.id or slugify(self.name)
 
     @property
+    def loop_name(self) -> str:
+        """The name the current loop item has in templates (`loop_var`, default `item`)."""
+        return self.loop_var or "item"
+
+    @property
     def guards(self) -> dict[str, str]:
         """The guards this step declares."""
         return {g: getattr(self, g) for g in GUARDS if getattr(self, g) is not None}
@@ -182,15 +308,39 @@ def action_names() -> list[str]:
     return ACTIONS.names()
 
 
+def structure_problem(present: list[str], structure: list[str], parts: list[str]) -> str | None:
+    """The complaint about a misused `block`/`include`/`role`/`rescue`/`always`, or None."""
+    if parts and structure != ["block"]:
+        return (f"`{parts[0]}` belongs to a `block:` step: this step has no `block:` list"
+                if not structure else f"`{parts[0]}` belongs to a `block:` step, not to `{structure[0]}`")
+    if len(structure) > 1:
+        return f"step has {' and '.join(f'`{k}`' for k in structure)}: expected exactly one; split it into several steps"
+    if structure and present:
+        return f"a `{structure[0]}` step cannot also have an action (`{present[0]}`): put the action in a step of its own"
+    return None
+
+
 def _step_model() -> type[StepBase]:
     """StepBase plus one optional field per registered action (its key, spec type and summary)."""
     fields: dict[str, Any] = {}
     for name, cls in ACTIONS.all().items():
         attr = field_name(name)
-        if attr in StepBase.model_fields or name in ("register",):
+        if attr in StepBase.model_fields or name in ("register", "rescue", "always"):
             raise RunbookError(f"action `{name}` has the name of a step key", hint="rename the action plugin")
-        fields[attr] = (cls.spec_type | None, Field(None, alias=name if attr != name else None, description=cls.summary()))
-    return create_model("Step", __base__=StepBase, __module__=__name__, **fields)
+        spec: Any = cls.spec_type
+        if name in STRUCTURAL_KEYS:
+            # `block:` with a list is a group of steps; with a mapping it is the action of that name.
+            spec = list["Step"] | spec
+            summary = f"A list of steps run as a group (with `rescue:`/`always:`), or, as a mapping: {cls.summary()}"
+        else:
+            summary = cls.summary()
+        fields[attr] = (spec | None, Field(None, alias=name if attr != name else None, description=summary))
+    for part, text in (("rescue", "Steps run on the hosts where a step of the `block:` failed."),
+                       ("always", "Steps run after the `block:` (and `rescue:`) whatever happened.")):
+        fields[part] = (list["Step"] | None, Field(None, description=text))
+    model = create_model("Step", __base__=StepBase, __module__=__name__, **fields)
+    model.model_rebuild(_types_namespace={"Step": model})
+    return model
 
 
 if TYPE_CHECKING:
@@ -214,11 +364,24 @@ class Playbook(Strict):
     window: Window | str | None = Field(None, description="A maintenance window, or the name of one in windows.yml.")
     schedule: str | None = Field(None, description="Cron expression for the scheduler, or `on-open`.")
     host_key_checking: Literal["strict", "accept-new", "off"] | None = None
+    facts: bool = Field(False, description="Gather each host's facts (read-only, one round trip) before its first "
+                                           "step; without it they are gathered when a template first reads `facts`.")
+    vars_files: Annotated[StrList, BeforeValidator(_none_as_empty_list, json_schema_input_type=str | list[str] | None)] = Field(
+        default_factory=list, description="YAML files of variables (paths relative to the playbook, may use `vars:`); "
+                                          "later files win, and all win over `vars:`.")
     steps: Annotated[list[Step], Field(min_length=1)]
     on_failure: Annotated[list[Step], BeforeValidator(_none_as_empty_list, json_schema_input_type=list[Step] | None)] = Field(default_factory=list)
+    handlers: Annotated[list[Step], BeforeValidator(_none_as_empty_list, json_schema_input_type=list[Step] | None)] = Field(
+        default_factory=list, description="Steps that run once per host after the steps that `notify` them, only "
+                                          "when one of those changed something; in the order listed here.")
 
     # Where the playbook came from: path and node positions (set by the loader, not part of the format).
     _source: Any = PrivateAttr(None)
+    # Set by compose: the blocks, includes and roles the flat steps came from (compose.Group by id), and
+    # the text of every file read besides the playbook (path -> text), which a plan keeps.
+    _groups: dict = PrivateAttr(default_factory=dict)
+    _units: dict = PrivateAttr(default_factory=dict)    # section -> its top-level unit ids (steps and groups)
+    _files: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("batch")
     @classmethod
@@ -235,16 +398,19 @@ class Playbook(Strict):
         return v
 
     def all_steps(self) -> list[Step]:
-        """Main steps followed by on_failure steps."""
-        return [*self.steps, *self.on_failure]
+        """Every action step: main steps (flush points are none), on_failure steps, then handlers."""
+        return [*(s for s in self.steps if not s.flush_handlers), *self.on_failure, *self.handlers]
 
     def step(self, step_id: str) -> Step:
-        """The step with this id (main or on_failure)."""
-        for s in self.all_steps():
-            if s.step_id == step_id:
+        """The step with this id (main or on_failure), or the handler a handler task id (`handler:ID`) names."""
+        from runbook.handlers import handler_id_of
+
+        handler = handler_id_of(step_id)
+        for s in self.handlers if handler is not None else self.all_steps():
+            if s.step_id == (handler if handler is not None else step_id):
                 return s
         raise KeyError(step_id)
 
 
-__all__ = ["ACTIONS", "GUARDS", "Blackout", "Limit", "Playbook", "Step", "StepBase", "Window", "action_count_problem",
-           "action_names", "parse_duration", "parse_limit", "slugify"]
+__all__ = ["ACTIONLESS_KEYS", "ACTIONS", "CONTROLLER", "GUARDS", "STRUCTURAL_KEYS", "Blackout", "Limit", "Playbook", "Step", "StepBase", "Window", "action_count_problem",
+           "action_names", "delegate_name_problem", "parse_duration", "parse_limit", "slugify", "structure_problem"]
