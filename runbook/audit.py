@@ -573,6 +573,10 @@ class AuditTrail(Observer):
             fields |= _truncated("diff", r.redact_text(result.diff), self.output_limit)
         if result.data:
             fields["data"] = r.redact(result.data)
+        if result.parent is not None:   # a loop item: `step_id` is `step[label]`
+            fields |= {"parent": result.parent, "item_label": r.redact(result.item_label), "item_index": result.item_index}
+        if result.items is not None:    # a looped step's own result
+            fields["items"] = result.items
         self.append(run.run_id, "task.finished", fields)
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 import jinja2
 from jinja2 import meta, nodes
@@ -11,12 +11,12 @@ from jinja2 import meta, nodes
 from runbook.actions import FieldKind, TemplatedField, action_for
 from runbook.errors import Location, Problem, close_match
 from runbook.fields import YAML11_BOOLEANS
-from runbook.model import Playbook, Step
+from runbook.model import CONTROLLER, Playbook, Step
 from runbook.shell_lint import locate_in_file, shell_findings
 from runbook.template import BUILTINS, environment, strip_braces
 
 # Step keys (not actions) that are templates; guards that run through a shell.
-STEP_TEMPLATE_FIELDS = ("creates", "removes", "sudo")
+STEP_TEMPLATE_FIELDS = ("creates", "removes", "sudo", "delegate_to")
 STEP_SHELL_FIELDS = ("unless", "only_if")
 EXPRESSION_FIELDS = ("when", "until", "changed_when", "failed_when")
 
@@ -112,7 +112,7 @@ class _TemplateChecker:
         self.playbook = playbook
         self.source = playbook._source
         self.known_vars = known_vars
-        self.defined = set(playbook.vars) | set(playbook.secrets) | BUILTINS
+        self.defined = set(playbook.vars) | set(playbook.secrets) | BUILTINS | {"facts"}
         self.defined |= {s.register_as for s in playbook.all_steps() if s.register_as}
         if known_vars:
             self.defined |= known_vars
@@ -204,6 +204,38 @@ class _TemplateChecker:
                 self.problems.extend(action_for(step).check(self.playbook, self._locator((*path, step.action))))
         finally:
             self.source, self.defined = source, defined
+
+
+def step_reads(step: Step, name: str) -> bool:
+    """Whether a templated field of the step reads the variable `name` (other than behind `is defined`/`default`)."""
+    for field in step_templates(step):
+        try:
+            if name in _free_names(field.text, field.kind):
+                return True
+        except jinja2.TemplateSyntaxError:
+            continue   # reported by validate; rendering it fails the task
+    return False
+
+
+def delegate_problems(playbook: Playbook, hosts: Collection[str]) -> list[Problem]:
+    """Literal `delegate_to` names that are not inventory hosts (nor `controller`), located, with a did-you-mean."""
+    from runbook.compose import origin
+
+    found: list[Problem] = []
+    for section in ("steps", "on_failure", "handlers"):
+        for i, step in enumerate(getattr(playbook, section, None) or []):
+            name = step.delegate_to
+            if name is None or "{" in name or name == CONTROLLER or name in hosts:
+                continue
+            where = origin(step)
+            source, path = (where.source, where.path) if where is not None else (playbook._source, (section, i))
+            loc = source.locate((*path, "delegate_to")) if source is not None else Location("<playbook>")
+            match = close_match(name, list(hosts))
+            hint = (f"did you mean `{match}`?" if match else
+                    "a delegate must be a host of the inventory (it need not be selected), or `controller`")
+            found.append(Problem(f"`delegate_to: {name}`: no such host in the inventory", loc, hint,
+                                 code="unknown-delegate"))
+    return found
 
 
 def undefined_variables(playbook: Playbook, known_vars: set[str]) -> list[Problem]:

@@ -16,10 +16,11 @@ from rich.text import Text
 
 from runbook.audit import Redactor
 from runbook.events import Observer, RunInfo, TaskRef
-from runbook.results import RunResult, Status, TaskResult
+from runbook.results import RunResult, Status, TaskResult, counted
 
 STYLE = {"ok": "green", "changed": "yellow", "skipped": "cyan", "failed": "bold red", "unreachable": "bold magenta",
-         "deferred": "blue", "drift": "bold red", "not_run": "dim", "unknown": "bold yellow"}
+         "deferred": "blue", "drift": "bold red", "not_run": "dim", "unknown": "bold yellow",
+         "lost": "bold magenta"}
 
 PLAN_MARK = {"change": ("+", "yellow", "change"), "ok": ("=", "green", "no change"), "skip": ("-", "cyan", "skip"),
              "unknown": ("?", "bold yellow", "unknown"), "fail": ("!", "bold red", "would fail"),
@@ -85,8 +86,10 @@ class _Progress:
 
     def finished(self, result: TaskResult) -> None:
         with self.lock:
-            self.done[result.host] += 1
-            self.counts[result.status.value] += 1
+            if result.parent is None:   # done/total counts steps; a loop's items are counted as tasks below
+                self.done[result.host] += 1
+            if counted(result):
+                self.counts[result.status.value] += 1
             self.running.get(result.host, {}).pop(result.step_id, None)
 
     def attempt_text(self, step_id: str, attempt: int) -> str:
@@ -269,7 +272,7 @@ def diff_text(diff: str) -> Text:
 def _recap_columns(recap: dict[str, Counter]) -> list[str]:
     """The recap's columns: the five Ansible ones always, the others when some host has them."""
     always = ("ok", "changed", "skipped", "failed", "unreachable")
-    return [c for c in (*always, "not_run", "deferred", "drift")
+    return [c for c in (*always, "not_run", "deferred", "drift", "lost")
             if c in always or any(counts.get(c) for counts in recap.values())]
 
 
@@ -316,8 +319,10 @@ def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | Non
             mark, style, label = PLAN_MARK.get(p["prediction"], ("?", "", p["prediction"]))
             if p.get("gate"):
                 mark, style, label = "!", "bold blue", "gate"
-            per_host[label] += 1
-            line = Text.assemble(("  " + mark + " ", style), (p["step_id"], "bold"), ("  " + label, style))
+            if not p.get("items"):   # a looped step's line sums up its items, which are counted themselves
+                per_host[label] += 1
+            indent = "      " if p.get("parent") else "  "   # a loop's items under their step
+            line = Text.assemble((indent + mark + " ", style), (visible(p["step_id"]), "bold"), ("  " + label, style))
             if p.get("reason"):
                 line.append(f" — {red(p['reason'])}", style="dim" if p["prediction"] in ("ok", "skip") else "")
             out.append(line)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runbook.errors import Location, PlanFileError, ValidationError as RunbookValidationError
 
@@ -38,6 +38,17 @@ class PlanPrediction(_Doc):
     command: str | None = None
     gate: bool = False
     read_only: bool = False
+    # Loops: an item's prediction (step_id `step[label]`) names its step; a looped step's counts its items.
+    parent: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    item_label: str | None = None
+    item_index: int | None = Field(None, ge=0)
+    items: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _item_of_its_step(self) -> PlanPrediction:
+        if self.parent is not None and not (self.step_id.startswith(self.parent + "[") and self.step_id.endswith("]")):
+            raise ValueError(f"loop item {self.step_id!r} is not keyed `{self.parent}[LABEL]`")
+        return self
 
 
 HostKeyLevel = Literal["strict", "accept-new", "off"]

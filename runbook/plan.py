@@ -191,7 +191,8 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
     preds = []
     position = {h: i for i, h in enumerate(prepared.info.hosts)}   # not list.index: O(tasks x hosts) at scale
     for r in sorted((r for r in result.results if not r.on_failure),
-                    key=lambda r: (position.get(r.host, 0), order.get(r.step_id, 0))):
+                    key=lambda r: (position.get(r.host, 0), order.get(r.parent or r.step_id, 0),
+                                   -1 if r.item_index is None else r.item_index)):   # a loop's step, then its items
         kind = str(r.prediction) if r.prediction else {"not_run": "not_run", "unreachable": "unknown", "failed": "fail"}.get(
             r.status.value, r.status.value)
         # Free text is redacted; the structure (names, the prediction) is not text a secret could be in.
@@ -200,6 +201,7 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
             "reason": red.redact(r.message), "diff": red.redact(r.diff), "state": red.redact(r.state),
             "command": red.redact(r.command),
             "gate": gates.get(r.action, False), "read_only": r.read_only,
+            **_loop_fields(r, red),
         })
     doc = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__,
@@ -220,6 +222,15 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
         sign_plan(doc, key)
     check_plan(doc, "<new plan>")   # what we write must be what we accept when reading it back
     return doc
+
+
+def _loop_fields(r, red) -> dict:
+    """A loop's fields of a prediction: an item names its step, label and position; the step counts its items."""
+    if r.parent is not None:
+        # Labels are redacted when made; again here, as everything a plan file shows.
+        return {"step_id": red.redact(r.step_id), "parent": r.parent, "item_label": red.redact(r.item_label),
+                "item_index": r.item_index}
+    return {"items": r.items} if r.items is not None else {}
 
 
 def _kept_text(playbook: Playbook, redactor) -> str | None:

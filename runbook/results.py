@@ -22,6 +22,7 @@ class Status(str, Enum):
     DRIFT = "drift"              # apply: remote state no longer matches the reviewed plan
     NOT_RUN = "not_run"          # never started: upstream failure, max_failures, interrupt
     UNKNOWN = "unknown"          # dry run: nothing can tell whether it would change
+    LOST = "lost"                # cluster: running on a worker that was lost; its outcome is unknown
 
     def __str__(self) -> str:
         return self.value
@@ -82,6 +83,16 @@ class TaskResult:
     state: str | None = None                   # dry run: fingerprint of the remote state the prediction rests on
     read_only: bool = False                    # dry run: a read_only step that ran for real
     from_run: str | None = None                # resume: done in this earlier run, not run again
+    delegated_to: str | None = None            # delegate_to: where it ran for `host` (an inventory host or "controller")
+    worker: str | None = None                  # cluster: the worker that ran it (None: the controller itself)
+    # Loops: an item's result is keyed `step[label]` (step_id) and names its step (parent); the step's own
+    # result (the aggregate the scheduler and registers use) counts its items and carries them in memory.
+    parent: str | None = None                  # a loop item: the id of its step
+    item_label: str | None = None              # a loop item: its label as shown (sanitized, redacted)
+    item_index: int | None = None              # a loop item: its position in the item list
+    item: Any = None                           # a loop item: the item itself (for the register on resume)
+    items: int | None = None                   # a looped step's own result: how many items it had
+    item_results: list[TaskResult] = field(default_factory=list, repr=False, compare=False)   # not saved
 
     @property
     def failed(self) -> bool:
@@ -91,16 +102,20 @@ class TaskResult:
     def as_dict(self) -> dict:
         """Return a JSON-ready mapping."""
         # Shallow on purpose: asdict() deep-copies every nested value, which dominates large runs.
-        d = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "item_results"}
         d["status"] = self.status.value
         d["prediction"] = self.prediction.value if self.prediction is not None else None
         d["data"] = dict(self.data)
+        if d.get("worker") is None:
+            d.pop("worker", None)   # in-process runs: the same documents as before clusters existed
+        if d.get("delegated_to") is None:
+            d.pop("delegated_to", None)   # ran on its own host: the same documents as before delegate_to
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TaskResult:
         """Rebuild a result saved with `as_dict` (files of earlier versions kept these flags in `data`)."""
-        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__ and k != "item_results"}
         data = dict(fields.get("data") or {})
         for flag in ("on_failure", "prediction", "state", "read_only", "from_run"):
             if flag in data and fields.get(flag) is None:
@@ -147,15 +162,16 @@ class RunResult:
         return None
 
     def recap(self) -> dict[str, Counter]:
-        """Counts per status per host, like Ansible's PLAY RECAP."""
+        """Counts per status per host, like Ansible's PLAY RECAP (a loop's items count, not the step over them)."""
         table: dict[str, Counter] = {h: Counter() for h in self.hosts}
         for r in self.results:
-            table.setdefault(r.host, Counter())[r.status.value] += 1
+            if counted(r):
+                table.setdefault(r.host, Counter())[r.status.value] += 1
         return table
 
     def totals(self) -> Counter:
-        """Counts per status over all hosts."""
-        return Counter(r.status.value for r in self.results)
+        """Counts per status over all hosts (a loop's items count, not the step over them)."""
+        return Counter(r.status.value for r in self.results if counted(r))
 
     @property
     def ok(self) -> bool:
@@ -168,7 +184,7 @@ class RunResult:
             return EXIT_ENVIRONMENT if self.environment_failed else EXIT_ERROR
         if self.interrupted:
             return EXIT_INTERRUPTED
-        if self.unreachable or any(r.status == Status.UNREACHABLE for r in self.results):
+        if self.unreachable or any(r.status in (Status.UNREACHABLE, Status.LOST) for r in self.results):
             return EXIT_UNREACHABLE
         if any(r.failed or r.status == Status.DRIFT for r in self.results):
             return EXIT_TASK_FAILED
@@ -202,3 +218,36 @@ def register_value(res: TaskResult, skipped: bool = False) -> dict[str, Any]:
             "failed": res.status == Status.FAILED, "skipped": skipped, "status": res.status.value,
             "duration": res.duration, "stdout_lines": res.stdout.splitlines(), "msg": res.message,
             "data": res.data}
+
+
+def loop_register_value(res: TaskResult, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `register:` stores for a looped step: its own outcome, and each item's register (with the item) in `results`."""
+    value = register_value(res, skipped=res.status == Status.SKIPPED)
+    value["results"] = entries
+    value["failed"] = res.status == Status.FAILED or any(e.get("failed") is True for e in entries)
+    return value
+
+
+def item_register_value(res: TaskResult, loop_name: str, index_var: str | None,
+                        base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One entry of a loop register's `results`: the item's register value with the item under `item` and its loop_var."""
+    value = dict(base) if base is not None else register_value(res, skipped=res.status == Status.SKIPPED)
+    value.update({"item": res.item, loop_name: res.item})
+    if index_var:
+        value[index_var] = res.item_index
+    return value
+
+
+def counted(res: TaskResult) -> bool:
+    """Whether a result counts as a task in totals: not a looped step's own result when its items are counted."""
+    return not res.items
+
+
+def item_step_id(step_id: str, label: str) -> str:
+    """The key of a loop item's result: `step[label]` (step ids never hold `[`, so it names its step)."""
+    return f"{step_id}[{label}]"
+
+
+def parent_step(step_id: str) -> str:
+    """The step a result key belongs to: the step id itself, or the part of `step[label]` before the `[`."""
+    return step_id.split("[", 1)[0]

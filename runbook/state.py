@@ -17,7 +17,8 @@ from runbook.documents import STATE_VERSION, check_state
 from runbook.errors import ValidationError
 from runbook.events import Observer, RunInfo, TaskRef
 from runbook.graph import TaskKey
-from runbook.results import DONE_STATUSES, RunResult, Status, TaskResult, register_value
+from runbook.results import (DONE_STATUSES, RunResult, Status, TaskResult, item_register_value, loop_register_value,
+                             register_value)
 
 if TYPE_CHECKING:
     from runbook.runner import RunRequest
@@ -223,7 +224,15 @@ def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
         raise ValidationError(f"cannot read run state {path}: {exc}") from None
     check_state(doc, str(path))
     replay_journal(doc, journal_path(path.parent, path.stem))
+    _lost_are_in_flight(doc)
     return doc
+
+
+def _lost_are_in_flight(doc: dict[str, Any]) -> None:
+    """Tasks lost with a cluster worker may or may not have done their work: resume treats them as in flight."""
+    lost = {k for k, t in (doc.get("tasks") or {}).items() if isinstance(t, dict) and t.get("status") == Status.LOST.value}
+    if lost:
+        doc["in_flight"] = sorted(set(doc.get("in_flight") or ()) | lost)
 
 
 def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, Any]]:
@@ -242,6 +251,8 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
         replay_journal(doc, journal_path(d, p.stem))
         counts: dict[str, int] = {}
         for t in doc.get("tasks", {}).values():
+            if t.get("items"):
+                continue   # a looped step: its items are counted
             counts[t["status"]] = counts.get(t["status"], 0) + 1
         out.append({"run_id": doc.get("run_id"), "mode": doc.get("mode"), "status": doc.get("status"),
                     "playbook": doc.get("playbook_name"), "operator": doc.get("operator"),
@@ -299,11 +310,19 @@ def resumable(doc: dict[str, Any]) -> tuple[dict[TaskKey, TaskResult], dict[str,
 def registers_from(playbook: Any, done: dict[TaskKey, TaskResult]) -> dict[str, dict[str, Any]]:
     """Registers that finished tasks left, rebuilt from their saved results (output as saved: redacted)."""
     out: dict[str, dict[str, Any]] = {}
+    items_of: dict[tuple[str, str], list[TaskResult]] = {}   # a loop's finished items, by (step, host)
+    for r in done.values():
+        if r.parent is not None:
+            items_of.setdefault((r.parent, r.host), []).append(r)
     for (sid, host), r in done.items():
         try:
             step = playbook.step(sid)
         except KeyError:
             continue
-        if step.register_as:
+        if step.register_as and step.loop is not None and r.parent is None:
+            items = sorted(items_of.get((sid, host), []), key=lambda i: i.item_index or 0)
+            entries = [item_register_value(i, step.loop_name, step.index_var) for i in items]
+            out.setdefault(host, {})[step.register_as] = loop_register_value(r, entries)
+        elif step.register_as:
             out.setdefault(host, {})[step.register_as] = register_value(r, skipped=r.status == Status.SKIPPED)
     return out

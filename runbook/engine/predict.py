@@ -17,8 +17,9 @@ from runbook.engine.options import SavedPrediction
 from runbook.engine.task import TaskRunner
 from runbook.errors import RunbookError
 from runbook.graph import TaskKey
+from runbook.handlers import Notice, Verdict
 from runbook.model import Step
-from runbook.results import Status, TaskResult
+from runbook.results import Status, TaskResult, parent_step
 from runbook.template import environment, strip_braces, truth
 
 _STATUS = {PredictionKind.CHANGE: Status.CHANGED, PredictionKind.OK: Status.OK, PredictionKind.SKIP: Status.SKIPPED,
@@ -56,12 +57,20 @@ class Predictor:
         self.drift_checkable = self._drift_checkable() if predictions else set()
         self._lock = threading.Lock()
         self.partial: dict[str, dict[str, str]] = {}   # plan: host ("" for once steps) -> partial register -> step id
+        self.items_by_node = _items_by_node(self.predictions)   # apply: a looped task's reviewed item keys
+        runner.predictor = self
 
     # --- plan ------------------------------------------------------------------------------------
 
     def plan_task(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
                   res: TaskResult) -> bool:
         """Carry out a task in a dry run: predict it; True when its register must stay unknown."""
+        self.predict_into(key, step, action, conn, ctx, res)
+        return self._store_register(key, step, res)
+
+    def predict_into(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                     res: TaskResult) -> None:
+        """Predict a task (or a loop item) into its result, without touching registers."""
         pred = self.predict(key, step, action, conn, ctx, res)
         res.status = _STATUS[pred.kind]
         res.changed = pred.kind == PredictionKind.CHANGE
@@ -72,24 +81,39 @@ class Predictor:
         res.prediction = pred.kind
         res.read_only = step.read_only and pred.kind != PredictionKind.SKIP
         res.state = pred.state
+
+    def register_state(self, key: TaskKey, step: Step, res: TaskResult) -> tuple[str, Any]:
+        """What a dry run knows of a predicted task's register: ("real", None), ("partial", value) or ("unknown", stale)."""
         # A read_only step after a predicted (or possible) change read the host as it is *before* that
         # change, so later steps must not predict from its output: its register is unknown too.
         stale = step.read_only and self.after_change(key)
-        if step.register_as and (not step.read_only or stale) and pred.kind != PredictionKind.SKIP:
-            if not stale and pred.kind in (PredictionKind.CHANGE, PredictionKind.OK):
+        if (not step.read_only or stale) and res.prediction != PredictionKind.SKIP:
+            if not stale and res.prediction in (PredictionKind.CHANGE, PredictionKind.OK):
                 # Whether it changes is predicted, its output is not: `when: config.changed` can be
                 # decided, `config.stdout` still makes a prediction unknown.
-                self.runner.registers.store(key.host, step.register_as, self._partial(key, step, res), shared=step.once)
-                return True
-            self.runner.registers.mark_unknown(key.host, step.register_as, step.step_id, stale=stale)
-            return True
-        return False
+                return "partial", self._partial(key, step, res)
+            return "unknown", stale
+        return "real", None
+
+    def _store_register(self, key: TaskKey, step: Step, res: TaskResult) -> bool:
+        if not step.register_as:
+            return False
+        kind, value = self.register_state(key, step, res)
+        if kind == "partial":
+            self.runner.registers.store(key.host, step.register_as, value, shared=step.once)
+        elif kind == "unknown":
+            self.runner.registers.mark_unknown(key.host, step.register_as, step.step_id, stale=bool(value))
+        return kind != "real"
+
+    def note_partial(self, key: TaskKey, step: Step) -> None:
+        """Remember that `step`'s register is partial on the host (so a reader's error names the step)."""
+        with self._lock:
+            self.partial.setdefault("" if step.once else key.host, {})[step.register_as or ""] = step.step_id
 
     def _partial(self, key: TaskKey, step: Step, res: TaskResult) -> dict[str, Any]:
         """The register of a step predicted `change` or `ok`: `changed`/`skipped` known, its output not."""
         name = step.register_as or ""
-        with self._lock:
-            self.partial.setdefault("" if step.once else key.host, {})[name] = step.step_id
+        self.note_partial(key, step)
 
         def unknown(field: str) -> NotKnownInPlan:
             return NotKnownInPlan(hint=f"`{name}.{field}` is not known in a dry run")
@@ -118,48 +142,76 @@ class Predictor:
 
     def after_change(self, key: TaskKey) -> bool:
         """True when a task this one waits for is predicted to change something, or may (unknown)."""
+        node = TaskKey(parent_step(key.step_id), key.host)   # a loop item waits for what its step waits for
+        if node not in self.tasks:
+            return False
         return any(a in self.results and self.results[a].prediction in (PredictionKind.CHANGE, PredictionKind.UNKNOWN)
-                   for a in nx.ancestors(self.tasks, key))
+                   for a in nx.ancestors(self.tasks, node))
 
     def _unknown_inputs(self, host: str, step: Step) -> list[str]:
         """Registers the step's `when` reads that a dry run could not produce."""
-        if step.when is None:
+        return self.unknown_reads(host, step.when)
+
+    def unknown_reads(self, host: str, expr: str | None) -> list[str]:
+        """Registers an expression reads that a dry run could not produce."""
+        if expr is None:
             return []
-        names = meta.find_undeclared_variables(environment().parse("{{ " + strip_braces(step.when) + " }}"))
+        names = meta.find_undeclared_variables(environment().parse("{{ " + strip_braces(expr) + " }}"))
         unknown = self.runner.registers.unknown_names(host)
         return [n for n in sorted(names) if n in unknown]
+
+    def why_not_known(self, host: str, exc: Exception) -> str | None:
+        """Why a template failed in a dry run when it read what only the real run can produce; None otherwise."""
+        registers = self.runner.registers
+        missing = [n for n in registers.unknown_names(host) if f"'{n}'" in str(exc)]
+        if missing:
+            return f"needs `{missing[0]}`, {registers.why_unknown(host, missing[0])}"
+        partial = self._partial_field(host, str(exc))
+        if partial:
+            return (f"needs `{partial[0]}`, registered by `{partial[1]}`, which cannot run in a dry run "
+                    "(only whether it changes is predicted)")
+        return None
 
     def predict(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
                 res: TaskResult | None = None) -> Prediction:
         """What the step would do on the host now, reading only (guards and read_only steps run for real)."""
-        host = key.host
-        registers = self.runner.registers
         if not self.runner.tags_allow(step):
             return Prediction(PredictionKind.SKIP, "tag filter")
+        inst = self.runner.notifications.instance(parent_step(key.step_id))
+        if inst is None:
+            return self._predict_step(key, step, action, conn, ctx, res)
+        # A handler: it runs if a notifier is predicted to change; as a passed guard, that makes a command `change`.
+        verdict = self.runner.notifications.verdict(inst, key.host, plan=True)
+        if verdict.notice == Notice.NOT_NOTIFIED:
+            return Prediction(PredictionKind.SKIP, verdict.reason)
+        notified = verdict.reason if verdict.notice == Notice.NOTIFIED else None
+        return _as_handler(self._predict_step(key, step, action, conn, ctx, res, notified), verdict)
+
+    def _predict_step(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
+                      res: TaskResult | None, notified: str | None = None) -> Prediction:
+        host = key.host
+        registers = self.runner.registers
         unknown = self._unknown_inputs(host, step)
         if unknown:
             return Prediction(PredictionKind.UNKNOWN, f"`when` reads `{unknown[0]}`, {registers.why_unknown(host, unknown[0])}")
         try:
-            return self._predict_known(key, step, action, conn, ctx, res)
+            return self._predict_known(key, step, action, conn, ctx, res, notified)
         except (RunbookError, jinja2.UndefinedError) as exc:   # a bare `when: config.stdout` raises the latter
-            missing = [n for n in registers.unknown_names(host) if f"'{n}'" in str(exc)]
-            if missing:
-                return Prediction(PredictionKind.UNKNOWN, f"needs `{missing[0]}`, {registers.why_unknown(host, missing[0])}")
-            partial = self._partial_field(host, str(exc))
-            if partial:
-                return Prediction(PredictionKind.UNKNOWN, f"needs `{partial[0]}`, registered by `{partial[1]}`, which "
-                                  "cannot run in a dry run (only whether it changes is predicted)")
+            why = self.why_not_known(host, exc)
+            if why:
+                return Prediction(PredictionKind.UNKNOWN, why)
             raise
 
     def _predict_known(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
-                       res: TaskResult | None) -> Prediction:
+                       res: TaskResult | None, notified: str | None = None) -> Prediction:
         if step.when is not None and not truth(step.when, ctx):
             return Prediction(PredictionKind.SKIP, f"when: `{step.when}` is false")
         reading = ReadOnlyConnection(conn, allow_run=True)   # guards and read_only steps: read-only by contract
-        passed: list[str] = []
+        passed: list[str] = [notified] if notified else []
         state = None
         if step.guards:
-            reason, state, passed = self.runner.guards(step, self.runner.env(key.host, step, reading, ctx))
+            reason, state, more = self.runner.guards(step, self.runner.env(key.host, step, reading, ctx))
+            passed += more
             if reason:
                 return Prediction(PredictionKind.SKIP, reason, state=state)
         if step.read_only:
@@ -196,6 +248,11 @@ class Predictor:
     def apply_task(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
                    res: TaskResult) -> None:
         """Carry out a task as the reviewed plan says: refuse drift, skip what it predicted no change, run the rest."""
+        if self.runner.notifications.instance(key.step_id) is not None:
+            # A handler: the runner decided from what its notifiers really did that it runs; the plan's
+            # guess about them is no reason to skip it, and "a notifier changed" is no state to drift from.
+            self.runner.run_for_real(key, step, action, conn, ctx, res)
+            return
         saved = self.predictions.get(key)
         if saved is None:
             self.runner.run_for_real(key, step, action, conn, ctx, res)
@@ -222,3 +279,67 @@ class Predictor:
             res.message = f"as planned: {saved.reason}"
             return
         self.runner.run_for_real(key, step, action, conn, ctx, res)
+
+    # --- loops in apply --------------------------------------------------------------------------
+
+    def reviewed_items(self, key: TaskKey) -> list[str] | None:
+        """The item keys the reviewed plan holds for a looped task; None when the plan did not know its items."""
+        saved = self.predictions.get(key)
+        if saved is None:
+            return None
+        items = self.items_by_node.get(key, [])
+        return items if items or _kind(saved.kind) == PredictionKind.SKIP else None
+
+    def item_drift(self, key: TaskKey, now: list[str]) -> str | None:
+        """How a loop's items at apply time differ from the reviewed ones, or None when they do not."""
+        planned = self.reviewed_items(key)
+        if planned is None or planned == now:
+            return None
+        before, after = set(planned), set(now)
+        added = [_label_of(k) for k in now if k not in before]
+        removed = [_label_of(k) for k in planned if k not in after]
+        what = "; ".join(part for part in (f"new items: {_listed(added)}" if added else "",
+                                           f"items gone: {_listed(removed)}" if removed else "") if part)
+        return ("drift: the loop's items differ from the plan's ("
+                + (what or "the same items in another order") + ")")
+
+    def admit_items(self, key: TaskKey, item_keys: list[str]) -> None:
+        """Items whose reviewed prediction rests only on state nothing before them changes get the drift check."""
+        if key not in self.drift_checkable:
+            return
+        unknown = SavedPrediction(PredictionKind.UNKNOWN)
+        for sid in item_keys:
+            item = TaskKey(sid, key.host)
+            self.drift_checkable.add(item)
+            if _kind(self.predictions.get(item, unknown).kind) not in _RESTS_ON_NOTHING:
+                break   # the items after it come after a planned (or possible) change
+
+
+def _items_by_node(predictions: Mapping[TaskKey, SavedPrediction]) -> dict[TaskKey, list[str]]:
+    """Loop item keys of a plan, by their (step, host) task, in the plan's order."""
+    out: dict[TaskKey, list[str]] = {}
+    for step_id, host in predictions:
+        if "[" in step_id:
+            out.setdefault(TaskKey(parent_step(step_id), host), []).append(step_id)
+    return out
+
+
+def _label_of(item_key: str) -> str:
+    return item_key.split("[", 1)[1][:-1] if "[" in item_key else item_key
+
+
+def _listed(labels: list[str], limit: int = 10) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f" and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def _as_handler(pred: Prediction, verdict: Verdict) -> Prediction:
+    """A handler's own prediction with why it runs; `unknown` (unless it skips anyway) when its notifier's is."""
+    if verdict.notice == Notice.UNKNOWN:
+        if pred.kind == PredictionKind.SKIP:
+            return pred
+        return Prediction(PredictionKind.UNKNOWN, f"{verdict.reason}; if it runs: {pred.kind}: {pred.reason}",
+                          command=pred.command, state=pred.state)
+    if verdict.reason not in pred.reason:
+        pred.reason = f"{verdict.reason}; {pred.reason}"
+    return pred

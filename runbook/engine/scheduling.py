@@ -17,8 +17,9 @@ from runbook.graph import StepGraph, TaskKey
 from runbook.results import RunMode, Status, TaskResult
 
 # Statuses after which a task's dependents must not run.
-BLOCKING = frozenset({Status.FAILED, Status.UNREACHABLE, Status.NOT_RUN, Status.DRIFT, Status.DEFERRED})
-_WHY = {Status.UNREACHABLE: "unreachable", Status.DRIFT: "drifted", Status.DEFERRED: "deferred", Status.NOT_RUN: "not run"}
+BLOCKING = frozenset({Status.FAILED, Status.UNREACHABLE, Status.NOT_RUN, Status.DRIFT, Status.DEFERRED, Status.LOST})
+_WHY = {Status.UNREACHABLE: "unreachable", Status.DRIFT: "drifted", Status.DEFERRED: "deferred", Status.NOT_RUN: "not run",
+        Status.LOST: "was lost with its worker"}
 
 
 class TaskScheduler:
@@ -61,8 +62,11 @@ class TaskScheduler:
         """Keep a result; emit it when no running task reported it already."""
         with self.lock:
             self.results[key] = res
+            self.recorded.extend(res.item_results)   # a loop's items are results of the run too
             self.recorded.append(res)
         if res.status in (Status.NOT_RUN, Status.DEFERRED, Status.UNREACHABLE) or res.from_run:
+            for item in res.item_results if res.from_run else ():
+                self.emit(item)
             self.emit(res)
 
     def finish(self, key: TaskKey, res: TaskResult) -> None:

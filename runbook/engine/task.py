@@ -6,18 +6,25 @@ import threading
 from types import MappingProxyType
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runbook.actions import Action, Outcome, TaskEnv, action_for
 from runbook.connections import Connection
+from runbook.engine.delegates import resolve_delegate
 from runbook.engine.options import ExecOptions, HostLike
 from runbook.engine.registers import Registers
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, ObserverFailed, RunInfo, TaskRef
+from runbook.facts import FactStore, FactsView
 from runbook.graph import StepGraph, TaskKey
-from runbook.model import Playbook, Step
-from runbook.results import RunMode, Status, TaskResult, register_value
+from runbook.handlers import Notice, Notifications
+from runbook.model import CONTROLLER, Playbook, Step
+from runbook.results import PredictionKind, RunMode, Status, TaskResult, register_value
 from runbook.template import build_context, truth
+
+if TYPE_CHECKING:
+    from runbook.audit import Redactor
+    from runbook.engine.predict import Predictor
 
 ABORTED = "aborted by a second interrupt"
 
@@ -30,12 +37,19 @@ class ModeHandler(Protocol):
         """Fill `res`; return True when the step's register must not be set from it (a dry run's guess)."""
 
 
+class ConnectionFor(Protocol):
+    """The connection a task uses: its host's own (`delegate` None), the controller's, or a delegate host's."""
+
+    def __call__(self, host: str, step: Step | None = None, delegate: str | None = None) -> Connection:
+        """An open connection for a task of `host` running where `delegate` says."""
+
+
 class TaskRunner:
     """Runs one task and returns its result; it emits the task's events and never raises for task failures."""
 
     def __init__(self, playbook: Playbook, steps: StepGraph, hosts: dict[str, HostLike], info: RunInfo,
                  events: EventStream, options: ExecOptions, registers: Registers,
-                 connection: Callable[[str, Step], Connection]):
+                 connection: ConnectionFor, facts: FactStore | None = None):
         self.playbook = playbook
         self.steps = steps
         self.hosts = hosts
@@ -44,20 +58,26 @@ class TaskRunner:
         self.opt = options
         self.registers = registers
         self.connection = connection
-        self.actions: dict[str, Action] = {}
+        self.facts = facts if facts is not None else FactStore()   # per host, like the registers
+        self._reads_facts: dict[int, bool] = {}
+        self.actions: dict[int, Action] = {}   # by the step object: a handler may share a main step's id
         self.cancel = threading.Event()
         self.aborting = False
         self._ask_lock = threading.Lock()
         self.handler: ModeHandler = self.run_for_real
+        self.predictor: Predictor | None = None   # set by the Predictor made for this runner (loops ask it in plan/apply)
+        self.label_redactor: Redactor | None = None   # loops: made on first use (engine/loops.py)
         # Every selected host's inventory variables, by name (Ansible's `hostvars`); the sandbox is
         # immutable, so templates can read but never change them.
         self.hostvars = MappingProxyType({name: MappingProxyType(h.vars) for name, h in hosts.items()})
+        # What notifier tasks did on each host (an earlier run's too, on resume): whether a handler runs.
+        self.notifications = Notifications(steps.graph, options.previous)
 
     def action(self, step: Step) -> Action:
         """The action object of a step (made once per run)."""
-        found = self.actions.get(step.step_id)
+        found = self.actions.get(id(step))
         if found is None:
-            found = self.actions[step.step_id] = action_for(step)
+            found = self.actions[id(step)] = action_for(step)
         return found
 
     # --- one task ----------------------------------------------------------------------------
@@ -65,13 +85,31 @@ class TaskRunner:
     def run(self, key: TaskKey, rescue: bool = False) -> TaskResult:
         """Run the task `key` in the run's mode (on_failure steps always for real) and report it."""
         step = self.steps.step(key.step_id)
+        unnotified = self._unnotified_handler(key, step)
+        if unnotified is not None:
+            return unnotified
+        if step.loop is not None:
+            from runbook.engine.loops import LoopRunner   # here: loops builds on this module
+
+            return LoopRunner(self, key, step, rescue).run()
         res = TaskResult(key.host, key.step_id, step.action, Status.OK, started_at=time.time(), on_failure=rescue)
-        no_register = False
+        no_register = self.carry_out(key, step, res, rescue)
+        self._finalize(step, res, no_register)
+        self.events.task_finished(self.info, res)
+        return res
+
+    def carry_out(self, key: TaskKey, step: Step, res: TaskResult, rescue: bool, ctx: dict[str, Any] | None = None,
+                  handler: ModeHandler | None = None) -> bool:
+        """Carry out one task (or loop item) into `res`; its failures become the result, never an exception."""
         try:
-            conn = self.connection(key.host, step)
-            ctx = self.context(key.host)
-            handler = self.run_for_real if rescue else self.handler
-            no_register = bool(handler(key, step, self.action(step), conn, ctx, res))
+            if self.playbook.facts or self.reads_facts(step):
+                self.facts.get(key.host, lambda: self.connection(key.host, step))   # its failure is the task's
+            ctx = self.context(key.host) if ctx is None else ctx
+            res.delegated_to = self.delegate_for(step, ctx)
+            conn = self.connection(key.host, step, res.delegated_to)
+            # A dry run predicts on_failure steps too: it changes nothing, wherever they would run.
+            handler = handler or (self.run_for_real if rescue and self.opt.mode != RunMode.PLAN else self.handler)
+            return bool(handler(key, step, self.action(step), conn, ctx, res))
         except ObserverFailed:
             raise   # not the task's failure: the run stops
         except ReadOnlyViolation as exc:
@@ -82,17 +120,69 @@ class TaskRunner:
             res.status, res.message = Status.FAILED, f"connection error: {exc}"
         except Exception as exc:  # a bug or an unexpected library error must not kill the whole run
             res.status, res.message = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
-        self._finalize(step, res, no_register)
-        self.events.task_finished(self.info, res)
-        return res
+        return False
 
-    def _finalize(self, step: Step, res: TaskResult, no_register: bool) -> None:
+    def delegate_for(self, step: Step, ctx: dict[str, Any]) -> str | None:
+        """Where the task runs (None: on its host); a refused delegate fails it unless it is skipped anyway."""
+        try:
+            return resolve_delegate(step, ctx, self.opt.inventory_hosts)
+        except RunbookError:
+            if not self.tags_allow(step) or (step.when is not None and not _maybe(step.when, ctx)):
+                return None   # it skips before any connection is used
+            raise
+
+    def reads_facts(self, step: Step) -> bool:
+        """Whether a step's templates read `facts` (then they are gathered before it, so a failure is clear)."""
+        found = self._reads_facts.get(id(step))
+        if found is None:
+            from runbook.checks import step_reads
+
+            found = self._reads_facts[id(step)] = step_reads(step, "facts")
+        return found
+
+    def close(self, step: Step, res: TaskResult) -> None:
+        """A task's end: its duration, an ignored failure, the abort mark."""
         if self.aborting and res.status == Status.FAILED:
             res.message = f"{ABORTED}: {res.message}" if res.message else ABORTED
         res.finished_at = time.time()
         res.duration = round(res.finished_at - (res.started_at or res.finished_at), 6)
         if res.status == Status.FAILED and step.ignore_errors and self.opt.mode != RunMode.PLAN:
             res.ignored = True
+        self._noted(res)
+
+    def _noted(self, res: TaskResult) -> None:
+        """Keep a notifier's result for its handlers; say why a handler that ran did."""
+        self.notifications.record(res.step_id, res.host, res)
+        inst = self.notifications.instance(res.step_id)
+        if inst is not None and not res.message and res.status in (Status.OK, Status.CHANGED):
+            res.message = self.notifications.verdict(inst, res.host, plan=self.opt.mode == RunMode.PLAN).reason
+
+    def _unnotified_handler(self, key: TaskKey, step: Step) -> TaskResult | None:
+        """A handler instance nothing notified on this host: its skipped result, reported; None when it runs."""
+        inst = self.notifications.instance(key.step_id)
+        if inst is None or not self.tags_allow(step):
+            return None   # a step, or a handler the tag filter skips in the usual way
+        plan = self.opt.mode == RunMode.PLAN
+        verdict = self.notifications.verdict(inst, key.host, plan=plan)
+        saved = (self.opt.predictions or {}).get(key) if not plan else None
+        if verdict.notice != Notice.NOT_NOTIFIED:
+            if saved is not None and str(saved.kind) in (PredictionKind.OK, PredictionKind.SKIP):
+                # Its notifier changed after all (it ran after another planned change, or drift was allowed):
+                # the change it reacts to happened, so leaving the host without the handler would be worse.
+                self.events.notice(self.info, "warning", f"{key.host}: `{key.step_id}` runs although the reviewed plan "
+                                   f"said {saved.kind}: {verdict.reason}")
+            return None
+        res = TaskResult(key.host, key.step_id, step.action, Status.OK, started_at=time.time())
+        skip(res, verdict.reason + ("; the reviewed plan expected it to run" if saved is not None
+                                    and str(saved.kind) == PredictionKind.CHANGE else ""))
+        if plan:
+            res.prediction = PredictionKind.SKIP
+        self._finalize(step, res, False)
+        self.events.task_finished(self.info, res)
+        return res
+
+    def _finalize(self, step: Step, res: TaskResult, no_register: bool) -> None:
+        self.close(step, res)
         if step.register_as and not no_register:
             self.registers.store(res.host, step.register_as, register_value(res, skipped=res.status == Status.SKIPPED),
                                  shared=step.once)
@@ -101,7 +191,8 @@ class TaskRunner:
         """Record an attempt and emit `task_started`."""
         res.attempts = attempt
         res.command = command
-        self.events.task_started(self.info, TaskRef(host, step.step_id, step.name, step.action, attempt, command,
+        # res.step_id: a loop item starts as `step[label]`, its own task in every record.
+        self.events.task_started(self.info, TaskRef(host, res.step_id, step.name, step.action, attempt, command,
                                                     res.on_failure))
 
     # --- variables and environment -------------------------------------------------------------
@@ -116,15 +207,25 @@ class TaskRunner:
             "hostvars": self.hostvars,
             "run": {"id": self.info.run_id, "mode": str(self.opt.mode), "operator": self.info.operator},
             "playbook_dir": self.opt.playbook_dir,
+            "facts": self._facts_of(host),
         }
         return build_context(playbook_vars=self.playbook.vars, inventory_vars=h.vars,
                              registers={**self.registers.visible(host), **(extra or {})},
                              extra_vars=self.opt.extra_vars, secrets=self.opt.secrets, builtins=builtins)
 
+    def _facts_of(self, host: str) -> Any:
+        """`facts` in templates: the gathered facts, or a view that gathers them on first read."""
+        known = self.facts.known(host)
+        if known is not None:
+            return known.as_dict()
+        return FactsView(self.facts, host, lambda: self.connection(host))
+
     def env(self, host: str, step: Step, conn: Connection, ctx: dict[str, Any]) -> TaskEnv:
-        """What an action gets to act on one host."""
-        h = self.hosts[host]
-        become = h.vars.get("ansible_become_user", h.vars.get("become_user"))
+        """What an action gets to act on one host (sudo: true on a delegate uses the delegate's become user)."""
+        h: HostLike | None = self.hosts[host]
+        if conn.name != host:
+            h = None if conn.name == CONTROLLER else self.opt.inventory_hosts.get(conn.name)
+        become = h.vars.get("ansible_become_user", h.vars.get("become_user")) if h is not None else None
 
         def approval(granted: bool, who: str) -> None:
             self.events.approval(self.info, host, step.step_id, granted, who)
@@ -230,6 +331,14 @@ class TaskRunner:
                     res.message = ""
         res.changed = changed and not failed
         res.status = Status.FAILED if failed else (Status.CHANGED if res.changed else Status.OK)
+
+
+def _maybe(expr: str | bool, ctx: dict[str, Any]) -> bool:
+    """A condition's value, True when it cannot be evaluated now (so nothing is decided on a guess)."""
+    try:
+        return truth(expr, ctx)
+    except Exception:  # any template failure: not certainly false
+        return True
 
 
 def skip(res: TaskResult, reason: str) -> None:
