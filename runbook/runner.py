@@ -17,6 +17,7 @@ from runbook.connections import Connection, ConnectOptions, connect
 from runbook.errors import Location, PlaybookError, Problem
 from runbook.events import EventStream, Observer, RunInfo
 from runbook.engine import ExecOptions, Executor, SavedPrediction
+from runbook.engine.loops import loop_secrets
 from runbook.graph import StepGraph, TaskKey
 from runbook.inventory import Host, Inventory
 from runbook.loader import load_playbook
@@ -56,6 +57,7 @@ class RunRequest:
     run_id: str | None = None
     output_limit: int = 4096
     stop: threading.Event | None = None          # set it to stop the run as a first interrupt would (servers)
+    cluster: str | None = None                   # run tasks on Dask workers: local:N, tcp://HOST:8786 (docs/cluster.md)
 
 
 @dataclass
@@ -111,6 +113,11 @@ def host_key_mode(request: RunRequest, playbook: Playbook, hosts: list[Host]) ->
         return request.host_key_checking
     if playbook.host_key_checking:
         return playbook.host_key_checking
+    return inventory_host_key_mode(hosts)
+
+
+def inventory_host_key_mode(hosts: Sequence[Host]) -> str:
+    """The host-key policy the inventory sets (`host_key_checking` of the first host that has it), else strict."""
     for h in hosts:
         value = h.vars.get("host_key_checking", h.vars.get("ansible_host_key_checking"))
         if value is not None:
@@ -132,6 +139,7 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
     inv = inventory if isinstance(inventory, Inventory) else (
         Inventory.load(inventory) if inventory is not None else Inventory.default())
     hosts = inv.select(pb.hosts, request.limit)
+    check_delegates(pb, inv)
     secrets = resolve_secrets(pb)
     redactor = Redactor.from_vars({}, secrets)
     # Secret-named variables at any depth, and every string under them (lists, mappings).
@@ -139,6 +147,7 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
     for h in hosts:
         redactor.add_secrets_in(h.vars)
     redactor.add_secrets_in(request.extra_vars)
+    redactor.add_all(loop_secrets(pb))   # secret-named fields written into `loop:` lists
     steps = StepGraph.build(pb)
     info = RunInfo(
         run_id=request.run_id or new_run_id(), mode=RunMode(request.mode), playbook_path=pb_path, playbook_name=pb.runbook,
@@ -149,6 +158,15 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
         git_commit=git_commit_of(pb_path) if pb._source else None, started_at=time.time(),
         details=dict(request.details))
     return Prepared(pb, pb_path, inv, hosts, secrets, redactor, info, steps)
+
+
+def check_delegates(playbook: Playbook, inventory: Inventory) -> None:
+    """Before a host is touched: every literal `delegate_to` names an inventory host (or `controller`)."""
+    from runbook.checks import delegate_problems
+
+    problems = delegate_problems(playbook, inventory.hosts)
+    if problems:
+        raise PlaybookError(problems)
 
 
 def connector(request: RunRequest, mode: str, sudo_password: str | None) -> Callable[[Host], Connection]:
@@ -190,9 +208,13 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
         concurrency=request.concurrency, connect=connector(request, prepared.info.host_key_checking, sudo_password),
         window_guard=request.window_guard, predictions=request.predictions, allow_drift=request.allow_drift,
         previous=request.previous, registers=request.registers, groups=groups,
-        handle_signals=request.handle_signals, playbook_dir=str(Path(prepared.playbook_path).parent), stop=request.stop)
+        handle_signals=request.handle_signals, playbook_dir=str(Path(prepared.playbook_path).parent), stop=request.stop,
+        inventory_hosts=dict(prepared.inventory.hosts))
     executor = Executor(prepared.playbook, prepared.hosts, prepared.info, EventStream(observers), options,
                         steps=prepared.steps)
+    if request.cluster:
+        from runbook.cluster.launch import execute_on_cluster
+        return execute_on_cluster(prepared, request, options, sudo_password, executor.execute)
     return executor.execute()
 
 

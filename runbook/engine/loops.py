@@ -191,6 +191,8 @@ class LoopRunner:
         items = self._items(res)
         if items:
             self._run_items(res, items)
+        if self.plan and res.prediction is None:   # it ended before its items: tags, no items, a failure
+            res.prediction = _PREDICTION.get(res.status, PredictionKind.UNKNOWN)
         self.r.close(self.step, res)
         self._register(res)
         self.r.events.task_finished(self.r.info, res)
