@@ -577,6 +577,8 @@ class AuditTrail(Observer):
             fields |= {"parent": result.parent, "item_label": r.redact(result.item_label), "item_index": result.item_index}
         if result.items is not None:    # a looped step's own result
             fields["items"] = result.items
+        if result.delegated_to:         # delegate_to: where it ran for `host`
+            fields["delegated_to"] = result.delegated_to
         self.append(run.run_id, "task.finished", fields)
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import threading
@@ -179,7 +180,8 @@ class ConsoleView(Observer):
             return
         if result.status == Status.UNREACHABLE:
             pass  # said once per host by host_unreachable, not once per step
-        elif self._live is None or self.verbose or result.status in (Status.FAILED, Status.DRIFT):
+        elif (self._live is None or self.verbose or result.status in (Status.FAILED, Status.DRIFT)
+              or shows_message(result.action)):
             self._print_result(result)
 
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
@@ -230,12 +232,21 @@ class ConsoleView(Observer):
         status = r.status.value + (" (ignored)" if r.ignored else "")
         if r.attempts > 1:
             status += f" after {r.attempts} attempts"
-        line = Text.assemble((r.host, "bold"), f": {r.step_id}: ", (status, STYLE.get(r.status.value, "")))
+        # A delegated task names both: the host it was for, and where it ran.
+        where = f" (on {visible(r.delegated_to)})" if r.delegated_to else ""
+        line = Text.assemble((r.host, "bold"), f": {r.step_id}{where}: ", (status, STYLE.get(r.status.value, "")))
         if r.duration:
             line.append(f" {r.duration:.2f}s", style="dim")
-        if r.message and (r.status != Status.OK or self.verbose):
-            line.append(f" — {self._r(r.message)}")
         lines = [line]
+        if r.message and (r.status != Status.OK or self.verbose or shows_message(r.action)):
+            message = visible(self._r(r.message))
+            if "\n" in message.strip() and shows_message(r.action):   # a printed mapping: one line per key
+                shown, cut = output_lines(message, OUTPUT_LINES * 2)
+                lines.extend(Text(f"    | {ln}") for ln in shown)
+                if cut:
+                    lines.append(Text(f"    | … {cut} more line(s) (--format json has them all)", style="dim"))
+            else:
+                line.append(f" — {message}")
         if r.status == Status.DRIFT:
             # Drift is checked only before a host's first planned change, so the host is untouched.
             lines.append(Text(f"    {r.host} is stopped before any planned change on it (no on_failure: nothing to roll "
@@ -258,6 +269,17 @@ class ConsoleView(Observer):
             style = "red" if failed and name == "stderr" else "" if failed else "dim"
             out.extend(Text(f"    {name}| {ln}", style=style) for ln in lines)
         return out
+
+
+@functools.lru_cache(maxsize=256)
+def shows_message(action: str) -> bool:
+    """Whether an action's message is shown for an `ok` result too (`print`), not only when verbose."""
+    from runbook.actions import ACTIONS
+
+    try:
+        return bool(getattr(ACTIONS.get(action), "shows_message", False))
+    except Exception:  # an action this process does not have (a result read back from a file)
+        return False
 
 
 def diff_text(diff: str) -> Text:
@@ -324,7 +346,8 @@ def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | Non
             indent = "      " if p.get("parent") else "  "   # a loop's items under their step
             line = Text.assemble((indent + mark + " ", style), (visible(p["step_id"]), "bold"), ("  " + label, style))
             if p.get("reason"):
-                line.append(f" — {red(p['reason'])}", style="dim" if p["prediction"] in ("ok", "skip") else "")
+                reason = visible(red(p["reason"])).replace("\n", "\n      ")   # a printed mapping: its lines indented
+                line.append(f" — {reason}", style="dim" if p["prediction"] in ("ok", "skip") else "")
             out.append(line)
             if diffs and p.get("diff"):
                 out.append(diff_text(red(p["diff"])))

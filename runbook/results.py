@@ -83,6 +83,7 @@ class TaskResult:
     state: str | None = None                   # dry run: fingerprint of the remote state the prediction rests on
     read_only: bool = False                    # dry run: a read_only step that ran for real
     from_run: str | None = None                # resume: done in this earlier run, not run again
+    rescued: bool = False                      # failed inside a block whose `rescue:` steps then succeeded
     delegated_to: str | None = None            # delegate_to: where it ran for `host` (an inventory host or "controller")
     worker: str | None = None                  # cluster: the worker that ran it (None: the controller itself)
     # Loops: an item's result is keyed `step[label]` (step_id) and names its step (parent); the step's own
@@ -96,8 +97,13 @@ class TaskResult:
 
     @property
     def failed(self) -> bool:
-        """True when the task failed and the failure was not ignored."""
-        return self.status == Status.FAILED and not self.ignored
+        """True when the task failed and the failure was neither ignored nor rescued by its block."""
+        return self.status == Status.FAILED and not self.ignored and not self.rescued
+
+    @property
+    def tally(self) -> str:
+        """The status it counts as in totals and recaps: its status, or `rescued` for a rescued failure."""
+        return "rescued" if self.rescued else self.status.value
 
     def as_dict(self) -> dict:
         """Return a JSON-ready mapping."""
@@ -110,6 +116,8 @@ class TaskResult:
             d.pop("worker", None)   # in-process runs: the same documents as before clusters existed
         if d.get("delegated_to") is None:
             d.pop("delegated_to", None)   # ran on its own host: the same documents as before delegate_to
+        if not d.get("rescued"):
+            d.pop("rescued", None)   # only a rescued failure says so: the same documents as before blocks
         return d
 
     @classmethod
@@ -166,12 +174,18 @@ class RunResult:
         table: dict[str, Counter] = {h: Counter() for h in self.hosts}
         for r in self.results:
             if counted(r):
-                table.setdefault(r.host, Counter())[r.status.value] += 1
+                table.setdefault(r.host, Counter())[r.tally] += 1
         return table
 
     def totals(self) -> Counter:
         """Counts per status over all hosts (a loop's items count, not the step over them)."""
-        return Counter(r.status.value for r in self.results if counted(r))
+        return Counter(r.tally for r in self.results if counted(r))
+
+    def rescued_hosts(self) -> list[str]:
+        """Hosts where a block's rescue steps handled a failure and nothing else failed."""
+        rescued = {r.host for r in self.results if r.rescued}
+        failed = {r.host for r in self.results if r.failed or r.status in (Status.UNREACHABLE, Status.DRIFT)}
+        return [h for h in self.hosts if h in rescued and h not in failed]
 
     @property
     def ok(self) -> bool:
@@ -207,6 +221,7 @@ class RunResult:
             "unreachable": self.unreachable,
             "totals": dict(self.totals()),
             "recap": {h: dict(c) for h, c in self.recap().items()},
+            **({"rescued_hosts": rescued} if (rescued := self.rescued_hosts()) else {}),
             "exit_code": self.exit_code(),
             "results": [r.as_dict() for r in self.results],
         }

@@ -13,12 +13,13 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import networkx as nx
 
 from runbook.connections import Connection
 from runbook.connections.local import LocalConnection
+from runbook.engine.delegates import DelegatePool
 from runbook.engine.options import ExecOptions, HostLike
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
@@ -27,7 +28,7 @@ from runbook.engine.task import ABORTED, TaskRunner
 from runbook.errors import ConnectionFailed
 from runbook.events import EventStream, ObserverFailed, RunInfo
 from runbook.graph import StepGraph, TaskKey, expand
-from runbook.model import Playbook, Step
+from runbook.model import CONTROLLER, Playbook, Step
 from runbook.results import RunMode, RunResult, Status, TaskResult
 
 WINDOW_CLOSED = "maintenance window closed"
@@ -45,6 +46,39 @@ class _Rescue:
     key: TaskKey
 
 
+class TaskPool(Protocol):
+    """Where the executor's work runs: connecting a host and running one task, each as a future."""
+
+    def connect(self, host: str) -> Future[None]:
+        """Connect `host`; the future fails with the reason when it cannot be reached."""
+    def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
+        """Run one task (`rescue`: an on_failure step) and report it; the future holds its result."""
+    def abort(self) -> None:
+        """A second interrupt: make running tasks end now."""
+    def shutdown(self, wait: bool) -> None:
+        """No more work: release what the pool holds."""
+
+
+class ThreadPool:
+    """The default pool: every task runs in this process, on a bounded thread pool."""
+
+    def __init__(self, executor: Executor, workers: int):
+        self.executor = executor
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbook")
+
+    def connect(self, host: str) -> Future[None]:
+        return self.pool.submit(self.executor._connect, host)
+
+    def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
+        return self.pool.submit(self.executor.runner.run, key, rescue)
+
+    def abort(self) -> None:
+        return None   # the executor closes the connections and cancels the runner itself
+
+    def shutdown(self, wait: bool) -> None:
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+
+
 class Executor:
     """Runs one playbook over hosts: expands the task graph and runs ready tasks on a bounded pool."""
 
@@ -60,12 +94,15 @@ class Executor:
         self.tasks: nx.DiGraph = expand(self.steps, self.host_order)
         self.result = RunResult(run.run_id, options.mode, list(self.host_order))
         self.conns: dict[str, Connection] = {}
-        self.local = LocalConnection("controller")
+        self.local = LocalConnection(CONTROLLER)
+        self.delegates = DelegatePool(options.inventory_hosts, self._open_delegate)
         self.scheduler = TaskScheduler(self.tasks, self.steps, self.host_order, mode=options.mode, batch=playbook.batch,
                                        max_failures=playbook.max_failures, emit=self._emit, notice=self._warn)
         self.result.unreachable = self.scheduler.unreachable
         self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
                                  Registers(self.host_order, options.registers), self._conn_for)
+        if self.scheduler.blocks is not None:   # a block's rescue steps run only where the block failed
+            self.runner.block_gate = self.scheduler.blocks.rescue_gate
         self.predictor = Predictor(self.runner, self.tasks, self.scheduler.results, options.predictions,
                                    allow_drift=options.allow_drift, stop_host=self.scheduler.stop_host, warn=self._warn)
         if options.mode == RunMode.PLAN:
@@ -77,6 +114,7 @@ class Executor:
         self.connecting: dict[Future[None], str] = {}
         self.stopping = False
         self.abort_deadline: float | None = None
+        self.pool: TaskPool | None = None
 
     # --- public ------------------------------------------------------------------------------
 
@@ -101,6 +139,7 @@ class Executor:
                 signal.signal(signal.SIGTERM, old_term)
             for conn in list(self.conns.values()):
                 _quiet_close(conn)
+            self.delegates.close()
         self.result.finished_at = time.time()
         position = {h: i for i, h in enumerate(self.host_order)}  # not list.index: O(tasks x hosts) at scale
         self.result.results = sorted(self.scheduler.recorded, key=lambda r: (position.get(r.host, 0), r.started_at or 0.0))
@@ -115,7 +154,9 @@ class Executor:
 
     def _loop(self) -> None:
         width = max((len(layer) for layer in self.steps.layers()), default=1)
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.concurrency * width, 256)), thread_name_prefix="runbook")
+        workers = max(1, min(self.concurrency * width, 256))
+        pool: TaskPool = self.opt.pool(self, workers) if self.opt.pool else ThreadPool(self, workers)
+        self.pool = pool
         try:
             self._replay_previous()
             while True:
@@ -129,7 +170,7 @@ class Executor:
             if isinstance(exc, ObserverFailed):
                 raise
         finally:
-            pool.shutdown(wait=not self.result.interrupted, cancel_futures=True)
+            pool.shutdown(wait=not self.result.interrupted)
             self._record_unstarted()
 
     def _replay_previous(self) -> None:
@@ -142,7 +183,7 @@ class Executor:
                     ready.remove(key)
                 self.scheduler.finish(key, dataclasses.replace(old, from_run=old.from_run or "previous"))
 
-    def _tick(self, pool: ThreadPoolExecutor) -> bool:
+    def _tick(self, pool: TaskPool) -> bool:
         """One round: admit hosts, start what is ready, collect what finished; False when the run is over."""
         if self.opt.stop is not None and self.opt.stop.is_set() and not self.stopping:
             self._stopped_by_caller()
@@ -152,7 +193,7 @@ class Executor:
                 self.result.stop_reason = reason
                 self._warn(reason + "; no new host or batch starts")
             for host in self.scheduler.admit(self.concurrency, len(self.connecting)):
-                self.connecting[pool.submit(self._connect, host)] = host
+                self.connecting[pool.connect(host)] = host
         for host in list(self.scheduler.active):
             if host in self.conns:
                 self._start_host_work(pool, host)
@@ -168,7 +209,7 @@ class Executor:
             raise _Stop()
         return True
 
-    def _start_host_work(self, pool: ThreadPoolExecutor, host: str) -> None:
+    def _start_host_work(self, pool: TaskPool, host: str) -> None:
         """Start every ready task of a connected host; then its on_failure steps, one at a time; then release it."""
         busy = any(_host_of(key) == host for key in self.running.values())
         while not self.stopping:
@@ -180,12 +221,12 @@ class Executor:
                 break
             if verdict == "deferred":
                 continue
-            self.running[pool.submit(self.runner.run, node)] = node
+            self.running[pool.run(node)] = node
             busy = True
         if not self.stopping and not busy:
             sid = self.scheduler.next_rescue(host)
             if sid is not None:
-                self.running[pool.submit(self.runner.run, TaskKey(sid, host), True)] = _Rescue(TaskKey(sid, host))
+                self.running[pool.run(TaskKey(sid, host), True)] = _Rescue(TaskKey(sid, host))
                 busy = True
         if not busy and self.scheduler.settled(host):
             self.scheduler.release(host)
@@ -255,8 +296,11 @@ class Executor:
         self.stopping = True
         self.runner.aborting = True
         self.runner.cancel.set()
+        if self.pool is not None:
+            self.pool.abort()
         for conn in list(self.conns.values()):
             _quiet_close(conn)
+        self.delegates.close()
         done, _ = wait(list(self.running), timeout=ABORT_WAIT)
         for fut in done:
             key = self.running.pop(fut)
@@ -267,6 +311,14 @@ class Executor:
                 res = self.scheduler.result(key, Status.FAILED, ABORTED)
                 self.scheduler.record(key, res)
                 self.events.task_finished(self.info, res)
+
+    def halt(self, reason: str) -> None:
+        """Stop starting work for a reason outside the run (its cluster was lost); running tasks are collected."""
+        if not self.stopping:
+            self.stopping = True
+            self.result.interrupted = True
+            self.result.stop_reason = reason
+            self.events.run_interrupted(self.info, reason + "; no new task starts (`runbook resume RUN_ID` continues it)")
 
     def _record_unstarted_after(self, exc: ObserverFailed) -> None:
         """The run could not even start (e.g. the audit trail cannot be written): nothing ran."""
@@ -291,8 +343,14 @@ class Executor:
         with self.scheduler.lock:
             self.conns[host] = conn
 
-    def _conn_for(self, host: str, step: Step) -> Connection:
-        return self.local if step.on == "controller" else self.conns[host]
+    def _conn_for(self, host: str, step: Step | None = None, delegate: str | None = None) -> Connection:
+        """A task's connection: its host's, the controller's, or its delegate's (one per delegate for the run)."""
+        if delegate is None:
+            return self.conns[host]
+        return self.local if delegate == CONTROLLER else self.delegates.get(delegate)
+
+    def _open_delegate(self, host: HostLike) -> Connection:
+        return self.opt.connect(host) if self.opt.connect else LocalConnection(host.name)
 
     def _emit(self, res: TaskResult) -> None:
         self.events.task_finished(self.info, res)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -60,6 +60,8 @@ class ExecOptions:
     stop: threading.Event | None = None      # set by an embedding program (e.g. `runbook serve` shutting down)
     handle_signals: bool = False
     playbook_dir: str = "."
+    inventory_hosts: Mapping[str, Any] = field(default_factory=dict)   # every inventory host: where delegate_to may run
+    pool: Callable[[Any, int], Any] | None = None   # (executor, threads) -> its TaskPool; None: in-process threads
 
     def __post_init__(self) -> None:
         self.mode = RunMode(self.mode)

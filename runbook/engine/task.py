@@ -37,19 +37,12 @@ class ModeHandler(Protocol):
         """Fill `res`; return True when the step's register must not be set from it (a dry run's guess)."""
 
 
-class ConnectionFor(Protocol):
-    """The connection a task uses: its host's own (`delegate` None), the controller's, or a delegate host's."""
-
-    def __call__(self, host: str, step: Step | None = None, delegate: str | None = None) -> Connection:
-        """An open connection for a task of `host` running where `delegate` says."""
-
-
 class TaskRunner:
     """Runs one task and returns its result; it emits the task's events and never raises for task failures."""
 
     def __init__(self, playbook: Playbook, steps: StepGraph, hosts: dict[str, HostLike], info: RunInfo,
                  events: EventStream, options: ExecOptions, registers: Registers,
-                 connection: ConnectionFor, facts: FactStore | None = None):
+                 connection: Callable[..., Connection], facts: FactStore | None = None):
         self.playbook = playbook
         self.steps = steps
         self.hosts = hosts
@@ -57,6 +50,7 @@ class TaskRunner:
         self.events = events
         self.opt = options
         self.registers = registers
+        # (host, step) -> the host's own connection; (host, step, delegate) -> CONTROLLER's or a delegate host's.
         self.connection = connection
         self.facts = facts if facts is not None else FactStore()   # per host, like the registers
         self._reads_facts: dict[int, bool] = {}
@@ -72,6 +66,8 @@ class TaskRunner:
         self.hostvars = MappingProxyType({name: MappingProxyType(h.vars) for name, h in hosts.items()})
         # What notifier tasks did on each host (an earlier run's too, on resume): whether a handler runs.
         self.notifications = Notifications(steps.graph, options.previous)
+        # Whether a block's rescue step runs on a host (scheduling.BlockOutcomes.rescue_gate; set by the executor).
+        self.block_gate: Callable[[TaskKey], tuple[Status, str] | None] | None = None
 
     def action(self, step: Step) -> Action:
         """The action object of a step (made once per run)."""
@@ -88,6 +84,9 @@ class TaskRunner:
         unnotified = self._unnotified_handler(key, step)
         if unnotified is not None:
             return unnotified
+        gated = self._rescue_gated(key, step, rescue)
+        if gated is not None:
+            return gated
         if step.loop is not None:
             from runbook.engine.loops import LoopRunner   # here: loops builds on this module
 
@@ -104,9 +103,10 @@ class TaskRunner:
         try:
             if self.playbook.facts or self.reads_facts(step):
                 self.facts.get(key.host, lambda: self.connection(key.host, step))   # its failure is the task's
-            ctx = self.context(key.host) if ctx is None else ctx
+            ctx = self.context(key.host, step=step) if ctx is None else ctx
             res.delegated_to = self.delegate_for(step, ctx)
-            conn = self.connection(key.host, step, res.delegated_to)
+            conn = (self.connection(key.host, step) if res.delegated_to is None
+                    else self.connection(key.host, step, res.delegated_to))
             # A dry run predicts on_failure steps too: it changes nothing, wherever they would run.
             handler = handler or (self.run_for_real if rescue and self.opt.mode != RunMode.PLAN else self.handler)
             return bool(handler(key, step, self.action(step), conn, ctx, res))
@@ -181,6 +181,22 @@ class TaskRunner:
         self.events.task_finished(self.info, res)
         return res
 
+    def _rescue_gated(self, key: TaskKey, step: Step, rescue: bool) -> TaskResult | None:
+        """A block's rescue step on a host where no step of the block failed: its skipped (plan: or unknown) result."""
+        verdict = self.block_gate(key) if self.block_gate is not None and not rescue else None
+        if verdict is None:
+            return None
+        status, reason = verdict
+        res = TaskResult(key.host, key.step_id, step.action, status, message=reason, started_at=time.time())
+        if self.opt.mode == RunMode.PLAN:
+            res.prediction = PredictionKind.SKIP if status == Status.SKIPPED else PredictionKind.UNKNOWN
+        unknown = status == Status.UNKNOWN and step.register_as is not None
+        if unknown and step.register_as:
+            self.registers.mark_unknown(key.host, step.register_as, step.step_id, stale=False)
+        self._finalize(step, res, unknown)
+        self.events.task_finished(self.info, res)
+        return res
+
     def _finalize(self, step: Step, res: TaskResult, no_register: bool) -> None:
         self.close(step, res)
         if step.register_as and not no_register:
@@ -197,8 +213,12 @@ class TaskRunner:
 
     # --- variables and environment -------------------------------------------------------------
 
-    def context(self, host: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The template variables of a task on `host`, by precedence (see docs/playbook-format.md)."""
+    def context(self, host: str, extra: dict[str, Any] | None = None, step: Step | None = None) -> dict[str, Any]:
+        """The template variables of a task on `host`, by precedence (see docs/playbook-format.md).
+
+        With `step`: its role's defaults (below the playbook's vars) and its own `vars:` (above the
+        inventory, below secrets, registers and -e) too.
+        """
         h = self.hosts[host]
         builtins = {
             "host": {"name": host, "vars": h.vars, "groups": list(getattr(h, "groups", []) or [])},
@@ -209,16 +229,21 @@ class TaskRunner:
             "playbook_dir": self.opt.playbook_dir,
             "facts": self._facts_of(host),
         }
-        return build_context(playbook_vars=self.playbook.vars, inventory_vars=h.vars,
-                             registers={**self.registers.visible(host), **(extra or {})},
-                             extra_vars=self.opt.extra_vars, secrets=self.opt.secrets, builtins=builtins)
+        registers = {**self.registers.visible(host), **(extra or {})}
+        defaults = step._defaults if step is not None else None
+        ctx = build_context(playbook_vars={**defaults, **self.playbook.vars} if defaults else self.playbook.vars,
+                            inventory_vars=h.vars, registers=registers, extra_vars=self.opt.extra_vars,
+                            secrets=self.opt.secrets, builtins=builtins)
+        if step is not None and step.vars:
+            step_vars(ctx, step.vars, {*registers, *self.opt.extra_vars, *self.opt.secrets, *builtins, "secrets"})
+        return ctx
 
     def _facts_of(self, host: str) -> Any:
         """`facts` in templates: the gathered facts, or a view that gathers them on first read."""
         known = self.facts.known(host)
         if known is not None:
             return known.as_dict()
-        return FactsView(self.facts, host, lambda: self.connection(host))
+        return FactsView(self.facts, host, lambda: self.connection(host, None))
 
     def env(self, host: str, step: Step, conn: Connection, ctx: dict[str, Any]) -> TaskEnv:
         """What an action gets to act on one host (sudo: true on a delegate uses the delegate's become user)."""
@@ -350,3 +375,12 @@ def short(text: str, limit: int = 60) -> str:
     """One line of at most `limit` characters, for reasons that quote a command."""
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def step_vars(ctx: dict[str, Any], values: dict[str, Any], higher: set[str]) -> None:
+    """Put a step's `vars:` into its context (rendered, in order) except names a higher precedence sets."""
+    from runbook.template import render_value
+
+    for name, value in values.items():
+        if name not in higher:
+            ctx[name] = render_value(value, ctx)
