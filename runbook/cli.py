@@ -151,6 +151,22 @@ _AUDIT_HELP = "Audit trail file (default: .runbook/audit.jsonl beside the playbo
 _VERBOSE_HELP = "Show every task's command, output (bounded), diff and message; failed tasks always show their output."
 
 
+_CLUSTER_HELP = "Run tasks on Dask workers: local:N (N local processes) or tcp://HOST:8786 (see docs/cluster.md)."
+
+
+def _cluster_option():
+    """`--cluster ADDRESS` (or $RUNBOOK_CLUSTER): where tasks run; without it, in this process."""
+    return click.option("--cluster", envvar="RUNBOOK_CLUSTER", metavar="ADDRESS", help=_CLUSTER_HELP)
+
+
+def _checked_cluster(value: str | None) -> str | None:
+    if not value:
+        return None
+    from runbook.cluster.address import parse_cluster
+
+    return str(parse_cluster(value))   # a bad address is invalid input before anything is loaded
+
+
 def _run_options(f):
     """Flags shared by run and plan."""
     opts = [
@@ -168,6 +184,7 @@ def _run_options(f):
         click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG", help=_AUDIT_HELP),
         click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: $RUNBOOK_OPERATOR, else the OS user)."),
         click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP),
+        _cluster_option(),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -206,7 +223,7 @@ def _request(kw: dict[str, Any], mode: str, **extra: Any):
                       skip_tags=_split(kw["skip_tags"]), host_key_checking=kw["host_key_checking"],
                       known_hosts=kw["known_hosts"], connect_timeout=kw["connect_timeout"],
                       concurrency=kw["concurrency"], operator=kw["operator"], audit_log=kw["audit_log"],
-                      handle_signals=True, **extra)
+                      handle_signals=True, cluster=_checked_cluster(kw.get("cluster")), **extra)
 
 
 def _check_tags(playbook, request) -> None:
@@ -429,6 +446,7 @@ def show(plan_file: str, no_diff: bool, html_file: str | None, playbook_text: bo
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 @click.option("--sign-key", type=click.Path(dir_okay=False),
               help=f"Accept only plans signed with the key in FILE (default: ${_PLAN_KEY_ENV}, the key itself).")
+@_cluster_option()
 def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, sign_key: str | None, **kw: Any) -> None:
     """Execute exactly a reviewed plan: the playbook text it keeps; refuse when inputs drifted or the plan was changed."""
     from runbook.errors import DriftError, ValidationError
@@ -595,6 +613,7 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 @click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP)
 @_window_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
+@_cluster_option()
 def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | None, yes: bool, **kw: Any) -> None:
     """Continue a run: re-run what failed, was unreachable, deferred or never started; skip what succeeded."""
     from runbook.errors import DriftError
@@ -619,7 +638,8 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
                          host_key_checking=kw["host_key_checking"], known_hosts=kw["known_hosts"],
                          operator=kw["operator"], audit_log=kw["audit_log"], state_dir=directory,
                          handle_signals=True, assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
-                         previous=done, details={"resumed_from": doc["run_id"], "force": force})
+                         previous=done, details={"resumed_from": doc["run_id"], "force": force},
+                         cluster=_checked_cluster(kw.get("cluster")))
     inventory = list(kw["inventory"]) if kw["inventory"] else reusable_sources(doc["inventory_source"])
     prepared = prepare(doc["playbook_path"], inventory, request)
     changed = []
@@ -716,6 +736,14 @@ from runbook.cli_serve import approvals as _approvals_command, serve as _serve_c
 
 cli.add_command(_serve_command)
 cli.add_command(_approvals_command)
+
+from runbook.cli_cluster import worker as _worker_command  # noqa: E402  (like cli_report)
+
+cli.add_command(_worker_command)
+
+from runbook.cli_facts import facts as _facts_command  # noqa: E402  (like cli_report)
+
+cli.add_command(_facts_command)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn every expected error into a message and an exit code."""

@@ -96,7 +96,7 @@ class RunHeader(_Model):
         return EXIT_MEANINGS.get(self.exit_code, "") if self.exit_code is not None else "the run did not finish"
 
 
-TaskStatus = Literal["ok", "changed", "skipped", "failed", "unreachable", "deferred", "drift", "not_run", "unknown"]
+TaskStatus = Literal["ok", "changed", "skipped", "failed", "unreachable", "deferred", "drift", "not_run", "unknown", "lost"]
 
 
 class TaskEntry(BaseModel):

@@ -1,0 +1,42 @@
+"""`runbook worker`: a Dask worker with the engine loaded and, with `--zone`, the resource naming its zone."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from runbook.cluster.address import ZONE_RESOURCE, check_zone, parse_cluster
+
+
+def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool) -> list[str]:
+    """The `dask worker` command line `runbook worker` becomes (the same process: signals reach it directly)."""
+    spec = parse_cluster(scheduler)
+    if spec.address is None:
+        from runbook.errors import ValidationError
+        raise ValidationError(f"runbook worker {scheduler}: a worker joins a running scheduler",
+                              hint="give its address: runbook worker tcp://HOST:8786")
+    argv = [sys.executable, "-m", "distributed.cli.dask_worker", spec.address, "--nthreads", str(nthreads),
+            "--preload", "runbook.cluster.worker", "--nanny" if nanny else "--no-nanny", "--no-dashboard"]
+    if zone is not None:
+        argv += ["--resources", f"{ZONE_RESOURCE}{check_zone(zone, '--zone')}=1"]
+    if name is not None:
+        argv += ["--name", check_zone(name, "--name")]
+    return argv
+
+
+@click.command()
+@click.argument("scheduler", metavar="tcp://HOST:8786")
+@click.option("--zone", help="Serve the hosts whose inventory sets runbook_zone to NAME (hosts without one go to workers without a zone, if any).")
+@click.option("--nthreads", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Dask threads (runbook runs each run's tasks on threads of its own).")
+@click.option("--name", help="The worker's name, recorded in each task result it runs (default: its address).")
+@click.option("--nanny/--no-nanny", default=False, show_default=True,
+              help="Run under a Dask nanny that restarts the worker if it dies (its running tasks are lost either way).")
+def worker(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool) -> None:
+    """Start a Dask worker for runbook runs, joined to the scheduler at tcp://HOST:8786 (or tls://)."""
+    argv = worker_argv(scheduler, zone, nthreads, name, nanny)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(argv[0], argv)

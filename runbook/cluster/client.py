@@ -1,0 +1,73 @@
+"""Opening the Dask client for a run: a local cluster of N worker processes, or a running scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from runbook.cluster.address import ClusterSpec, zone_of_resources
+from runbook.cluster.routing import WorkerInfo
+from runbook.errors import RunbookError
+
+CONNECT_TIMEOUT = 10.0   # seconds to reach the scheduler before the run is refused
+
+
+@contextlib.contextmanager
+def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]:
+    """A connected `distributed.Client` for the run (the current one, as actors need); `local:N` starts and stops with it.
+
+    `direct_to_workers`: task orders, secrets and results go straight between the controller and the
+    worker; the scheduler only places the run's actors.
+    """
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if spec.local_workers is not None:
+            with _workers_ignore_sigint():
+                # The terminal's Ctrl-C reaches its whole process group: the workers must leave it to the
+                # controller, which stops the run as an in-process run stops (running tasks finish).
+                cluster = LocalCluster(n_workers=spec.local_workers, threads_per_worker=threads_per_worker,
+                                       processes=True, dashboard_address=None, silence_logs=logging.ERROR,
+                                       preload=["runbook.cluster.worker"])
+            client = Client(cluster, direct_to_workers=True)
+        else:
+            client = Client(spec.address, timeout=CONNECT_TIMEOUT, direct_to_workers=True)
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            cluster.close()
+        raise RunbookError(f"cannot reach the cluster scheduler at {spec}: {exc}",
+                           hint="start it (dask scheduler) and its workers (runbook worker ADDRESS), or check the "
+                                "address; for tls:// see docs/cluster.md") from None
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(timeout=5)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                cluster.close(timeout=10)
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Worker processes started meanwhile inherit an ignored SIGINT (Python then installs no handler of its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def workers_of(client: Any) -> list[WorkerInfo]:
+    """The scheduler's workers now, each with its zone (the `zone:NAME` resource)."""
+    info = client.scheduler_info(n_workers=-1)
+    return sorted((WorkerInfo(address, str(w.get("name", address)), zone_of_resources(w.get("resources")))
+                   for address, w in info.get("workers", {}).items()), key=lambda w: w.address)

@@ -1,0 +1,412 @@
+"""The controller side: a task pool that runs each host's tasks on its Dask worker and re-emits their events.
+
+The executor is unchanged: it asks this pool to connect hosts and run tasks, and gets futures back.
+A remote task is one actor call to the host's worker; its events stream back through each worker's
+event poll and are re-emitted here, in one delivery thread, into the run's own `EventStream`, so the
+console, audit trail and run state see what an in-process run shows. The delivery thread also takes
+each outcome (its remaining events, register writes, drift stops) before the executor sees the result,
+so dependents start only after everything their predecessor did is recorded.
+
+A worker that disappears takes its running tasks with it: they end `lost` (never run again
+elsewhere), and its hosts move to other workers of their zone. A lost scheduler stops the run like an
+interrupt: nothing new starts, and `runbook resume` continues it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from runbook.actions import action_class
+from runbook.cluster.hostkeys import KnownHostsSink
+from runbook.cluster.routing import Router
+from runbook.cluster.secrets import SecretNeeds
+from runbook.cluster.wire import ConnectReply, SessionSetup, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.worker import RunSession
+from runbook.errors import ConnectionFailed, RunbookError
+from runbook.events import ObserverFailed
+from runbook.graph import TaskKey
+from runbook.model import Step
+from runbook.results import PredictionKind, RunMode, Status, TaskResult
+
+WATCH_EVERY = 0.5         # seconds between checks that every worker and the scheduler are still there
+SCHEDULER_GRACE = 3       # failed checks in a row before the scheduler counts as lost
+CLOSE_TIMEOUT = 5.0
+_HOOKS = frozenset({"task_started", "task_finished", "approval", "notice"})   # what a worker may emit
+_WRITES = frozenset({"store", "mark_unknown"})                                # what it may do to registers
+
+
+@dataclass
+class _Op:
+    """One remote call in flight: a task (or a connect) on a worker, and the future the executor waits on."""
+
+    future: Future[Any]
+    host: str
+    key: TaskKey | None = None
+    rescue: bool = False
+    worker: str | None = None
+    delivered: int = 0
+    started_at: float = field(default_factory=time.time)
+    done: bool = False
+
+
+class RemoteHost:
+    """What the executor holds as a remote host's connection: closing it closes the connection on its worker."""
+
+    def __init__(self, pool: ClusterPool, host: str):
+        self.pool = pool
+        self.name = host
+
+    def close(self) -> None:
+        self.pool.close_host(self.name)
+
+    def __getattr__(self, name: str) -> Any:
+        raise RunbookError(f"{self.name}: its connection is on cluster worker {self.pool.router.worker_of(self.name)}",
+                           hint="a step that runs on the controller cannot use a remote host's connection")
+
+
+class ClusterPool:
+    """The executor's TaskPool on a Dask cluster (see the module docstring)."""
+
+    def __init__(self, run: ClusterRun, executor: Any):
+        self.cluster = run
+        self.executor = executor
+        self.client = run.client
+        self.router: Router = run.router
+        self.sessions = run.sessions
+        self.names = run.names
+        self.loop: asyncio.AbstractEventLoop = run.client.loop.asyncio_loop
+        self.events = executor.events
+        self.info = executor.info
+        self.local = ThreadPoolExecutor(max_workers=8, thread_name_prefix="runbook")   # controller-side tasks
+        self.deliver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runbook-cluster-events")
+        self.ops: dict[int, _Op] = {}
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+        self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
+        self.failure: ObserverFailed | None = None
+        self.gone: set[str] = set()
+        self.halted: str | None = None
+        self.closing = False
+        self.mode = executor.opt.mode
+        self.background = [self._spawn(self._stream(a)) for a in self.sessions] + [self._spawn(self._watch())]
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    # --- the TaskPool protocol ---------------------------------------------------------------------
+
+    def connect(self, host: str) -> Future[None]:
+        """Connect a host on its worker (hosts of the local kind connect here, as in-process)."""
+        if host not in self.router.zones:
+            return self.local.submit(self.executor._connect, host)
+        fut: Future[None] = Future()
+        if self.halted:
+            fut.set_result(None)   # nothing starts: its tasks are recorded not run
+            return fut
+        self._spawn(self._connect(host, fut))
+        return fut
+
+    def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
+        """Run one task on its host's worker, or here when it must run on the controller."""
+        step = self.executor.steps.step(key.step_id)
+        if not self._remote(key.host, step):
+            return self.local.submit(self.executor.runner.run, key, rescue)
+        fut: Future[TaskResult] = Future()
+        if self.halted:
+            self.executor.halt(self.halted)
+            fut.set_result(self.executor.scheduler.result(key, Status.NOT_RUN, f"not started: {self.halted}"))
+            return fut
+        task_id = next(self.ids)
+        op = _Op(fut, key.host, key, rescue)
+        with self.lock:
+            self.ops[task_id] = op
+        self._spawn(self._run(task_id, op, self._order(task_id, key, rescue, step)))
+        return fut
+
+    def abort(self) -> None:
+        """A second interrupt: every worker ends its running commands now."""
+        for session in self.sessions.values():
+            self._spawn(_quietly(session.abort()))
+
+    def shutdown(self, wait: bool) -> None:
+        """The run is over: stop watching, let every task's delivery finish, release the local threads."""
+        self.closing = True
+        for fut in self.background:
+            fut.cancel()
+        self.deliver.shutdown(wait=True)
+        self.local.shutdown(wait=wait, cancel_futures=True)
+
+    def close_host(self, host: str) -> None:
+        """A host is done (or the run aborts): close its connection on its worker."""
+        worker = self.router.worker_of(host)
+        if worker is not None and worker in self.sessions and not self.closing:
+            self._spawn(_quietly(self.sessions[worker].close_host(host)))
+
+    # --- what runs where ---------------------------------------------------------------------------
+
+    def _remote(self, host: str, step: Step) -> bool:
+        """Tasks run on the host's worker unless they belong on the controller (a local host, `on: controller`,
+        an operator's prompt, a delegated step: the delegate connections are the controller's)."""
+        if host not in self.router.zones or step.delegate is not None:
+            return False
+        return not action_class(step.action).asks_operator
+
+    def _order(self, task_id: int, key: TaskKey, rescue: bool, step: Step) -> TaskOrder:
+        registers = self.executor.runner.registers
+        ancestors: dict[TaskKey, PredictionKind | None] = {}
+        if self.mode in (RunMode.PLAN, RunMode.APPLY):
+            results = self.executor.scheduler.results
+            for node in nx.ancestors(self.executor.tasks, key):
+                found = results.get(node)
+                if found is not None and found.prediction in (PredictionKind.CHANGE, PredictionKind.UNKNOWN):
+                    ancestors[node] = found.prediction
+        stale = [name for host, name in list(registers.stale) if host == key.host]
+        gate = self.executor.runner.block_gate
+        return TaskOrder(task_id, key, rescue, registers.visible(key.host), registers.unknown_names(key.host), stale,
+                         self.cluster.needs.of(step), ancestors, gate(key) if gate is not None and not rescue else None)
+
+    # --- remote calls (on the client's event loop) ----------------------------------------------------
+
+    async def _connect(self, host: str, fut: Future[None]) -> None:
+        for _ in range(len(self.sessions) + 1):   # a worker lost meanwhile: its hosts moved, try the new one
+            worker = self.router.worker_of(host)
+            if worker is None:
+                break
+            try:
+                reply: ConnectReply = await self.sessions[worker].connect(host, self.cluster.sudo_password)
+            except Exception as exc:
+                self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
+                continue
+            self.cluster.known_hosts.record(host, reply.learned)
+            if reply.reason is not None:
+                fut.set_exception(ConnectionFailed(host, reply.reason, hint=reply.hint))
+                return
+            with self.lock:
+                self.connected.setdefault(worker, set()).add(host)
+            with self.executor.scheduler.lock:
+                self.executor.conns[host] = RemoteHost(self, host)
+            fut.set_result(None)
+            return
+        if not fut.done():
+            fut.set_exception(ConnectionFailed(host, f"no cluster worker is left for it{_zone(self.router, host)}",
+                                               hint="start a worker there: runbook worker tcp://SCHEDULER:8786 --zone NAME"))
+
+    async def _run(self, task_id: int, op: _Op, order: TaskOrder) -> None:
+        worker = self.router.worker_of(op.host)
+        if worker is None:
+            return self._lose(task_id, f"no cluster worker is left for it{_zone(self.router, op.host)}")
+        op.worker = worker
+        session = self.sessions[worker]
+        try:
+            if op.host not in self.connected.get(worker, ()):   # moved here from a lost worker
+                reply: ConnectReply = await session.connect(op.host, self.cluster.sudo_password)
+                self.cluster.known_hosts.record(op.host, reply.learned)
+                with self.lock:
+                    self.connected.setdefault(worker, set()).add(op.host)
+            outcome: TaskOutcome = await session.run_task(order)
+        except OSError as exc:   # the worker went away (or could not be reached): the task's outcome is unknown
+            self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
+            return self._lose(task_id, f"lost: cluster worker {self.names.get(worker, worker)} was lost while it ran "
+                                       "this task; whether it ran is unknown (check the host, then `runbook resume "
+                                       "RUN_ID --rerun-in-flight`)")
+        except Exception as exc:   # the worker answered with an error: a bug there, not a lost task
+            return self._lose(task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
+                                       f"{type(exc).__name__}: {exc}", Status.FAILED)
+        self.deliver.submit(self._finish, task_id, outcome)
+
+    async def _stream(self, worker: str) -> None:
+        """Keep one event poll open to a worker; what it returns is delivered in order."""
+        session = self.sessions[worker]
+        while not self.closing:
+            try:
+                events: list[WireEvent] = await session.events(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
+                return
+            if events:
+                self.deliver.submit(self._on_events, events)
+
+    async def _watch(self) -> None:
+        """Notice lost workers (their calls may hang) and a lost scheduler."""
+        misses = 0
+        while not self.closing:
+            await asyncio.sleep(WATCH_EVERY)
+            try:
+                identity = await asyncio.wait_for(self.client.scheduler.identity(n_workers=-1), 5.0)
+                misses = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                misses += 1
+                if misses >= SCHEDULER_GRACE:
+                    return self._scheduler_gone()
+                continue
+            alive = set(identity.get("workers", {}))
+            for worker in self.sessions:
+                if worker not in alive:
+                    self._worker_gone(worker, "it left the cluster")
+
+    # --- losses ------------------------------------------------------------------------------------
+
+    def _worker_gone(self, worker: str, why: str) -> None:
+        """A worker is gone: its running tasks are lost, its hosts move to other workers of their zone."""
+        with self.lock:
+            if worker in self.gone:
+                return
+            self.gone.add(worker)
+            self.connected.pop(worker, None)
+            running = [tid for tid, op in self.ops.items() if op.worker == worker and not op.done]
+        moved = self.router.worker_lost(worker)
+        name = self.names.get(worker, worker)
+        where = ", ".join(f"{h} -> {self.names.get(a, a) if a else 'no worker'}" for h, a in sorted(moved.items()))
+        self.deliver.submit(self._notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
+                                          f"are lost" + (f"; hosts moved: {where}" if where else ""))
+        for tid in running:
+            self._lose(tid, f"lost: cluster worker {name} was lost while it ran this task; whether it ran is unknown "
+                            "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
+
+    def _scheduler_gone(self) -> None:
+        """The scheduler is unreachable: running tasks are lost, nothing new starts."""
+        self.halted = "the cluster scheduler was lost"
+        with self.lock:
+            running = [tid for tid, op in self.ops.items() if not op.done]
+        for tid in running:
+            self._lose(tid, "lost: the cluster scheduler was lost while this task ran; whether it ran is unknown "
+                            "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
+
+    def _lose(self, task_id: int, message: str, status: Status = Status.LOST) -> None:
+        self.deliver.submit(self._finish_lost, task_id, message, status)
+
+    # --- delivery (one thread: events and outcomes in order) ----------------------------------------
+
+    def _emit(self, event: WireEvent) -> None:
+        if event.hook in _HOOKS:
+            getattr(self.events, event.hook)(self.info, *event.args)
+
+    def _notice(self, message: str) -> None:
+        try:
+            self.events.notice(self.info, "warning", message)
+        except ObserverFailed as exc:
+            self.failure = self.failure or exc
+
+    def _on_events(self, events: list[WireEvent]) -> None:
+        for event in events:
+            with self.lock:
+                op = self.ops.get(event.task_id) if event.task_id is not None else None
+            if event.task_id is not None and (op is None or op.done or event.seq != op.delivered):
+                continue   # delivered already with its outcome, or not this run's
+            try:
+                self._emit(event)
+            except ObserverFailed as exc:
+                self.failure = self.failure or exc
+            if op is not None:
+                op.delivered += 1
+
+    def _finish(self, task_id: int, outcome: TaskOutcome) -> None:
+        with self.lock:
+            op = self.ops.pop(task_id, None)
+        if op is None or op.done:
+            return
+        op.done = True
+        failure = self.failure
+        try:
+            for event in outcome.events[op.delivered:]:
+                self._emit(event)
+        except ObserverFailed as exc:
+            failure = failure or exc
+        registers = self.executor.runner.registers
+        for name, args, kwargs in outcome.writes:
+            if name in _WRITES:
+                getattr(registers, name)(*args, **kwargs)
+        for host, reason in outcome.stopped:
+            self.executor.scheduler.stop_host(host, reason)
+        if failure is not None:
+            op.future.set_exception(failure)
+        else:
+            op.future.set_result(outcome.result)
+
+    def _finish_lost(self, task_id: int, message: str, status: Status) -> None:
+        with self.lock:
+            op = self.ops.pop(task_id, None)
+        if op is None or op.done or op.key is None:
+            return
+        op.done = True
+        step = self.executor.steps.step(op.key.step_id)
+        now = time.time()
+        res = TaskResult(op.host, op.key.step_id, step.action, status, message=message, started_at=op.started_at,
+                         finished_at=now, duration=round(now - op.started_at, 6), on_failure=op.rescue,
+                         worker=self.names.get(op.worker or "", op.worker))
+        try:
+            self.events.task_finished(self.info, res)
+        except ObserverFailed as exc:
+            op.future.set_exception(exc)
+            return
+        op.future.set_result(res)
+
+
+def _zone(router: Router, host: str) -> str:
+    zone = router.zones.get(host)
+    return f" in zone {zone}" if zone else ""
+
+
+async def _quietly(call: Any) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(_awaited(call), CLOSE_TIMEOUT)
+
+
+async def _awaited(call: Any) -> Any:
+    return await call
+
+
+@dataclass
+class ClusterRun:
+    """A run's cluster: the client, the routing, one set-up session per worker; made before anything runs."""
+
+    client: Any
+    router: Router
+    sessions: dict[str, Any]          # worker address -> RunSession actor
+    names: dict[str, str]             # worker address -> its name (recorded in task results)
+    needs: SecretNeeds
+    sudo_password: str | None
+    known_hosts: KnownHostsSink
+    actor_futures: list[Any] = field(default_factory=list)
+
+    def pool(self, executor: Any, threads: int) -> ClusterPool:
+        """The executor's pool for this run (ExecOptions.pool)."""
+        return ClusterPool(self, executor)
+
+    @classmethod
+    def start(cls, client: Any, router: Router, setup: SessionSetup, needs: SecretNeeds, sudo_password: str | None,
+              known_hosts: KnownHostsSink) -> ClusterRun:
+        """One session per worker that has hosts, each set up with the run (sent directly to its worker)."""
+        used = sorted(set(router.of.values()))
+        futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
+                                 key=f"runbook-session-{setup.info.run_id}-{i}") for i, a in enumerate(used)]
+        sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}
+        replies = {a: s.setup(setup) for a, s in sessions.items()}
+        names = {a: str(r.result(timeout=120)) for a, r in replies.items()}
+        return cls(client, router, sessions, names, needs, sudo_password, known_hosts, futures)
+
+    def close(self) -> None:
+        """End the sessions (connections closed on the workers) and release the actors."""
+        pending = []
+        for session in self.sessions.values():
+            with contextlib.suppress(Exception):
+                pending.append(session.close())
+        for call in pending:
+            with contextlib.suppress(Exception):
+                call.result(timeout=CLOSE_TIMEOUT)
+        with contextlib.suppress(Exception):
+            self.client.cancel(self.actor_futures)

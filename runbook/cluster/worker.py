@@ -1,0 +1,333 @@
+"""The worker side: one actor per run and worker that holds the run's connections and runs its tasks.
+
+`runbook worker` preloads this module, so a worker has the engine imported before a run arrives.
+Everything run-specific comes from the controller in `RunSession.setup` (a direct call to this
+worker, never through the scheduler) and lives until `close`: the playbook model, the hosts, the
+SSH connections of the hosts routed here, a task runner. Each task's events go back as they happen
+through `events` (a long poll the controller keeps open), and again with the task's outcome, so
+none is lost or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import tempfile
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from runbook.connections import Connection, ConnectOptions, connect
+from runbook.connections.hostkeys import HostKeyPolicy
+from runbook.cluster.wire import ConnectReply, SessionSetup, TaskOrder, TaskOutcome, WireEvent
+from runbook.engine.predict import Predictor
+from runbook.engine.registers import Registers
+from runbook.engine.task import TaskRunner
+from runbook.errors import ConnectionFailed, RunbookError
+from runbook.events import EventStream, Observer, RunInfo, TaskRef
+from runbook.graph import StepGraph, TaskKey, expand
+from runbook.results import RunMode, Status, TaskResult
+
+MAX_EVENTS_PER_POLL = 2000
+
+
+class LoggedRegisters(Registers):
+    """The run's registers on a worker: loaded from each task's order, every write kept for the controller."""
+
+    def __init__(self, hosts: list[str]):
+        super().__init__(hosts)
+        self._writes: dict[str, list[tuple[str, tuple[Any, ...], dict[str, Any]]]] = defaultdict(list)
+
+    def load(self, host: str, values: dict[str, Any], unknown: dict[str, str], stale: list[str]) -> None:
+        """What the controller says the task on `host` sees."""
+        with self._lock:
+            self.by_host.setdefault(host, {}).update(values)
+            self.unknown.setdefault(host, {}).update(unknown)
+            self.stale.update((host, n) for n in stale)
+
+    def store(self, host: str, name: str, value: dict[str, Any], *, shared: bool) -> None:
+        super().store(host, name, value, shared=shared)
+        with self._lock:
+            self._writes[host].append(("store", (host, name, value), {"shared": shared}))
+
+    def mark_unknown(self, host: str, name: str, step_id: str, *, stale: bool) -> None:
+        super().mark_unknown(host, name, step_id, stale=stale)
+        with self._lock:
+            self._writes[host].append(("mark_unknown", (host, name, step_id), {"stale": stale}))
+
+    def drain(self, host: str) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+        """The writes for `host` not yet sent (a task's outcome carries every write made before it ended)."""
+        with self._lock:
+            return self._writes.pop(host, [])
+
+
+class _Forward(Observer):
+    """The worker's only observer: every event goes to the controller, tagged with its task."""
+
+    critical = True
+    what = "the controller's event stream"
+
+    def __init__(self, run: WorkerRun):
+        self.run = run
+
+    def task_started(self, run: RunInfo, task: TaskRef) -> None:
+        self.run.emit(task.host, task.step_id, "task_started", (task,))
+
+    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        result.worker = self.run.name
+        self.run.emit(result.host, result.step_id, "task_finished", (result,))
+
+    def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None:
+        self.run.emit(host, step_id, "approval", (host, step_id, granted, who))
+
+    def notice(self, run: RunInfo, level: str, message: str) -> None:
+        self.run.emit(None, None, "notice", (level, message))
+
+
+@dataclasses.dataclass
+class _TaskLog:
+    task_id: int
+    events: list[WireEvent] = dataclasses.field(default_factory=list)
+
+
+class WorkerRun:
+    """One run on one worker: its task runner, the connections of its hosts, and the events of running tasks."""
+
+    def __init__(self, setup: SessionSetup, name: str, push: Callable[[WireEvent], None]):
+        self.setup = setup
+        self.name = name
+        self.push = push
+        self.info = setup.info
+        self.hosts: dict[str, Any] = {h.name: h for h in setup.hosts}
+        self.dir = Path(tempfile.mkdtemp(prefix="runbook-run-"))   # 0700: the run's known_hosts copy
+        self.known_hosts = self.dir / "known_hosts"
+        fd = os.open(self.known_hosts, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(setup.known_hosts)
+        self.sent_lines = set(setup.known_hosts.splitlines())
+        steps = StepGraph.build(setup.playbook)
+        tasks = expand(steps, [h.name for h in setup.hosts])
+        self.options = setup.options
+        self.registers = LoggedRegisters(list(self.hosts))
+        self.events = EventStream([_Forward(self)])
+        self.runner = TaskRunner(setup.playbook, steps, self.hosts, self.info, self.events, self.options,
+                                 self.registers, self._connection)
+        self.results: dict[TaskKey, TaskResult] = {}   # what the predictor may ask of the tasks a task waits for
+        self.gates: dict[TaskKey, tuple[Status, str] | None] = {}   # blocks: the controller's rescue verdicts
+        self.runner.block_gate = self.gates.get
+        self.predictor = Predictor(self.runner, tasks, self.results, self.options.predictions,
+                                   allow_drift=self.options.allow_drift, stop_host=self._stop_host, warn=self._warn)
+        if self.options.mode == RunMode.PLAN:
+            self.runner.handler = self.predictor.plan_task
+        elif self.options.mode == RunMode.APPLY and self.options.predictions is not None:
+            self.runner.handler = self.predictor.apply_task
+        self.conns: dict[str, Connection] = {}
+        self.sudo_password: str | None = None
+        self.lock = threading.Lock()
+        self.host_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self.active: dict[tuple[str, str], _TaskLog] = {}
+        self.stopped: dict[str, list[tuple[str, str]]] = defaultdict(list)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def emit(self, host: str | None, step_id: str | None, hook: str, args: tuple[Any, ...]) -> None:
+        """Tag an event with its task (loop items belong to their step's task) and send it."""
+        with self.lock:
+            log = self.active.get((host, step_id.split("[", 1)[0])) if host and step_id else None
+            event = WireEvent(log.task_id if log else None, len(log.events) if log else 0, hook, args)
+            if log is not None:
+                log.events.append(event)
+        self.push(event)
+
+    def _stop_host(self, host: str, reason: str) -> None:
+        with self.lock:
+            self.stopped[host].append((host, reason))
+
+    def _warn(self, message: str) -> None:
+        self.events.notice(self.info, "warning", message)
+
+    # --- connections -----------------------------------------------------------------------------
+
+    def connect(self, host: str, sudo_password: str | None) -> ConnectReply:
+        """Open the connection of a host routed here (with the controller's host-key policy and known_hosts)."""
+        if host not in self.hosts:
+            return ConnectReply(f"host {host!r} is not part of this run")
+        if sudo_password is not None:
+            self.sudo_password = sudo_password
+        try:
+            self._open(host)
+        except ConnectionFailed as exc:
+            return ConnectReply(exc.reason, exc.hint, self._learned())
+        except Exception as exc:   # reported like the in-process connect reports it
+            return ConnectReply(f"{type(exc).__name__}: {exc}")
+        return ConnectReply(learned=self._learned())
+
+    def _open(self, host: str) -> Connection:
+        with self.host_locks[host]:
+            conn = self.conns.get(host)
+            if conn is not None:
+                return conn
+            h = self.hosts[host]
+            options = ConnectOptions(host_key_checking=self.setup.host_key_checking, known_hosts=str(self.known_hosts),
+                                     connect_timeout=self.setup.connect_timeout, sudo_password=self.sudo_password)
+            conn = connect(h, h.connection, options)
+            policy = getattr(conn, "host_keys", None)
+            if isinstance(policy, HostKeyPolicy):
+                policy.system_files = ()   # the controller's system known_hosts came with the run; not this machine's
+            conn.open()
+            self.conns[host] = conn
+            return conn
+
+    def _connection(self, host: str, step: Any = None, delegate: str | None = None) -> Connection:
+        if delegate is not None:   # the controller keeps delegated steps (it holds the delegate connections)
+            raise RunbookError(f"{host}: a delegated step cannot run on a cluster worker",
+                               hint="this is a bug in runbook: delegated steps run on the controller")
+        # A host moved here from a lost worker is connected on its first task.
+        return self.conns.get(host) or self._open(host)
+
+    def _learned(self) -> list[str]:
+        """known_hosts lines recorded here (accept-new) that the controller has not been sent yet."""
+        try:
+            lines = self.known_hosts.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        with self.lock:
+            new = [line for line in lines if line and line not in self.sent_lines]
+            self.sent_lines.update(new)
+        return new
+
+    def close_host(self, host: str) -> None:
+        """A host is done: close its connection."""
+        conn = self.conns.pop(host, None)
+        if conn is not None:
+            _quiet_close(conn)
+
+    # --- tasks ---------------------------------------------------------------------------------
+
+    def run(self, order: TaskOrder) -> TaskOutcome:
+        """Run one task as the controller ordered it; its outcome carries its events and register writes."""
+        key = order.key
+        log = _TaskLog(order.task_id)
+        with self.lock:
+            self.active[(key.host, key.step_id)] = log
+            self.options.secrets.update(order.secrets)   # only what this worker's tasks read
+        self.registers.load(key.host, order.registers, order.unknown, order.stale)
+        steps = self.runner.steps
+        self.gates[key] = order.gate
+        for node, kind in order.ancestors.items():
+            self.results[node] = TaskResult(node.host, node.step_id, steps.step(node.step_id).action, Status.OK,
+                                            prediction=kind)
+        try:
+            result = self.runner.run(key, order.rescue)
+        finally:
+            with self.lock:
+                self.active.pop((key.host, key.step_id), None)
+            self.gates.pop(key, None)
+        result.worker = self.name
+        with self.lock:
+            stopped = self.stopped.pop(key.host, [])
+            events = list(log.events)
+        return TaskOutcome(order.task_id, result, events, self.registers.drain(key.host), stopped, self.name)
+
+    def abort(self) -> None:
+        """A second interrupt on the controller: running commands end now."""
+        self.runner.aborting = True
+        self.runner.cancel.set()
+        for conn in list(self.conns.values()):
+            _quiet_close(conn)
+
+    def close(self) -> None:
+        """The run is over: close every connection and remove the run's files."""
+        for host in list(self.conns):
+            self.close_host(host)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RunSession:
+    """A Dask actor: a run's `WorkerRun` on one worker, its blocking work on the session's own threads."""
+
+    def __init__(self) -> None:
+        from distributed import get_worker
+
+        worker = get_worker()
+        self.name = str(worker.name)
+        self.threads: ThreadPoolExecutor | None = None
+        self.work: WorkerRun | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue[WireEvent] | None = None
+
+    async def setup(self, setup: SessionSetup) -> str:
+        """Take the run (sent once per worker); returns this worker's name, recorded in task results."""
+        self.loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue()
+        self.threads = ThreadPoolExecutor(max_workers=max(2, setup.threads + 1), thread_name_prefix="runbook-task")
+        self.work = await self._off(WorkerRun, setup, self.name, self._push)
+        return self.name
+
+    def _push(self, event: WireEvent) -> None:
+        loop, queue = self.loop, self.queue
+        if loop is not None and queue is not None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    async def _off(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self.loop is not None and self.threads is not None
+        return await self.loop.run_in_executor(self.threads, fn, *args)
+
+    def _run(self) -> WorkerRun:
+        if self.work is None:
+            raise RuntimeError("this run session was not set up")
+        return self.work
+
+    async def connect(self, host: str, sudo_password: str | None = None) -> ConnectReply:
+        """Open a host's connection here."""
+        return await self._off(self._run().connect, host, sudo_password)
+
+    async def run_task(self, order: TaskOrder) -> TaskOutcome:
+        """Run one task here."""
+        return await self._off(self._run().run, order)
+
+    async def events(self, wait: float = 1.0) -> list[WireEvent]:
+        """The events emitted since the last call, waiting up to `wait` seconds for the first one."""
+        queue = self.queue
+        if queue is None:
+            return []
+        try:
+            first = await asyncio.wait_for(queue.get(), wait)
+        except TimeoutError:
+            return []
+        out = [first]
+        while not queue.empty() and len(out) < MAX_EVENTS_PER_POLL:
+            out.append(queue.get_nowait())
+        return out
+
+    async def close_host(self, host: str) -> None:
+        """Close one host's connection."""
+        await self._off(self._run().close_host, host)
+
+    async def abort(self) -> None:
+        """End running commands now (a second interrupt)."""
+        await self._off(self._run().abort)
+
+    async def close(self) -> None:
+        """End the run here: connections closed, the run's files removed, the threads let go."""
+        if self.work is not None:
+            await self._off(self.work.close)
+        if self.threads is not None:
+            self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+def _quiet_close(conn: Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # best effort: the run's outcome is decided
+        pass
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload hook of `dask worker --preload runbook.cluster.worker`: the engine is imported already."""
+    return None
