@@ -12,16 +12,18 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from runbook.audit import Redactor
+from runbook import handlers
 from runbook.events import Observer, RunInfo, TaskRef
 from runbook.results import RunResult, Status, TaskResult, counted
 
 STYLE = {"ok": "green", "changed": "yellow", "skipped": "cyan", "failed": "bold red", "unreachable": "bold magenta",
          "deferred": "blue", "drift": "bold red", "not_run": "dim", "unknown": "bold yellow",
-         "lost": "bold magenta"}
+         "lost": "bold magenta", "rescued": "bold yellow"}
 
 PLAN_MARK = {"change": ("+", "yellow", "change"), "ok": ("=", "green", "no change"), "skip": ("-", "cyan", "skip"),
              "unknown": ("?", "bold yellow", "unknown"), "fail": ("!", "bold red", "would fail"),
@@ -74,8 +76,10 @@ class _Progress:
         self.rescued: set[str] = set()
         if playbook is not None:
             once = sum(1 for s in playbook.steps if s.once)
-            self.total = {h: len(playbook.steps) - (once if i else 0) for i, h in enumerate(hosts)}
+            per_host = handlers.tasks_per_host(playbook)   # flush points are no task, handler instances are
+            self.total = {h: per_host - (once if i else 0) for i, h in enumerate(hosts)}
             self.attempts = {s.step_id: max_attempts(s) for s in playbook.all_steps()}
+            self.attempts.update({i.task_id: max_attempts(playbook.handlers[i.position]) for i in handlers.instances(playbook)})
             self.rescue_steps = len(playbook.on_failure)
 
     def started(self, task: TaskRef) -> None:
@@ -209,6 +213,10 @@ class ConsoleView(Observer):
             self.console.print(recap_table(result))
         if result.stop_reason:
             self.console.print(f"[yellow]stopped: {self._r(result.stop_reason)}[/]")
+        rescued = result.rescued_hosts()
+        if rescued:   # a block's rescue handled a failure there: exit code 0, but someone should look
+            self.console.print(f"[yellow]rescued: {len(rescued)} host{'s' if len(rescued) > 1 else ''} "
+                               f"({escape(visible(self._r(', '.join(rescued))))}): a block failed and its rescue steps ran[/]")
         self.console.print(f"[dim]wall time {result.wall_time:.2f}s, exit code {result.exit_code()}[/]")
 
     # --- rendering ------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def diff_text(diff: str) -> Text:
 def _recap_columns(recap: dict[str, Counter]) -> list[str]:
     """The recap's columns: the five Ansible ones always, the others when some host has them."""
     always = ("ok", "changed", "skipped", "failed", "unreachable")
-    return [c for c in (*always, "not_run", "deferred", "drift", "lost")
+    return [c for c in (*always, "rescued", "not_run", "deferred", "drift", "lost")
             if c in always or any(counts.get(c) for counts in recap.values())]
 
 

@@ -250,9 +250,12 @@ def expand(steps: StepGraph, hosts: Iterable[str], step_ids: Iterable[str] | Non
             continue
         targets = [first] if sid in once else hosts
         g.add_nodes_from(TaskKey(sid, h) for h in targets)  # bulk adds: same graph, ~2x faster at 100,000 tasks
-    for a, b in steps.graph.edges:
+    for a, b, settled in steps.graph.edges(data="settled"):
         if a not in wanted or b not in wanted:
             continue
-        g.add_edges_from((TaskKey(a, first) if a in once else TaskKey(a, h), TaskKey(b, h))
-                         for h in ([first] if b in once else hosts))
+        pairs = ((TaskKey(a, first) if a in once else TaskKey(a, h), TaskKey(b, h)) for h in ([first] if b in once else hosts))
+        if settled:   # into a block's rescue/always steps, or after a block with them: runs whatever a's status
+            g.add_edges_from(pairs, settled=True)
+        else:
+            g.add_edges_from(pairs)
     return g

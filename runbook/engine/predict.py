@@ -14,6 +14,8 @@ from jinja2 import meta
 from runbook.actions import Action, Prediction, PredictionKind
 from runbook.connections import Connection, ReadOnlyConnection
 from runbook.engine.options import SavedPrediction
+from runbook.compose import rescue_of
+from runbook.engine.scheduling import PLANNED_NO_RESCUE
 from runbook.engine.task import TaskRunner
 from runbook.errors import RunbookError
 from runbook.graph import TaskKey
@@ -248,13 +250,15 @@ class Predictor:
     def apply_task(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
                    res: TaskResult) -> None:
         """Carry out a task as the reviewed plan says: refuse drift, skip what it predicted no change, run the rest."""
-        if self.runner.notifications.instance(key.step_id) is not None:
+        if self.runner.notifications.instance(parent_step(key.step_id)) is not None:
             # A handler: the runner decided from what its notifiers really did that it runs; the plan's
             # guess about them is no reason to skip it, and "a notifier changed" is no state to drift from.
             self.runner.run_for_real(key, step, action, conn, ctx, res)
             return
         saved = self.predictions.get(key)
-        if saved is None:
+        if saved is None or (saved.reason == PLANNED_NO_RESCUE and rescue_of(step)):
+            # A rescue step the plan expected not to be needed: its block failed after all (the runner
+            # asked the block first), and the reviewed failure path is what the author wrote for that.
             self.runner.run_for_real(key, step, action, conn, ctx, res)
             return
         kind = _kind(saved.kind)

@@ -7,8 +7,9 @@ host may start next, and tells it how each task ended.
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from enum import Enum
 
 import networkx as nx
 
@@ -55,6 +56,7 @@ class TaskScheduler:
         self.admitting = True
         self.limit = max_failures.of(len(hosts)) if max_failures is not None else None
         self.max_failures = max_failures
+        self.blocks = BlockOutcomes(steps, tasks, mode, notice, self.results) if steps.playbook._groups else None
 
     # --- results ---------------------------------------------------------------------------------
 
@@ -73,20 +75,27 @@ class TaskScheduler:
         """Record a terminal result and release or block the task's successors."""
         self.record(key, res)
         self.left[key.host] -= 1
+        # A failure inside a block with `rescue:` counts for the host only if the rescue does not handle it.
+        protected = self.blocks is not None and self.blocks.protects(key.step_id)
+        if self.blocks is not None:
+            for host in self.blocks.done(key):
+                self.host_failed(host)
+                with self.lock:
+                    self.rescue_due.add(host)
         # An ignored failure (ignore_errors) lets the host go on to the next steps.
         block = (res.status in BLOCKING and not res.ignored) or res.failed
-        for succ in self.tasks.successors(key):
+        for succ, edge in self.tasks.succ[key].items():
             if succ in self.results:
                 continue
-            if block:
+            if block and not edge.get("settled"):   # a settled edge (into rescue/always) waits, never blocks
                 self._block(succ, key, res)
                 continue
             self.pending[succ] -= 1
             if self.pending[succ] == 0:
-                self.ready[succ.host].append(succ)
-        if res.failed or res.status in (Status.UNREACHABLE, Status.DRIFT):
+                self._release(succ)
+        if (res.failed and not protected) or res.status in (Status.UNREACHABLE, Status.DRIFT):
             self.host_failed(key.host)
-        if res.failed:
+        if res.failed and not protected:
             # Drift is refused before any planned change on the host: there is nothing to rescue or
             # roll back, so a host whose only "failure" is drift does not run on_failure.
             with self.lock:
@@ -100,6 +109,13 @@ class TaskScheduler:
             why = "would fail"
         where = f" on {cause.host}" if cause.host != node.host else ""
         return self.finish(node, self.result(node, Status.NOT_RUN, f"upstream step `{cause.step_id}` {why}{where}"))
+
+    def _release(self, node: TaskKey) -> None:
+        """A task whose dependencies all settled: ready, unless the block it waits for failed."""
+        reason = self.blocks.blocked(node) if self.blocks is not None else None
+        if reason is not None:
+            return self.finish(node, self.result(node, Status.NOT_RUN, reason))
+        self.ready[node.host].append(node)
 
     def result(self, node: TaskKey, status: Status, message: str) -> TaskResult:
         """A result for a task that did not run (or could not)."""
@@ -213,6 +229,8 @@ class TaskScheduler:
             moved[node] = new
             self.left[lost] -= 1
             self.left[target] += 1
+            if self.blocks is not None:
+                self.blocks.moved(node.step_id, lost, target)
             self.pending.pop(node, None)
             self.notice(f"{lost} is unreachable: once step `{node.step_id}` runs on {target}")
             self._release_moved(new, target)
@@ -225,7 +243,7 @@ class TaskScheduler:
             return
         self.pending[new] = sum(1 for p in self.tasks.predecessors(new) if p not in self.results)
         if self.pending[new] == 0:
-            self.ready[target].append(new)
+            self._release(new)
 
     def unstarted(self) -> list[TaskKey]:
         """Tasks never recorded, in a stable topological order."""
@@ -239,3 +257,172 @@ def _batches(hosts: list[str], batch: Limit | None) -> list[list[str]]:
         return [list(hosts)]
     size = max(1, batch.of(len(hosts)))
     return [hosts[i:i + size] for i in range(0, len(hosts), size)]
+
+
+# --- blocks ---------------------------------------------------------------------------------------
+
+class Outcome(str, Enum):
+    """How a block ended on one host."""
+
+    OK = "ok"
+    RESCUED = "rescued"          # a step failed, and the block's rescue steps handled it
+    FAILED = "failed"
+    INCOMPLETE = "incomplete"    # a step did not run (upstream failure elsewhere, window, interrupt)
+
+
+NO_RESCUE = "block succeeded: no rescue needed"
+PLANNED_NO_RESCUE = "block predicted to succeed"   # a plan's reason for a rescue step; apply knows it by this
+
+
+class BlockOutcomes:
+    """Per host, how each block ended: what its rescue steps, and the steps after it, wait for.
+
+    A failed step inside a block with `rescue:` does not count for its host (max_failures,
+    on_failure) until the block's steps all ended: if the rescue succeeded, the failure is marked
+    rescued; otherwise the host counts as failed then.
+    """
+
+    def __init__(self, steps: StepGraph, tasks: nx.DiGraph, mode: RunMode, notice: Callable[[str], None],
+                 results: dict[TaskKey, TaskResult]):
+        from runbook.compose import enclosing_groups, rescue_of
+
+        pb = steps.playbook
+        self.pb = pb
+        self.mode = mode
+        self.notice = notice
+        self.groups = {gid: g for gid, g in pb._groups.items() if g.section == "steps"}
+        self.within: dict[str, tuple[str, ...]] = {}     # step id -> its groups, innermost first
+        self.protected: set[str] = set()
+        self.rescue_of: dict[str, tuple[str, ...]] = {}
+        self.gates: dict[str, tuple[str, ...]] = {}
+        for sid in steps.graph:
+            step = steps.step(sid)
+            around = enclosing_groups(step)
+            self.within[sid] = tuple(g for g, _, _ in reversed(around) if g in self.groups)
+            if any(part == "block" and self.groups[g].parts.get("rescue") for g, part, _ in around if g in self.groups):
+                self.protected.add(sid)
+            self.rescue_of[sid] = tuple(g for g in rescue_of(step) if g in self.groups)
+            self.gates[sid] = tuple(steps.graph.nodes[sid].get("gates", ()))
+        self.left: Counter[tuple[str, str]] = Counter()
+        for node in tasks:
+            for gid in self.within.get(node.step_id, ()):
+                self.left[(gid, node.host)] += 1
+        self.outcomes: dict[tuple[str, str], tuple[Outcome, str]] = {}
+        self.results = results    # the scheduler's: every task's result so far
+
+    def protects(self, step_id: str) -> bool:
+        """True when a failure of the step may still be rescued (it is in the steps of a block with `rescue:`)."""
+        return step_id in self.protected
+
+    def moved(self, step_id: str, lost: str, target: str) -> None:
+        """A `once` task moved from an unreachable host to another."""
+        for gid in self.within.get(step_id, ()):
+            self.left[(gid, lost)] -= 1
+            self.left[(gid, target)] += 1
+
+    def done(self, key: TaskKey) -> list[str]:
+        """Note a finished task; return the hosts whose failure a block just failed to rescue."""
+        failed_hosts = []
+        for gid in self.within.get(key.step_id, ()):   # innermost first: an outer block sees inner outcomes
+            at = (gid, key.host)
+            self.left[at] -= 1
+            if self.left[at] != 0:
+                continue
+            outcome = self.outcomes[at] = self._outcome(gid, key.host)
+            grp = self.groups[gid]
+            if outcome[0] == Outcome.RESCUED:
+                self._mark_rescued(gid, key.host)
+            elif (grp.parts.get("rescue") and outcome[0] == Outcome.FAILED and not self.protects_group(gid)
+                  and self._state(grp.parts["block"], key.host)[0] == Outcome.FAILED):
+                failed_hosts.append(key.host)
+        return failed_hosts
+
+    def protects_group(self, gid: str) -> bool:
+        """True when a block sits in the steps of an outer block with `rescue:`."""
+        parent = self.groups[gid].parent
+        while parent is not None:
+            outer = self.groups.get(parent[0])
+            if outer is None:
+                return False
+            if parent[1] == "block" and outer.parts.get("rescue"):
+                return True
+            parent = outer.parent
+        return False
+
+    def _mark_rescued(self, gid: str, host: str) -> None:
+        from runbook.compose import group_steps
+
+        names = []
+        for sid in group_steps(self.pb, gid, ("block",)):
+            res = self.results.get(TaskKey(sid, host))
+            if res is not None and res.failed:
+                res.rescued = True
+                names.append(sid)
+        if names:
+            verb = "would be rescued" if self.mode == RunMode.PLAN else "rescued"
+            self.notice(f"{host}: block `{gid}` {verb}: step{'s' if len(names) > 1 else ''} "
+                        f"{', '.join(f'`{n}`' for n in names)} failed, its rescue steps succeeded")
+
+    def _state(self, members: list[str], host: str) -> tuple[Outcome, str, bool]:
+        """Failed, incomplete or ok over a part's units (steps and nested groups), the first cause, any unknown."""
+        state, cause, unknown = Outcome.OK, "", False
+        for unit in members:
+            if unit in self.groups:
+                sub = self.outcomes.get((unit, host))
+                sub_state, sub_cause = sub if sub is not None else (Outcome.OK, "")
+                from runbook.compose import group_steps
+
+                unknown = unknown or any((r := self.results.get(TaskKey(s, host))) is not None and r.status == Status.UNKNOWN
+                                         for s in group_steps(self.pb, unit))
+            else:
+                res = self.results.get(TaskKey(unit, host))
+                if res is None:
+                    continue   # a `once` step that ran on another host
+                unknown = unknown or res.status == Status.UNKNOWN
+                sub_state = (Outcome.FAILED if res.failed else
+                             Outcome.INCOMPLETE if res.status in BLOCKING and not res.ignored and not res.rescued
+                             else Outcome.OK)
+                sub_cause = (f"step `{unit}` {'would fail' if self.mode == RunMode.PLAN else 'failed'}"
+                             if sub_state == Outcome.FAILED else res.message)
+            if sub_state == Outcome.FAILED and state != Outcome.FAILED:
+                state, cause = Outcome.FAILED, sub_cause
+            elif sub_state == Outcome.INCOMPLETE and state == Outcome.OK:
+                state, cause = Outcome.INCOMPLETE, sub_cause
+        return state, cause, unknown
+
+    def _outcome(self, gid: str, host: str) -> tuple[Outcome, str]:
+        grp = self.groups[gid]
+        state, cause, _ = self._state(grp.parts.get("block", []), host)
+        outcome = (state, cause)
+        if state == Outcome.FAILED and grp.parts.get("rescue"):
+            rescue, why, _ = self._state(grp.parts["rescue"], host)
+            outcome = (Outcome.RESCUED, cause) if rescue == Outcome.OK else (Outcome.FAILED, why or cause)
+        if grp.parts.get("always"):
+            after, why, _ = self._state(grp.parts["always"], host)
+            if after == Outcome.FAILED or (after == Outcome.INCOMPLETE and outcome[0] in (Outcome.OK, Outcome.RESCUED)):
+                outcome = (after, why)
+        return outcome
+
+    def blocked(self, node: TaskKey) -> str | None:
+        """Why a task after a block with rescue/always must not run (the block failed), or None."""
+        for gid in self.gates.get(node.step_id, ()):
+            outcome, cause = self.outcomes.get((gid, node.host), (Outcome.OK, ""))
+            if outcome == Outcome.FAILED:
+                verb = "would fail" if self.mode == RunMode.PLAN else "failed"
+                return f"block `{gid}` {verb}" + (f" ({cause})" if cause else "")
+            if outcome == Outcome.INCOMPLETE:
+                return cause or f"block `{gid}` did not complete"
+        return None
+
+    def rescue_gate(self, key: TaskKey) -> tuple[Status, str] | None:
+        """Whether a rescue step runs: None when a step of its block failed on the host; else its result."""
+        for gid in self.rescue_of.get(key.step_id, ()):
+            state, _, unknown = self._state(self.groups[gid].parts.get("block", []), key.host)
+            if state == Outcome.FAILED:
+                continue
+            if self.mode == RunMode.PLAN:
+                if unknown:
+                    return Status.UNKNOWN, f"block `{gid}` may fail (a step of it is unknown): this rescue step may run"
+                return Status.SKIPPED, PLANNED_NO_RESCUE
+            return Status.SKIPPED, NO_RESCUE
+        return None
