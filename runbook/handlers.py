@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from runbook.model import Playbook, Step
 
 PREFIX = "handler:"
-FLUSH_KEYS = frozenset({"name", "id", "flush_handlers", "tags", "vars"})   # all a flush point may carry
+FLUSH_KEYS = frozenset({"name", "id", "flush_handlers", "tags", "vars", "sudo"})   # what a flush point may carry (or inherit)
 
 
 
@@ -76,24 +76,54 @@ class Segment:
 
 
 class HandlerIndex:
-    """Handlers by id and by name (`notify:` may use either)."""
+    """Handlers by id and by name (`notify:` may use either), in their include/role namespaces.
+
+    A step notifies `X` in its own namespace first (a role's step names its role's handler), then at
+    the top; a bare name that only one namespaced handler has (a role's) also finds it.
+    """
 
     def __init__(self, handlers: list[Step]):
         self.handlers = handlers
         self.keys: dict[str, int] = {}
+        self.bare: dict[str, list[int]] = {}
         for i, h in enumerate(handlers):
-            for key in (h.step_id, h.name):
+            ns = namespace_of(h)
+            for key in (h.step_id, ns + h.name):
                 self.keys.setdefault(key, i)
+            for key in dict.fromkeys((h.step_id.removeprefix(ns), h.name)):
+                self.bare.setdefault(key, []).append(i)
 
-    def resolve(self, name: str) -> int | None:
-        """The position of the handler `name` refers to, or None."""
-        return self.keys.get(name)
+    def resolve(self, name: str, ns: str = "") -> int | None:
+        """The position of the handler `name` refers to from namespace `ns`, or None."""
+        for key in (ns + name, name):
+            if key in self.keys:
+                return self.keys[key]
+        found = self.bare.get(name, [])
+        return found[0] if len(found) == 1 else None
 
     def hint(self, name: str) -> str:
         """What to tell an author whose `notify` names no handler."""
         if not self.handlers:
             return "the playbook has no `handlers:`; add one with this name, or remove the `notify`"
+        several = self.bare.get(name, [])
+        if len(several) > 1:
+            return "several roles or includes have it: name one as " + " or ".join(
+                f"`{self.handlers[i].step_id}`" for i in several)
         return did_you_mean(name, set(self.keys)) or "known handlers: " + ", ".join(f"`{h.name}`" for h in self.handlers)
+
+
+def enclosing_groups_of(step: Step) -> tuple:
+    """The blocks, includes and roles around a flat step."""
+    from runbook.compose import enclosing_groups
+
+    return enclosing_groups(step)
+
+
+def namespace_of(step: Step) -> str:
+    """The include/role namespace a step is in ("" for the playbook's own)."""
+    from runbook.compose import namespace
+
+    return namespace(step)
 
 
 def is_flush(step: Step) -> bool:
@@ -120,7 +150,7 @@ def segment_instances(playbook: Playbook, index: HandlerIndex, segment: Segment)
     notified: dict[int, list[Notifier]] = {}
     for step in segment.steps:
         for name in step.notify:
-            pos = index.resolve(name)
+            pos = index.resolve(name, namespace_of(step))
             if pos is not None:
                 notified.setdefault(pos, []).append(Notifier(step.step_id, step.name))
     flush = segment.flush.step_id if segment.flush is not None else None
@@ -131,7 +161,7 @@ def segment_instances(playbook: Playbook, index: HandlerIndex, segment: Segment)
         inst = Instance(task_id(handler.step_id, flush), pos, flush, tuple(dict.fromkeys(notified[pos])))
         out.append(inst)
         for name in handler.notify:
-            later = index.resolve(name)
+            later = index.resolve(name, namespace_of(handler))
             if later is not None and later > pos:   # an earlier one is an error (check_handlers)
                 notified.setdefault(later, []).append(Notifier(inst.task_id, handler.name))
     return out
@@ -167,8 +197,11 @@ def check_handlers(playbook: Playbook) -> list[Problem]:
         if is_flush(h):
             problems.add("`flush_handlers` is a step of `steps:`, not a handler", locate(playbook, h, "flush_handlers"),
                          "move it into `steps:` where the handlers should run", code="flush-misplaced")
+        if enclosing_groups_of(h):
+            problems.add(f"handler `{h.step_id}` is inside a block or include in `handlers:`", locate(playbook, h),
+                         "a handler is one step: give each step its own handler and notify them all", code="handler-group")
         for j, name in enumerate(h.notify):
-            pos = index.resolve(name)
+            pos = index.resolve(name, namespace_of(h))
             if pos is not None and pos <= i:
                 other = playbook.handlers[pos].step_id
                 problems.add(f"handler `{h.step_id}` notifies `{name}`, which is " + ("itself" if pos == i else "listed before it"),
@@ -186,7 +219,7 @@ def check_handlers(playbook: Playbook) -> list[Problem]:
 def _check_duplicates(playbook: Playbook, problems: Problems) -> None:
     seen: dict[str, Step] = {}
     for h in playbook.handlers:
-        for key, field in ((h.step_id, "id" if h.id else "name"), (h.name, "name")):
+        for key, field in ((h.step_id, "id" if h.id else "name"), (namespace_of(h) + h.name, "name")):
             first = seen.get(key)
             if first is not None and first is not h:
                 problems.add(f"duplicate handler {'id' if field == 'id' else 'name'} `{key}` (first used at line "
@@ -202,7 +235,7 @@ def _check_notify(playbook: Playbook, section: str, step: Step, index: HandlerIn
                      "handlers run before on_failure steps; do the work in an on_failure step instead", code="notify-on-failure")
         return
     for j, name in enumerate(step.notify):
-        if index.resolve(name) is None:
+        if index.resolve(name, namespace_of(step)) is None:
             problems.add(f"`notify` names unknown handler `{name}`", locate(playbook, step, "notify", j), index.hint(name),
                          code="unknown-handler")
 
@@ -220,7 +253,8 @@ def _check_flush(playbook: Playbook, section: str, step: Step, problems: Problem
     if extra:
         key = str(type(step).model_fields[extra[0]].alias or extra[0])
         problems.add(f"a `flush_handlers: true` step takes only `name` and `id`, not `{key}`", locate(playbook, step, key),
-                     "a flush point runs the handlers notified so far on every host that got there; it has no conditions",
+                     "a flush point runs the handlers notified so far on every host that got there; it cannot be "
+                     "conditional, neither itself nor through an enclosing block, include or role",
                      code="flush-keys")
 
 

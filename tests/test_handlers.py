@@ -329,6 +329,19 @@ def test_tags_filter_handlers_like_steps(tmp_path: Path, go: Callable[..., RunRe
     assert status(result, "a", "handler:audit") == ("skipped", "tag filter")
 
 
+def test_a_looped_notifier_counts_by_its_aggregate_result_and_a_handler_may_loop(
+        tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    doc = {"steps": [{"name": "conf", "loop": ["x", "y"], "shell": "echo {{ item }} >> {{ dir }}/log",
+                      "changed_when": "item == 'y' and inventory_hostname == 'b'", "notify": "restart"}],
+           "handlers": [{"name": "restart", "loop": ["r1", "r2"], "shell": "echo {{ item }} >> {{ dir }}/log"}]}
+    result = go(doc, hosts=["a", "b"])
+    assert result.exit_code() == 0
+    assert log(tmp_path, "a") == ["x", "y"] and log(tmp_path, "b") == ["x", "y", "r1", "r2"]
+    assert status(result, "a", "handler:restart")[0] == "skipped"
+    plan = go(doc, hosts=["a", "b"], mode="plan")
+    assert status(plan, "a", "handler:restart")[0] == "unknown"   # changed_when reads the output
+
+
 def test_a_handler_may_share_a_steps_name(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     result = go({"steps": [{"name": "restart", "shell": "echo step >> {{ dir }}/log", "notify": "restart"}],
                  "handlers": [{"name": "restart", "shell": "echo handler >> {{ dir }}/log", "register": "r"}]})
@@ -400,3 +413,68 @@ def test_apply_decides_handlers_from_what_notifiers_really_did(tmp_path: Path, g
         "skipped", "not notified: `conf` did not change on this host; the reviewed plan expected it to run")
     warnings = [m for kind, m in recorder.events if kind == "notice" and "handler:restart" in m]
     assert warnings and "b: `handler:restart` runs although the reviewed plan said skip" in warnings[0]
+
+
+# --- roles and blocks (compose) -------------------------------------------------------------------------
+
+def write_roles(tmp_path: Path) -> None:
+    for role in ("web", "db"):
+        d = tmp_path / "roles" / role
+        d.mkdir(parents=True)
+        (d / "steps.yml").write_text(f"- name: {role} conf\n  shell: echo {role}conf >> {{{{ dir }}}}/log\n  notify: restart\n")
+        (d / "handlers.yml").write_text(f"- name: restart\n  shell: echo {role}-restart >> {{{{ dir }}}}/log\n")
+
+
+def test_roles_handlers_are_namespaced_and_a_roles_step_notifies_its_own(
+        tmp_path: Path, local_inventory: InventoryWriter) -> None:
+    write_roles(tmp_path)
+    pb = write(tmp_path, """\
+        runbook: t
+        steps:
+          - role: web
+          - role: db
+          - {name: top, shell: "echo top >> {{ dir }}/log", notify: [db/restart]}
+        handlers:
+          - {name: restart, shell: "echo top-restart >> {{ dir }}/log"}
+        """)
+    g = StepGraph.build(load_playbook(pb))
+    inst = g.graph.nodes["handler:db/restart"]["handler"]
+    assert [n.task_id for n in inst.notifiers] == ["db/db-conf", "top"]
+    assert "handler:restart" not in g.graph   # the playbook's own `restart`: nobody notified it
+    result = run(pb, str(local_inventory(["a"])), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"))
+    assert result.exit_code() == 0
+    assert log(tmp_path, "a") == ["webconf", "dbconf", "top", "web-restart", "db-restart"]
+
+
+def test_a_bare_name_several_roles_have_is_ambiguous(tmp_path: Path) -> None:
+    write_roles(tmp_path)
+    [(line, message, hint, code)] = problems(tmp_path, """\
+        runbook: t
+        steps:
+          - role: web
+          - role: db
+          - {name: top, shell: "true", notify: restart}
+        """)
+    assert (line, code) == (5, "unknown-handler")
+    assert hint == "several roles or includes have it: name one as `web/restart` or `db/restart`"
+
+
+def test_a_block_in_handlers_is_refused(tmp_path: Path) -> None:
+    found = problems(tmp_path, """\
+        runbook: t
+        steps:
+          - {name: a, shell: "true", notify: one}
+        handlers:
+          - name: grouped
+            block:
+              - {name: one, shell: "true"}
+        """)
+    assert [(line, code) for line, *_, code in found] == [(7, "handler-group")]
+
+
+def test_the_console_counts_handler_tasks(tmp_path: Path) -> None:
+    from runbook.console import _Progress
+
+    progress = _Progress(["h1", "h2"], load_playbook(write(tmp_path, GRAPH_PB)))
+    assert progress.total == {"h1": 9, "h2": 9}
+    assert progress.attempts["handler:reload:flush-now"] == 1 and progress.attempts["handler:restart-app"] == 1
