@@ -24,7 +24,7 @@ def facts(host: str, inventory: tuple[str, ...], host_key_checking: str | None, 
     runs over the connection. Exit codes: 0 gathered, 2 the gather failed, 3 unreachable, 4 unknown host.
     """
     from runbook.audit import Redactor
-    from runbook.connections import ConnectOptions, connect
+    from runbook.connections import Connection, ConnectOptions, connect
     from runbook.connections.local import LocalConnection
     from runbook.facts import gather
     from runbook.inventory import Inventory
@@ -34,6 +34,7 @@ def facts(host: str, inventory: tuple[str, ...], host_key_checking: str | None, 
     inv = Inventory.load(list(inventory) if inventory else None)
     for w in inv.warnings:
         click.echo(w.render(), err=True)
+    conn: Connection
     if host == CONTROLLER:
         conn, redactor = LocalConnection(CONTROLLER), Redactor()
     else:
