@@ -339,37 +339,38 @@ def _names(notifiers: list[Notifier]) -> str:
 
 
 class Notifications:
-    """What each notifier task did on each host (including, on resume, in the earlier run), for handler verdicts.
+    """Handler instances and their verdicts, read from the results of their notifier tasks.
 
-    A `once: true` notifier ran on one host for all of them: its change notifies the handler on every
-    host (as Ansible's run_once).
+    `results` is the controller's record of every task so far (the scheduler's, with an earlier run's
+    on resume): only there is every notifier's result known, so only there is a handler's run decided
+    (a cluster worker gets the decision with the task). A `once: true` notifier ran on one host for
+    all of them: its change notifies the handler on every host (as Ansible's run_once).
     """
 
-    def __init__(self, g: nx.DiGraph, previous: Mapping[Any, Any] | None = None):
+    def __init__(self, g: nx.DiGraph, hosts: Iterable[str]):
         self.instances: dict[str, Instance] = {v: d["handler"] for v, d in g.nodes(data=True) if "handler" in d}
-        self.watched = {n.task_id for inst in self.instances.values() for n in inst.notifiers}
-        self.once = {v for v in self.watched if v in g and getattr(g.nodes[v]["step"], "once", False)}
-        self._results: dict[tuple[str, str], Any] = {}
-        for key, res in (previous or {}).items():
-            self.record(key.step_id, key.host, res)
+        watched = {n.task_id for inst in self.instances.values() for n in inst.notifiers}
+        self.once = {v for v in watched if v in g and getattr(g.nodes[v]["step"], "once", False)}
+        self.hosts = list(hosts)
+        self.results: Mapping[Any, Any] | None = None   # set on the controller (the executor's scheduler results)
 
     def instance(self, task: str) -> Instance | None:
         """The handler instance a task id names, or None."""
         return self.instances.get(task) if self.instances else None
 
-    def record(self, task: str, host: str, res: Any) -> None:
-        """Keep the result of a notifier task (others are ignored)."""
-        if task in self.watched:
-            self._results[(task, "" if task in self.once else host)] = res
+    def _result(self, source: Mapping[Any, Any], task: str, host: str) -> Any:
+        if task in self.once:   # keyed by the host it ran on (the first, or the next when that one was unreachable)
+            return next((source[(task, h)] for h in self.hosts if (task, h) in source), None)
+        return source.get((task, host))   # a TaskKey is a (step id, host) tuple
 
-    def verdict(self, inst: Instance, host: str, *, plan: bool) -> Verdict:
+    def verdict(self, inst: Instance, host: str, *, plan: bool, results: Mapping[Any, Any] | None = None) -> Verdict:
         """Whether `inst` runs on `host`: a notifier changed (or, in a plan, is predicted to), none did, or unknown."""
+        source = results if results is not None else self.results or {}
         changed: list[Notifier] = []
         unknown: list[Notifier] = []
         quiet: list[Notifier] = []
         for n in inst.notifiers:
-            res = self._results.get((n.task_id, "" if n.task_id in self.once else host))
-            status = getattr(res, "status", None)
+            status = getattr(self._result(source, n.task_id, host), "status", None)
             (changed if status == Status.CHANGED else unknown if status == Status.UNKNOWN else quiet).append(n)
         if changed:
             return Verdict(Notice.NOTIFIED, f"notified by {_names(changed)} ({'predicted change' if plan else 'changed'})")

@@ -101,6 +101,7 @@ class Executor:
         self.result.unreachable = self.scheduler.unreachable
         self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
                                  Registers(self.host_order, options.registers), self._conn_for)
+        self.runner.notifications.results = self.scheduler.results   # handlers run by what their notifiers did
         if self.scheduler.blocks is not None:   # a block's rescue steps run only where the block failed
             self.runner.block_gate = self.scheduler.blocks.rescue_gate
         self.predictor = Predictor(self.runner, self.tasks, self.scheduler.results, options.predictions,

@@ -183,7 +183,7 @@ class Predictor:
         if inst is None:
             return self._predict_step(key, step, action, conn, ctx, res)
         # A handler: it runs if a notifier is predicted to change; as a passed guard, that makes a command `change`.
-        verdict = self.runner.notifications.verdict(inst, key.host, plan=True)
+        verdict = self.runner.notifications.verdict(inst, key.host, plan=True, results=self.results)
         if verdict.notice == Notice.NOT_NOTIFIED:
             return Prediction(PredictionKind.SKIP, verdict.reason)
         notified = verdict.reason if verdict.notice == Notice.NOTIFIED else None

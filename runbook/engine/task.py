@@ -64,10 +64,25 @@ class TaskRunner:
         # Every selected host's inventory variables, by name (Ansible's `hostvars`); the sandbox is
         # immutable, so templates can read but never change them.
         self.hostvars = MappingProxyType({name: MappingProxyType(h.vars) for name, h in hosts.items()})
-        # What notifier tasks did on each host (an earlier run's too, on resume): whether a handler runs.
-        self.notifications = Notifications(steps.graph, options.previous)
+        # Handler instances; on the controller the executor points `results` at every task's result so far.
+        self.notifications = Notifications(steps.graph, hosts)
         # Whether a block's rescue step runs on a host (scheduling.BlockOutcomes.rescue_gate; set by the executor).
-        self.block_gate: Callable[[TaskKey], tuple[Status, str] | None] | None = None
+        self._rescue_gate: Callable[[TaskKey], tuple[Status, str] | None] | None = None
+
+    @property
+    def block_gate(self) -> Callable[[TaskKey], tuple[Status, str] | None]:
+        """What skips a task before it starts: an unnotified handler (decided on the controller), then the block gate.
+
+        A cluster asks the controller's gate for each task it sends and runs it on the worker by that verdict.
+        """
+        return self._gate
+
+    @block_gate.setter
+    def block_gate(self, gate: Callable[[TaskKey], tuple[Status, str] | None] | None) -> None:
+        self._rescue_gate = gate
+
+    def _gate(self, key: TaskKey) -> tuple[Status, str] | None:
+        return self._handler_gate(key) or (self._rescue_gate(key) if self._rescue_gate is not None else None)
 
     def action(self, step: Step) -> Action:
         """The action object of a step (made once per run)."""
@@ -81,9 +96,6 @@ class TaskRunner:
     def run(self, key: TaskKey, rescue: bool = False) -> TaskResult:
         """Run the task `key` in the run's mode (on_failure steps always for real) and report it."""
         step = self.steps.step(key.step_id)
-        unnotified = self._unnotified_handler(key, step)
-        if unnotified is not None:
-            return unnotified
         gated = self._rescue_gated(key, step, rescue)
         if gated is not None:
             return gated
@@ -151,17 +163,17 @@ class TaskRunner:
         self._noted(res)
 
     def _noted(self, res: TaskResult) -> None:
-        """Keep a notifier's result for its handlers; say why a handler that ran did."""
-        self.notifications.record(res.step_id, res.host, res)
+        """Say why a handler that ran did (the controller knows its notifiers' results)."""
         inst = self.notifications.instance(res.step_id)
-        if inst is not None and not res.message and res.status in (Status.OK, Status.CHANGED):
+        if inst is not None and self.notifications.results is not None and not res.message \
+                and res.status in (Status.OK, Status.CHANGED):
             res.message = self.notifications.verdict(inst, res.host, plan=self.opt.mode == RunMode.PLAN).reason
 
-    def _unnotified_handler(self, key: TaskKey, step: Step) -> TaskResult | None:
-        """A handler instance nothing notified on this host: its skipped result, reported; None when it runs."""
+    def _handler_gate(self, key: TaskKey) -> tuple[Status, str] | None:
+        """(skipped, why) for a handler instance nothing notified on this host; None when it runs (or is no handler)."""
         inst = self.notifications.instance(key.step_id)
-        if inst is None or not self.tags_allow(step):
-            return None   # a step, or a handler the tag filter skips in the usual way
+        if inst is None or self.notifications.results is None or not self.tags_allow(self.steps.step(key.step_id)):
+            return None   # a step, a worker (the controller decided), or a handler the tag filter skips as usual
         plan = self.opt.mode == RunMode.PLAN
         verdict = self.notifications.verdict(inst, key.host, plan=plan)
         saved = (self.opt.predictions or {}).get(key) if not plan else None
@@ -172,18 +184,15 @@ class TaskRunner:
                 self.events.notice(self.info, "warning", f"{key.host}: `{key.step_id}` runs although the reviewed plan "
                                    f"said {saved.kind}: {verdict.reason}")
             return None
-        res = TaskResult(key.host, key.step_id, step.action, Status.OK, started_at=time.time())
-        skip(res, verdict.reason + ("; the reviewed plan expected it to run" if saved is not None
-                                    and str(saved.kind) == PredictionKind.CHANGE else ""))
-        if plan:
-            res.prediction = PredictionKind.SKIP
-        self._finalize(step, res, False)
-        self.events.task_finished(self.info, res)
-        return res
+        expected = saved is not None and str(saved.kind) == PredictionKind.CHANGE
+        return Status.SKIPPED, verdict.reason + ("; the reviewed plan expected it to run" if expected else "")
 
     def _rescue_gated(self, key: TaskKey, step: Step, rescue: bool) -> TaskResult | None:
-        """A block's rescue step on a host where no step of the block failed: its skipped (plan: or unknown) result."""
+        """A step skipped before it starts: a rescue step where its block did not fail (plan: skip or unknown), or a
+        step before --start-at-step."""
         verdict = self.block_gate(key) if self.block_gate is not None and not rescue else None
+        if step._skip and not rescue:
+            verdict = (Status.SKIPPED, step._skip)   # before --start-at-step: not even its conditions are read
         if verdict is None:
             return None
         status, reason = verdict
