@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from runbook import run
 from runbook.audit import read_records
 from runbook.cli import main
 from runbook.engine.loops import MAX_ITEMS, safe_label
+from runbook.events import Observer, RunInfo
 from runbook.loader import validate_playbook
 from runbook.results import RunResult, Status, TaskResult
 from runbook.state import load_state
@@ -361,3 +363,39 @@ def test_a_secret_inside_an_item_is_redacted_everywhere(tmp_path: Path, capsys: 
     everything = out + err + perr + audit.read_text() + (tmp_path / "plan.json").read_text() + state
     assert declared not in everything and literal not in everything
     assert "tokens[***]" in err and "labelled[***]" in err
+
+
+def test_until_is_checked_per_item(tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    result = go([{"name": "grow", "shell": "echo x >> {{ dir }}/{{ item }}; wc -l < {{ dir }}/{{ item }}",
+                  "until": "result.stdout | int >= item", "retries": 4, "loop": [1, 3]}])
+    assert [r.attempts for r in items_of(result, "grow")] == [1, 3]
+    assert result.exit_code() == 0
+
+
+class _StopAfter(Observer):
+    """Sets the run's stop event when a given task finishes (critical: before anything else starts)."""
+
+    critical = True
+
+    def __init__(self, key: str, stop: threading.Event):
+        self.key, self.stop = key, stop
+
+    def task_finished(self, run: RunInfo, result: TaskResult) -> None:
+        if result.step_id == self.key:
+            self.stop.set()
+
+
+def test_a_stopped_run_starts_no_new_item_and_resume_runs_only_the_rest(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], write_playbook: PlaybookWriter,
+        local_inventory: InventoryWriter) -> None:
+    inv = local_inventory(["a"])
+    pb = write_playbook([{"name": "each", "shell": "echo {{ item }} >> {{ dir }}/count", "loop": [1, 2, 3]}])
+    audit, runs = tmp_path / "audit.jsonl", tmp_path / "runs"
+    stop = threading.Event()
+    first = run(pb, str(inv), audit_log=str(audit), state_dir=str(runs), stop=stop, observers=[_StopAfter("each[1]", stop)])
+    assert (hdir(tmp_path) / "count").read_text().split() == ["1"]
+    assert [r.status for r in items_of(first, "each")] == [Status.CHANGED, Status.NOT_RUN, Status.NOT_RUN]
+    assert status_of(first, "each") == Status.NOT_RUN
+    code, _, err = cli(capsys, "resume", first.run_id, "-i", inv, "--audit-log", audit, "--state-dir", runs)
+    assert code == 0, err
+    assert (hdir(tmp_path) / "count").read_text().split() == ["1", "2", "3"]

@@ -273,8 +273,10 @@ class LoopRunner:
             return done
         res = TaskResult(host, item.key, step.action, Status.OK, started_at=time.time(), on_failure=self.rescue,
                          parent=step.step_id, item_label=item.label, item_index=item.index, item=item.value)
-        if r.cancel.is_set() and self.halt is None:
+        if self.halt is None and r.cancel.is_set():
             self.halt = "not started: the run was aborted"
+        elif self.halt is None and r.opt.stop is not None and r.opt.stop.is_set():
+            self.halt = "not started: the run is stopping"   # the program running it shuts down
         if self.halt is not None:
             res.status, res.message = Status.NOT_RUN, self.halt
         else:
@@ -329,14 +331,16 @@ def aggregate(res: TaskResult, results: list[TaskResult]) -> None:
     for i in results:
         counts[i.status.value] = counts.get(i.status.value, 0) + 1
     summary = f"{len(results)} item(s): " + ", ".join(f"{n} {s}" for s, n in counts.items())
-    failed = [i for i in results if i.status in (Status.FAILED, Status.NOT_RUN)]
+    failed = [i for i in results if i.status == Status.FAILED]
+    not_run = [i for i in results if i.status == Status.NOT_RUN]
     drifted = next((i for i in results if i.status == Status.DRIFT), None)
     res.changed = any(i.changed for i in results)
     if failed:
-        labels = ", ".join(str(i.item_label) for i in failed[:5]) + (" …" if len(failed) > 5 else "")
-        res.status, res.message = Status.FAILED, f"{len(failed)} of {len(results)} item(s) failed or did not run ({labels}); {summary}"
+        res.status, res.message = Status.FAILED, f"{len(failed)} of {len(results)} item(s) failed ({_labels(failed)}); {summary}"
     elif drifted is not None:
         res.status, res.message = Status.DRIFT, f"item `{drifted.item_label}`: {drifted.message}"
+    elif not_run:   # stopped between items: resume runs the rest
+        res.status, res.message = Status.NOT_RUN, f"{len(not_run)} of {len(results)} item(s) not run: {not_run[0].message}"
     elif counts.get("unknown"):
         res.status, res.message = Status.UNKNOWN, summary
     elif res.changed:
@@ -347,6 +351,10 @@ def aggregate(res: TaskResult, results: list[TaskResult]) -> None:
         res.status, res.message = Status.OK, summary
     res.from_run = None
     res.attempts = max((i.attempts for i in results), default=0)
+
+
+def _labels(results: list[TaskResult], limit: int = 5) -> str:
+    return ", ".join(str(i.item_label) for i in results[:limit]) + (" …" if len(results) > limit else "")
 
 
 def _plan_loop_value(res: TaskResult, entries: list[dict[str, Any]], name: str) -> dict[str, Any]:
