@@ -224,3 +224,42 @@ def test_a_host_that_fails_before_the_end_runs_no_end_handlers_and_the_console_s
     assert ("h1: handler:restart-app:apply-now: skipped — not notified: `write config`, `write env` did not change "
             "on this host") in lines
     assert "h0: handler:announce:apply-now: changed — notified by `restart app` (changed)" in lines
+
+
+CLUSTERED = """\
+runbook: handlers-clustered
+hosts: all
+vars: {d: "{{ home }}/svc"}
+steps:
+  - name: open ticket
+    shell: "true"
+    once: true
+    notify: announce
+  - name: write config
+    copy: {dest: "{{ d }}/app.conf", content: "port = 8080\\n"}
+    notify: restart app
+handlers:
+  - name: restart app
+    shell: echo restart >> {{ d | quote }}/events
+  - name: announce
+    shell: echo announce >> {{ d | quote }}/events
+"""
+
+
+def test_a_cluster_runs_handlers_as_decided_on_the_controller(
+        work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path) -> None:
+    from tests.helpers import cli as subprocess_cli
+
+    hosts = clean_ssh_hosts[:3]
+    seed(hosts[0], {"svc/.keep": ""})
+    (work / "clustered.yml").write_text(CLUSTERED)
+    done = subprocess_cli("run", "clustered.yml", "-i", "inv.yml", "--known-hosts", str(known_hosts), "-y",
+                          "--format", "json", "--cluster", "local:2", cwd=work, timeout=240)
+    assert done.returncode == 0, done.stderr
+    results = {(r["host"], r["step_id"]): r for r in json.loads(done.stdout)["results"]}
+    # The once step ran on h0's worker; its change notifies `announce` on every host, whichever worker
+    # holds it. `restart app` runs where the config changed (h0, h2), not on h1.
+    assert [events(h) for h in hosts] == [["restart", "announce"], ["announce"], ["restart", "announce"]]
+    assert results[("h1", "handler:restart-app")]["status"] == "skipped"
+    assert results[("h1", "handler:restart-app")]["message"] == "not notified: `write config` did not change on this host"
+    assert {r.get("worker") for r in results.values() if r["step_id"].startswith("handler:")} - {None}
