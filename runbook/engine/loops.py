@@ -182,6 +182,7 @@ class LoopRunner:
         self.predictor = runner.predictor if (self.plan or self.apply) else None
         self.ctx: dict[str, Any] = {}
         self.halt: str | None = None                          # why the items left must not start
+        self.checked_first = 0                                # apply: leading items checked for drift
         self.reg_states: dict[int, tuple[str, Any]] = {}      # plan: item index -> what its register knows
 
     def run(self) -> TaskResult:
@@ -247,16 +248,20 @@ class LoopRunner:
                 self.predictor.stop_host(self.key.host, f"host stopped: `{self.step.step_id}` drifted from the plan")
                 return False
             self.predictor.warn(f"{self.key.host}: {drift} (--allow-drift)")
-        self.predictor.admit_items(self.key, keys)
+        self.checked_first = self.predictor.admit_items(self.key, keys)
         return True
 
     def _run_items(self, res: TaskResult, items: list[LoopItem]) -> None:
-        width = min(self.step.loop_concurrency or 1, len(items))
-        if width == 1:
-            results = [self._item(i) for i in items]
+        # Apply: the items checked for drift run first, one by one, so a drift stops the host before
+        # the loop's first planned change; the rest run `loop_concurrency` at a time.
+        first = [self._item(i) for i in items[:self.checked_first]]
+        rest = items[self.checked_first:]
+        width = min(self.step.loop_concurrency or 1, len(rest))
+        if width <= 1:
+            results = first + [self._item(i) for i in rest]
         else:
             with ThreadPoolExecutor(max_workers=width, thread_name_prefix="runbook-loop") as pool:
-                results = list(pool.map(self._item, items))
+                results = first + list(pool.map(self._item, rest))
         aggregate(res, results)
         if self.plan:
             res.prediction = _PREDICTION.get(res.status, PredictionKind.UNKNOWN)

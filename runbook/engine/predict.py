@@ -307,16 +307,23 @@ class Predictor:
         return ("drift: the loop's items differ from the plan's ("
                 + (what or "the same items in another order") + ")")
 
-    def admit_items(self, key: TaskKey, item_keys: list[str]) -> None:
-        """Items whose reviewed prediction rests only on state nothing before them changes get the drift check."""
+    def admit_items(self, key: TaskKey, item_keys: list[str]) -> int:
+        """Items whose reviewed prediction rests only on state nothing before them changes get the drift check.
+
+        Returns how many leading items got it: they must run one after another, so that a drift is
+        refused before the loop's first planned change.
+        """
         if key not in self.drift_checkable:
-            return
+            return 0
         unknown = SavedPrediction(PredictionKind.UNKNOWN)
+        admitted = 0
         for sid in item_keys:
             item = TaskKey(sid, key.host)
             self.drift_checkable.add(item)
+            admitted += 1
             if _kind(self.predictions.get(item, unknown).kind) not in _RESTS_ON_NOTHING:
                 break   # the items after it come after a planned (or possible) change
+        return admitted
 
 
 def _items_by_node(predictions: Mapping[TaskKey, SavedPrediction]) -> dict[TaskKey, list[str]]:
