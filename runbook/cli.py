@@ -184,6 +184,10 @@ def _run_options(f):
         click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG", help=_AUDIT_HELP),
         click.option("--operator", envvar="RUNBOOK_OPERATOR", help="Who runs this (default: $RUNBOOK_OPERATOR, else the OS user)."),
         click.option("-v", "--verbose", is_flag=True, help=_VERBOSE_HELP),
+        click.option("--list-steps", is_flag=True,
+                     help="Print the steps in order (includes, roles and blocks expanded) and exit; connects to nothing."),
+        click.option("--start-at-step", metavar="ID|NAME",
+                     help="Begin at this step: every step it depends on is skipped (reason: before --start-at-step)."),
         _cluster_option(),
     ]
     for o in reversed(opts):
@@ -223,7 +227,31 @@ def _request(kw: dict[str, Any], mode: str, **extra: Any):
                       skip_tags=_split(kw["skip_tags"]), host_key_checking=kw["host_key_checking"],
                       known_hosts=kw["known_hosts"], connect_timeout=kw["connect_timeout"],
                       concurrency=kw["concurrency"], operator=kw["operator"], audit_log=kw["audit_log"],
-                      handle_signals=True, cluster=_checked_cluster(kw.get("cluster")), **extra)
+                      handle_signals=True, cluster=_checked_cluster(kw.get("cluster")),
+                      start_at_step=kw.get("start_at_step"), **extra)
+
+
+def _list_steps(playbook: str, output: str) -> None:
+    """`--list-steps`: the expanded steps, in order, without an inventory or a connection."""
+    from runbook.compose import step_listing
+    from runbook.loader import load_playbook
+
+    rows = step_listing(load_playbook(playbook))
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from runbook.console import visible
+
+    headers = ("id", "name", "action", "tags", "block")
+    table = [[visible(str(r[h] if h != "tags" else ",".join(r["tags"]))) for h in headers] for r in rows]
+    widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(headers)]
+    section = None
+    for r, row in zip(rows, table):
+        if r["section"] != section:
+            section = r["section"]
+            click.echo(f"{section}:")
+            click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        click.echo("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
 def _check_tags(playbook, request) -> None:
@@ -298,6 +326,8 @@ def _check_window_flags(kw: dict[str, Any]) -> None:
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report of the run to FILE.")
 def run(playbook: str, dry_run: bool, yes: bool, **kw: Any) -> None:
     """Run a playbook on the selected hosts."""
+    if kw["list_steps"]:
+        return _list_steps(playbook, kw["output"])
     if dry_run and kw["report"]:
         raise click.UsageError("--report needs a real run; for a dry run: runbook plan ... --out plan.json, then runbook show plan.json --html FILE")
     if dry_run:
@@ -362,6 +392,9 @@ def _plan(playbook: str, out: str | None, kw: dict[str, Any]) -> None:
     from runbook.console import ConsoleView, make_console, render_plan
     from runbook.plan import build_plan, plan_key, write_plan
     from runbook.runner import execute, prepare
+
+    if kw["list_steps"]:
+        return _list_steps(playbook, kw["output"])
 
     key = plan_key(kw.get("sign_key"))   # a bad key file fails before any host is contacted
     _check_out_dir(out)

@@ -31,6 +31,21 @@ GroupKind = Literal["block", "include", "role"]
 Reader = Callable[[Path, str], str]
 
 
+class KeptFiles:
+    """A reader serving the file texts a plan kept (a file not kept, because it held a secret, is read from disk)."""
+
+    def __init__(self, texts: dict[str, str | None]):
+        self.texts = dict(texts)
+
+    def __call__(self, path: Path, what: str) -> str:
+        text = self.texts.get(str(path))
+        return text if text is not None else _read_file(path, what)
+
+    def has(self, path: Path) -> bool:
+        """True when the plan kept this file (it need not exist here: the plan may be applied elsewhere)."""
+        return str(path.resolve()) in self.texts
+
+
 @dataclass(frozen=True)
 class Origin:
     """Where a step (or group) is written: its file's source map, its path in that document, and how it got here."""
@@ -202,6 +217,7 @@ class _Composer:
         self.count = 0
         self.ids: dict[str, Location] = {}
         self.role_handlers: list[Step] = []
+        self.parsed: dict[str, tuple[list[Step], SourceMap] | None] = {}
 
     def run(self) -> None:
         pb = self.playbook
@@ -370,7 +386,7 @@ class _Composer:
                               code="role-name")
             return None
         dirs = [self.base / "roles", *(Path(p) for p in os.environ.get(ROLES_ENV, "").split(":") if p)]
-        role_dir = next((d / name for d in dirs if (d / name / "steps.yml").is_file()), None)
+        role_dir = next((d / name for d in dirs if self._exists(d / name / "steps.yml")), None)
         if role_dir is None:
             looked = ", ".join(str(d / name / "steps.yml") for d in dirs)
             self.problems.add(f"role `{name}` not found (looked for {looked})", loc,
@@ -381,8 +397,11 @@ class _Composer:
         search = tuple(str(role_dir / d) for d in ("templates", "files")) + (str(role_dir),)
         return role_dir / "steps.yml", search, str(role_dir.resolve()), defaults
 
+    def _exists(self, path: Path) -> bool:
+        return path.is_file() or (isinstance(self.reader, KeptFiles) and self.reader.has(path))
+
     def _defaults(self, path: Path, loc: Location) -> dict[str, Any]:
-        if not path.is_file():
+        if not self._exists(path):
             return {}
         doc = self._document(path, loc, "role defaults")
         if doc is None or doc.data is None:
@@ -395,7 +414,7 @@ class _Composer:
 
     def _role_handlers(self, role_dir: Path, scope: _Scope) -> None:
         path = role_dir / "handlers.yml"
-        if not path.is_file() or "handlers" not in type(self.playbook).model_fields:
+        if not self._exists(path) or "handlers" not in type(self.playbook).model_fields:
             return
         loaded = self._steps_file(path, scope.source.locate(()), scope.chain, "role handlers file")
         if loaded is None:
@@ -414,7 +433,9 @@ class _Composer:
             text = self.reader(resolved, what)
         except PlaybookError as exc:
             for p in exc.problems:
-                self.problems.add(f"{p.message}: {path}", loc, p.hint, code="missing-file")
+                hint = (f"paths are relative to the file that names them ({Path(loc.file).resolve().parent})"
+                        if "not found" in p.message else p.hint)
+                self.problems.add(f"{p.message}: {path}", loc, hint, code="missing-file")
             return None
         self.files[str(resolved)] = text
         try:
@@ -424,7 +445,13 @@ class _Composer:
             return None
 
     def _steps_file(self, path: Path, loc: Location, chain: tuple[str, ...], what: str) -> tuple[list[Step], SourceMap] | None:
-        """The validated steps of an included file (a YAML list of steps)."""
+        """The validated steps of an included file (a YAML list of steps); each file is read and checked once."""
+        key = str(path.resolve())
+        if key not in self.parsed:
+            self.parsed[key] = self._read_steps(path, loc, chain, what)
+        return self.parsed[key]
+
+    def _read_steps(self, path: Path, loc: Location, chain: tuple[str, ...], what: str) -> tuple[list[Step], SourceMap] | None:
         from runbook.loader import pydantic_problems, raw_action_problems
 
         doc = self._document(path, loc, what)
@@ -648,3 +675,38 @@ class _EdgeBuilder:
 def section_edges(playbook: Playbook, section: str, steps: dict[str, Step], problems: Problems) -> SectionEdges:
     """The flat step edges of a composed section (with blocks, includes or roles), problems located."""
     return _EdgeBuilder(playbook, section, steps, problems).build()
+
+
+# --- listing and starting part-way ----------------------------------------------------------------
+
+def step_listing(playbook: Playbook) -> list[dict[str, Any]]:
+    """Every flat step in run order per section: id, name, action, tags, enclosing groups and where it is written."""
+    out: list[dict[str, Any]] = []
+    for section in ("steps", "on_failure", "handlers"):
+        for step in getattr(playbook, section, None) or []:
+            around = enclosing_groups(step)
+            out.append({"section": section, "id": step.step_id, "name": step.name,
+                        "action": step.action if step.actions_present() else "",
+                        "tags": list(step.tags), "block": "/".join(f"{g}:{part}" if kind == "block" and part != "block"
+                                                                  else g for g, part, kind in around),
+                        "location": str(locate(playbook, step))})
+    return out
+
+
+def find_step(playbook: Playbook, wanted: str, flag: str = "--start-at-step") -> Step:
+    """The main step a flag names, by id or else by name; unknown or ambiguous is a ValidationError with a hint."""
+    from runbook.errors import ValidationError, did_you_mean
+
+    steps = list(playbook.steps)
+    by_id = [s for s in steps if s.step_id == wanted]
+    if by_id:
+        return by_id[0]
+    by_name = [s for s in steps if s.name == wanted]
+    if len(by_name) == 1:
+        return by_name[0]
+    if by_name:
+        raise ValidationError(f"{flag} {wanted}: {len(by_name)} steps have this name", hint="give the step's id: "
+                              + ", ".join(s.step_id for s in by_name))
+    hint = did_you_mean(wanted, [*(s.step_id for s in steps), *(s.name for s in steps)])
+    raise ValidationError(f"{flag} {wanted}: no step of `{playbook.runbook}` has this id or name",
+                          hint=(hint + " " if hint else "") + "`runbook run PLAYBOOK --list-steps` lists them")

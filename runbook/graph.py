@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import networkx as nx
 
 from runbook import handlers
+from runbook.compose import Group, units
 from runbook.errors import PlaybookError, Problems, did_you_mean
 from runbook.model import Playbook, Step
 
@@ -125,12 +126,15 @@ class StepGraph:
     def to_text(self) -> str:
         """Layers as text: each layer's steps can run at the same time."""
         lines = [f"runbook: {self.playbook.runbook}"]
+        shown: dict[str, list[str]] = {}
+        for a, b, _ in _shown_edges(self):   # with blocks: the direct dependencies, not every implied one
+            shown.setdefault(b, []).append(a)
         for i, layer in enumerate(self.layers(), 1):
             parallel = "  (parallel)" if len(layer) > 1 else ""
             lines.append(f"layer {i}{parallel}")
             for sid in layer:
                 step = self.step(sid)
-                needs = sorted(self.graph.predecessors(sid), key=lambda n: self.graph.nodes[n]["index"])
+                needs = sorted(shown.get(sid, []), key=lambda n: self.graph.nodes[n]["index"])
                 after = f"  <- {', '.join(needs)}" if needs else ""
                 inst = handlers.instance_of(self.graph, sid)
                 note = f"  ({handlers.describe(inst)})" if inst else ""
@@ -139,6 +143,9 @@ class StepGraph:
             lines.append("on_failure")
             for sid in self.rescue_order():
                 lines.append(f"  {sid} [{self.step(sid).action}]")
+        if self.playbook._groups:
+            lines.append("structure")
+            lines.extend(_outline(self, units(self.playbook, "steps"), "  "))
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -148,15 +155,18 @@ class StepGraph:
             return '"' + escaped + '"'
 
         out = [f"digraph {q(self.playbook.runbook)} {{", "  rankdir=TB;", "  node [shape=box, style=rounded];"]
-        for layer in self.layers():
+        composed = bool(self.playbook._groups)
+        for layer in [] if composed else self.layers():   # rank rows would fight the block clusters
             out.append("  { rank=same; " + " ".join(q(s) for s in layer) + " }")
         for sid in self.order():
             step = self.step(sid)
             inst = handlers.instance_of(self.graph, sid)
             style = ", style=\"rounded,dashed\"" if inst else ""   # a handler: runs only when notified
             out.append(f"  {q(sid)} [label={q(step.name + chr(10) + '[' + step.action + ']')}{style}];")
-        for a, b in self.graph.edges:
-            out.append(f"  {q(a)} -> {q(b)};")
+        if composed:
+            out.extend(_dot_clusters(self, units(self.playbook, "steps"), q, "  "))
+        for a, b, settled in _shown_edges(self):
+            out.append(f"  {q(a)} -> {q(b)}{' [style=dashed]' if settled else ''};")
         if self.rescue:
             out.append('  subgraph "cluster_on_failure" { label="on_failure"; style=dashed;')
             for sid in self.rescue_order():
@@ -179,10 +189,13 @@ class StepGraph:
             return f'{ids[sid]}[{text}]'
 
         out = ["flowchart TD"]
-        for sid in self.order():
-            out.append(f"  {label(sid)}")
-        for a, b in self.graph.edges:
-            out.append(f"  {ids[a]} --> {ids[b]}")
+        if self.playbook._groups:   # each step inside the subgraph of its block, include or role
+            out.extend(_mermaid_clusters(self, units(self.playbook, "steps"), label, "  "))
+        else:
+            for sid in self.order():
+                out.append(f"  {label(sid)}")
+        for a, b, settled in _shown_edges(self):
+            out.append(f"  {ids[a]} {'-.->' if settled else '-->'} {ids[b]}")
         if self.rescue:
             out.append("  subgraph on_failure")
             for sid in self.rescue_order():
@@ -191,6 +204,79 @@ class StepGraph:
                 out.append(f"    {ids[a]} --> {ids[b]}")
             out.append("  end")
         return "\n".join(out)
+
+
+def _shown_edges(steps: StepGraph) -> list[tuple[str, str, bool]]:
+    """The edges a rendering draws: all of them, or with blocks, only those no longer path implies."""
+    g = steps.graph
+    if not steps.playbook._groups:
+        return [(a, b, False) for a, b in g.edges]
+    reduced = nx.transitive_reduction(g)
+    return [(a, b, bool(g.edges[a, b].get("settled"))) for a, b in g.edges if reduced.has_edge(a, b)]
+
+
+def _group_title(grp: Group) -> str:
+    what = {"block": "block", "include": "include", "role": "role"}[grp.kind]
+    return f"{what} {grp.id}" + (f": {grp.name}" if grp.kind == "block" and grp.name != grp.id else "")
+
+
+def _outline(steps: StepGraph, members: list[str], indent: str) -> list[str]:
+    """Steps and groups as an indented tree (text rendering)."""
+    lines: list[str] = []
+    for unit in members:
+        grp = steps.playbook._groups.get(unit)
+        if grp is None:
+            if unit in steps.graph:
+                lines.append(f"{indent}{unit} [{steps.step(unit).action}]")
+            continue
+        lines.append(f"{indent}{_group_title(grp)}")
+        lines.extend(_outline(steps, grp.parts.get("block", []), indent + "  "))
+        for part in ("rescue", "always"):
+            if part in grp.parts:
+                lines.append(f"{indent}  {part}")
+                lines.extend(_outline(steps, grp.parts[part], indent + "    "))
+    return lines
+
+
+def _dot_clusters(steps: StepGraph, members: list[str], q: Callable[[str], str], indent: str) -> list[str]:
+    """Nested `subgraph cluster_...` blocks: each group's steps (and its rescue/always parts) boxed together."""
+    out: list[str] = []
+    for unit in members:
+        grp = steps.playbook._groups.get(unit)
+        if grp is None:
+            if unit in steps.graph:
+                out.append(f"{indent}{q(unit)};")
+            continue
+        out.append(f"{indent}subgraph {q('cluster_' + unit)} {{ label={q(_group_title(grp))};")
+        out.extend(_dot_clusters(steps, grp.parts.get("block", []), q, indent + "  "))
+        for part in ("rescue", "always"):
+            if part in grp.parts:
+                out.append(f"{indent}  subgraph {q('cluster_' + unit + '/' + part)} {{ label={q(part)}; style=dashed;")
+                out.extend(_dot_clusters(steps, grp.parts[part], q, indent + "    "))
+                out.append(f"{indent}  }}")
+        out.append(f"{indent}}}")
+    return out
+
+
+def _mermaid_clusters(steps: StepGraph, members: list[str], label: Callable[[str], str], indent: str) -> list[str]:
+    """Nested Mermaid subgraphs holding each group's steps."""
+    out: list[str] = []
+    for unit in members:
+        grp = steps.playbook._groups.get(unit)
+        if grp is None:
+            if unit in steps.graph:
+                out.append(f"{indent}{label(unit)}")
+            continue
+        gid = "g" + str(list(steps.playbook._groups).index(unit))
+        out.append(f'{indent}subgraph {gid}["{_mermaid_text(_group_title(grp))}"]')
+        out.extend(_mermaid_clusters(steps, grp.parts.get("block", []), label, indent + "  "))
+        for part in ("rescue", "always"):
+            if part in grp.parts:
+                out.append(f'{indent}  subgraph {gid}_{part}["{part}"]')
+                out.extend(_mermaid_clusters(steps, grp.parts[part], label, indent + "    "))
+                out.append(f"{indent}  end")
+        out.append(f"{indent}end")
+    return out
 
 
 def _composed_edges(playbook: Playbook, section: str, g: nx.DiGraph, problems: Problems) -> None:

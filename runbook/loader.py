@@ -585,6 +585,10 @@ def _one_problem(e: _Err, source: SourceMap) -> Problem:
         return _problem(path, err["msg"].replace("Input should be", "must be"), None, source)
     if kind == "value_error":
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if isinstance(value, dict):   # a misused block/rescue/include: the raw check points at the key, with a hint
+            same = [p for p in raw_action_problems(value, path, source) if p.message == msg]
+            if same:
+                return same[0]
         hint = None
         if "no action" in msg or "actions (" in msg:
             hint = f"use one of: {', '.join(ACTIONS.names())}"

@@ -190,6 +190,7 @@ class StepBase(Strict):
     _namespace: str = PrivateAttr("")             # include/role namespace ("" in the playbook itself)
     _search_dirs: tuple = PrivateAttr(())         # directories searched for template/upload sources, first first
     _defaults: dict = PrivateAttr(default_factory=dict)   # role defaults (lowest precedence variables)
+    _skip: str = PrivateAttr("")                  # why the run skips it without looking (--start-at-step)
 
     @model_validator(mode="before")
     @classmethod

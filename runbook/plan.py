@@ -28,7 +28,6 @@ from runbook.actions import ACTIONS, action_for
 from runbook.documents import PLAN_FORMAT, PLAN_VERSION, PlanSignature, check_plan
 from runbook.errors import Location, PlanFileError, PlaybookError, ValidationError
 from runbook.state import absolute_sources, write_atomic
-from runbook.template import resolve_local
 
 if TYPE_CHECKING:
     from runbook.model import Playbook
@@ -208,7 +207,7 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_ts": time.time(),
         "operator": prepared.info.operator, "control_host": prepared.info.control_host, "run_id": prepared.info.run_id,
         "playbook": {"path": prepared.playbook_path, "name": prepared.playbook.runbook, "hash": prepared.info.playbook_hash,
-                     "text": _kept_text(prepared.playbook, red)},
+                     "text": _kept_text(prepared.playbook, red), "files": _kept_files(prepared.playbook, red)},
         "inventory": {"source": absolute_sources(prepared.info.inventory_source), "hash": prepared.info.inventory_hash},
         "limit": request.limit, "tags": sorted(request.tags), "skip_tags": sorted(request.skip_tags),
         "extra_vars": red.redact(dict(request.extra_vars)), **extra_vars_fields(request.extra_vars, red, key),
@@ -239,6 +238,28 @@ def _kept_text(playbook: Playbook, redactor) -> str | None:
     if source is None or not source.text or redactor.redact_text(source.text) != source.text:
         return None   # apply then runs the file on disk, after checking it against the plan's sha256
     return str(source.text)
+
+
+def _kept_files(playbook: Playbook, redactor) -> dict[str, str | None]:
+    """The text of every file the playbook brought in (includes, roles, vars_files), kept like the playbook's."""
+    return {path: None if redactor.redact_text(text) != text else text for path, text in sorted(playbook._files.items())}
+
+
+def _kept_reader(doc: dict, plan_file: str):
+    """A file reader for compose that serves the texts the plan kept (each checked against its sha256)."""
+    from runbook.compose import KeptFiles
+
+    kept = doc["playbook"].get("files") or {}
+    digests = doc.get("local_files") or {}
+    if not isinstance(kept, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in kept.items()):
+        raise PlanFileError("malformed plan file: `playbook.files` must map paths to texts", location=Location(plan_file),
+                            hint="make a new plan with `runbook plan ... --out FILE`")
+    for path, text in kept.items():
+        if text is not None and digests.get(path) != sha256_text(text):
+            raise PlanFileError(f"the text of {path} kept in the plan does not match its sha256", location=Location(plan_file),
+                                hint="the plan was edited after it was made; plan again")
+
+    return KeptFiles(kept)
 
 
 def write_plan(doc: dict, path: str) -> None:
@@ -297,14 +318,18 @@ def plan_hash(doc: dict) -> str:
 
 def local_files(playbook) -> dict[str, str]:
     """sha256 of each control-machine file an upload/template step sends (its content is reviewed as a diff)."""
+    from runbook.compose import resolve_source
+
     out: dict[str, str] = {}
-    for step in playbook.all_steps():
-        for src in action_for(step).local_sources():   # templated paths are per host: their content is in the diff
-            path = resolve_local(playbook, src)
-            try:
-                out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            except OSError:
-                out[str(path)] = "unreadable"
+    paths = [resolve_source(playbook, step, src) for step in playbook.all_steps()
+             for src in action_for(step).local_sources()]   # templated paths are per host: their content is in the diff
+    # The files the playbook is made of besides itself (includes, roles, vars_files): what apply runs.
+    paths.extend(Path(p) for p in playbook._files)
+    for path in paths:
+        try:
+            out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            out[str(path)] = "unreadable"
     return out
 
 
@@ -325,7 +350,7 @@ def reviewed_playbook(doc: dict, plan_file: str) -> Playbook:
     if pb["text"] is None:
         return load_playbook(pb["path"])   # it held a secret: drift_between checks the file's sha256
     _check_kept_text(doc, plan_file)
-    playbook = parse_playbook(pb["text"], pb["path"])
+    playbook = parse_playbook(pb["text"], pb["path"], reader=_kept_reader(doc, plan_file))
     errors = [p for p in check_playbook_templates(playbook) if p.severity == "error"]
     if errors:
         raise PlaybookError(errors)

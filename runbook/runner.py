@@ -57,6 +57,7 @@ class RunRequest:
     run_id: str | None = None
     output_limit: int = 4096
     stop: threading.Event | None = None          # set it to stop the run as a first interrupt would (servers)
+    start_at_step: str | None = None             # id or name: the steps it depends on are skipped
     cluster: str | None = None                   # run tasks on Dask workers: local:N, tcp://HOST:8786 (docs/cluster.md)
 
 
@@ -149,6 +150,8 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
     redactor.add_secrets_in(request.extra_vars)
     redactor.add_all(loop_secrets(pb))   # secret-named fields written into `loop:` lists
     steps = StepGraph.build(pb)
+    if request.start_at_step:
+        pb, steps = start_at(pb, steps, request.start_at_step)
     info = RunInfo(
         run_id=request.run_id or new_run_id(), mode=RunMode(request.mode), playbook_path=pb_path, playbook_name=pb.runbook,
         playbook_hash=pb._source.content_hash() if pb._source else "", inventory_source=inv.source,
@@ -167,6 +170,23 @@ def check_delegates(playbook: Playbook, inventory: Inventory) -> None:
     problems = delegate_problems(playbook, inventory.hosts)
     if problems:
         raise PlaybookError(problems)
+
+
+def start_at(playbook: Playbook, steps: StepGraph, wanted: str) -> tuple[Playbook, StepGraph]:
+    """A copy of the playbook whose steps before `wanted` (all it depends on) are skipped, with its graph."""
+    from runbook.compose import find_step
+
+    start = find_step(playbook, wanted)
+    before = steps.upstream(start.step_id)
+    reason = f"before --start-at-step {wanted}"
+    copy = playbook.model_copy()
+    copy.steps = [s.model_copy() if s.step_id in before else s for s in playbook.steps]
+    for s in copy.steps:
+        if s.step_id in before:
+            s._skip = reason
+    for name in ("_source", "_groups", "_units", "_files"):
+        setattr(copy, name, getattr(playbook, name))
+    return copy, StepGraph.build(copy)
 
 
 def connector(request: RunRequest, mode: str, sudo_password: str | None) -> Callable[[Host], Connection]:
