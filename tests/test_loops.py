@@ -399,3 +399,23 @@ def test_a_stopped_run_starts_no_new_item_and_resume_runs_only_the_rest(
     code, _, err = cli(capsys, "resume", first.run_id, "-i", inv, "--audit-log", audit, "--state-dir", runs)
     assert code == 0, err
     assert (hdir(tmp_path) / "count").read_text().split() == ["1", "2", "3"]
+
+
+def test_apply_refuses_an_item_drift_before_any_concurrent_item_changes_the_host(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], write_playbook: PlaybookWriter,
+        local_inventory: InventoryWriter) -> None:
+    inv = local_inventory(["a"])
+    d = hdir(tmp_path)
+    (d / "p").write_text("")
+    pb = write_playbook([{"name": "mk", "shell": "touch {{ dir }}/{{ item }}", "creates": "{{ dir }}/{{ item }}",
+                          "loop": ["p", "q", "r", "s"], "loop_concurrency": 4}])
+    code, doc, out = _plan_doc(capsys, pb, inv, tmp_path / "plan.json", tmp_path)
+    assert [p["prediction"] for p in doc["predictions"] if p.get("parent")] == ["skip", "change", "change", "change"]
+    (d / "p").unlink()   # what the reviewed `skip` rested on is gone
+    code, out, err = cli(capsys, "apply", tmp_path / "plan.json", "-i", inv, "--audit-log", tmp_path / "audit.jsonl",
+                         "--format", "json")
+    assert code == 2
+    statuses = {r["step_id"]: r["status"] for r in json.loads(out)["results"]}
+    assert statuses["mk[p]"] == "drift" and statuses["mk"] == "drift"
+    assert {statuses[f"mk[{x}]"] for x in "qrs"} == {"not_run"}
+    assert sorted(p.name for p in d.iterdir()) == []   # nothing was changed: no item ran
