@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from runbook.actions import ACTIONS, field_name
 from runbook.errors import RunbookError
 from runbook.fields import (YAML11_BOOLEANS, Duration, Int, Limit, LimitValue, Strict, StrList, _none_as_empty,
-                            _none_as_empty_list, bool_hint, parse_duration, parse_limit)
+                            _no_bool, _none_as_empty_list, bool_hint, parse_duration, parse_limit)
 
 GUARDS = ("creates", "removes", "unless", "only_if")
 
@@ -173,7 +173,7 @@ class StepBase(Strict):
                                   description="Name of the current item's position (0, 1, ...) in templates.")
     label: str | None = Field(None, description="How an item is shown in results, plan, console and audit: a template "
                                                 "(default: the item, shortened).")
-    loop_concurrency: Int | None = Field(None, ge=1, description="Items of one host run at once (default 1: in order).")
+    loop_concurrency: Annotated[int, Field(ge=1), BeforeValidator(_no_bool)] | None = Field(None, description="Items of one host run at once (default 1: in order).")
 
     vars: Annotated[dict[str, Any], BeforeValidator(_none_as_empty, json_schema_input_type=dict[str, Any] | None)] = Field(
         default_factory=dict, description="Variables of this step (of every step inside, on a block, include or role).")
