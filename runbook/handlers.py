@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from runbook.model import Playbook, Step
 
 PREFIX = "handler:"
+MAX_INSTANCES = 5000   # handler runs per host: flush points x handlers must not multiply a small file into a huge graph
 FLUSH_KEYS = frozenset({"name", "id", "flush_handlers", "tags", "vars", "sudo"})   # what a flush point may carry (or inherit)
 
 
@@ -267,12 +268,21 @@ def add_to_graph(playbook: Playbook, g: nx.DiGraph, problems: Problems) -> None:
     index = HandlerIndex(playbook.handlers)
     n = len(playbook.handlers) + 1
     point: list[str] = []            # what the previous flush point leaves for the next segment to wait on
+    count = 0
     for seg in segments(playbook.steps):
         scope = {s.step_id for s in seg.steps if s.step_id in g} | set(point)
         leaves = sorted((v for v in scope if not any(w in scope for w in g.successors(v))), key=lambda v: g.nodes[v]["index"])
         base = g.nodes[seg.flush.step_id]["index"] if seg.flush is not None and seg.flush.step_id in g else len(playbook.steps)
         previous = leaves
-        for inst in segment_instances(playbook, index, seg):
+        found = segment_instances(playbook, index, seg)
+        count += len(found)
+        if count > MAX_INSTANCES:
+            problems.add(f"the handlers expand to more than {MAX_INSTANCES} handler runs per host",
+                         locate(playbook, seg.flush or playbook.handlers[0]),
+                         "each flush_handlers point runs its own copy of every handler notified before it; "
+                         "use fewer flush points or fewer handlers", code="too-many-handlers")
+            return
+        for inst in found:
             handler = playbook.handlers[inst.position]
             g.add_node(inst.task_id, step=handler, index=base + (inst.position + 1) / n, handler=inst)
             g.add_edges_from((p, inst.task_id) for p in previous)

@@ -478,3 +478,31 @@ def test_the_console_counts_handler_tasks(tmp_path: Path) -> None:
     progress = _Progress(["h1", "h2"], load_playbook(write(tmp_path, GRAPH_PB)))
     assert progress.total == {"h1": 9, "h2": 9}
     assert progress.attempts["handler:reload:flush-now"] == 1 and progress.attempts["handler:restart-app"] == 1
+
+
+# --- hostile input and reports ------------------------------------------------------------------------------
+
+def test_flush_points_times_handlers_cannot_blow_up_the_graph(tmp_path: Path) -> None:
+    # 23 KB of YAML (one aliased notify list) would otherwise be 40,000 handler tasks per host.
+    names = [f"h{i}" for i in range(200)]
+    steps: list[dict[str, Any]] = []
+    for k in range(200):
+        steps += [{"name": f"s{k}", "shell": "true", "notify": names}, {"name": f"f{k}", "flush_handlers": True}]
+    path = tmp_path / "big.yml"
+    path.write_text(yaml.safe_dump({"runbook": "big", "steps": steps, "handlers": [{"name": n, "shell": "true"} for n in names]}))
+    report = validate_playbook(path)
+    assert [p.code for p in report.errors] == ["too-many-handlers"]
+    assert report.errors[0].location is not None and report.errors[0].location.line
+
+
+def test_the_html_report_lists_handler_tasks(tmp_path: Path, go: Callable[..., RunResult],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from runbook.cli import main
+
+    result = go({"steps": [echo("conf", notify="restart")], "handlers": [echo("restart")]})
+    out = tmp_path / "report.html"
+    code = main(["report", result.run_id, "--audit-log", str(tmp_path / "audit.jsonl"), "--state-dir",
+                 str(tmp_path / "runs"), "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    html = out.read_text()
+    assert "handler:restart" in html and "notified by" in html
