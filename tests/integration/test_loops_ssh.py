@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +15,11 @@ import pytest
 
 from runbook.audit import read_records
 from runbook.cli import main
+from tests.helpers import cli as helpers_cli
+from tests.helpers import cli_env, records
 from tests.integration.test_plan_ssh import assert_same, inventory_for, seed, snapshot
-from tests.sshd import SSHHost
+from tests.integration.test_resume_ssh import wait_for
+from tests.sshd import SSHHost, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
@@ -204,3 +211,48 @@ steps:
     started_2 = [r for r in records if r["step_id"] == "each[2]"]
     started_1 = [r for r in records if r["step_id"] == "each[1]"]
     assert len(started_2) == 4 and len(started_1) == 2   # item 1: once per host; item 2: twice per host
+
+
+def test_a_second_interrupt_aborts_the_running_item_and_resume_runs_only_what_did_not_finish(
+        clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    hosts = clean_ssh_hosts[:2]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pb.yml").write_text("""\
+runbook: loop-abort
+steps:
+  - name: each
+    shell: echo {{ item }} >> count; test {{ item }} != 2 -o -e quick || sleep 30
+    loop: [1, 2, 3]
+""")
+    write_inventory(work / "inventory.yml", hosts)
+    write_known_hosts(work / "known_hosts", hosts)
+    trail = tmp_path / "trail" / "audit.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
+                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
+                            cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def item_two_running() -> bool:
+        started = {r["host"] for r in (records(trail) if trail.exists() else [])
+                   if r["event"] == "task.started" and r["step_id"] == "each[2]"}
+        return started == {h.name for h in hosts}
+
+    wait_for(item_two_running, proc, "item 2 started on every host")
+    for _ in range(2):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    run_id = records(trail)[0]["run_id"]
+    state = json.loads((trail.parent / "runs" / f"{run_id}.json").read_text())
+    for h in hosts:
+        tasks = {k: t["status"] for k, t in state["tasks"].items() if k.endswith("@" + h.name)}
+        assert tasks == {"each[1]@" + h.name: "changed", "each[2]@" + h.name: "failed",
+                         "each[3]@" + h.name: "not_run", "each@" + h.name: "failed"}, tasks
+        assert (h.home / "count").read_text().split() == ["1", "2"]
+        seed(h, {"quick": ""})
+    resumed = helpers_cli("resume", run_id, "--audit-log", str(trail), "--known-hosts", str(work / "known_hosts"))
+    assert resumed.returncode == 0, resumed.stderr
+    for h in hosts:
+        assert (h.home / "count").read_text().split() == ["1", "2", "2", "3"]   # item 1 was not run again
+    assert helpers_cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
