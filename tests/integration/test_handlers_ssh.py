@@ -263,3 +263,24 @@ def test_a_cluster_runs_handlers_as_decided_on_the_controller(
     assert results[("h1", "handler:restart-app")]["status"] == "skipped"
     assert results[("h1", "handler:restart-app")]["message"] == "not notified: `write config` did not change on this host"
     assert {r.get("worker") for r in results.values() if r["step_id"].startswith("handler:")} - {None}
+
+
+def test_resume_runs_the_handlers_a_failure_held_back(
+        work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hosts = clean_ssh_hosts[:3]
+    seed(hosts[0], {"svc/broken": ""})
+    code, out, err = cli(capsys, "run", "handlers.yml", *args(known_hosts), "-y", "--format", "json")
+    assert code == 2, err
+    run_id = json.loads(out)["run_id"]
+    assert events(hosts[0]) == ["restart", "reload", "announce", "after"]   # the end handler did not run
+    (hosts[0].home / "svc" / "broken").unlink()
+    code, out, err = cli(capsys, "resume", run_id, "--known-hosts", str(known_hosts), "-y", "--format", "json")
+    assert code == 0, err
+    results = {(r["host"], r["step_id"]): r for r in json.loads(out)["results"]}
+    # `rotate` changed in the first run (not run again): its notification still stands.
+    assert results[("h0", "rotate")]["from_run"] == run_id
+    assert results[("h0", "handler:reload-app")]["status"] == "changed"
+    assert results[("h0", "handler:reload-app")]["message"] == "notified by `rotate` (changed)"
+    assert events(hosts[0]) == ["restart", "reload", "announce", "after", "reload"]
+    # The flush-point handlers that ran in the first run do not run again.
+    assert results[("h0", "handler:restart-app:apply-now")]["from_run"] == run_id
