@@ -265,6 +265,8 @@ def add_to_graph(playbook: Playbook, g: nx.DiGraph, problems: Problems) -> None:
     """Add handler instances to the main step graph and replace every flush step by the handlers it runs."""
     for p in check_handlers(playbook):
         problems.items.append(p)
+    if not playbook.handlers and not any(is_flush(s) for s in playbook.steps):
+        return   # nothing to add (the common case: no work per step)
     index = HandlerIndex(playbook.handlers)
     n = len(playbook.handlers) + 1
     point: list[str] = []            # what the previous flush point leaves for the next segment to wait on

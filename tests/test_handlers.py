@@ -308,6 +308,12 @@ def test_flush_handlers_runs_them_before_the_next_steps_and_again_at_the_end(
     assert status(result, "a", "handler:reload:flush") == ("changed", "notified by `restart` (changed)")
 
 
+def test_a_flush_point_with_nothing_notified_is_only_a_barrier(tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    result = go({"steps": [echo("one"), {"name": "flush", "flush_handlers": True}, echo("two")]})
+    assert result.exit_code() == 0 and log(tmp_path, "a") == ["one", "two"]
+    assert [r.step_id for r in result.results] == ["one", "two"]   # a flush point is no task
+
+
 def test_a_host_that_failed_does_not_run_its_handlers(tmp_path: Path, go: Callable[..., RunResult]) -> None:
     result = go({"steps": [echo("conf", notify="restart"), {"name": "check", "shell": "test {{ inventory_hostname }} = a"}],
                  "handlers": [echo("restart")]}, hosts=["a", "b"])
