@@ -174,6 +174,19 @@ def test_plan_predicts_every_handler_and_apply_does_exactly_that(
     again = predictions(json.loads(out))
     assert {again[(h.name, sid)]["prediction"] for h in hosts for sid in HANDLERS} == {"skip"}
 
+    # The same states, run for real without the plan (apply skipped what it reviewed as no change;
+    # a real run executes every step): the first plan still predicted every task.
+    for h in hosts:
+        h.clear_home()
+    seed_states(hosts)
+    code, out, err = cli(capsys, "run", "handlers.yml", *args(known_hosts), "-y", "--format", "json")
+    assert code == 0, err
+    ran = {(r["host"], r["step_id"]): r["status"] for r in json.loads(out)["results"]}
+    wrong = [f"{host} {sid}: predicted {q['prediction']}, ran {ran[(host, sid)]}"
+             for (host, sid), q in p.items() if OUTCOME.get(q["prediction"]) != ran[(host, sid)]]
+    assert not wrong, "\n".join(wrong)
+    assert events(hosts[0]) == ["restart", "reload", "announce", "after", "reload"]
+
 
 def test_apply_follows_what_notifiers_really_did_when_the_hosts_moved(
         work: Path, clean_ssh_hosts: list[SSHHost], known_hosts: Path, capsys: pytest.CaptureFixture[str],
