@@ -77,9 +77,10 @@ def wait_workers(address: str, names: set[str], procs: list[subprocess.Popen[byt
             time.sleep(0.2)
 
 
-def _log(path: Path) -> int:
-    """A file descriptor for a process's stderr (the child keeps it; closed when the test's tmp dir goes)."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start a cluster process with its stderr in `log` (for a failing test's diagnosis)."""
+    with log.open("wb") as err:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env())
 
 
 def start_cluster(tmp_path: Path, workers: dict[str, str | None]) -> Cluster:
@@ -88,16 +89,14 @@ def start_cluster(tmp_path: Path, workers: dict[str, str | None]) -> Cluster:
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path / "cluster-logs"
     logs.mkdir(exist_ok=True)
-    scheduler = subprocess.Popen([str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=_log(logs / "scheduler"),
-                                 env=cli_env())
+    scheduler = _spawn([str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                        "--no-dashboard"], logs / "scheduler")
     cluster = Cluster(address, scheduler, {})
     try:
         for name, zone in workers.items():
             argv = [sys.executable, "-m", "runbook", "worker", address, "--name", name, "--nthreads", "1",
                     *(["--zone", zone] if zone else [])]
-            cluster.workers[name] = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                                     stderr=_log(logs / f"worker-{name}"), env=cli_env())
+            cluster.workers[name] = _spawn(argv, logs / f"worker-{name}")
         wait_workers(address, set(workers), [scheduler, *cluster.workers.values()])
     except BaseException:
         cluster.stop()

@@ -1,0 +1,181 @@
+"""`python -m benchmarks.cluster_bench`: the distributed path (`--cluster`) against the in-process run and raw Fabric.
+
+Hosts × steps of trivial commands on real sshd hosts, four ways, alternated after one warm-up each:
+in-process; `--cluster local:2` (the run starts and stops its own two worker processes); `--cluster
+tcp://` to a scheduler and two `runbook worker` processes started beforehand (the run itself); and the
+Fabric floor (benchmarks/floor.py). Prints medians, the controller's CPU, and the per-task overhead of
+the distributed path: (cluster wall - in-process wall) / tasks. Figures only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.suite import REPO, child_env, fanout_playbook, median, runbook_argv
+
+TARGET_RATIO = 1.3   # the distributed path within 1.3x of the in-process run (a goal, reported)
+
+
+def timed_cpu(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 900.0) -> tuple[float, float, int, str, str]:
+    """Run argv; return wall seconds, the process's own CPU seconds, exit status, stdout, stderr."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=cwd)
+        pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return (wall, usage.ru_utime + usage.ru_stime, proc.returncode, out.read().decode(errors="replace"),
+                err.read().decode(errors="replace"))
+
+
+def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with log.open("wb") as err:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+
+
+class ClusterProcs:
+    """A `dask scheduler` and N `runbook worker` processes on loopback, started once for the benchmark."""
+
+    def __init__(self, workers: int, env: dict[str, str], log_dir: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"tcp://127.0.0.1:{port}"
+        dask = str(Path(sys.executable).parent / "dask")
+        self.procs = [_spawn([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                             log_dir / "scheduler.log", env)]
+        for i in range(workers):
+            self.procs.append(_spawn([*runbook_argv(), "worker", self.address, "--name", f"bench-{i}"],
+                                     log_dir / f"worker-{i}.log", env))
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        with Client(self.address, timeout=30, set_as_default=False) as client:
+            while len(client.scheduler_info(n_workers=-1)["workers"]) < workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("cluster workers did not start")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every configuration for each host count; the figures."""
+    from tests.sshd import SSHDHarness, write_inventory, write_known_hosts
+
+    counts = sorted({int(x) for x in args.hosts.split(",") if x.strip()})
+    out: dict[str, Any] = {"steps": args.steps, "reps": args.reps, "cpus": os.cpu_count(), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="runbook-cluster-bench-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        env = child_env(work / "pycache")
+        (work / "sshd").mkdir()
+        harness = SSHDHarness(count=max(counts), base_dir=work / "sshd")
+        hosts = harness.start()
+        cluster = None
+        try:
+            known = write_known_hosts(work / "known_hosts", hosts)
+            cluster = ClusterProcs(2, env, work)
+            playbook = fanout_playbook(work / "fanout.yml", args.steps)
+            for count in counts:
+                inventory = write_inventory(work / f"inv-{count}.yml", hosts[:count])
+                spec = work / f"floor-{count}.json"
+                spec.write_text(json.dumps({"hosts": [{"host": h.address, "port": h.port, "user": h.user,
+                                                       "key_file": str(h.key_file)} for h in hosts[:count]],
+                                            "commands": ["true"] * args.steps, "nodelay": True}))
+                out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster.address))
+        finally:
+            if cluster is not None:
+                cluster.stop()
+            harness.stop()
+    return out
+
+
+def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Path, playbook: Path, inventory: Path,
+            known: Path, spec: Path, address: str) -> dict[str, Any]:
+    tasks = count * args.steps
+    counter = iter(range(10**6))
+
+    def runbook(*extra: str) -> dict[str, float]:
+        argv = [*runbook_argv(), "run", str(playbook), "-i", str(inventory), "-c", str(count), "--known-hosts", str(known),
+                "--audit-log", str(work / f"audit-{next(counter)}.jsonl"), "--format", "json", *extra]
+        wall, cpu, rc, stdout, stderr = timed_cpu(argv, env, work)
+        done = sum(1 for r in json.loads(stdout or "{}").get("results", []) if r.get("status") in ("ok", "changed"))
+        if rc != 0 or done != tasks:
+            raise RuntimeError(f"runbook {' '.join(extra)}: exit {rc}, {done}/{tasks}\n{stderr[-2000:]}")
+        return {"wall": wall, "cpu": cpu}
+
+    def floor() -> dict[str, float]:
+        wall, cpu, rc, stdout, stderr = timed_cpu([sys.executable, "-m", "benchmarks.floor", str(spec)], env, REPO)
+        if rc != 0:
+            raise RuntimeError(f"floor: exit {rc}\n{stderr[-2000:]}")
+        return {"wall": wall, "cpu": cpu}
+
+    ways = {"in_process": lambda: runbook(), "local_2": lambda: runbook("--cluster", "local:2"),
+            "running_cluster_2": lambda: runbook("--cluster", address), "fabric": floor}
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in ways}
+    for fn in ways.values():
+        fn()   # warm-up
+    for rep in range(args.reps):
+        order = list(ways) if rep % 2 == 0 else list(reversed(ways))
+        for name in order:
+            samples[name].append(ways[name]())
+    row: dict[str, Any] = {"hosts": count, "tasks": tasks}
+    for name, values in samples.items():
+        row[name] = {"wall": median([v["wall"] for v in values]), "cpu": median([v["cpu"] for v in values])}
+    base = row["in_process"]["wall"]
+    for name in ("local_2", "running_cluster_2"):
+        row[name]["vs_in_process"] = round(row[name]["wall"] / base, 3)
+        row[name]["overhead_ms_per_task"] = round((row[name]["wall"] - base) / tasks * 1000, 3)
+    row["in_process"]["vs_fabric"] = round(base / row["fabric"]["wall"], 3)
+    return row
+
+
+def table(figures: dict[str, Any]) -> str:
+    lines = [f"cluster: {figures['steps']} steps per host, median of {figures['reps']}, {figures['cpus']} CPUs",
+             f"{'hosts':>5} {'way':<18} {'wall s':>7} {'ctl cpu s':>9} {'x in-proc':>9} {'ms/task':>8}"]
+    for row in figures["runs"]:
+        for name in ("in_process", "local_2", "running_cluster_2", "fabric"):
+            r = row[name]
+            lines.append(f"{row['hosts']:>5} {name:<18} {r['wall']:>7.2f} {r['cpu']:>9.2f} "
+                         f"{r.get('vs_in_process', ''):>9} {r.get('overhead_ms_per_task', ''):>8}")
+    lines.append(f"target: the distributed path within {TARGET_RATIO}x of the in-process run (reported, not asserted)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its figures."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cluster_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--hosts", default="30,100", help="host counts (default 30,100)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", help="also write the figures as JSON to this file")
+    args = p.parse_args(argv)
+    figures = run(args)
+    print(table(figures))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
