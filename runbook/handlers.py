@@ -12,6 +12,7 @@ Task ids: an instance is `handler:ID` (at the end of the steps) or `handler:ID:F
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -346,8 +347,12 @@ class Verdict:
     reason: str
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _names(notifiers: list[Notifier]) -> str:
-    return ", ".join(f"`{n.name}`" for n in notifiers)
+    """Notifier names for a reason, control characters as escapes (a reason reaches terminals and warnings)."""
+    return ", ".join("`" + _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", n.name) + "`" for n in notifiers)
 
 
 class Notifications:

@@ -512,3 +512,13 @@ def test_the_html_report_lists_handler_tasks(tmp_path: Path, go: Callable[..., R
     assert code == 0, capsys.readouterr().err
     html = out.read_text()
     assert "handler:restart" in html and "notified by" in html
+
+
+def test_notifier_names_in_reasons_cannot_drive_the_terminal(tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    name = "conf\x1b]0;pwned\x07\x1b[2J"
+    result = go({"steps": [{"name": name, "id": "conf", "shell": "true", "changed_when": False, "notify": "restart"}],
+                 "handlers": [echo("restart")]})
+    reason = status(result, "a", "handler:restart")[1]
+    assert "\x1b" not in reason and "\x07" not in reason
+    assert reason == "not notified: `conf\\x1b]0;pwned\\x07\\x1b[2J` did not change on this host"
+
