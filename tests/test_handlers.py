@@ -522,3 +522,14 @@ def test_notifier_names_in_reasons_cannot_drive_the_terminal(tmp_path: Path, go:
     assert "\x1b" not in reason and "\x07" not in reason
     assert reason == "not notified: `conf\\x1b]0;pwned\\x07\\x1b[2J` did not change on this host"
 
+
+
+def test_a_rescued_host_runs_its_handlers_and_a_flush_point_may_stand_in_a_block(
+        tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    result = go({"steps": [{"name": "risky", "block": [echo("conf", notify="restart"), {"name": "flush", "flush_handlers": True},
+                                                       {"name": "try", "shell": "false"}],
+                            "rescue": [echo("fix")]},
+                           echo("after", notify="restart")],
+                 "handlers": [echo("restart")]})
+    assert result.exit_code() == 0
+    assert log(tmp_path, "a") == ["conf", "restart", "fix", "after", "restart"]
