@@ -4,7 +4,7 @@ The flat playbook (after compose) has `handlers:` and steps with `notify:`; a `f
 step marks a point where the handlers notified so far run. This module turns that into graph nodes:
 one handler *instance* per flush segment whose steps notify it (statically), which waits for every
 step of its segment and which the steps after the flush point wait for. Whether an instance really
-runs is decided per host when it is reached: `Notifications` keeps what its notifier tasks did.
+runs is decided per host when it is reached, from its notifiers' results (`Notifications`).
 
 Task ids: an instance is `handler:ID` (at the end of the steps) or `handler:ID:FLUSH` (at the
 `flush_handlers` step FLUSH). Step ids never contain `:`, so these never collide with a step's id.
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 PREFIX = "handler:"
 MAX_INSTANCES = 5000   # handler runs per host: flush points x handlers must not multiply a small file into a huge graph
 FLUSH_KEYS = frozenset({"name", "id", "flush_handlers", "tags", "vars", "sudo"})   # what a flush point may carry (or inherit)
-
 
 
 def locate(playbook: Playbook, step: Step, *keys: str | int) -> Location:
@@ -392,7 +391,8 @@ class Notifications:
         if changed:
             return Verdict(Notice.NOTIFIED, f"notified by {_names(changed)} ({'predicted change' if plan else 'changed'})")
         if unknown:
-            return Verdict(Notice.UNKNOWN, f"notified only if {_names(unknown)} changes (its prediction is unknown)")
+            what = "changes (its prediction is unknown)" if len(unknown) == 1 else "change (their predictions are unknown)"
+            return Verdict(Notice.UNKNOWN, f"notified only if {_names(unknown)} {what}")
         verb = "is predicted no change" if plan else "did not change"
         if len(quiet) > 1:
             verb = "are predicted no change" if plan else "did not change"
