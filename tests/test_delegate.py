@@ -281,3 +281,17 @@ def test_the_console_names_the_host_and_where_it_ran(tmp_path: Path) -> None:
     proc = cli("run", str(pb), "-i", str(inv), "--audit-log", str(tmp_path / "a.jsonl"))
     assert proc.returncode == 0, proc.stderr
     assert "a: x (on d): changed" in proc.stderr and "b: x (on d): changed" in proc.stderr
+
+
+def test_sudo_on_a_delegate_uses_the_delegates_become_user(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("sudo") is None:
+        pytest.skip("needs root and sudo (to become another user without a password)")
+    inv = inventory(tmp_path, extra={"a": {"become_user": "root"}, "d": {"become_user": "nobody"}})
+    pb = playbook(tmp_path, [{"name": "who", "delegate_to": "d", "sudo": True, "shell": "id -un"},
+                             {"name": "me", "sudo": True, "shell": "id -un"}], hosts="a")
+    result = go(tmp_path, pb, inv)
+    assert result.exit_code() == 0, result.as_dict()
+    assert result.get("a", "who").stdout == "nobody\n" and result.get("a", "me").stdout == "root\n"

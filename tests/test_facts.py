@@ -321,3 +321,12 @@ def test_runbook_facts_on_local_hosts(tmp_path: Path) -> None:
     assert unknown.returncode == 4 and "unknown host `b`" in unknown.stderr and "Traceback" not in unknown.stderr
     ctl = cli("facts", "controller")
     assert ctl.returncode == 0 and json.loads(ctl.stdout)["architecture"] == os.uname().machine
+
+
+def test_a_template_file_reading_facts_gathers_them(tmp_path: Path) -> None:
+    (tmp_path / "motd.j2").write_text("kernel {{ facts.kernel }} on {{ facts.architecture }}\n")
+    out = tmp_path / "motd-{{ inventory_hostname }}"
+    result = local_run(tmp_path, [{"name": "motd", "template": {"src": str(tmp_path / "motd.j2"), "dest": str(out)}}])
+    assert result.exit_code() == 0, result.as_dict()
+    assert (tmp_path / "motd-a").read_text() == f"kernel {os.uname().release} on {os.uname().machine}\n"
+    assert CountingGathers.gathered == {"a": 1, "b": 1}

@@ -112,3 +112,11 @@ def test_print_is_validated_and_its_templates_checked(tmp_path: Path) -> None:
     pb.write_text("runbook: t\nsteps:\n  - name: x\n    print:\n      a: '{{ mispelt }}'\n      b: '{{ oops'\n")
     report = validate_playbook(pb)
     assert [(p.location.line, p.severity) for p in report.problems] == [(5, "warning"), (6, "error")]
+
+
+def test_a_message_reading_output_a_dry_run_cannot_know_is_unknown(tmp_path: Path) -> None:
+    pb, inv = files(tmp_path, [{"name": "count", "shell": "ls | wc -l", "register": "n"},
+                               {"name": "say", "print": "{{ n.stdout }} files"}])
+    result = run(pb, str(inv), mode="plan", audit_log=str(tmp_path / "a.jsonl"))
+    r = result.get("a", "say")
+    assert str(r.prediction) == "unknown" and "registered by `count`, which cannot run in a dry run" in r.message
