@@ -225,3 +225,24 @@ def test_plan_cannot_tell_whether_the_rescue_runs_after_an_unknown_step(tmp_path
     assert res(result, "a", "one").prediction == "unknown"
     undo = res(result, "a", "undo")
     assert undo.prediction == "unknown" and "may fail" in undo.message
+
+
+def test_report_and_console_count_the_rescued_host(tmp_path: Path, write_playbook: PlaybookWriter,
+                                                   local_inventory: InventoryWriter,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    from runbook.cli import main
+
+    pb = write_playbook(guarded_block())
+    inv = local_inventory(["a", "b"])
+    report = tmp_path / "report.html"
+    code = main(["run", str(pb), "-i", str(inv), "--audit-log", str(tmp_path / "audit.jsonl"),
+                 "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "rescued: 1 host (a): a block failed and its rescue steps ran" in err
+    assert re.search(r"RECAP\s*\nhost\s+ok\s+changed\s+skipped\s+failed\s+unreachable\s+rescued", err)
+    html = report.read_text()
+    assert re.search(r'data-status="rescued"><b>1</b>', html)
+    assert re.search(r'data-status="failed"><b>0</b>', html)

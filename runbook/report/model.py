@@ -127,6 +127,8 @@ class TaskEntry(BaseModel):
     ignored: bool = False
     # An on_failure step run for this host (files of earlier versions kept the flag inside `data`).
     rescue: bool = Field(False, validation_alias=AliasChoices("rescue", "on_failure", AliasPath("data", "on_failure")))
+    # Failed inside a block whose `rescue:` steps then handled it (TaskResult.rescued).
+    block_rescued: bool = Field(False, validation_alias="rescued")
     # Done by an earlier run (resume).
     from_run: str | None = Field(None, validation_alias=AliasChoices("from_run", AliasPath("data", "from_run")))
     # apply: what the reviewed plan predicted (set from the plan, never read from a saved result).
@@ -135,8 +137,8 @@ class TaskEntry(BaseModel):
 
     @property
     def outcome(self) -> str:
-        """The status as counted: an on_failure step that succeeded counts as `rescued`."""
-        if self.rescue and self.status in ("ok", "changed"):
+        """The status as counted: an on_failure step that succeeded, or a failure its block rescued, is `rescued`."""
+        if (self.rescue and self.status in ("ok", "changed")) or (self.block_rescued and self.status == "failed"):
             return "rescued"
         return self.status
 
