@@ -232,6 +232,11 @@ class StepBase(Strict):
     def _one_delegate(self) -> StepBase:
         if self.on is not None and self.delegate_to is not None:
             raise ValueError("`on: controller` is `delegate_to: controller`: give only one of them")
+        if self.delegate is not None and self.structure():
+            # Its steps would not inherit it (compose passes on when, tags, sudo and vars): refused, not dropped.
+            key = "delegate_to" if self.delegate_to is not None else "on"
+            raise ValueError(f"`{key}` on a `{self.structure()[0]}` step does not reach the steps inside it: "
+                             "put it on each of those steps")
         return self
 
     @property

@@ -295,3 +295,22 @@ def test_sudo_on_a_delegate_uses_the_delegates_become_user(tmp_path: Path) -> No
     result = go(tmp_path, pb, inv)
     assert result.exit_code() == 0, result.as_dict()
     assert result.get("a", "who").stdout == "nobody\n" and result.get("a", "me").stdout == "root\n"
+
+
+def test_delegate_to_on_a_block_is_refused_rather_than_dropped(tmp_path: Path) -> None:
+    pb = playbook(tmp_path, [{"name": "grp", "delegate_to": "d", "block": [{"name": "inner", "shell": "true"}]}])
+    report = validate_playbook(pb)
+    assert report.errors and "does not reach the steps inside it" in report.errors[0].message
+    assert report.errors[0].location.line == 4
+
+
+def test_a_looped_step_delegates_each_item(tmp_path: Path) -> None:
+    inv = inventory(tmp_path, ("a", "d", "e"))
+    pb = playbook(tmp_path, [{"name": "fan", "loop": ["d", "e"], "delegate_to": "{{ item }}",
+                              "shell": "echo {{ inventory_hostname }} > {{ root }}/{{ item }}/got"}],
+                  hosts="a", vars={"root": str(tmp_path / "hosts")})
+    result = go(tmp_path, pb, inv)
+    assert result.exit_code() == 0, result.as_dict()
+    items = sorted((r.step_id, r.delegated_to) for r in result.results if r.parent == "fan")
+    assert [where for _, where in items] == ["d", "e"]
+    assert (tmp_path / "hosts" / "d" / "got").read_text() == "a\n" == (tmp_path / "hosts" / "e" / "got").read_text()

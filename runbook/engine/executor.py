@@ -27,6 +27,7 @@ from runbook.engine.scheduling import TaskScheduler
 from runbook.engine.task import ABORTED, TaskRunner
 from runbook.errors import ConnectionFailed
 from runbook.events import EventStream, ObserverFailed, RunInfo
+from runbook.facts import FactStore
 from runbook.graph import StepGraph, TaskKey, expand
 from runbook.model import CONTROLLER, Playbook, Step
 from runbook.results import RunMode, RunResult, Status, TaskResult
@@ -100,7 +101,7 @@ class Executor:
                                        max_failures=playbook.max_failures, emit=self._emit, notice=self._warn)
         self.result.unreachable = self.scheduler.unreachable
         self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
-                                 Registers(self.host_order, options.registers), self._conn_for)
+                                 Registers(self.host_order, options.registers), self._conn_for, FactStore())
         self.runner.notifications.results = self.scheduler.results   # handlers run by what their notifiers did
         if self.scheduler.blocks is not None:   # a block's rescue steps run only where the block failed
             self.runner.block_gate = self.scheduler.blocks.rescue_gate
