@@ -256,3 +256,44 @@ steps:
     for h in hosts:
         assert (h.home / "count").read_text().split() == ["1", "2", "2", "3"]   # item 1 was not run again
     assert helpers_cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
+
+
+CLUSTER_PB = """\
+runbook: loop-cluster
+steps:
+  - name: each
+    shell: echo {{ item }} from {{ inventory_hostname }} >> count; echo {{ item }}
+    loop: [a, b, c]
+    loop_concurrency: 2
+    register: each
+  - name: sum
+    shell: echo {{ each.results | map(attribute='stdout') | map('trim') | join(',') }} changed={{ each.changed }}
+"""
+
+
+def test_a_loop_on_cluster_workers_matches_an_in_process_run(clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    hosts = clean_ssh_hosts[:2]
+
+    def run_in(name: str, *extra: str) -> dict:
+        work = tmp_path / name
+        work.mkdir()
+        (work / "pb.yml").write_text(CLUSTER_PB)
+        write_inventory(work / "inventory.yml", hosts)
+        write_known_hosts(work / "known_hosts", hosts)
+        done = helpers_cli("run", "pb.yml", "-i", "inventory.yml", "--known-hosts", "known_hosts", "--audit-log",
+                           str(work / "audit.jsonl"), "--format", "json", *extra, cwd=work, timeout=180)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def shape(doc: dict) -> dict:
+        return {(r["host"], r["step_id"]): (r["status"], r["stdout"], r.get("parent"), r.get("items"))
+                for r in doc["results"]}
+
+    here = run_in("here")
+    for h in hosts:
+        h.clear_home()
+    there = run_in("there", "--cluster", "local:2")
+    assert shape(here) == shape(there)
+    assert {r["stdout"] for r in there["results"] if r["step_id"] == "sum"} == {"a,b,c changed=True\n"}
+    for h in hosts:
+        assert sorted((h.home / "count").read_text().split("\n")[:-1]) == [f"{i} from {h.name}" for i in "abc"]
