@@ -266,4 +266,6 @@ def _undefined_hint(name: str, defined: set[str], expression: bool = False,
     match = close_match(name, defined - BUILTINS)
     if match:
         return f"did you mean `{match}`?"
+    if name == "item":
+        return "`item` is the current item of a step with `loop:`; add the `loop:` this step runs over, or define `item`"
     return fallback

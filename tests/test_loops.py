@@ -419,3 +419,10 @@ def test_apply_refuses_an_item_drift_before_any_concurrent_item_changes_the_host
     assert statuses["mk[p]"] == "drift" and statuses["mk"] == "drift"
     assert {statuses[f"mk[{x}]"] for x in "qrs"} == {"not_run"}
     assert sorted(p.name for p in d.iterdir()) == []   # nothing was changed: no item ran
+
+
+def test_item_outside_a_loop_is_reported_with_a_hint_naming_loop(tmp_path: Path) -> None:
+    path = tmp_path / "pb.yml"
+    path.write_text(yaml.safe_dump({"runbook": "t", "steps": [{"name": "s", "shell": "echo {{ item | quote }}"}]}))
+    (problem,) = [p for p in validate_playbook(path).problems if p.code == "undefined-variable"]
+    assert "`item`" in problem.message and problem.hint is not None and "loop:" in problem.hint
