@@ -426,3 +426,37 @@ def test_item_outside_a_loop_is_reported_with_a_hint_naming_loop(tmp_path: Path)
     path.write_text(yaml.safe_dump({"runbook": "t", "steps": [{"name": "s", "shell": "echo {{ item | quote }}"}]}))
     (problem,) = [p for p in validate_playbook(path).problems if p.code == "undefined-variable"]
     assert "`item`" in problem.message and problem.hint is not None and "loop:" in problem.hint
+
+
+def test_a_plan_knows_what_a_loops_register_can_tell(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> None:
+    inv = local_inventory(["a"])
+    d = hdir(tmp_path)
+    (d / "x").write_text("")
+    pb = write_playbook([
+        {"name": "probe", "shell": "test -e {{ dir }}/{{ item }} && echo yes || echo no", "read_only": True,
+         "loop": ["x", "y"], "register": "probe"},
+        {"name": "missing", "shell": "touch {{ dir }}/missing", "creates": "{{ dir }}/missing",
+         "when": "probe.results | selectattr('stdout', 'eq', 'no\\n') | list"},
+        {"name": "all there", "shell": "touch {{ dir }}/never", "creates": "{{ dir }}/never",
+         "when": "probe.results | selectattr('stdout', 'eq', 'no\\n') | list | length == 0"},
+        {"name": "make", "shell": "touch {{ dir }}/{{ item }}", "creates": "{{ dir }}/{{ item }}", "loop": ["x", "z"],
+         "register": "made"},
+        {"name": "reload", "shell": "touch {{ dir }}/reloaded", "creates": "{{ dir }}/reloaded", "when": "made.changed"},
+        {"name": "reads output", "shell": "true", "when": "made.results[1].stdout == ''"},
+        {"name": "keep", "shell": "touch {{ dir }}/{{ item }}", "creates": "{{ dir }}/{{ item }}", "loop": ["x"],
+         "register": "kept"},
+        {"name": "no reload", "shell": "touch {{ dir }}/no-reload", "creates": "{{ dir }}/no-reload", "when": "kept.changed"},
+    ])
+    code, doc, out = _plan_doc(capsys, pb, inv, tmp_path / "plan.json", tmp_path)
+    assert code == 0, out
+    preds = {p["step_id"]: p for p in doc["predictions"]}
+    assert preds["probe[y]"]["prediction"] == "ok" and preds["probe"]["read_only"]
+    assert preds["missing"]["prediction"] == "change"          # decided from the read_only loop's real output
+    assert preds["all-there"]["prediction"] == "skip"
+    assert preds["make[x]"]["prediction"] == "skip" and preds["make[z]"]["prediction"] == "change"
+    assert preds["reload"]["prediction"] == "change"            # `made.changed` is known: an item will change
+    assert preds["reads-output"]["prediction"] == "unknown"     # an item's output is not
+    assert "made" in preds["reads-output"]["reason"] and "dry run" in preds["reads-output"]["reason"]
+    assert preds["no-reload"]["prediction"] == "skip"           # no item of `keep` changes
+    assert sorted(p.name for p in d.iterdir()) == ["x"]
