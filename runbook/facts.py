@@ -369,6 +369,7 @@ class FactStore:
         self._gatherer = gatherer
         self._lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
+        self._dicts: dict[str, dict[str, Any]] = {}
         self.gathers = 0   # how many gathers ran (one per host per run)
 
     def get(self, host: str, conn: Callable[[], Connection]) -> Facts:
@@ -399,6 +400,14 @@ class FactStore:
         with self._lock:
             return self._known.get(host)
 
+    def values(self, host: str) -> dict[str, Any] | None:
+        """The host's facts as templates see them (made once per host, not per task), or None before the gather."""
+        with self._lock:
+            found = self._dicts.get(host)
+            if found is None and host in self._known:
+                found = self._dicts[host] = self._known[host].as_dict()
+            return found
+
     def snapshot(self) -> dict[str, Facts]:
         """Every host's gathered facts (for shipping to another process)."""
         with self._lock:
@@ -422,7 +431,9 @@ class FactsView(Mapping[str, Any]):
 
     def _facts(self) -> dict[str, Any]:
         if self._value is None:
-            self._value = self._store.get(self._host, self._conn).as_dict()
+            self._store.get(self._host, self._conn)
+            self._value = self._store.values(self._host)
+        assert self._value is not None   # get() returned: the facts are known
         return self._value
 
     def __getitem__(self, key: str) -> Any:

@@ -314,3 +314,14 @@ def test_a_looped_step_delegates_each_item(tmp_path: Path) -> None:
     items = sorted((r.step_id, r.delegated_to) for r in result.results if r.parent == "fan")
     assert [where for _, where in items] == ["d", "e"]
     assert (tmp_path / "hosts" / "d" / "got").read_text() == "a\n" == (tmp_path / "hosts" / "e" / "got").read_text()
+
+
+def test_a_step_delegated_to_its_own_host_runs_there_as_usual(tmp_path: Path) -> None:
+    inv = inventory(tmp_path)
+    pb = playbook(tmp_path, [{"name": "self", "delegate_to": "{{ inventory_hostname }}", "shell": "true"},
+                             {"name": "literal", "delegate_to": "a", "shell": "true"}])
+    result = execute(pb, inv)
+    assert result.exit_code() == 0, result.as_dict()
+    assert result.get("a", "self").delegated_to is None and result.get("a", "literal").delegated_to is None
+    assert result.get("b", "literal").delegated_to == "a"
+    assert Counting.opened == {"a": 2, "b": 1}   # a: its own connection, and the delegate connection b's step uses

@@ -14,8 +14,8 @@ from runbook.template import render
 _WHERE_HINT = "a delegate is a host of the inventory (it need not be selected by `hosts:` or --limit)"
 
 
-def resolve_delegate(step: Step, ctx: dict[str, Any], known: Mapping[str, Any]) -> str | None:
-    """Where a task runs: None (its own host), CONTROLLER, or an inventory host; RunbookError when refused.
+def resolve_delegate(step: Step, ctx: dict[str, Any], known: Mapping[str, Any], host: str) -> str | None:
+    """Where a task of `host` runs: None (on `host` itself), CONTROLLER, or another inventory host; RunbookError when refused.
 
     A template must render to an inventory host: never to the control machine (a host variable or
     -e must not move a step onto the controller) and never to text with shell or path characters.
@@ -35,6 +35,8 @@ def resolve_delegate(step: Step, ctx: dict[str, Any], known: Mapping[str, Any]) 
                                "controller` (or `on: controller`) may run a step there",
                                hint="write `delegate_to: controller`, or render the name of an inventory host")
         return CONTROLLER
+    if name == host:
+        return None   # delegated to itself: its own connection, as if not delegated
     if name not in known:
         raise RunbookError(f"delegate_to `{name}`{source} is not a host of the inventory",
                            hint=did_you_mean(name, list(known)) or _WHERE_HINT)

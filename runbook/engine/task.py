@@ -116,7 +116,7 @@ class TaskRunner:
             if self.playbook.facts or self.reads_facts(step):
                 self.facts.get(key.host, lambda: self.connection(key.host, step))   # its failure is the task's
             ctx = self.context(key.host, step=step) if ctx is None else ctx
-            res.delegated_to = self.delegate_for(step, ctx)
+            res.delegated_to = self.delegate_for(key.host, step, ctx)
             conn = (self.connection(key.host, step) if res.delegated_to is None
                     else self.connection(key.host, step, res.delegated_to))
             # A dry run predicts on_failure steps too: it changes nothing, wherever they would run.
@@ -134,10 +134,10 @@ class TaskRunner:
             res.status, res.message = Status.FAILED, f"internal error: {type(exc).__name__}: {exc}"
         return False
 
-    def delegate_for(self, step: Step, ctx: dict[str, Any]) -> str | None:
+    def delegate_for(self, host: str, step: Step, ctx: dict[str, Any]) -> str | None:
         """Where the task runs (None: on its host); a refused delegate fails it unless it is skipped anyway."""
         try:
-            return resolve_delegate(step, ctx, self.opt.inventory_hosts)
+            return resolve_delegate(step, ctx, self.opt.inventory_hosts, host)
         except RunbookError:
             if not self.tags_allow(step) or (step.when is not None and not _maybe(step.when, ctx)):
                 return None   # it skips before any connection is used
@@ -249,9 +249,9 @@ class TaskRunner:
 
     def _facts_of(self, host: str) -> Any:
         """`facts` in templates: the gathered facts, or a view that gathers them on first read."""
-        known = self.facts.known(host)
+        known = self.facts.values(host)
         if known is not None:
-            return known.as_dict()
+            return known
         return FactsView(self.facts, host, lambda: self.connection(host, None))
 
     def env(self, host: str, step: Step, conn: Connection, ctx: dict[str, Any]) -> TaskEnv:
