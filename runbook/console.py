@@ -352,7 +352,9 @@ def render_plan(console: Console, plan: dict[str, Any], redactor: Redactor | Non
             if not p.get("items"):   # a looped step's line sums up its items, which are counted themselves
                 per_host[label] += 1
             indent = "      " if p.get("parent") else "  "   # a loop's items under their step
-            line = Text.assemble((indent + mark + " ", style), (visible(p["step_id"]), "bold"), ("  " + label, style))
+            where = f" (on {visible(str(p['delegated_to']))})" if p.get("delegated_to") else ""   # delegate_to
+            line = Text.assemble((indent + mark + " ", style), (visible(p["step_id"]), "bold"), where,
+                                 ("  " + label, style))
             if p.get("reason"):
                 reason = visible(red(p["reason"])).replace("\n", "\n      ")   # a printed mapping: its lines indented
                 line.append(f" — {reason}", style="dim" if p["prediction"] in ("ok", "skip") else "")

@@ -201,6 +201,7 @@ def build_plan(prepared, request, result, *, key: KeyArg = "env") -> dict:
             "command": red.redact(r.command),
             "gate": gates.get(r.action, False), "read_only": r.read_only,
             **_loop_fields(r, red),
+            **({"delegated_to": r.delegated_to} if r.delegated_to else {}),   # delegate_to: where it would run
         })
     doc = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "runbook_version": __version__,

@@ -325,3 +325,20 @@ def test_a_step_delegated_to_its_own_host_runs_there_as_usual(tmp_path: Path) ->
     assert result.get("a", "self").delegated_to is None and result.get("a", "literal").delegated_to is None
     assert result.get("b", "literal").delegated_to == "a"
     assert Counting.opened == {"a": 2, "b": 1}   # a: its own connection, and the delegate connection b's step uses
+
+
+def test_a_saved_plan_names_where_a_step_would_run_and_applies(tmp_path: Path) -> None:
+    inv = inventory(tmp_path)
+    log = tmp_path / "hosts" / "d" / "log"
+    pb = playbook(tmp_path, [{"name": "record", "delegate_to": "d", "shell": f"echo {{{{ inventory_hostname }}}} >> {log}"}])
+    out = tmp_path / "plan.json"
+    audit = str(tmp_path / "a.jsonl")
+    planned = cli("plan", str(pb), "-i", str(inv), "--audit-log", audit, "--out", str(out))
+    assert planned.returncode == 0, planned.stderr
+    assert "? record (on d)  unknown" in planned.stdout and not log.exists()
+    doc = json.loads(out.read_text())
+    assert {p["host"]: p["delegated_to"] for p in doc["predictions"]} == {"a": "d", "b": "d"}
+    assert "record (on d)" in cli("show", str(out)).stdout
+    applied = cli("apply", str(out), "--audit-log", audit, "-y")
+    assert applied.returncode == 0, applied.stderr
+    assert sorted(log.read_text().split()) == ["a", "b"]
