@@ -117,6 +117,7 @@ class _TemplateChecker:
         if known_vars:
             self.defined |= known_vars
         self.problems: list[Problem] = []
+        self._groups_checked: set[str] = set()
 
     def locate(self, path: tuple[str | int, ...]) -> Location:
         """Where a path of the playbook is in its file."""
@@ -187,7 +188,7 @@ class _TemplateChecker:
 
     def _check_step(self, step: Step, path: tuple[str | int, ...]) -> None:
         """One step's templates and action checks, located in the file the step is written in."""
-        from runbook.compose import origin, role_defaults
+        from runbook.compose import origin, own_when, role_defaults
 
         found = origin(step)
         source, defined = self.source, self.defined
@@ -197,13 +198,36 @@ class _TemplateChecker:
         if own:
             self.defined = defined | own
         try:
+            inherited, when = own_when(step)
             for field in step_templates(step):
+                if inherited and field.path == ("when",):
+                    continue   # its own `when` and each enclosing group's, each where it is written (below)
                 self.check((*path, *field.path), field.text, field.kind)
+            if inherited:
+                if when is not None:
+                    self.check((*path, "when"), when, FieldKind.EXPRESSION)
+                self._group_whens(step)
             if not self.names_only:
                 self.problems.extend(loop_problems(step, lambda key: self.locate((*path, key))))
                 self.problems.extend(action_for(step).check(self.playbook, self._locator((*path, step.action))))
         finally:
             self.source, self.defined = source, defined
+
+    def _group_whens(self, step: Step) -> None:
+        """The `when` of each block, include or role around a step, checked once, at the group."""
+        from runbook.compose import enclosing_groups
+
+        source = self.source
+        for gid, _, _ in enclosing_groups(step):
+            grp = self.playbook._groups.get(gid)
+            if grp is None or grp.when is None or gid in self._groups_checked:
+                continue
+            self._groups_checked.add(gid)
+            self.source = grp.origin.source
+            try:
+                self.check((*grp.origin.path, "when"), grp.when, FieldKind.EXPRESSION)
+            finally:
+                self.source = source
 
 
 def step_reads(step: Step, name: str) -> bool:

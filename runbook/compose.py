@@ -10,7 +10,7 @@ structural step: the graph and the scheduler read the groups through `Playbook._
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,6 +73,8 @@ class Group:
     namespace: str                           # the namespace its own id and `needs` are in
     origin: Origin
     inner_namespace: str = ""                # the namespace of its contents (an include's or role's id)
+    when: str | None = None                  # its own condition (every step inside has it and-ed into its `when`)
+    number: int = 0                          # its position among the playbook's groups (a stable short name)
 
     @property
     def guarded(self) -> bool:
@@ -131,6 +133,12 @@ def search_dirs(step: Step) -> tuple[str, ...]:
 def role_defaults(step: Step) -> dict[str, Any]:
     """The defaults.yml variables of the role a step comes from (lowest precedence)."""
     return dict(step._defaults)
+
+
+def own_when(step: Step) -> tuple[bool, str | None]:
+    """(True, the step's own `when` as written) when its `when` has conditions of enclosing groups and-ed in."""
+    own = step._own_when
+    return (False, step.when) if own == "<own>" else (True, own)
 
 
 def rescue_of(step: Step) -> tuple[str, ...]:
@@ -280,6 +288,7 @@ class _Composer:
         if scope.vars:
             update["vars"] = {**scope.vars, **step.vars}
         flat = step.model_copy(update=update) if update else step
+        flat._own_when = step.when if scope.when else "<own>"
         flat._origin = Origin(scope.source, scope.path, scope.chain)
         flat._blocks = scope.blocks
         flat._namespace = scope.namespace
@@ -290,7 +299,7 @@ class _Composer:
 
     def _group_id(self, step: Step, scope: _Scope, kind: str) -> str:
         gid = scope.namespace + step.step_id
-        where = scope.source.locate(scope.path + (("id",) if step.id and "id" in _keys(scope, scope.path) else ()))
+        where = scope.source.locate(scope.path + (("id",) if scope.path + ("id",) in scope.source.keys else ()))
         if gid in self.ids:
             first = self.ids[gid]
             self.problems.add(f"duplicate id `{gid}` (first used at {first})", where,
@@ -314,7 +323,8 @@ class _Composer:
                               f"{scope.section} steps run one after another whatever happens: "
                               "use `ignore_errors: true` on a step instead", code="misplaced-rescue")
         grp = Group(gid, step.name, "block", scope.section, scope.parent, {}, step.needs, scope.namespace,
-                    Origin(scope.source, scope.path, scope.chain), scope.namespace)
+                    Origin(scope.source, scope.path, scope.chain), scope.namespace, step.when)
+        grp.number = len(self.groups)
         self.groups[gid] = grp
         inner = self._inherit(step, scope)
         for part in PARTS:
@@ -353,7 +363,8 @@ class _Composer:
             return None
         gid = self._group_id(step, scope, kind)
         grp = Group(gid, step.name, kind, scope.section, scope.parent, {}, step.needs, scope.namespace,
-                    Origin(scope.source, scope.path, scope.chain), gid + "/")
+                    Origin(scope.source, scope.path, scope.chain), gid + "/", step.when)
+        grp.number = len(self.groups)
         self.groups[gid] = grp
         doc_steps, doc_source = steps
         inner = replace(self._inherit(step, scope), source=doc_source, path=(), namespace=gid + "/",
@@ -518,12 +529,6 @@ def _all_of(conditions: list[str]) -> str:
     if len(conditions) == 1:
         return conditions[0]
     return " and ".join(f"({strip_braces(c)})" for c in conditions)
-
-
-def _keys(scope: _Scope, path: tuple) -> Iterator[str]:
-    for p in scope.source.keys:
-        if len(p) == len(path) + 1 and p[:-1] == path:
-            yield p[-1]
 
 
 def _inside(path: Path, root: Path) -> bool:

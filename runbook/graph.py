@@ -267,7 +267,7 @@ def _mermaid_clusters(steps: StepGraph, members: list[str], label: Callable[[str
             if unit in steps.graph:
                 out.append(f"{indent}{label(unit)}")
             continue
-        gid = "g" + str(list(steps.playbook._groups).index(unit))
+        gid = f"g{grp.number}"
         out.append(f'{indent}subgraph {gid}["{_mermaid_text(_group_title(grp))}"]')
         out.extend(_mermaid_clusters(steps, grp.parts.get("block", []), label, indent + "  "))
         for part in ("rescue", "always"):

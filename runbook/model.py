@@ -191,6 +191,7 @@ class StepBase(Strict):
     _search_dirs: tuple = PrivateAttr(())         # directories searched for template/upload sources, first first
     _defaults: dict = PrivateAttr(default_factory=dict)   # role defaults (lowest precedence variables)
     _skip: str = PrivateAttr("")                  # why the run skips it without looking (--start-at-step)
+    _own_when: str | None = PrivateAttr("<own>")  # its own `when` when compose and-ed enclosing conditions into it
 
     @model_validator(mode="before")
     @classmethod

@@ -417,3 +417,11 @@ def test_site_runs_locally_with_role_templates_files_and_defaults(tmp_path: Path
     assert (www / "index.html").read_text() == "<h1>Default title</h1>\nport=8080 hello production\n"
     assert (www / "motd").read_text() == "welcome\n"
     assert (www / "log").read_text().splitlines() == ["web ok", "reloaded"]   # the role's handler runs at the end
+
+
+def test_a_blocks_condition_is_checked_once_where_it_is_written(tmp_path: Path) -> None:
+    pb = write(tmp_path, {"pb.yml": "runbook: t\nsteps:\n  - name: grp\n    when: redy\n    block:\n"
+                                    "      - name: a\n        shell: 'true'\n      - name: b\n        when: x == 1\n"
+                                    "        shell: 'true'\n"})
+    warnings = [p for p in validate_playbook(pb).warnings if p.code == "undefined-variable"]
+    assert [(p.message.split("`")[1], str(p.location)) for p in warnings] == [("redy", f"{pb}:4:11"), ("x", f"{pb}:9:15")]

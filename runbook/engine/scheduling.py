@@ -309,6 +309,10 @@ class BlockOutcomes:
                 self.left[(gid, node.host)] += 1
         self.outcomes: dict[tuple[str, str], tuple[Outcome, str]] = {}
         self.results = results    # the scheduler's: every task's result so far
+        from runbook.compose import group_steps
+
+        self.block_steps = {gid: group_steps(pb, gid, ("block",)) for gid in self.groups}   # computed once
+        self.all_steps = {gid: group_steps(pb, gid) for gid in self.groups}
 
     def protects(self, step_id: str) -> bool:
         """True when a failure of the step may still be rescued (it is in the steps of a block with `rescue:`)."""
@@ -350,10 +354,8 @@ class BlockOutcomes:
         return False
 
     def _mark_rescued(self, gid: str, host: str) -> None:
-        from runbook.compose import group_steps
-
         names = []
-        for sid in group_steps(self.pb, gid, ("block",)):
+        for sid in self.block_steps[gid]:
             res = self.results.get(TaskKey(sid, host))
             if res is not None and res.failed:
                 res.rescued = True
@@ -370,10 +372,9 @@ class BlockOutcomes:
             if unit in self.groups:
                 sub = self.outcomes.get((unit, host))
                 sub_state, sub_cause = sub if sub is not None else (Outcome.OK, "")
-                from runbook.compose import group_steps
-
-                unknown = unknown or any((r := self.results.get(TaskKey(s, host))) is not None and r.status == Status.UNKNOWN
-                                         for s in group_steps(self.pb, unit))
+                unknown = unknown or (self.mode == RunMode.PLAN and any(
+                    (r := self.results.get(TaskKey(s, host))) is not None and r.status == Status.UNKNOWN
+                    for s in self.all_steps[unit]))
             else:
                 res = self.results.get(TaskKey(unit, host))
                 if res is None:
