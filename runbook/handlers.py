@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from runbook.errors import Location, Problem, Problems, did_you_mean
-from runbook.results import Status
+from runbook.results import PredictionKind, Status
 
 if TYPE_CHECKING:
     from runbook.model import Playbook, Step
@@ -386,8 +386,11 @@ class Notifications:
         unknown: list[Notifier] = []
         quiet: list[Notifier] = []
         for n in inst.notifiers:
-            status = getattr(self._result(source, n.task_id, host), "status", None)
-            (changed if status == Status.CHANGED else unknown if status == Status.UNKNOWN else quiet).append(n)
+            res = self._result(source, n.task_id, host)
+            # A prediction when there is one (a cluster worker knows only its ancestors' predictions), else the status.
+            kind = getattr(res, "prediction", None) or {Status.CHANGED: PredictionKind.CHANGE,
+                                                          Status.UNKNOWN: PredictionKind.UNKNOWN}.get(getattr(res, "status", None))
+            (changed if kind == PredictionKind.CHANGE else unknown if kind == PredictionKind.UNKNOWN else quiet).append(n)
         if changed:
             return Verdict(Notice.NOTIFIED, f"notified by {_names(changed)} ({'predicted change' if plan else 'changed'})")
         if unknown:

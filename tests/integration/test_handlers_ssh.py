@@ -266,6 +266,15 @@ def test_a_cluster_runs_handlers_as_decided_on_the_controller(
     hosts = clean_ssh_hosts[:3]
     seed(hosts[0], {"svc/.keep": ""})
     (work / "clustered.yml").write_text(CLUSTERED)
+    plans = []
+    for extra in ([], ["--cluster", "local:2"]):
+        planned = subprocess_cli("plan", "clustered.yml", "-i", "inv.yml", "--known-hosts", str(known_hosts), "--output",
+                                 "json", *extra, cwd=work, timeout=240)
+        assert planned.returncode == 0, planned.stderr
+        plans.append({(q["host"], q["step_id"]): (q["prediction"], q["reason"]) for q in json.loads(planned.stdout)["predictions"]})
+    # Workers predict handlers as the controller would: from the notifiers' predictions on every host.
+    assert plans[0] == plans[1]
+    assert plans[1][("h1", "handler:restart-app")][0] == "skip" and plans[1][("h2", "handler:announce")][0] == "unknown"
     done = subprocess_cli("run", "clustered.yml", "-i", "inv.yml", "--known-hosts", str(known_hosts), "-y",
                           "--format", "json", "--cluster", "local:2", cwd=work, timeout=240)
     assert done.returncode == 0, done.stderr
