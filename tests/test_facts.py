@@ -330,3 +330,33 @@ def test_a_template_file_reading_facts_gathers_them(tmp_path: Path) -> None:
     assert result.exit_code() == 0, result.as_dict()
     assert (tmp_path / "motd-a").read_text() == f"kernel {os.uname().release} on {os.uname().machine}\n"
     assert CountingGathers.gathered == {"a": 1, "b": 1}
+
+
+def test_the_gather_is_one_round_trip(tmp_path: Path) -> None:
+    calls: list[Any] = []
+
+    class Recording(LocalConnection):
+        def run(self, command: Any, **kw: Any) -> Any:
+            calls.append(command)
+            return super().run(command, **kw)
+
+        def read(self, path: str) -> Any:
+            calls.append(("read", path))
+            return super().read(path)
+
+        def stat(self, path: str) -> Any:
+            calls.append(("stat", path))
+            return super().stat(path)
+
+    pb = tmp_path / "pb.yml"
+    pb.write_text(yaml.safe_dump({"runbook": "t", "facts": True, "steps": [
+        {"name": "one", "print": "{{ facts.kernel }} {{ facts.mounts | length }} {{ facts.can_sudo }}"},
+        {"name": "two", "print": "{{ facts.default_ipv4 }}"}]}))
+    inv = tmp_path / "inv.yml"
+    inv.write_text(yaml.safe_dump({"all": {"hosts": {"a": {"ansible_connection": "local"}}}}))
+    book = load_playbook(pb)
+    info = RunInfo("t", RunMode.RUN, str(pb), "t", "", "", "", ["a"], "me", "ctl", "strict")
+    result = Executor(book, Inventory.load(str(inv)).select("all"), info, EventStream([]),
+                      ExecOptions(connect=lambda h: Recording(h.name))).execute()
+    assert result.exit_code() == 0, result.as_dict()
+    assert calls == [GATHER_SCRIPT]   # one command for every fact, nothing else touched the host
