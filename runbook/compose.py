@@ -28,6 +28,8 @@ MAX_STEPS = 5000              # flat steps of a playbook once everything is expa
 ROLES_ENV = "RUNBOOK_ROLES_PATH"
 PARTS = ("block", "rescue", "always")
 GroupKind = Literal["block", "include", "role"]
+# What a block, include or role step may carry: its identity and order, and what its steps inherit.
+GROUP_KEYS = frozenset({"name", "id", "needs", "when", "sudo", "vars", "tags", "block", "rescue", "always", "include", "role"})
 Reader = Callable[[Path, str], str]
 
 
@@ -265,9 +267,19 @@ class _Composer:
             return self._flat(step, scope, out)
         if self.count > MAX_STEPS:
             return None
+        self._unused_keys(step, scope, structure[0])
         if structure[0] == "block":
             return self._block(step, scope, out)
         return self._include(step, scope, out, "role" if structure[0] == "role" else "include")
+
+    def _unused_keys(self, step: Step, scope: _Scope, kind: str) -> None:
+        """Keys a block, include or role would silently ignore (`ignore_errors`, `retries`, ...) are errors."""
+        fields = type(step).model_fields
+        for name in sorted(step.model_fields_set - GROUP_KEYS):
+            key = fields[name].alias or name if name in fields else name
+            self.problems.add(f"`{key}` does nothing on a `{kind}:` step", scope.source.locate(scope.path + (key,), key=True),
+                              f"put it on the steps inside; a `{kind}:` step passes on only "
+                              "`when`, `sudo`, `vars` and `tags`", code="group-key")
 
     def _flat(self, step: Step, scope: _Scope, out: list[Step]) -> str | None:
         self.count += 1

@@ -425,3 +425,22 @@ def test_a_blocks_condition_is_checked_once_where_it_is_written(tmp_path: Path) 
                                     "        shell: 'true'\n"})
     warnings = [p for p in validate_playbook(pb).warnings if p.code == "undefined-variable"]
     assert [(p.message.split("`")[1], str(p.location)) for p in warnings] == [("redy", f"{pb}:4:11"), ("x", f"{pb}:9:15")]
+
+
+@pytest.mark.parametrize("key, value", [("ignore_errors", True), ("register", "r"), ("retries", 2), ("loop", [1, 2]),
+                                         ("notify", ["h"])])
+def test_keys_a_group_would_ignore_are_errors(tmp_path: Path, key: str, value: Any) -> None:
+    pb = write(tmp_path, {"pb.yml": {"runbook": "t", "steps": [
+        {"name": "grp", key: value, "block": [{"name": "a", "shell": "true"}]}]}})
+    err = one_error(pb, f"`{key}` does nothing on a `block:` step")
+    assert err.startswith(f"{pb}:{line_of(pb, key + ':')}:") and "put it on the steps inside" in err
+
+
+def test_a_plan_made_with_start_at_step_predicts_the_steps_before_it_skipped(
+        tmp_path: Path, local_inventory: InventoryWriter) -> None:
+    pb = write(tmp_path, {"pb.yml": {"runbook": "t", "steps": [
+        {"name": "one", "shell": "echo one >> {{ dir }}/log"}, {"name": "two", "shell": "echo two >> {{ dir }}/log"}]}})
+    result = run(pb, str(local_inventory(["a"])), audit=False, mode="plan", start_at_step="two")
+    one, two = result.get("a", "one"), result.get("a", "two")
+    assert one is not None and (one.prediction, one.message) == ("skip", "before --start-at-step two")
+    assert two is not None and two.prediction == "unknown"
