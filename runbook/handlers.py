@@ -346,6 +346,7 @@ class Verdict:
     reason: str
 
 
+_AS_PREDICTION: dict[Any, PredictionKind] = {Status.CHANGED: PredictionKind.CHANGE, Status.UNKNOWN: PredictionKind.UNKNOWN}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -388,8 +389,7 @@ class Notifications:
         for n in inst.notifiers:
             res = self._result(source, n.task_id, host)
             # A prediction when there is one (a cluster worker knows only its ancestors' predictions), else the status.
-            kind = getattr(res, "prediction", None) or {Status.CHANGED: PredictionKind.CHANGE,
-                                                          Status.UNKNOWN: PredictionKind.UNKNOWN}.get(getattr(res, "status", None))
+            kind = getattr(res, "prediction", None) or _AS_PREDICTION.get(getattr(res, "status", None))
             (changed if kind == PredictionKind.CHANGE else unknown if kind == PredictionKind.UNKNOWN else quiet).append(n)
         if changed:
             return Verdict(Notice.NOTIFIED, f"notified by {_names(changed)} ({'predicted change' if plan else 'changed'})")
