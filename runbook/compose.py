@@ -219,19 +219,17 @@ class _Composer:
 
         self.playbook = playbook
         self.source = source or SourceMap("<playbook>")
-        self.reader = reader or _read_file
         self.base = Path(self.source.file).resolve().parent if source is not None else Path.cwd()
         self.problems = Problems()
+        self.src = _Files(reader or _read_file, self.problems)
         self.groups: dict[str, Group] = {}
-        self.files: dict[str, str] = {}
         self.count = 0
         self.ids: dict[str, Location] = {}
         self.role_handlers: list[Step] = []
-        self.parsed: dict[str, tuple[list[Step], SourceMap] | None] = {}
 
     def run(self) -> None:
         pb = self.playbook
-        self._vars_files()
+        self.src.vars_files(pb, self.source, self.base)
         layout: dict[str, list[str]] = {}
         flat: dict[str, list[Step]] = {}
         sections = ["steps", "on_failure"] + (["handlers"] if "handlers" in type(pb).model_fields else [])
@@ -247,7 +245,7 @@ class _Composer:
             setattr(pb, section, steps)
         pb._groups = self.groups
         pb._units = layout
-        pb._files = self.files
+        pb._files = self.src.files
 
     # --- lists and steps ------------------------------------------------------------------------
 
@@ -370,7 +368,7 @@ class _Composer:
             self.problems.add(f"include cycle: {' -> '.join(names)}", key_loc,
                               "an included file (or role) may not include itself, directly or not", code="include-cycle")
             return None
-        steps = self._steps_file(path, key_loc, scope.chain + (here,), f"{kind} file")
+        steps = self.src.steps(path, key_loc, scope.chain + (here,), f"{kind} file")
         if steps is None:
             return None
         gid = self._group_id(step, scope, kind)
@@ -409,24 +407,46 @@ class _Composer:
                               code="role-name")
             return None
         dirs = [self.base / "roles", *(Path(p) for p in os.environ.get(ROLES_ENV, "").split(":") if p)]
-        role_dir = next((d / name for d in dirs if self._exists(d / name / "steps.yml")), None)
+        role_dir = next((d / name for d in dirs if self.src.exists(d / name / "steps.yml")), None)
         if role_dir is None:
             looked = ", ".join(str(d / name / "steps.yml") for d in dirs)
             self.problems.add(f"role `{name}` not found (looked for {looked})", loc,
                               f"create roles/{name}/steps.yml beside the playbook, or add its parent directory to "
                               f"${ROLES_ENV}", code="missing-role")
             return None
-        defaults = self._defaults(role_dir / "defaults.yml", loc)
+        defaults = self.src.mapping(role_dir / "defaults.yml", loc)
         search = tuple(str(role_dir / d) for d in ("templates", "files")) + (str(role_dir),)
         return role_dir / "steps.yml", search, str(role_dir.resolve()), defaults
 
-    def _exists(self, path: Path) -> bool:
+    def _role_handlers(self, role_dir: Path, scope: _Scope) -> None:
+        path = role_dir / "handlers.yml"
+        if not self.src.exists(path) or "handlers" not in type(self.playbook).model_fields:
+            return
+        loaded = self.src.steps(path, scope.source.locate(()), scope.chain, "role handlers file")
+        if loaded is None:
+            return
+        steps, source = loaded
+        hscope = replace(scope, source=source, path=(), section="handlers", blocks=(), parent=None)
+        self._list(steps, hscope, self.role_handlers)
+
+class _Files:
+    """The files a composition reads: each read once, its text recorded (for plans), problems located."""
+
+    def __init__(self, reader: Reader, problems: Problems):
+        self.reader = reader
+        self.problems = problems
+        self.files: dict[str, str] = {}
+        self.parsed: dict[str, tuple[list[Step], SourceMap] | None] = {}
+
+    def exists(self, path: Path) -> bool:
+        """Whether a file is there (or kept by the plan being applied)."""
         return path.is_file() or (isinstance(self.reader, KeptFiles) and self.reader.has(path))
 
-    def _defaults(self, path: Path, loc: Location) -> dict[str, Any]:
-        if not self._exists(path):
+    def mapping(self, path: Path, loc: Location) -> dict[str, Any]:
+        """A role's defaults.yml: a mapping of variables, or {} when it is not there."""
+        if not self.exists(path):
             return {}
-        doc = self._document(path, loc, "role defaults")
+        doc = self.document(path, loc, "role defaults")
         if doc is None or doc.data is None:
             return {}
         if not isinstance(doc.data, dict):
@@ -435,20 +455,8 @@ class _Composer:
             return {}
         return dict(doc.data)
 
-    def _role_handlers(self, role_dir: Path, scope: _Scope) -> None:
-        path = role_dir / "handlers.yml"
-        if not self._exists(path) or "handlers" not in type(self.playbook).model_fields:
-            return
-        loaded = self._steps_file(path, scope.source.locate(()), scope.chain, "role handlers file")
-        if loaded is None:
-            return
-        steps, source = loaded
-        hscope = replace(scope, source=source, path=(), section="handlers", blocks=(), parent=None)
-        self._list(steps, hscope, self.role_handlers)
-
-    # --- files ----------------------------------------------------------------------------------
-
-    def _document(self, path: Path, loc: Location, what: str) -> Any:
+    def document(self, path: Path, loc: Location, what: str) -> Any:
+        """A YAML file parsed with positions, its text recorded; None (a problem added) when it cannot be read."""
         from runbook.loader import parse_yaml
 
         resolved = path.resolve()
@@ -467,7 +475,7 @@ class _Composer:
             self.problems.items.extend(exc.problems)
             return None
 
-    def _steps_file(self, path: Path, loc: Location, chain: tuple[str, ...], what: str) -> tuple[list[Step], SourceMap] | None:
+    def steps(self, path: Path, loc: Location, chain: tuple[str, ...], what: str) -> tuple[list[Step], SourceMap] | None:
         """The validated steps of an included file (a YAML list of steps); each file is read and checked once."""
         key = str(path.resolve())
         if key not in self.parsed:
@@ -477,7 +485,7 @@ class _Composer:
     def _read_steps(self, path: Path, loc: Location, chain: tuple[str, ...], what: str) -> tuple[list[Step], SourceMap] | None:
         from runbook.loader import pydantic_problems, raw_action_problems
 
-        doc = self._document(path, loc, what)
+        doc = self.document(path, loc, what)
         if doc is None:
             return None
         data = doc.data
@@ -496,17 +504,17 @@ class _Composer:
                     self.problems.items.append(replace(p, hint=f"{p.hint}; {via}" if p.hint and via else p.hint or via))
         return (steps, doc.source) if len(steps) == len(data) else None
 
-    def _vars_files(self) -> None:
-        pb = self.playbook
+    def vars_files(self, pb: Playbook, source: SourceMap, base: Path) -> None:
+        """Merge the playbook's vars_files over its vars (later files win)."""
         merged: dict[str, Any] = {}
         for i, name in enumerate(pb.vars_files):
-            loc = self.source.locate(("vars_files", i))
-            text = self._render_path(name, loc)
+            loc = source.locate(("vars_files", i))
+            text = self._render_path(name, loc, pb)
             if text is None:
                 continue
             path = Path(os.path.expanduser(text))
-            path = path if path.is_absolute() else self.base / path
-            doc = self._document(path, loc, "vars file")
+            path = path if path.is_absolute() else base / path
+            doc = self.document(path, loc, "vars file")
             if doc is None:
                 continue
             if doc.data is None:
@@ -519,14 +527,14 @@ class _Composer:
         if merged:
             pb.vars = {**pb.vars, **merged}
 
-    def _render_path(self, text: str, loc: Location) -> str | None:
+    def _render_path(self, text: str, loc: Location, pb: Playbook) -> str | None:
         if "{" not in text:
             return text
         from runbook.errors import TemplateError
         from runbook.template import render
 
         try:
-            return render(text, dict(self.playbook.vars))
+            return render(text, dict(pb.vars))
         except TemplateError as exc:
             self.problems.add(f"vars file path `{text}`: {exc.message}", loc,
                               "a vars_files path may use the playbook's `vars:` only (not the inventory or -e)",
