@@ -6,8 +6,6 @@ import json
 
 import click
 
-_HOST_HELP = "An inventory host, or `controller` for the control machine."
-
 
 @click.command("facts")
 @click.argument("host")
