@@ -174,9 +174,14 @@ def check_delegates(playbook: Playbook, inventory: Inventory) -> None:
 
 def start_at(playbook: Playbook, steps: StepGraph, wanted: str) -> tuple[Playbook, StepGraph]:
     """A copy of the playbook whose steps before `wanted` (all it depends on) are skipped, with its graph."""
-    from runbook.compose import find_step
+    from runbook.compose import find_step, rescue_of
 
     start = find_step(playbook, wanted)
+    if rescue_of(start):
+        from runbook.errors import ValidationError
+
+        raise ValidationError(f"--start-at-step {wanted}: a rescue step runs only after a step of its block failed",
+                              hint=f"start at the block `{rescue_of(start)[-1]}` instead")
     before = steps.upstream(start.step_id)
     reason = f"before --start-at-step {wanted}"
     copy = playbook.model_copy()

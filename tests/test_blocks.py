@@ -246,3 +246,26 @@ def test_report_and_console_count_the_rescued_host(tmp_path: Path, write_playboo
     html = report.read_text()
     assert re.search(r'data-status="rescued"><b>1</b>', html)
     assert re.search(r'data-status="failed"><b>0</b>', html)
+
+
+def test_a_failing_role_inside_a_block_is_rescued_and_an_include_waits_for_its_needs(
+        tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> None:
+    import yaml
+
+    role = tmp_path / "roles" / "flaky" / "steps.yml"
+    role.parent.mkdir(parents=True)
+    role.write_text(yaml.safe_dump([{"name": "try", "shell": sh("role-try", "false")},
+                                    {"name": "more", "shell": sh("role-more")}]))
+    (tmp_path / "later.yml").write_text(yaml.safe_dump([{"name": "x", "shell": sh("later")}]))
+    pb = write_playbook([
+        {"name": "guard", "block": [{"role": "flaky"}], "rescue": [{"name": "fix", "shell": sh("fix")}]},
+        {"name": "side", "needs": [], "shell": sh("side")},
+        {"include": "later.yml", "needs": ["side", "guard"]},
+    ])
+    result = run(pb, str(local_inventory(["a"])), audit=False, state_dir=str(tmp_path / "runs"))
+    words = log(tmp_path, "a")
+    assert words.index("role-try") < words.index("fix") < words.index("later")
+    assert words.index("side") < words.index("later") and "role-more" not in words
+    assert res(result, "a", "flaky/try").rescued
+    assert res(result, "a", "later/x").status == Status.CHANGED
+    assert result.exit_code() == 0

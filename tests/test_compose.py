@@ -444,3 +444,10 @@ def test_a_plan_made_with_start_at_step_predicts_the_steps_before_it_skipped(
     one, two = result.get("a", "one"), result.get("a", "two")
     assert one is not None and (one.prediction, one.message) == ("skip", "before --start-at-step two")
     assert two is not None and two.prediction == "unknown"
+
+
+def test_start_at_a_rescue_step_is_refused(tmp_path: Path, local_inventory: InventoryWriter) -> None:
+    pb = write(tmp_path, {"pb.yml": BLOCK})
+    with pytest.raises(ValidationError) as exc:
+        run(pb, str(local_inventory(["a"])), audit=False, start_at_step="fix")
+    assert "start at the block `deploy` instead" in str(exc.value)

@@ -361,9 +361,10 @@ class BlockOutcomes:
                 res.rescued = True
                 names.append(sid)
         if names:
-            verb = "would be rescued" if self.mode == RunMode.PLAN else "rescued"
-            self.notice(f"{host}: block `{gid}` {verb}: step{'s' if len(names) > 1 else ''} "
-                        f"{', '.join(f'`{n}`' for n in names)} failed, its rescue steps succeeded")
+            plan = self.mode == RunMode.PLAN
+            steps = f"step{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)}"
+            self.notice(f"{host}: block `{gid}` would be rescued: {steps} would fail, its rescue steps are predicted "
+                        "not to" if plan else f"{host}: block `{gid}` rescued: {steps} failed, its rescue steps succeeded")
 
     def _state(self, members: list[str], host: str) -> tuple[Outcome, str, bool]:
         """Failed, incomplete or ok over a part's units (steps and nested groups), the first cause, any unknown."""
