@@ -11,7 +11,7 @@ from jinja2 import meta, nodes
 from runbook.actions import FieldKind, TemplatedField, action_for
 from runbook.errors import Location, Problem, close_match
 from runbook.fields import YAML11_BOOLEANS
-from runbook.model import CONTROLLER, Playbook, Step
+from runbook.model import CONTROLLER, MAX_LOOP_ITEMS, Playbook, Step
 from runbook.shell_lint import locate_in_file, shell_findings
 from runbook.template import BUILTINS, environment, strip_braces
 
@@ -81,6 +81,10 @@ def loop_problems(step: Step, locate: Callable[[str], Location]) -> list[Problem
                 found.append(Problem(f"`{key}` is set but the step has no `loop`", locate(key),
                                      f"add `loop:` with the items to run the step for, or remove `{key}`", code="loop-misuse"))
         return found
+    if isinstance(step.loop, (list, dict)) and len(step.loop) > MAX_LOOP_ITEMS:
+        found.append(Problem(f"the loop has {len(step.loop):,} items; at most {MAX_LOOP_ITEMS:,} are run per step and host",
+                             locate("loop"), "split the list over several steps, or loop over a filtered expression",
+                             code="loop-misuse"))
     for key in ("loop_var", "index_var"):
         name = getattr(step, key)
         if name in RESERVED_LOOP_NAMES:

@@ -77,6 +77,9 @@ class Window(Strict):
         return v
 
 
+MAX_LOOP_ITEMS = 10_000   # per step and host: a bigger list is almost always a mistake (a whole table, a range)
+
+
 def _loop_literal(value: Any) -> Any:
     """`loop:` takes a list, a mapping or an expression string; anything else is refused with what to write."""
     if value is None or isinstance(value, (list, dict, str)):

@@ -460,3 +460,13 @@ def test_a_plan_knows_what_a_loops_register_can_tell(tmp_path: Path, capsys: pyt
     assert "made" in preds["reads-output"]["reason"] and "dry run" in preds["reads-output"]["reason"]
     assert preds["no-reload"]["prediction"] == "skip"           # no item of `keep` changes
     assert sorted(p.name for p in d.iterdir()) == ["x"]
+
+
+def test_an_oversize_literal_loop_is_refused_by_validate(tmp_path: Path) -> None:
+    path = tmp_path / "pb.yml"
+    path.write_text(yaml.safe_dump({"runbook": "t", "steps": [{"name": "s", "shell": "true",
+                                                               "loop": list(range(MAX_ITEMS + 1))}]}))
+    (problem,) = [p for p in validate_playbook(path).errors if p.code == "loop-misuse"]
+    key_line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if "loop:" in ln)
+    assert f"{MAX_ITEMS + 1:,} items" in problem.message
+    assert problem.location is not None and problem.location.line in (key_line, key_line + 1)   # the list, below its key

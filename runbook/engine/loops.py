@@ -23,7 +23,7 @@ from runbook.audit import Redactor, is_secret_name, secret_values_in
 from runbook.errors import RunbookError
 from runbook.events import ObserverFailed
 from runbook.graph import TaskKey
-from runbook.model import Playbook, Step
+from runbook.model import MAX_LOOP_ITEMS, Playbook, Step
 from runbook.results import (PredictionKind, RunMode, Status, TaskResult, item_register_value, item_step_id,
                              loop_register_value)
 from runbook.template import evaluate, render, render_value
@@ -31,7 +31,7 @@ from runbook.template import evaluate, render, render_value
 if TYPE_CHECKING:
     from runbook.engine.task import TaskRunner
 
-MAX_ITEMS = 10_000      # per step and host: a bigger list is almost always a mistake (a whole table, a range)
+MAX_ITEMS = MAX_LOOP_ITEMS
 LABEL_CHARS = 80
 _LABEL_KEYS = ("name", "key", "id", "path", "dest", "src", "user", "host")
 # Control characters (newlines and tabs included), and the Unicode marks that reorder or hide text.
