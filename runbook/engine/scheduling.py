@@ -363,8 +363,8 @@ class BlockOutcomes:
         if names:
             plan = self.mode == RunMode.PLAN
             steps = f"step{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)}"
-            self.notice(f"{host}: block `{gid}` would be rescued: {steps} would fail, its rescue steps are predicted "
-                        "not to" if plan else f"{host}: block `{gid}` rescued: {steps} failed, its rescue steps succeeded")
+            self.notice(f"{host}: block `{gid}` would be rescued: {steps} would fail, and its rescue steps "
+                        "are predicted to handle it" if plan else f"{host}: block `{gid}` rescued: {steps} failed, its rescue steps succeeded")
 
     def _state(self, members: list[str], host: str) -> tuple[Outcome, str, bool]:
         """Failed, incomplete or ok over a part's units (steps and nested groups), the first cause, any unknown."""
