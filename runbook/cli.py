@@ -435,7 +435,7 @@ def plan(playbook: str, out: str | None, **kw: Any) -> None:
 @click.argument("plan_file", type=click.Path())
 @click.option("--no-diff", is_flag=True, help="Hide content diffs.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write the plan as a self-contained HTML review page instead.")
-@click.option("--playbook", "playbook_text", is_flag=True, help="Print the playbook text the plan keeps (what apply runs).")
+@click.option("--playbook", "playbook_text", is_flag=True, help="Print the playbook text the plan keeps, and of the files it includes (what apply runs).")
 @click.option("--sign-key", type=click.Path(dir_okay=False),
               help=f"Check the plan's signature with the key in FILE (default: ${_PLAN_KEY_ENV}); unsigned plans are refused.")
 def show(plan_file: str, no_diff: bool, html_file: str | None, playbook_text: bool, sign_key: str | None) -> None:
@@ -452,7 +452,12 @@ def show(plan_file: str, no_diff: bool, html_file: str | None, playbook_text: bo
     if playbook_text:
         text = doc["playbook"]["text"] or (f"(not kept: the playbook held a secret value; apply runs "
                                            f"{doc['playbook']['path']} only if its sha256 is {doc['playbook']['hash']})")
-        return click.echo(text, nl=not text.endswith("\n"))
+        click.echo(text, nl=not text.endswith("\n"))
+        kept = doc["playbook"].get("files") or {}
+        for path, body in kept.items() if isinstance(kept, dict) else ():   # includes, roles, vars files
+            shown = body if isinstance(body, str) else "(not kept: it held a secret value; apply checks its sha256)\n"
+            click.echo(f"\n# --- {path} ---\n" + shown, nl=not shown.endswith("\n"))
+        return None
     if html_file:
         from runbook.cli_report import write_plan_page
         return write_plan_page(doc, plan_file, html_file)

@@ -451,3 +451,19 @@ def test_start_at_a_rescue_step_is_refused(tmp_path: Path, local_inventory: Inve
     with pytest.raises(ValidationError) as exc:
         run(pb, str(local_inventory(["a"])), audit=False, start_at_step="fix")
     assert "start at the block `deploy` instead" in str(exc.value)
+
+
+def test_show_prints_every_kept_file(tmp_path: Path, site: Path, local_inventory: InventoryWriter,
+                                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from runbook.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    inv = local_inventory(["a"])
+    assert main(["plan", str(site), "-i", str(inv), "--audit-log", str(tmp_path / "audit.jsonl"),
+                 "--out", "plan.json"]) == 0
+    capsys.readouterr()
+    assert main(["show", "plan.json", "--playbook"]) == 0
+    out = capsys.readouterr().out
+    steps_file = (site.parent / "roles/web/steps.yml").resolve()
+    assert out.startswith(site.read_text())
+    assert f"\n# --- {steps_file} ---\n{steps_file.read_text()}" in out
