@@ -467,3 +467,15 @@ def test_show_prints_every_kept_file(tmp_path: Path, site: Path, local_inventory
     steps_file = (site.parent / "roles/web/steps.yml").resolve()
     assert out.startswith(site.read_text())
     assert f"\n# --- {steps_file} ---\n{steps_file.read_text()}" in out
+
+
+def test_a_composed_playbook_pickles_with_everything_compose_set() -> None:
+    """The cluster ships the composed playbook to workers: origins, groups and role data must travel."""
+    import pickle
+
+    pb = pickle.loads(pickle.dumps(load_playbook(FIXTURES / "site" / "site.yml")))
+    page = pb.steps[1]
+    assert str(compose.locate(pb, page)).endswith("roles/web/steps.yml:1:3")
+    assert compose.role_defaults(page)["port"] == 80 and compose.namespace(page) == "web/"
+    assert list(compose.groups(pb)) == ["web", "check"] and compose.units(pb, "steps") == ["prepare", "web", "check"]
+    assert set(StepGraph.build(pb).graph.predecessors("check/look")) == {"web/motd"}
