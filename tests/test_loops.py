@@ -470,3 +470,11 @@ def test_an_oversize_literal_loop_is_refused_by_validate(tmp_path: Path) -> None
     key_line = next(i for i, ln in enumerate(path.read_text().splitlines(), 1) if "loop:" in ln)
     assert f"{MAX_ITEMS + 1:,} items" in problem.message
     assert problem.location is not None and problem.location.line in (key_line, key_line + 1)   # the list, below its key
+
+
+def test_step_vars_may_feed_the_loop_and_read_the_item(tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    result = go([{"name": "s", "vars": {"names": ["ann", "bob"], "path": "{{ dir }}/{{ item }}.txt"},
+                  "shell": "echo {{ item }} > {{ path | quote }}", "loop": "names", "label": "{{ path | basename }}"}])
+    assert result.exit_code() == 0, [r.message for r in result.results]
+    assert (hdir(tmp_path) / "ann.txt").read_text() == "ann\n" and (hdir(tmp_path) / "bob.txt").read_text() == "bob\n"
+    assert [r.step_id for r in items_of(result, "s")] == ["s[ann.txt]", "s[bob.txt]"]

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -89,7 +89,8 @@ def item_context(step: Step, ctx: dict[str, Any], index: int, value: Any) -> dic
     return out
 
 
-def loop_items(step: Step, values: list[Any], ctx: dict[str, Any], redactor: Redactor) -> list[LoopItem]:
+def loop_items(step: Step, values: list[Any], context: Callable[[int, Any], dict[str, Any]],
+               redactor: Redactor) -> list[LoopItem]:
     """Label every item (redacted, made safe to show) and key it `step[label]`, unique within the step."""
     out: list[LoopItem] = []
     used: set[str] = set()
@@ -98,7 +99,7 @@ def loop_items(step: Step, values: list[Any], ctx: dict[str, Any], redactor: Red
             redactor.add_secrets_in({"item": value})   # secret-named fields of an item mask its label
         if step.label is not None:
             try:
-                text = render(step.label, item_context(step, ctx, i, value))
+                text = render(step.label, context(i, value))
             except RunbookError as exc:
                 raise LoopError(f"`label` of `{step.step_id}`: {exc}") from None
         else:
@@ -206,14 +207,16 @@ class LoopRunner:
             _end(res, Status.SKIPPED, "tag filter")
             return None
         try:
-            self.ctx = self.r.context(host)
+            if self.r.playbook.facts or self.r.reads_facts(step):   # as for any task: `loop: facts.mounts` works
+                self.r.facts.get(host, lambda: self.r.connection(host, step))
+            self.ctx = self._base_context()
             if self.plan and self.predictor is not None and isinstance(step.loop, str):
                 unknown = self.predictor.unknown_reads(host, step.loop)
                 if unknown:
                     self._unknown(res, f"the loop's items are not known in a dry run: `loop` reads `{unknown[0]}`, "
                                   + self.r.registers.why_unknown(host, unknown[0]))
                     return None
-            items = loop_items(step, loop_values(step, self.ctx), self.ctx, label_redactor(self.r))
+            items = loop_items(step, loop_values(step, self.ctx), self._item_context, label_redactor(self.r))
         except ObserverFailed:
             raise
         except (RunbookError, jinja2.UndefinedError) as exc:
@@ -231,6 +234,24 @@ class LoopRunner:
             res.items = 0
             return None
         return items if self._reviewed(res, items) else None
+
+    def _base_context(self) -> dict[str, Any]:
+        """The task's variables, for the loop expression; step `vars:` may read the item, which has no value yet."""
+        step = self.step
+        if not step.vars:
+            return self.r.context(self.key.host, step=step)
+        pending: dict[str, Any] = {step.loop_name: jinja2.ChainableUndefined(name=step.loop_name)}
+        if step.index_var:
+            pending[step.index_var] = 0
+        return self.r.context(self.key.host, extra=pending, step=step)
+
+    def _item_context(self, index: int, value: Any) -> dict[str, Any]:
+        """One item's variables; a step with `vars:` renders them again with the item (`path: /srv/{{ item }}`)."""
+        step = self.step
+        if not step.vars:
+            return item_context(step, self.ctx, index, value)
+        own = item_context(step, {}, index, value)
+        return item_context(step, self.r.context(self.key.host, extra=own, step=step), index, value)
 
     def _unknown(self, res: TaskResult, reason: str) -> None:
         _end(res, Status.UNKNOWN, reason)
@@ -286,7 +307,7 @@ class LoopRunner:
             res.status, res.message = Status.NOT_RUN, self.halt
         else:
             handler = self._plan_item if self.plan else None
-            r.carry_out(key, step, res, self.rescue, item_context(step, self.ctx, item.index, item.value), handler)
+            r.carry_out(key, step, res, self.rescue, self._item_context(item.index, item.value), handler)
             if res.status == Status.DRIFT:
                 self.halt = f"host stopped: `{step.step_id}` drifted from the plan"
         r.close(step, res)
