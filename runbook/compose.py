@@ -712,8 +712,8 @@ def step_listing(playbook: Playbook) -> list[dict[str, Any]]:
             around = enclosing_groups(step)
             out.append({"section": section, "id": step.step_id, "name": step.name,
                         "action": step.action if step.actions_present() else "",
-                        "tags": list(step.tags), "block": "/".join(f"{g}:{part}" if kind == "block" and part != "block"
-                                                                  else g for g, part, kind in around),
+                        "tags": list(step.tags), "block": " > ".join(f"{g}:{part}" if kind == "block" and part != "block"
+                                                                    else g for g, part, kind in around),
                         "location": str(locate(playbook, step))})
     return out
 
