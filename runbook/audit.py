@@ -549,7 +549,9 @@ class AuditTrail(Observer):
     def task_started(self, run: RunInfo, task: TaskRef) -> None:
         """Record a task starting on a host."""
         self.append(run.run_id, "task.started", {
-            "host": task.host, "step_id": task.step_id, "step_name": task.step_name,
+            # A loop item's id holds its label (made redacted; again here, as for every text kept).
+            "host": task.host, "step_id": self.redactor.redact(task.step_id) if "[" in task.step_id else task.step_id,
+            "step_name": task.step_name,
             "action": task.action, "attempt": task.attempt,
             "command": self.redactor.redact(task.command),
         })
@@ -574,7 +576,8 @@ class AuditTrail(Observer):
         if result.data:
             fields["data"] = r.redact(result.data)
         if result.parent is not None:   # a loop item: `step_id` is `step[label]`
-            fields |= {"parent": result.parent, "item_label": r.redact(result.item_label), "item_index": result.item_index}
+            fields |= {"step_id": r.redact(result.step_id), "parent": result.parent, "item_label": r.redact(result.item_label),
+                       "item_index": result.item_index}
         if result.items is not None:    # a looped step's own result
             fields["items"] = result.items
         if result.delegated_to:         # delegate_to: where it ran for `host`
