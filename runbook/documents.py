@@ -38,8 +38,8 @@ class PlanPrediction(_Doc):
     command: str | None = None
     gate: bool = False
     read_only: bool = False
-    # Loops: an item's prediction (step_id `step[label]`) names its step; a looped step's counts its items.
-    parent: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # Loops: an item's prediction (step_id `step[label]`) names its step (namespaced `role/step`, or `handler:ID`).
+    parent: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_./:-]*$")
     item_label: str | None = None
     item_index: int | None = Field(None, ge=0)
     items: int | None = Field(None, ge=0)

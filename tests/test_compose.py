@@ -479,3 +479,24 @@ def test_a_composed_playbook_pickles_with_everything_compose_set() -> None:
     assert compose.role_defaults(page)["port"] == 80 and compose.namespace(page) == "web/"
     assert list(compose.groups(pb)) == ["web", "check"] and compose.units(pb, "steps") == ["prepare", "web", "check"]
     assert set(StepGraph.build(pb).graph.predecessors("check/look")) == {"web/motd"}
+
+
+def test_a_roles_copy_and_upload_sources_come_from_its_files_first(tmp_path: Path, go_local) -> None:
+    """`copy: src:` in a role reads the role's files/ (as upload and template do), not a same-named file beside the playbook."""
+    pb = write(tmp_path, {
+        "pb.yml": {"runbook": "t", "steps": [{"role": "conf"}]},
+        "roles/conf/steps.yml": [{"name": "copied", "copy": {"src": "app.conf", "dest": "{{ dir }}/app.conf"}},
+                                 {"name": "uploaded", "upload": {"src": "app.conf", "dest": "{{ dir }}/app.up"}}],
+        "roles/conf/files/app.conf": "from the role\n",
+        "app.conf": "beside the playbook\n",
+    })
+    assert not [p for p in problems(pb)], problems(pb)
+    result = go_local(pb)
+    assert result.exit_code() == 0, [(r.step_id, r.status, r.message) for r in result.results]
+    host = tmp_path / "hosts" / "a"
+    assert (host / "app.conf").read_text() == (host / "app.up").read_text() == "from the role\n"
+    # With the file gone from both places, validate names the missing source where the role writes it.
+    (tmp_path / "roles/conf/files/app.conf").unlink()
+    (tmp_path / "app.conf").unlink()
+    err = one_error(pb, "copy source `app.conf` is not a file")
+    assert err.startswith(str(tmp_path / "roles/conf/steps.yml") + ":")

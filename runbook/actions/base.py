@@ -19,6 +19,8 @@ from runbook.results import PredictionKind
 from runbook.template import render, render_value
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from runbook.connections import CommandResult, Connection
     from runbook.errors import Location, Problem
     from runbook.model import Playbook, Step
@@ -173,3 +175,10 @@ def string_fields(spec: Any, names: tuple[str, ...], kind: FieldKind = FieldKind
 def command_text(command: str | list[str]) -> str:
     """A command as one display string."""
     return command if isinstance(command, str) else shlex.join(command)
+
+
+def local_source(playbook: Playbook, step: Step, path: str) -> Path:
+    """A step's control-machine source file: its role's templates/ and files/ first, else beside the playbook."""
+    from runbook.compose import resolve_source   # not at the top: compose imports the model, which imports actions
+
+    return resolve_source(playbook, step, path)

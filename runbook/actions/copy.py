@@ -10,10 +10,9 @@ from pydantic import Field, model_validator
 
 from runbook.actions._resource import (Change, ContentOptions, ResourceAction, Wanted, account, blocked_file, host_path,
                                        mode_text, plan_write, read_state, shown, unreadable_reason)
-from runbook.actions.base import FieldKind, TaskEnv, TemplatedField, string_fields
+from runbook.actions.base import FieldKind, TaskEnv, TemplatedField, local_source, string_fields
 from runbook.actions.upload import DIFF_LIMIT
 from runbook.errors import Location, Problem, RunbookError
-from runbook.template import resolve_local
 
 if TYPE_CHECKING:
     from runbook.model import Playbook
@@ -54,7 +53,7 @@ class Copy(ResourceAction):
         src = self.spec.src
         if not src or "{" in src or playbook._source is None:
             return []
-        path = resolve_local(playbook, src)
+        path = local_source(playbook, self.step, src)
         if not path.is_file():
             return [Problem(f"copy source `{src}` is not a file (looked at {path})", locate(("src",)),
                             "paths are relative to the playbook's directory", code="missing-file")]
@@ -67,7 +66,7 @@ class Copy(ResourceAction):
         """The bytes the file should hold."""
         if self.spec.content is not None:
             return str(env.render(self.spec.content)).encode("utf-8", errors="surrogateescape")
-        src = resolve_local(env.playbook, str(env.render(self.spec.src)))
+        src = local_source(env.playbook, self.step, str(env.render(self.spec.src)))
         try:
             return Path(src).read_bytes()
         except IsADirectoryError:

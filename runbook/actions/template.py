@@ -7,15 +7,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import jinja2
 
-from runbook.actions.base import TaskEnv
+from runbook.actions.base import TaskEnv, local_source
 from runbook.actions.upload import Upload, UploadSpec
 from runbook.errors import Location, Problem, RunbookError
 from runbook.template import environment, render
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
-    from runbook.model import Playbook, Step
+    from runbook.model import Playbook
 
 
 class TemplateSpec(UploadSpec):
@@ -33,7 +32,7 @@ class Template(Upload):
         if "{" in src or playbook._source is None:
             return []
         loc = locate(("src",))
-        path = _source(playbook, self.step, src)
+        path = local_source(playbook, self.step, src)
         if not path.is_file():
             return [Problem(f"template file `{src}` not found (looked at {path})", loc,
                             "paths are relative to the playbook's directory", code="missing-file")]
@@ -46,16 +45,9 @@ class Template(Upload):
         return []
 
     def content(self, env: TaskEnv) -> bytes:
-        src = _source(env.playbook, self.step, env.render(self.spec.src))
+        src = local_source(env.playbook, self.step, env.render(self.spec.src))
         try:
             text = src.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RunbookError(f"cannot read template {src}: {exc}", hint="paths are relative to the playbook's directory") from None
         return render(text, env.vars).encode("utf-8") if "{" in text else text.encode("utf-8")
-
-
-def _source(playbook: Playbook, step: Step, path: str) -> Path:
-    """A step's control-machine source: its role's templates/ and files/ first, else beside the playbook."""
-    from runbook.compose import resolve_source   # not at the top: compose imports the model, which imports actions
-
-    return resolve_source(playbook, step, path)

@@ -7,17 +7,14 @@ import difflib
 import hashlib
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from runbook.actions.base import Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, string_fields
+from runbook.actions.base import (Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, local_source,
+                                  string_fields)
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.fields import OctalMode, Strict
-
-if TYPE_CHECKING:
-    from runbook.model import Playbook, Step
 
 # Under `sudo: USER` the file is written by USER: the content arrives base64 on stdin (so the
 # login user needs no readable temp file USER could read), lands in a temp file beside the
@@ -78,7 +75,7 @@ class Upload(Action):
 
     def content(self, env: TaskEnv) -> bytes:
         """The bytes the file on the host should hold."""
-        src = _source(env.playbook, self.step, env.render(self.spec.src))
+        src = local_source(env.playbook, self.step, env.render(self.spec.src))
         try:
             return src.read_bytes()
         except OSError as exc:
@@ -165,10 +162,3 @@ class Upload(Action):
                 return Outcome(failed=True, message=f"cannot write {dest}: {exc}", command=self.describe(env))
         return Outcome(changed=True, message=reason, diff=diff, command=self.describe(env),
                        data={"dest": dest, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-
-
-def _source(playbook: Playbook, step: Step, path: str) -> Path:
-    """A step's control-machine source: its role's templates/ and files/ first, else beside the playbook."""
-    from runbook.compose import resolve_source   # not at the top: compose imports the model, which imports actions
-
-    return resolve_source(playbook, step, path)
