@@ -373,7 +373,8 @@ def test_saved_plan_show_and_apply_run_exactly_the_reviewed_plan(
     assert doc["format"] == "runbook-plan" and doc["version"] == 2
     assert doc["hash"] == sha256_text(canonical({k: v for k, v in doc.items() if k != "hash"}))
     assert doc["playbook"] == {"path": str(pb.resolve()), "name": "remediate-app",
-                               "hash": hashlib.sha256(pb.read_bytes()).hexdigest(), "text": REMEDIATE}
+                               "hash": hashlib.sha256(pb.read_bytes()).hexdigest(), "text": REMEDIATE,
+                               "files": {}}   # no include, role or vars file to keep
     assert doc["extra_vars_scheme"] == "scrypt" and "signature" not in doc
     assert doc["inventory"]["hash"] == Inventory.load(str(inv)).content_hash()
     assert str(doc["extra_vars"]["release"]) == "42" and doc["extra_vars"]["db_password"] != "pw-rbph-9"
