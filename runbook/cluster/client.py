@@ -43,6 +43,9 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
         raise RunbookError(f"cannot reach the cluster scheduler at {spec}: {exc}",
                            hint="start it (dask scheduler) and its workers (runbook worker ADDRESS), or check the "
                                 "address; for tls:// see docs/cluster.md") from None
+    quiet = logging.getLogger("distributed")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)   # a lost worker or scheduler is reported by the run itself, once, clearly
     try:
         yield client
     finally:
@@ -51,6 +54,7 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
         if cluster is not None:
             with contextlib.suppress(Exception):
                 cluster.close(timeout=10)
+        quiet.setLevel(level)
 
 
 @contextlib.contextmanager

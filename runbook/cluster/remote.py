@@ -30,7 +30,7 @@ from runbook.actions import action_class
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
-from runbook.cluster.wire import ConnectReply, SessionSetup, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.wire import ConnectReply, Delivery, SessionSetup, TaskError, TaskOrder, TaskOutcome, WireEvent
 from runbook.cluster.worker import RunSession
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.events import ObserverFailed
@@ -93,6 +93,7 @@ class ClusterPool:
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
         self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
+        self.outbox: dict[str, list[TaskOrder]] = {}
         self.failure: ObserverFailed | None = None
         self.gone: set[str] = set()
         self.halted: str | None = None
@@ -126,11 +127,22 @@ class ClusterPool:
             self.executor.halt(self.halted)
             fut.set_result(self.executor.scheduler.result(key, Status.NOT_RUN, f"not started: {self.halted}"))
             return fut
+        worker = self.router.worker_of(key.host)
+        if worker is None:   # its zone has no worker left: from here, the host cannot be reached
+            fut.set_result(self.executor.scheduler.result(
+                key, Status.UNREACHABLE, f"no cluster worker is left for it{_zone(self.router, key.host)}"))
+            return fut
         task_id = next(self.ids)
-        op = _Op(fut, key.host, key, rescue)
+        op = _Op(fut, key.host, key, rescue, worker=worker)
         with self.lock:
             self.ops[task_id] = op
-        self._spawn(self._run(task_id, op, self._order(task_id, key, rescue, step)))
+        order = self._order(task_id, key, rescue, step)
+        with self.lock:   # orders made in one pass of the executor go to their worker in one call
+            outbox = self.outbox.setdefault(worker, [])
+            outbox.append(order)
+            flush = len(outbox) == 1
+        if flush:
+            self.loop.call_soon_threadsafe(self._flush_soon, worker)
         return fut
 
     def abort(self) -> None:
@@ -201,35 +213,38 @@ class ClusterPool:
             fut.set_exception(ConnectionFailed(host, f"no cluster worker is left for it{_zone(self.router, host)}",
                                                hint="start a worker there: runbook worker tcp://SCHEDULER:8786 --zone NAME"))
 
-    async def _run(self, task_id: int, op: _Op, order: TaskOrder) -> None:
-        worker = self.router.worker_of(op.host)
-        if worker is None:
-            return self._lose(task_id, f"no cluster worker is left for it{_zone(self.router, op.host)}")
-        op.worker = worker
+    def _flush_soon(self, worker: str) -> None:
+        asyncio.ensure_future(self._flush(worker))
+
+    async def _flush(self, worker: str) -> None:
+        """Send a worker every order waiting for it, in one call; its outcomes come back on its event stream."""
+        with self.lock:
+            orders = self.outbox.pop(worker, [])
+        if not orders:
+            return
         session = self.sessions[worker]
         try:
-            if op.host not in self.connected.get(worker, ()):   # moved here from a lost worker
-                reply: ConnectReply = await session.connect(op.host, self.cluster.sudo_password)
-                self.cluster.known_hosts.record(op.host, reply.learned)
+            for host in sorted({o.key.host for o in orders} - self.connected.get(worker, set())):
+                reply: ConnectReply = await session.connect(host, self.cluster.sudo_password)   # moved here
+                self.cluster.known_hosts.record(host, reply.learned)
                 with self.lock:
-                    self.connected.setdefault(worker, set()).add(op.host)
-            outcome: TaskOutcome = await session.run_task(order)
-        except OSError as exc:   # the worker went away (or could not be reached): the task's outcome is unknown
+                    self.connected.setdefault(worker, set()).add(host)
+            await session.submit(orders)
+        except OSError as exc:   # the worker went away (or could not be reached): the tasks' outcome is unknown
             self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
-            return self._lose(task_id, f"lost: cluster worker {self.names.get(worker, worker)} was lost while it ran "
-                                       "this task; whether it ran is unknown (check the host, then `runbook resume "
-                                       "RUN_ID --rerun-in-flight`)")
-        except Exception as exc:   # the worker answered with an error: a bug there, not a lost task
-            return self._lose(task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
-                                       f"{type(exc).__name__}: {exc}", Status.FAILED)
-        self.deliver.submit(self._finish, task_id, outcome)
+            for order in orders:
+                self._lose(order.task_id, _lost_message(self.names.get(worker, worker)))
+        except Exception as exc:   # the worker answered with an error: a bug there, not lost tasks
+            for order in orders:
+                self._lose(order.task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
+                                          f"{type(exc).__name__}: {exc}", Status.FAILED)
 
     async def _stream(self, worker: str) -> None:
         """Keep one event poll open to a worker; what it returns is delivered in order."""
         session = self.sessions[worker]
         while not self.closing:
             try:
-                events: list[WireEvent] = await session.events(1.0)
+                events: list[Delivery] = await session.events(1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -267,15 +282,34 @@ class ClusterPool:
                 return
             self.gone.add(worker)
             self.connected.pop(worker, None)
-            running = [tid for tid, op in self.ops.items() if op.worker == worker and not op.done]
+            unsent = self.outbox.pop(worker, [])   # never reached the worker: they go to the host's new one
+            waiting = {o.task_id for o in unsent}
+            running = [tid for tid, op in self.ops.items() if op.worker == worker and not op.done and tid not in waiting]
         moved = self.router.worker_lost(worker)
+        self._resend(unsent)
         name = self.names.get(worker, worker)
         where = ", ".join(f"{h} -> {self.names.get(a, a) if a else 'no worker'}" for h, a in sorted(moved.items()))
         self.deliver.submit(self._notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
                                           f"are lost" + (f"; hosts moved: {where}" if where else ""))
         for tid in running:
-            self._lose(tid, f"lost: cluster worker {name} was lost while it ran this task; whether it ran is unknown "
-                            "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
+            self._lose(tid, _lost_message(name))
+
+    def _resend(self, orders: list[TaskOrder]) -> None:
+        """Orders of a lost worker that it never got: to their host's new worker (or lost: none is left)."""
+        flush: set[str] = set()
+        for order in orders:
+            target = self.router.worker_of(order.key.host)
+            with self.lock:
+                op = self.ops.get(order.task_id)
+                if op is not None and target is not None:
+                    op.worker = target
+                    self.outbox.setdefault(target, []).append(order)
+                    flush.add(target)
+            if target is None:   # it never started: unreachable from here, as a host whose connection fails
+                self._lose(order.task_id, f"no cluster worker is left for it{_zone(self.router, order.key.host)}",
+                           Status.UNREACHABLE)
+        for target in flush:
+            self._spawn(self._flush(target))
 
     def _scheduler_gone(self) -> None:
         """The scheduler is unreachable: running tasks are lost, nothing new starts."""
@@ -301,8 +335,14 @@ class ClusterPool:
         except ObserverFailed as exc:
             self.failure = self.failure or exc
 
-    def _on_events(self, events: list[WireEvent]) -> None:
+    def _on_events(self, events: list[Delivery]) -> None:
         for event in events:
+            if isinstance(event, TaskOutcome):
+                self._finish(event.task_id, event)
+                continue
+            if isinstance(event, TaskError):
+                self._finish_lost(event.task_id, f"internal error on a cluster worker: {event.message}", Status.FAILED)
+                continue
             with self.lock:
                 op = self.ops.get(event.task_id) if event.task_id is not None else None
             if event.task_id is not None and (op is None or op.done or event.seq != op.delivered):
@@ -348,12 +388,18 @@ class ClusterPool:
         res = TaskResult(op.host, op.key.step_id, step.action, status, message=message, started_at=op.started_at,
                          finished_at=now, duration=round(now - op.started_at, 6), on_failure=op.rescue,
                          worker=self.names.get(op.worker or "", op.worker))
-        try:
-            self.events.task_finished(self.info, res)
-        except ObserverFailed as exc:
-            op.future.set_exception(exc)
-            return
+        if status != Status.UNREACHABLE:   # the scheduler reports results that no task produced itself
+            try:
+                self.events.task_finished(self.info, res)
+            except ObserverFailed as exc:
+                op.future.set_exception(exc)
+                return
         op.future.set_result(res)
+
+
+def _lost_message(worker: str) -> str:
+    return (f"lost: cluster worker {worker} was lost while it ran this task; whether it ran is unknown "
+            "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
 
 
 def _zone(router: Router, host: str) -> str:

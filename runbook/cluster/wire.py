@@ -69,6 +69,17 @@ class TaskOutcome:
 
 
 @dataclass
+class TaskError:
+    """A task the worker could not run at all (a bug there): it ends failed, with why."""
+
+    task_id: int
+    message: str
+
+
+Delivery = WireEvent | TaskOutcome | TaskError   # what a worker's event poll returns, in the order it happened
+
+
+@dataclass
 class ConnectReply:
     """How opening a host's connection on a worker went; new known_hosts lines (accept-new) to record."""
 

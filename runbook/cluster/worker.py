@@ -24,7 +24,7 @@ from typing import Any
 
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.connections.hostkeys import HostKeyPolicy
-from runbook.cluster.wire import ConnectReply, SessionSetup, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.wire import ConnectReply, Delivery, SessionSetup, TaskError, TaskOrder, TaskOutcome, WireEvent
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
 from runbook.engine.task import TaskRunner
@@ -34,6 +34,7 @@ from runbook.graph import StepGraph, TaskKey, expand
 from runbook.results import RunMode, Status, TaskResult
 
 MAX_EVENTS_PER_POLL = 2000
+LINGER = 0.002   # seconds an event poll waits after the first event for others
 
 
 class LoggedRegisters(Registers):
@@ -259,7 +260,7 @@ class RunSession:
         self.threads: ThreadPoolExecutor | None = None
         self.work: WorkerRun | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[WireEvent] | None = None
+        self.queue: asyncio.Queue[Delivery] | None = None
 
     async def setup(self, setup: SessionSetup) -> str:
         """Take the run (sent once per worker); returns this worker's name, recorded in task results."""
@@ -269,7 +270,7 @@ class RunSession:
         self.work = await self._off(WorkerRun, setup, self.name, self._push)
         return self.name
 
-    def _push(self, event: WireEvent) -> None:
+    def _push(self, event: Delivery) -> None:
         loop, queue = self.loop, self.queue
         if loop is not None and queue is not None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -287,12 +288,22 @@ class RunSession:
         """Open a host's connection here."""
         return await self._off(self._run().connect, host, sudo_password)
 
-    async def run_task(self, order: TaskOrder) -> TaskOutcome:
-        """Run one task here."""
-        return await self._off(self._run().run, order)
+    async def submit(self, orders: list[TaskOrder]) -> int:
+        """Start tasks here; each one's outcome comes back through `events`, after the task's own events."""
+        work = self._run()
+        assert self.loop is not None and self.threads is not None
+        for order in orders:
+            self.loop.run_in_executor(self.threads, self._run_one, work, order)
+        return len(orders)
 
-    async def events(self, wait: float = 1.0) -> list[WireEvent]:
-        """The events emitted since the last call, waiting up to `wait` seconds for the first one."""
+    def _run_one(self, work: WorkerRun, order: TaskOrder) -> None:
+        try:
+            self._push(work.run(order))
+        except Exception as exc:   # the runner itself reports task failures: this is a bug, said as such
+            self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
+
+    async def events(self, wait: float = 1.0) -> list[Delivery]:
+        """Events and outcomes since the last call, in order, waiting up to `wait` seconds for the first one."""
         queue = self.queue
         if queue is None:
             return []
@@ -300,6 +311,7 @@ class RunSession:
             first = await asyncio.wait_for(queue.get(), wait)
         except TimeoutError:
             return []
+        await asyncio.sleep(LINGER)   # what other tasks emit meanwhile rides along: one reply for many events
         out = [first]
         while not queue.empty() and len(out) < MAX_EVENTS_PER_POLL:
             out.append(queue.get_nowait())
