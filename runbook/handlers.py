@@ -284,18 +284,38 @@ def add_to_graph(playbook: Playbook, g: nx.DiGraph, problems: Problems) -> None:
                          "each flush_handlers point runs its own copy of every handler notified before it; "
                          "use fewer flush points or fewer handlers", code="too-many-handlers")
             return
+        gates = _gates(g, leaves, seg.flush.step_id if seg.flush is not None else None)
         for inst in found:
             handler = playbook.handlers[inst.position]
-            g.add_node(inst.task_id, step=handler, index=base + (inst.position + 1) / n, handler=inst)
+            g.add_node(inst.task_id, step=handler, index=base + (inst.position + 1) / n, handler=inst,
+                       **({"gates": gates} if gates else {}))
             g.add_edges_from((p, inst.task_id) for p in previous)
             previous = [inst.task_id]
         point = previous
         if seg.flush is not None and seg.flush.step_id in g:
             flush = seg.flush.step_id
             after = list(g.successors(flush))
+            moved = tuple(g.nodes[flush].get("gates", ()))
             g.remove_node(flush)
             g.add_edges_from((p, s) for p in point for s in after)
+            for s in after:   # the flush point waited for a block's outcome: the steps after it still do
+                if moved:
+                    g.nodes[s]["gates"] = tuple(dict.fromkeys((*g.nodes[s].get("gates", ()), *moved)))
     _check_cycles(playbook, g, problems)
+
+
+def _gates(g: nx.DiGraph, leaves: list[str], flush: str | None) -> tuple[str, ...]:
+    """The groups whose outcome a segment's handlers wait for: a host whose block failed (and was not
+    rescued) runs no handler, even when the block's `always:` steps, the segment's leaves, succeeded."""
+    from runbook.compose import enclosing_groups
+
+    found: list[str] = list(g.nodes[flush].get("gates", ())) if flush is not None and flush in g else []
+    for leaf in leaves:
+        node = g.nodes[leaf]
+        found.extend(node.get("gates", ()))
+        if "handler" not in node:
+            found.extend(gid for gid, _, _ in enclosing_groups(node["step"]))
+    return tuple(dict.fromkeys(found))
 
 
 def _check_cycles(playbook: Playbook, g: nx.DiGraph, problems: Problems) -> None:

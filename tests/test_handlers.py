@@ -524,6 +524,25 @@ def test_notifier_names_in_reasons_cannot_drive_the_terminal(tmp_path: Path, go:
 
 
 
+def test_a_host_whose_rescue_failed_runs_no_handlers_even_when_always_succeeded(
+        tmp_path: Path, go: Callable[..., RunResult]) -> None:
+    """The block's `always:` steps are the segment's last steps; the host still failed in the block."""
+    guarded = {"name": "risky", "block": [echo("conf", notify="restart"), {"name": "try", "shell": "false"}],
+               "rescue": [{"name": "undo", "shell": "false"}], "always": [echo("cleanup")]}
+    result = go({"steps": [guarded], "handlers": [echo("restart")]})
+    assert result.exit_code() == 2 and log(tmp_path, "a") == ["conf", "cleanup"]
+    assert status(result, "a", "handler:restart")[0] == "not_run"
+    assert "block `risky` failed" in status(result, "a", "handler:restart")[1]
+    # At a flush point right after such a block, neither its handlers nor the steps after it run,
+    # also when nothing was notified.
+    (tmp_path / "hosts" / "a" / "log").unlink()
+    quiet = {**guarded, "block": [echo("conf"), {"name": "try", "shell": "false"}]}
+    result = go({"steps": [quiet, {"name": "flush", "flush_handlers": True}, echo("after")],
+                 "handlers": [echo("restart")]})
+    assert log(tmp_path, "a") == ["conf", "cleanup"]
+    assert status(result, "a", "after")[0] == "not_run" and "block `risky` failed" in status(result, "a", "after")[1]
+
+
 def test_a_rescued_host_runs_its_handlers_and_a_flush_point_may_stand_in_a_block(
         tmp_path: Path, go: Callable[..., RunResult]) -> None:
     result = go({"steps": [{"name": "risky", "block": [echo("conf", notify="restart"), {"name": "flush", "flush_handlers": True},
