@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                        "key_file": str(h.key_file)} for h in hosts[:count]],
                                             "commands": ["true"] * args.steps, "nodelay": True}))
                 out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster.address))
+            out["latency"] = latency(args, env, work, hosts[0], known, cluster.address)
+            if args.scale:
+                inventory = alias_inventory(work / f"inv-scale-{args.scale}.yml", hosts, args.scale)
+                try:
+                    out["scale"] = compare(args.scale, args, env, work, playbook, inventory, known, None,
+                                           cluster.address, reps=1, ways=("in_process", "running_cluster_2"))
+                except RuntimeError as exc:   # reported with the other figures, which still count
+                    out["scale_failed"] = str(exc)[:2000]
         finally:
             if cluster is not None:
                 cluster.stop()
@@ -110,9 +119,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def alias_inventory(path: Path, hosts: list[Any], count: int) -> Path:
+    """`count` inventory hosts over the running sshd servers (each name its own SSH connection)."""
+    import yaml
+
+    entries = {f"a{i}": hosts[i % len(hosts)].inventory_vars() for i in range(count)}
+    path.write_text(yaml.safe_dump({"all": {"hosts": entries}}, sort_keys=False))
+    return path
+
+
+def latency(args: argparse.Namespace, env: dict[str, str], work: Path, host: Any, known: Path,
+            address: str) -> dict[str, Any]:
+    """The distributed path's added latency per task on a host's critical path: the slope over step counts."""
+    from tests.sshd import write_inventory
+
+    inventory = write_inventory(work / "inv-latency.yml", [host])
+    walls: dict[str, dict[int, float]] = {"in_process": {}, "running_cluster_2": {}}
+    for steps in (args.latency_steps // 6, args.latency_steps):
+        playbook = fanout_playbook(work / f"latency-{steps}.yml", steps)
+        row = compare(1, args, env, work, playbook, inventory, known, None, address, ways=tuple(walls), steps=steps)
+        for name in walls:
+            walls[name][steps] = row[name]["wall"]
+    low, high = args.latency_steps // 6, args.latency_steps
+    slope = {name: (w[high] - w[low]) / (high - low) for name, w in walls.items()}
+    return {"steps": [low, high], "walls": walls, "ms_per_step": {k: round(v * 1000, 3) for k, v in slope.items()},
+            "added_ms_per_task": round((slope["running_cluster_2"] - slope["in_process"]) * 1000, 3)}
+
+
 def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Path, playbook: Path, inventory: Path,
-            known: Path, spec: Path, address: str) -> dict[str, Any]:
-    tasks = count * args.steps
+            known: Path, spec: Path | None, address: str, *, reps: int | None = None,
+            ways: tuple[str, ...] = ("in_process", "local_2", "running_cluster_2", "fabric"),
+            steps: int | None = None) -> dict[str, Any]:
+    tasks = count * (steps or args.steps)
     counter = iter(range(10**6))
 
     def runbook(*extra: str) -> dict[str, float]:
@@ -130,23 +168,27 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
             raise RuntimeError(f"floor: exit {rc}\n{stderr[-2000:]}")
         return {"wall": wall, "cpu": cpu}
 
-    ways = {"in_process": lambda: runbook(), "local_2": lambda: runbook("--cluster", "local:2"),
-            "running_cluster_2": lambda: runbook("--cluster", address), "fabric": floor}
-    samples: dict[str, list[dict[str, float]]] = {k: [] for k in ways}
-    for fn in ways.values():
-        fn()   # warm-up
-    for rep in range(args.reps):
-        order = list(ways) if rep % 2 == 0 else list(reversed(ways))
+    every = {"in_process": lambda: runbook(), "local_2": lambda: runbook("--cluster", "local:2"),
+             "running_cluster_2": lambda: runbook("--cluster", address), "fabric": floor}
+    chosen = {k: every[k] for k in ways}
+    samples: dict[str, list[dict[str, float]]] = {k: [] for k in chosen}
+    if reps is None:
+        for fn in chosen.values():
+            fn()   # warm-up
+    for rep in range(reps or args.reps):
+        order = list(chosen) if rep % 2 == 0 else list(reversed(chosen))
         for name in order:
-            samples[name].append(ways[name]())
+            samples[name].append(chosen[name]())
     row: dict[str, Any] = {"hosts": count, "tasks": tasks}
     for name, values in samples.items():
         row[name] = {"wall": median([v["wall"] for v in values]), "cpu": median([v["cpu"] for v in values])}
     base = row["in_process"]["wall"]
     for name in ("local_2", "running_cluster_2"):
-        row[name]["vs_in_process"] = round(row[name]["wall"] / base, 3)
-        row[name]["overhead_ms_per_task"] = round((row[name]["wall"] - base) / tasks * 1000, 3)
-    row["in_process"]["vs_fabric"] = round(base / row["fabric"]["wall"], 3)
+        if name in row:
+            row[name]["vs_in_process"] = round(row[name]["wall"] / base, 3)
+            row[name]["overhead_ms_per_task"] = round((row[name]["wall"] - base) / tasks * 1000, 3)
+    if "fabric" in row:
+        row["in_process"]["vs_fabric"] = round(base / row["fabric"]["wall"], 3)
     return row
 
 
@@ -158,6 +200,16 @@ def table(figures: dict[str, Any]) -> str:
             r = row[name]
             lines.append(f"{row['hosts']:>5} {name:<18} {r['wall']:>7.2f} {r['cpu']:>9.2f} "
                          f"{r.get('vs_in_process', ''):>9} {r.get('overhead_ms_per_task', ''):>8}")
+    lat = figures.get("latency")
+    if lat:
+        lines.append(f"critical-path latency per task (1 host, {lat['steps'][0]} vs {lat['steps'][1]} steps): in-process "
+                     f"{lat['ms_per_step']['in_process']} ms, cluster {lat['ms_per_step']['running_cluster_2']} ms "
+                     f"(+{lat['added_ms_per_task']} ms)")
+    scale = figures.get("scale")
+    if scale:
+        lines.append(f"scale: {scale['hosts']} hosts x {figures['steps']} steps: in-process {scale['in_process']['wall']:.1f} s "
+                     f"(controller CPU {scale['in_process']['cpu']:.1f} s), running cluster of 2 "
+                     f"{scale['running_cluster_2']['wall']:.1f} s (controller CPU {scale['running_cluster_2']['cpu']:.1f} s)")
     lines.append(f"target: the distributed path within {TARGET_RATIO}x of the in-process run (reported, not asserted)")
     return "\n".join(lines)
 
@@ -168,8 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", default="30,100", help="host counts (default 30,100)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--latency-steps", type=int, default=60, help="steps of the 1-host latency run (and a sixth of it)")
+    p.add_argument("--scale", type=int, default=0, help="also one run of this many hosts (names over the sshd servers)")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still stop the sshd hosts and the cluster
     figures = run(args)
     print(table(figures))
     if args.out:

@@ -110,7 +110,7 @@ class WorkerRun:
         fd = os.open(self.known_hosts, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(setup.known_hosts)
-        self.sent_lines = set(setup.known_hosts.splitlines())
+        self.from_controller = set(setup.known_hosts.splitlines())
         steps = StepGraph.build(setup.playbook)
         tasks = expand(steps, [h.name for h in setup.hosts])
         self.options = setup.options
@@ -192,15 +192,12 @@ class WorkerRun:
         return self.conns.get(host) or self._open(host)
 
     def _learned(self) -> list[str]:
-        """known_hosts lines recorded here (accept-new) that the controller has not been sent yet."""
+        """known_hosts lines recorded here (accept-new) during the run; the controller keeps each host's own."""
         try:
             lines = self.known_hosts.read_text(encoding="utf-8").splitlines()
         except OSError:
             return []
-        with self.lock:
-            new = [line for line in lines if line and line not in self.sent_lines]
-            self.sent_lines.update(new)
-        return new
+        return [line for line in lines if line and line not in self.from_controller]
 
     def close_host(self, host: str) -> None:
         """A host is done: close its connection."""
