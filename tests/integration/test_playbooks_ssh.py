@@ -355,6 +355,18 @@ def _sshd_setup(h: SSHHost, settings: str, key_mode: int = 0o600) -> None:
     key.chmod(key_mode)
 
 
+ROLE = "ssh-hardening/"   # the playbook's work is the role roles/ssh-hardening; its step ids are namespaced
+
+
+def _controls(result: dict, step: str) -> dict[str, dict[str, dict]]:
+    """Per host, the results of one looped control step by setting (`ssh-hardening/audit[permitrootlogin]`)."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in result["results"]:
+        if r.get("parent") == ROLE + step:
+            out.setdefault(r["host"], {})[r["item_label"]] = r
+    return out
+
+
 def test_ssh_hardening_audit_then_enforce_with_rollback(rb: Runbook, clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     h0, h1, h2 = clean_ssh_hosts[:3]
     _sshd_setup(h0, "PermitRootLogin yes\nX11Forwarding yes\n")
@@ -363,28 +375,34 @@ def test_ssh_hardening_audit_then_enforce_with_rollback(rb: Runbook, clean_ssh_h
     _sshd_setup(h2, "PermitRootLogin no\nPasswordAuthentication no\nMaxAuthTries 3\n"
                     "Ciphers aes256-gcm@openssh.com\n", key_mode=0o640)
     dropins = {h.name: h.home / "sshd/conf.d/50-runbook-hardening.conf" for h in (h0, h1, h2)}
+    reloads = {h.name: h.home / "sshd/reloads.log" for h in (h0, h1, h2)}
     inv = inventory(tmp_path, clean_ssh_hosts[:3], {h.name: {"dropin_path": str(dropins[h.name])} for h in (h0, h1, h2)},
-                    extra={"sshd_config": "~/sshd/sshd_config"})
+                    extra={"sshd_config": "~/sshd/sshd_config",
+                           # The handler's command: what it would tell sshd, written where the test can count it.
+                           "reload_command": "echo reload >> ~/sshd/reloads.log"})
 
-    # Audit: per-host, per-control compliance; exit 2 because two hosts are non-compliant.
+    # Audit: one result per control per host; exit 2 because two hosts are non-compliant.
     plan = rb.plan(PLAYBOOKS / "ssh-hardening.yml", inv)
     rc, result = rb.apply(plan)
     assert rc == 2
     assert_plan_matched(plan, result, set())
-    audit = {r["host"]: r for r in result["results"] if r["step_id"] == "audit"}
-    assert audit[h1.name]["status"] == "ok" and all(audit[h1.name]["data"]["checks"].values())
-    bad0 = sorted(c for c, ok in audit[h0.name]["data"]["checks"].items() if not ok)
-    assert len(bad0) == 4 and all(any(k in c for c in bad0) for k in ("permitrootlogin", "x11forwarding",
-                                                                      "passwordauthentication", "maxauthtries"))
-    bad2 = [c for c, ok in audit[h2.name]["data"]["checks"].items() if not ok]
-    assert len(bad2) == 1 and "bad_permissions" in bad2[0] and "hostkey:640" in audit[h2.name]["message"]
+    audit = _controls(result, "audit")
+    settings = {"permitrootlogin", "passwordauthentication", "permitemptypasswords", "x11forwarding", "maxauthtries",
+                "ciphers", "bad_permissions"}
+    assert set(audit) == {h0.name, h1.name, h2.name} and all(set(c) == settings for c in audit.values())
+    assert all(r["status"] == "ok" for r in audit[h1.name].values())
+    failing = {h: sorted(s for s, r in c.items() if r["status"] == "failed") for h, c in audit.items()}
+    assert failing[h0.name] == ["maxauthtries", "passwordauthentication", "permitrootlogin", "x11forwarding"]
+    assert failing[h2.name] == ["bad_permissions"] and "hostkey:640" in audit[h2.name]["bad_permissions"]["message"]
+    assert "non-compliant: permitrootlogin is 'yes', expected equal 'no'" in audit[h0.name]["permitrootlogin"]["message"]
     assert not any(p.exists() for p in dropins.values()), "audit mode wrote a file"
+    assert statuses(result)[(h1.name, "handler:" + ROLE + "reload")] == "skipped"   # nothing notified it
 
     # Enforce: h0 gets the drop-in; h1 already has it; h2's other drop-in breaks the whole config,
-    # so its previous drop-in is rolled back byte for byte.
+    # so its previous drop-in is rolled back byte for byte and the host stays failed.
     h2.home.joinpath("sshd/sshd_config").chmod(0o644)
     (h2.home / "sshd/hostkey").chmod(0o600)
-    rendered = (PLAYBOOKS / "templates/sshd-hardening.conf.j2").read_text()
+    rendered = (PLAYBOOKS / "roles/ssh-hardening/templates/sshd-hardening.conf.j2").read_text()
     old_h2 = b"# hand-made\nMaxAuthTries 2\n"
     put(h2, "sshd/conf.d/50-runbook-hardening.conf", old_h2)
     put(h2, "sshd/conf.d/99-broken.conf", "ThisIsNotAnOption yes\n")
@@ -392,27 +410,40 @@ def test_ssh_hardening_audit_then_enforce_with_rollback(rb: Runbook, clean_ssh_h
     assert first[0] == 0, [(r["step_id"], r["status"], r["message"], r["stderr"]) for r in first[1]["results"]]
     h1_dropin = dropins[h1.name].read_bytes()
     assert b"PermitRootLogin no" in h1_dropin and b"MaxAuthTries 4" in h1_dropin
+    assert reloads[h1.name].read_text() == "reload\n", "the drop-in changed: the handler reloads once"
 
     plan = rb.plan(PLAYBOOKS / "ssh-hardening.yml", inv, "-e", "mode=enforce")
-    install = {p["host"]: p for p in plan["predictions"] if p["step_id"] == "install"}
+    install = {p["host"]: p for p in plan["predictions"] if p["step_id"] == ROLE + "install"}
     assert install[h0.name]["prediction"] == "change" and "+PermitRootLogin no" in install[h0.name]["diff"]
     assert install[h1.name]["prediction"] == "ok"
     assert "-MaxAuthTries 2" in install[h2.name]["diff"] and "+MaxAuthTries 4" in install[h2.name]["diff"]
+    handler = {p["host"]: p for p in plan["predictions"] if p["step_id"] == "handler:" + ROLE + "reload"}
+    assert handler[h0.name]["prediction"] == "change" and "install drop-in" in handler[h0.name]["reason"]
+    assert handler[h1.name]["prediction"] == "skip", handler[h1.name]   # nothing to change: no reload
     rc, result = rb.apply(plan)
     assert rc == 2
-    unknown = {(h.name, s) for h in (h0, h2) for s in ("verify", "remove-candidate")}
-    # The candidate is rendered anew on every host (the last run removed it), so its check is unknown.
-    unknown |= {(h.name, "validate-candidate") for h in (h0, h1, h2)}
-    unknown |= {(h1.name, "remove-candidate"), (h1.name, "verify"), (h2.name, "validate")}
+    # The candidate is rendered anew on every host (the last run removed it), so its check is unknown,
+    # as is what the probe reads after that change (verify) and h2's whole-config check after its
+    # install; with a block step unknown, whether the rescue runs is unknown too.
+    unknown = {(h.name, ROLE + s) for h in (h0, h1, h2)
+               for s in ("validate-candidate", "remove-candidate", "verify", "rollback", "enforce-failed")}
+    unknown |= {(h2.name, ROLE + "validate")}
     assert_plan_matched(plan, result, unknown)
     got = statuses(result)
-    assert got[(h0.name, "verify")] == "ok" and got[(h1.name, "verify")] == "ok"
-    assert got[(h2.name, "validate")] == "failed" and got[(h2.name, "rollback")] == "changed"
+    assert got[(h0.name, ROLE + "verify")] == "ok" and got[(h1.name, ROLE + "verify")] == "ok"
+    assert got[(h2.name, ROLE + "validate")] == "failed" and got[(h2.name, ROLE + "rollback")] == "changed"
+    assert got[(h2.name, ROLE + "enforce-failed")] == "failed", "a rolled-back host is not compliant: it stays failed"
+    assert "rescued_hosts" not in result   # rolled back is not rescued
     assert dropins[h0.name].read_bytes() == dropins[h1.name].read_bytes() == h1_dropin
     assert not Path(str(dropins[h0.name]) + ".candidate").exists()
     assert dropins[h2.name].read_bytes() == old_h2, "h2 was not rolled back"
     assert Path(str(dropins[h2.name]) + ".bak").read_bytes() == old_h2
     assert not Path(str(dropins[h2.name]) + ".candidate").exists()
+    # The handler ran where the config changed and held (h0), not where nothing changed (h1), and
+    # never on the failed host (h2), whose running sshd keeps its old settings.
+    assert reloads[h0.name].read_text() == "reload\n" and reloads[h1.name].read_text() == "reload\n"
+    assert not reloads[h2.name].exists(), "\n".join(f"{r['step_id']} {r['status']} {r['message']}" for r in result["results"] if r["host"] == h2.name)
+    assert got[(h2.name, "handler:" + ROLE + "reload")] == "not_run"
     assert "PermitRootLogin {{ permit_root_login }}" in rendered
     rb.verify_audit()
 

@@ -324,6 +324,7 @@ def test_hostile_names_over_ssh(capsys: pytest.CaptureFixture[str], clean_ssh_ho
 # --- the shipped ssh-hardening playbook: its `line` step adds a missing Include, checked by sshd -t ---------------
 
 PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+ROLE = "ssh-hardening/"   # the playbook runs the role roles/ssh-hardening: its step ids are namespaced
 
 
 def _sshd_home(h: SSHHost, settings: str) -> Path:
@@ -345,31 +346,36 @@ def test_ssh_hardening_enforce_adds_the_include_and_sshd_rejects_a_broken_one(
     (d1 / "conf.d" / "99-broken.conf").write_text("ThisIsNotAnOption yes\n")
     give(h1, d1 / "conf.d")
     originals = {h.name: (d / "sshd_config").read_text() for h, d in ((h0, d0), (h1, d1))}
-    inv = inventory(tmp_path, [h0, h1], {h.name: {"dropin_path": f"{d}/conf.d/50-runbook-hardening.conf"}
+    inv = inventory(tmp_path, [h0, h1], {h.name: {"dropin_path": f"{d}/conf.d/50-runbook-hardening.conf",
+                                                  "reload_command": f"echo reload >> {d}/reloads.log"}
                                          for h, d in ((h0, d0), (h1, d1))})
     code, plan, err = cli(capsys, "plan", PLAYBOOKS / "ssh-hardening.yml", "-i", inv, "--known-hosts", env,
                           "-e", "mode=enforce", "-e", "sshd_config=~/sshd/sshd_config", "--out", tmp_path / "plan.json")
-    include = {h: p for (h, s), p in by_key(plan, "predictions").items() if s == "include"}
+    include = {h: p for (h, s), p in by_key(plan, "predictions").items() if s == "ssh-hardening/include"}
     for h, d in ((h0, d0), (h1, d1)):
         assert include[h.name]["prediction"] == "change", include[h.name]
         assert f"+Include {d}/conf.d/*.conf\n" in include[h.name]["diff"]
     code, result, _ = cli(capsys, "apply", tmp_path / "plan.json", "--known-hosts", env, "-y")
     got = by_key(result, "results")
     # h0: the Include went in first, sshd -t accepted the whole candidate, and the controls now hold.
-    assert got[(h0.name, "include")]["status"] == "changed" and got[(h0.name, "verify")]["status"] == "ok"
+    assert got[(h0.name, ROLE + "include")]["status"] == "changed" and got[(h0.name, ROLE + "verify")]["status"] == "ok"
     assert (d0 / "sshd_config").read_text() == f"Include {d0}/conf.d/*.conf\n" + originals[h0.name]
     # h1: the broken drop-in it would include made sshd -t reject the candidate: sshd_config is as it
     # was, and the run rolled back the drop-in it had installed.
-    assert got[(h1.name, "include")]["status"] == "failed"
-    message = got[(h1.name, "include")]["message"]
+    assert got[(h1.name, ROLE + "include")]["status"] == "failed"
+    message = got[(h1.name, ROLE + "include")]["message"]
     assert message.startswith(f"{h1.name}: {d1}/sshd_config: ") and "rejected the candidate" in message
     assert "Bad configuration option: ThisIsNotAnOption" in message and "is untouched" in message
     assert (d1 / "sshd_config").read_text() == originals[h1.name]
-    assert got[(h1.name, "rollback")]["status"] == "changed"
+    assert got[(h1.name, ROLE + "rollback")]["status"] == "changed"   # the block's rescue
+    assert got[(h1.name, ROLE + "enforce-failed")]["status"] == "failed"   # and the host stays failed
     assert not (d1 / "conf.d" / "50-runbook-hardening.conf").exists()
     assert not [p for p in d1.iterdir() if p.name.startswith(".runbook-")]
+    # The reload handler ran where the new config held (h0), not on the host that failed (h1).
+    assert (d0 / "reloads.log").read_text() == "reload\n" and not (d1 / "reloads.log").exists()
     # Planned again on h0: nothing left to do.
     _, again, _ = cli(capsys, "plan", PLAYBOOKS / "ssh-hardening.yml", "-i", inv, "--known-hosts", env, "-l", h0.name,
                       "-e", "mode=enforce", "-e", "sshd_config=~/sshd/sshd_config")
-    assert by_key(again, "predictions")[(h0.name, "include")]["prediction"] == "ok"
-    assert by_key(again, "predictions")[(h0.name, "install")]["prediction"] == "ok"
+    assert by_key(again, "predictions")[(h0.name, ROLE + "include")]["prediction"] == "ok"
+    assert by_key(again, "predictions")[(h0.name, ROLE + "install")]["prediction"] == "ok"
+    assert by_key(again, "predictions")[(h0.name, "handler:" + ROLE + "reload")]["prediction"] == "skip"
