@@ -64,10 +64,18 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
                 pb = r.playbook
                 assert pb is not None
                 warn = f", {len(r.warnings)} warning(s)" if r.warnings else ""
-                click.echo(f"{r.path}: ok — runbook `{pb.runbook}`, {len(pb.steps)} step(s)"
-                           f"{f' + {len(pb.on_failure)} on_failure' if pb.on_failure else ''}{warn}")
+                click.echo(f"{r.path}: ok — runbook `{pb.runbook}`, {_step_counts(pb)}{warn}")
     if failed:
         sys.exit(EXIT_INVALID)
+
+
+def _step_counts(pb) -> str:
+    """`N step(s) + M on_failure + K handler(s)`, after includes, roles and blocks; flush points are no steps."""
+    from runbook.handlers import is_flush
+
+    steps = sum(1 for s in pb.steps if not is_flush(s))
+    return (f"{steps} step(s)" + (f" + {len(pb.on_failure)} on_failure" if pb.on_failure else "")
+            + (f" + {len(pb.handlers)} handler(s)" if pb.handlers else ""))
 
 
 def _as_errors(report):

@@ -405,3 +405,15 @@ def test_validate_accepts_windows_file_beside_playbooks(tmp_path: Path, capsys: 
     good.write_text("windows:\n  sat:\n    cron: '0 2 * * SAT'\n    duration: 0s\n")
     assert main(["validate", str(good)]) == 4
     assert f"{good}:4:" in capsys.readouterr().err
+
+
+def test_validate_counts_the_expanded_steps_and_handlers_but_not_flush_points(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "roles/r").mkdir(parents=True)
+    (tmp_path / "roles/r/steps.yml").write_text("- name: one\n  shell: 'true'\n  notify: h\n- name: two\n  shell: 'true'\n")
+    (tmp_path / "roles/r/handlers.yml").write_text("- name: h\n  shell: 'true'\n")
+    pb = tmp_path / "pb.yml"
+    pb.write_text("runbook: t\nsteps:\n  - role: r\n  - name: now\n    flush_handlers: true\n  - name: last\n"
+                  "    shell: 'true'\nhandlers:\n  - name: mine\n    shell: 'true'\n")
+    code, out, _ = run(["validate", str(pb)], capsys)
+    assert code == 0 and out == f"{pb}: ok — runbook `t`, 3 step(s) + 2 handler(s)\n"
