@@ -83,8 +83,8 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env())
 
 
-def start_cluster(tmp_path: Path, workers: dict[str, str | None]) -> Cluster:
-    """`dask scheduler` plus one `runbook worker` per name (name -> zone)."""
+def start_cluster(tmp_path: Path, workers: dict[str, str | None], plain: frozenset[str] = frozenset()) -> Cluster:
+    """`dask scheduler` plus one `runbook worker` per name (name -> zone); names in `plain` are plain `dask worker`s."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path / "cluster-logs"
@@ -96,6 +96,9 @@ def start_cluster(tmp_path: Path, workers: dict[str, str | None]) -> Cluster:
         for name, zone in workers.items():
             argv = [sys.executable, "-m", "runbook", "worker", address, "--name", name, "--nthreads", "1",
                     *(["--zone", zone] if zone else [])]
+            if name in plain:   # a Dask worker that knows nothing of runbook but has it installed
+                argv = [str(VENV_BIN / "dask"), "worker", address, "--name", name, "--nthreads", "1", "--no-nanny",
+                        *(["--resources", f"zone:{zone}=1"] if zone else [])]
             cluster.workers[name] = _spawn(argv, logs / f"worker-{name}")
         wait_workers(address, set(workers), [scheduler, *cluster.workers.values()])
     except BaseException:
@@ -106,8 +109,8 @@ def start_cluster(tmp_path: Path, workers: dict[str, str | None]) -> Cluster:
 
 @pytest.fixture
 def zoned_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Two zones: east (two workers) and west (one)."""
-    cluster = start_cluster(tmp_path, {"east-1": "east", "east-2": "east", "west-1": "west"})
+    """Two zones: east (two `runbook worker`s) and west (one plain `dask worker`)."""
+    cluster = start_cluster(tmp_path, {"east-1": "east", "east-2": "east", "west-1": "west"}, frozenset({"west-1"}))
     try:
         yield cluster
     finally:
@@ -307,3 +310,32 @@ def test_a_worker_killed_mid_run_loses_its_tasks_and_resume_completes(plain_clus
         # Nothing ran twice, except the lost task that the operator chose to run again.
         expected = {"one": 1, "two": 2 if h.name in lost_hosts else 1, "three": 1, "four": 1}
         assert counts(h) == expected, h.name
+
+
+def test_apply_through_the_cluster_checks_drift_on_the_workers(plain_cluster: Cluster, clean_ssh_hosts: list[SSHHost],
+                                                               tmp_path: Path) -> None:
+    hosts = clean_ssh_hosts
+    work = workdir(tmp_path, hosts, "apply")
+    (work / "pb.yml").write_text("""\
+runbook: reviewed
+steps:
+  - name: marker
+    shell: touch marker
+    creates: marker
+  - name: after
+    shell: echo run >> count-after
+""")
+    planned = cli("plan", "pb.yml", "-i", "inventory.yml", "--known-hosts", "known_hosts", "--audit-log",
+                  str(work / "audit.jsonl"), "--out", "plan.json", "--cluster", plain_cluster.address, cwd=work)
+    assert planned.returncode == 0, planned.stderr
+    (hosts[0].home / "marker").write_text("")   # the host moved after review
+    applied = cli("apply", "plan.json", "--known-hosts", "known_hosts", "--audit-log", str(work / "audit.jsonl"),
+                  "--format", "json", "--cluster", plain_cluster.address, cwd=work)
+    assert applied.returncode == 2, applied.stderr
+    statuses = {(r["host"], r["step_id"]): (r["status"], r["message"]) for r in json.loads(applied.stdout)["results"]}
+    assert statuses[(hosts[0].name, "marker")][0] == "drift"
+    assert statuses[(hosts[0].name, "after")][0] == "not_run" and "drifted" in statuses[(hosts[0].name, "after")][1]
+    assert not (hosts[0].home / "count-after").exists()
+    for h in hosts[1:]:
+        assert statuses[(h.name, "marker")][0] == "changed" and statuses[(h.name, "after")][0] == "changed"
+        assert (h.home / "marker").exists() and (h.home / "count-after").read_text() == "run\n"
