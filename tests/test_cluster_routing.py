@@ -155,3 +155,9 @@ def test_known_hosts_lines_from_workers_are_checked(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     assert lines == ["[10.0.0.9]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOLD", good]
     assert sink.text().endswith(good + "\n")
+
+
+def test_every_worker_a_host_may_move_to_gets_the_run() -> None:
+    router = Router(WORKERS, [("e0", "east"), ("n0", None)])
+    assert router.eligible() == ["tcp://a:1", "tcp://b:1", "tcp://d:1", "tcp://e:1"]   # not west's worker
+    assert Router(WORKERS, [("w0", "west")]).eligible() == ["tcp://c:1"]

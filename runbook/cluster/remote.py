@@ -196,9 +196,13 @@ class ClusterPool:
                 break
             try:
                 reply: ConnectReply = await self.sessions[worker].connect(host, self.cluster.sudo_password)
-            except Exception as exc:
+            except OSError as exc:   # the worker is gone: the host moves, and connects on its new worker
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 continue
+            except Exception as exc:   # the worker answered with an error: a bug there
+                fut.set_exception(ConnectionFailed(host, f"internal error on cluster worker "
+                                                         f"{self.names.get(worker, worker)}: {type(exc).__name__}: {exc}"))
+                return
             self.cluster.known_hosts.record(host, reply.learned)
             if reply.reason is not None:
                 fut.set_exception(ConnectionFailed(host, reply.reason, hint=reply.hint))
@@ -251,7 +255,7 @@ class ClusterPool:
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 return
             if events:
-                self.deliver.submit(self._on_events, events)
+                self._post(self._on_events, events)
 
     async def _watch(self) -> None:
         """Notice lost workers (their calls may hang) and a lost scheduler."""
@@ -289,7 +293,7 @@ class ClusterPool:
         self._resend(unsent)
         name = self.names.get(worker, worker)
         where = ", ".join(f"{h} -> {self.names.get(a, a) if a else 'no worker'}" for h, a in sorted(moved.items()))
-        self.deliver.submit(self._notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
+        self._post(self._notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
                                           f"are lost" + (f"; hosts moved: {where}" if where else ""))
         for tid in running:
             self._lose(tid, _lost_message(name))
@@ -321,7 +325,16 @@ class ClusterPool:
                             "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
 
     def _lose(self, task_id: int, message: str, status: Status = Status.LOST) -> None:
-        self.deliver.submit(self._finish_lost, task_id, message, status)
+        self._post(self._finish_lost, task_id, message, status)
+
+    def _post(self, fn: Any, *args: Any) -> None:
+        """Hand work to the delivery thread (after the run's end there is nothing left to deliver to)."""
+        if self.closing:
+            return
+        try:
+            self.deliver.submit(fn, *args)
+        except RuntimeError:   # shut down meanwhile
+            pass
 
     # --- delivery (one thread: events and outcomes in order) ----------------------------------------
 
@@ -437,7 +450,7 @@ class ClusterRun:
     def start(cls, client: Any, router: Router, setup: SessionSetup, needs: SecretNeeds, sudo_password: str | None,
               known_hosts: KnownHostsSink) -> ClusterRun:
         """One session per worker that has hosts, each set up with the run (sent directly to its worker)."""
-        used = sorted(set(router.of.values()))
+        used = router.eligible()   # every worker a host may run on, now or after a loss
         futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
                                  key=f"runbook-session-{setup.info.run_id}-{i}") for i, a in enumerate(used)]
         sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}

@@ -77,6 +77,10 @@ class Router:
         self.of[host] = address
         self.load[address] += 1
 
+    def eligible(self) -> list[str]:
+        """Every worker some host of the run may run on (it needs the run's session)."""
+        return sorted({a for zone in set(self.zones.values()) for a in self._eligible(zone)})
+
     def worker_of(self, host: str) -> str | None:
         """The worker that runs `host`'s tasks now (None: its zone has no worker left)."""
         with self._lock:
