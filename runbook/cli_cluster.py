@@ -10,7 +10,8 @@ import click
 from runbook.cluster.address import ZONE_RESOURCE, check_zone, parse_cluster
 
 
-def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool) -> list[str]:
+def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool,
+                tls: dict[str, str] | None = None) -> list[str]:
     """The `dask worker` command line `runbook worker` becomes (the same process: signals reach it directly)."""
     spec = parse_cluster(scheduler)
     if spec.address is None:
@@ -23,6 +24,8 @@ def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | Non
         argv += ["--resources", f"{ZONE_RESOURCE}{check_zone(zone, '--zone')}=1"]
     if name is not None:
         argv += ["--name", check_zone(name, "--name")]
+    for flag, path in sorted((tls or {}).items()):
+        argv += [f"--{flag}", path]
     return argv
 
 
@@ -34,9 +37,14 @@ def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | Non
 @click.option("--name", help="The worker's name, recorded in each task result it runs (default: its address).")
 @click.option("--nanny/--no-nanny", default=False, show_default=True,
               help="Run under a Dask nanny that restarts the worker if it dies (its running tasks are lost either way).")
-def worker(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool) -> None:
+@click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), help="tls://: the CA certificate(s) (PEM).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="tls://: this worker's certificate (PEM).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="tls://: this worker's private key (PEM).")
+def worker(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool, tls_ca_file: str | None,
+           tls_cert: str | None, tls_key: str | None) -> None:
     """Start a Dask worker for runbook runs, joined to the scheduler at tcp://HOST:8786 (or tls://)."""
-    argv = worker_argv(scheduler, zone, nthreads, name, nanny)
+    tls = {k: v for k, v in (("tls-ca-file", tls_ca_file), ("tls-cert", tls_cert), ("tls-key", tls_key)) if v}
+    argv = worker_argv(scheduler, zone, nthreads, name, nanny, tls)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(argv[0], argv)

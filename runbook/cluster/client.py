@@ -37,7 +37,7 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
             client = Client(cluster, direct_to_workers=True)
         else:
             client = Client(spec.address, timeout=CONNECT_TIMEOUT, direct_to_workers=True)
-    except (OSError, TimeoutError) as exc:
+    except Exception as exc:   # refused, timed out, TLS settings missing or wrong: the run cannot start
         if cluster is not None:
             cluster.close()
         raise RunbookError(f"cannot reach the cluster scheduler at {spec}: {exc}",
