@@ -23,7 +23,7 @@ def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | Non
     if zone is not None:
         argv += ["--resources", f"{ZONE_RESOURCE}{check_zone(zone, '--zone')}=1"]
     if name is not None:
-        argv += ["--name", check_zone(name, "--name")]
+        argv += ["--name", check_zone(name, "--name", "worker name")]
     for flag, path in sorted((tls or {}).items()):
         argv += [f"--{flag}", path]
     return argv

@@ -57,6 +57,10 @@ def test_worker_command_line() -> None:
             worker_argv("tcp://127.0.0.1:8786", bad, 1, None, nanny=False)
     with pytest.raises(ValidationError, match="joins a running scheduler"):
         worker_argv("local:2", None, 1, None, nanny=False)
+    with pytest.raises(ValidationError, match="invalid worker name"):
+        worker_argv("tcp://127.0.0.1:8786", None, 1, "w 1; x", nanny=False)
+    tls = worker_argv("tls://127.0.0.1:8786", None, 1, None, nanny=True, tls={"tls-cert": "/c.pem", "tls-key": "/k.pem"})
+    assert tls[-4:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem"] and "--nanny" in tls
 
 
 WORKERS = [WorkerInfo("tcp://a:1", "a", "east"), WorkerInfo("tcp://b:1", "b", "east"), WorkerInfo("tcp://c:1", "c", "west"),

@@ -49,13 +49,13 @@ def parse_cluster(text: str) -> ClusterSpec:
     raise ValidationError(f"--cluster {shown}: not a cluster address", hint=hint)
 
 
-def check_zone(name: object, where: str) -> str:
-    """A zone name (letters, digits, `_.-`, at most 63): it becomes a Dask resource name, so nothing else is let through."""
+def check_zone(name: object, where: str, what: str = "zone") -> str:
+    """A zone (or worker) name: letters, digits, `_.-`, at most 63; it lands on a Dask command line, so nothing else passes."""
     if isinstance(name, str) and ZONE.fullmatch(name):
         return name
     shown = repr(name)[:80]
-    raise ValidationError(f"{where}: invalid zone {shown}",
-                          hint="a zone is 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit")
+    raise ValidationError(f"{where}: invalid {what} {shown}",
+                          hint=f"a {what} is 1-63 letters, digits, `_`, `.` or `-`, starting with a letter or digit")
 
 
 def zone_of_resources(resources: dict[str, float] | None) -> str | None:
