@@ -31,6 +31,28 @@ def test_validates_strictly_without_warnings(playbook: Path, capsys: pytest.Capt
     assert report["valid"] and report["problems"] == [], out   # no warning either (shell-safety lint included)
 
 
+def test_the_readmes_playbook_language_example_validates_and_lists(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's loops/handlers/blocks/roles example is a real playbook (given the files it names)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"```yaml\n(runbook: web\n.*?)```", text, re.DOTALL)
+    assert example is not None, "the README lost its playbook-language example"
+    (tmp_path / "pb.yml").write_text(example.group(1))
+    for rel, content in {"roles/nginx/steps.yml": "- name: install\n  package: {name: nginx, state: present}\n",
+                         "vars/prod.yml": "sites: [{name: shop}, {name: blog}]\n",
+                         "tasks/upgrade.yml": "- name: upgrade nginx\n  shell: 'true'\n",
+                         "site.conf.j2": "server {}\n"}.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(content)
+    assert main(["validate", "--strict", str(tmp_path / "pb.yml")]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "pb.yml"), "--list-steps"]) == 0
+    listed = capsys.readouterr().out
+    for sid in ("nginx/install", "site-configs", "upgrade/upgrade-nginx", "say-so", "out-of-the-pool", "reload-nginx"):
+        assert sid in listed, listed
+
+
 def test_readme_lists_every_playbook_with_commands() -> None:
     readme = (ROOT / "playbooks" / "README.md").read_text()
     for name in EXPECTED:
