@@ -1,16 +1,16 @@
 """The controller side: a task pool that runs each host's tasks on its Dask worker and re-emits their events.
 
-The executor is unchanged: it asks this pool to connect hosts and run tasks, and gets futures back.
-A remote task is one actor call to the host's worker; its events stream back through each worker's
-event poll and are re-emitted here, in one delivery thread, into the run's own `EventStream`, so the
-console, audit trail and run state see what an in-process run shows. The delivery thread also takes
-each outcome (its remaining events, register writes, drift stops) before the executor sees the result,
-so dependents start only after everything their predecessor did is recorded.
+The executor asks this pool (its `TaskPool`) to connect hosts and run tasks, and gets futures back,
+as from the in-process thread pool. The orders made in one pass of the executor go to each worker
+in one actor call; each worker's events and outcomes come back, in order, on one long poll, and are
+handled here by one delivery thread: events are re-emitted into the run's own `EventStream` (so the
+console, audit trail and run state see what an in-process run shows), and an outcome's register
+writes and drift stops are applied before the executor sees its result, so dependents start only
+after everything their predecessor did is recorded.
 
 A worker that disappears takes its running tasks with it: they end `lost` (never run again
 elsewhere), and its hosts move to other workers of their zone. A lost scheduler stops the run like an
-interrupt: nothing new starts, and `runbook resume` continues it.
-"""
+interrupt: nothing new starts, and `runbook resume` continues it."""
 
 from __future__ import annotations
 
@@ -373,12 +373,7 @@ class ClusterPool:
         if op is None or op.done:
             return
         op.done = True
-        failure = self.failure
-        try:
-            for event in outcome.events[op.delivered:]:
-                self._emit(event)
-        except ObserverFailed as exc:
-            failure = failure or exc
+        failure = self.failure   # a critical observer failed on one of the run's events: the run stops
         registers = self.executor.runner.registers
         for name, args, kwargs in outcome.writes:
             if name in _WRITES:

@@ -58,11 +58,10 @@ class WireEvent:
 
 @dataclass
 class TaskOutcome:
-    """A task's result with every event it emitted and its effects on the controller's state."""
+    """A task's result and its effects on the controller's state (its events came before it, on the same stream)."""
 
     task_id: int
     result: TaskResult
-    events: list[WireEvent]
     writes: list[tuple[str, tuple[Any, ...], dict[str, Any]]]   # register calls, replayed on the controller
     stopped: list[tuple[str, str]]                              # hosts to stop (apply: drift), with why
     worker: str

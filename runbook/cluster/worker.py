@@ -3,9 +3,9 @@
 `runbook worker` preloads this module, so a worker has the engine imported before a run arrives.
 Everything run-specific comes from the controller in `RunSession.setup` (a direct call to this
 worker, never through the scheduler) and lives until `close`: the playbook model, the hosts, the
-SSH connections of the hosts routed here, a task runner. Each task's events go back as they happen
-through `events` (a long poll the controller keeps open), and again with the task's outcome, so
-none is lost or reordered.
+SSH connections of the hosts routed here, a task runner. Each task's events, then its outcome, go
+back as they happen through `events` (a long poll the controller keeps open): one ordered stream
+per worker, so an outcome never overtakes the events of its task.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class _Forward(Observer):
 @dataclasses.dataclass
 class _TaskLog:
     task_id: int
-    events: list[WireEvent] = dataclasses.field(default_factory=list)
+    count: int = 0   # events emitted so far: the next one's place in the task
 
 
 class WorkerRun:
@@ -140,9 +140,9 @@ class WorkerRun:
         """Tag an event with its task (loop items belong to their step's task) and send it."""
         with self.lock:
             log = self.active.get((host, step_id.split("[", 1)[0])) if host and step_id else None
-            event = WireEvent(log.task_id if log else None, len(log.events) if log else 0, hook, args)
+            event = WireEvent(log.task_id if log else None, log.count if log else 0, hook, args)
             if log is not None:
-                log.events.append(event)
+                log.count += 1
         self.push(event)
 
     def _stop_host(self, host: str, reason: str) -> None:
@@ -208,7 +208,7 @@ class WorkerRun:
     # --- tasks ---------------------------------------------------------------------------------
 
     def run(self, order: TaskOrder) -> TaskOutcome:
-        """Run one task as the controller ordered it; its outcome carries its events and register writes."""
+        """Run one task as the controller ordered it; its outcome carries its register writes and drift stops."""
         key = order.key
         log = _TaskLog(order.task_id)
         with self.lock:
@@ -229,8 +229,7 @@ class WorkerRun:
         result.worker = self.name
         with self.lock:
             stopped = self.stopped.pop(key.host, [])
-            events = list(log.events)
-        return TaskOutcome(order.task_id, result, events, self.registers.drain(key.host), stopped, self.name)
+        return TaskOutcome(order.task_id, result, self.registers.drain(key.host), stopped, self.name)
 
     def abort(self) -> None:
         """A second interrupt on the controller: running commands end now."""
