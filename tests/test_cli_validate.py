@@ -244,6 +244,10 @@ def test_schema_is_json_and_describes_the_format(capsys: pytest.CaptureFixture[s
     assert step["additionalProperties"] is False and step["required"] == ["name"]
     assert {"assert", "register", "shell", "command", "needs", "when", "sudo", "once", "on"} <= set(step["properties"])
     assert "assert_" not in step["properties"] and "register_as" not in step["properties"]
+    # The playbook language: loops, handlers, blocks, reuse, delegation, facts, print.
+    assert {"loop", "loop_var", "index_var", "label", "loop_concurrency", "notify", "flush_handlers", "block", "rescue",
+            "always", "include", "role", "vars", "delegate_to", "print"} <= set(step["properties"])
+    assert {"handlers", "vars_files", "facts"} <= set(schema["properties"])
 
 
 def test_valid_playbook_validates_against_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
