@@ -691,6 +691,9 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
     changed = []
     if prepared.info.playbook_hash != doc["playbook_hash"]:
         changed.append("the playbook changed since the run")
+    then, now = doc.get("playbook_files") or {}, prepared.info.playbook_files
+    if (moved := sorted(p for p in {*then, *now} if then.get(p) != now.get(p))):
+        changed.append(f"{', '.join(moved)} changed since the run (included, role or vars file)")
     if prepared.info.inventory_hash != doc["inventory_hash"]:
         changed.append("the inventory changed since the run")
     if changed and not force:

@@ -118,6 +118,7 @@ class RunStateDocument(_Doc):
     playbook_path: str
     playbook_name: str
     playbook_hash: str
+    playbook_files: dict[str, str] = Field(default_factory=dict)   # included, role, vars files: path -> sha256
     inventory_source: str
     inventory_hash: str
     hosts: list[str]

@@ -47,6 +47,7 @@ class RunInfo:
     git_commit: str | None = None
     started_at: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)     # e.g. ignore_window + reason, resumed_from
+    playbook_files: dict[str, str] = field(default_factory=dict)   # included, role and vars files: path -> sha256
 
 
 @dataclass(frozen=True)

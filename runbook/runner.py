@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -159,7 +160,8 @@ def prepare(playbook: Playbook | str | os.PathLike, inventory: Inventory | str |
         control_host=socket.gethostname(), host_key_checking=host_key_mode(request, pb, hosts),
         extra_vars=redactor.redact(dict(request.extra_vars)), plan_hash=request.plan_hash,
         git_commit=git_commit_of(pb_path) if pb._source else None, started_at=time.time(),
-        details=dict(request.details))
+        details=dict(request.details),
+        playbook_files={path: hashlib.sha256(text.encode()).hexdigest() for path, text in sorted(pb._files.items())})
     return Prepared(pb, pb_path, inv, hosts, secrets, redactor, info, steps)
 
 

@@ -102,7 +102,8 @@ class RunState(Observer):
         self.doc = {
             "version": STATE_VERSION, "run_id": run.run_id, "mode": run.mode, "status": "running",
             "playbook_path": run.playbook_path, "playbook_name": run.playbook_name,
-            "playbook_hash": run.playbook_hash, "inventory_source": absolute_sources(run.inventory_source),
+            "playbook_hash": run.playbook_hash, "playbook_files": run.playbook_files,
+            "inventory_source": absolute_sources(run.inventory_source),
             "inventory_hash": run.inventory_hash, "hosts": run.hosts, "operator": run.operator,
             "limit": self.request.limit, "extra_vars": run.extra_vars,
             "tags": sorted(self.request.tags), "skip_tags": sorted(self.request.skip_tags),

@@ -500,3 +500,29 @@ def test_a_roles_copy_and_upload_sources_come_from_its_files_first(tmp_path: Pat
     (tmp_path / "app.conf").unlink()
     err = one_error(pb, "copy source `app.conf` is not a file")
     assert err.startswith(str(tmp_path / "roles/conf/steps.yml") + ":")
+
+
+def test_resume_refuses_a_role_file_changed_since_the_run(tmp_path: Path, local_inventory: InventoryWriter) -> None:
+    """The run state records every included, role and vars file; resume runs the same steps or says which file moved."""
+    from tests.helpers import cli, records
+
+    pb = write(tmp_path, {
+        "pb.yml": {"runbook": "t", "steps": [{"role": "r"}]},
+        "roles/r/steps.yml": [{"name": "gate", "shell": "test -f {{ dir }}/go"},
+                              {"name": "work", "shell": "echo worked >> {{ dir }}/log"}],
+    })
+    inv, trail = local_inventory(["a"]), tmp_path / "trail" / "audit.jsonl"
+    first = cli("run", str(pb), "-i", str(inv), "--audit-log", str(trail))
+    assert first.returncode == 2, first.stderr
+    run_id = records(trail)[0]["run_id"]
+    assert str((tmp_path / "roles/r/steps.yml").resolve()) in records(trail)[0]["playbook_files"]
+    (tmp_path / "hosts" / "a" / "go").write_text("")
+    steps = tmp_path / "roles/r/steps.yml"
+    steps.write_text(steps.read_text().replace("worked", "something else"))
+    refused = cli("resume", run_id, "--audit-log", str(trail))
+    assert refused.returncode != 0 and "steps.yml changed since the run (included, role or vars file)" in refused.stderr
+    assert not (tmp_path / "hosts" / "a" / "log").exists()
+    steps.write_text(steps.read_text().replace("something else", "worked"))
+    resumed = cli("resume", run_id, "--audit-log", str(trail))
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "hosts" / "a" / "log").read_text() == "worked\n"
