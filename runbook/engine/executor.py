@@ -279,6 +279,7 @@ class Executor:
         if self.result.interrupted:
             raise _Stop() from None
         self.stopping = True
+        self.runner.draining.set()   # a running loop starts no further item
         self.result.interrupted = True
         self.result.stop_reason = "interrupted"
         self.abort_deadline = time.monotonic() + self.opt.interrupt_grace
@@ -288,6 +289,7 @@ class Executor:
     def _stopped_by_caller(self) -> None:
         """The embedding program asked to stop: like a first interrupt (no new task; running ones finish)."""
         self.stopping = True
+        self.runner.draining.set()
         self.result.interrupted = True
         self.result.stop_reason = "stopped: the program running it is shutting down"
         self.events.run_interrupted(self.info, self.result.stop_reason + "; no new task starts, running tasks finish "

@@ -301,8 +301,9 @@ class LoopRunner:
                          parent=step.step_id, item_label=item.label, item_index=item.index, item=item.value)
         if self.halt is None and r.cancel.is_set():
             self.halt = "not started: the run was aborted"
-        elif self.halt is None and r.opt.stop is not None and r.opt.stop.is_set():
-            self.halt = "not started: the run is stopping"   # the program running it shuts down
+        elif self.halt is None and (r.draining.is_set() or (r.opt.stop is not None and r.opt.stop.is_set())):
+            # a first interrupt, or the program running it shutting down: items are tasks, none starts
+            self.halt = "not started: the run is stopping"
         if self.halt is not None:
             res.status, res.message = Status.NOT_RUN, self.halt
         else:

@@ -56,6 +56,7 @@ class TaskRunner:
         self._reads_facts: dict[int, bool] = {}
         self.actions: dict[int, Action] = {}   # by the step object: a handler may share a main step's id
         self.cancel = threading.Event()
+        self.draining = threading.Event()   # first interrupt or a caller's stop: no new task (nor loop item) starts
         self.aborting = False
         self._ask_lock = threading.Lock()
         self.handler: ModeHandler = self.run_for_real

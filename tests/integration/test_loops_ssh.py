@@ -258,6 +258,47 @@ steps:
     assert helpers_cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
 
 
+def test_a_first_interrupt_lets_the_running_item_finish_and_starts_no_further_item(
+        clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    hosts = clean_ssh_hosts[:2]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pb.yml").write_text("""\
+runbook: loop-drain
+steps:
+  - name: each
+    shell: echo {{ item }} >> count; test {{ item }} != 2 || sleep 3
+    loop: [1, 2, 3]
+""")
+    write_inventory(work / "inventory.yml", hosts)
+    write_known_hosts(work / "known_hosts", hosts)
+    trail = tmp_path / "trail" / "audit.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
+                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
+                            cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def item_two_running() -> bool:
+        started = {r["host"] for r in (records(trail) if trail.exists() else [])
+                   if r["event"] == "task.started" and r["step_id"] == "each[2]"}
+        return started == {h.name for h in hosts}
+
+    wait_for(item_two_running, proc, "item 2 started on every host")
+    proc.send_signal(signal.SIGINT)   # once: what runs may finish, nothing new starts
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    run_id = records(trail)[0]["run_id"]
+    state = json.loads((trail.parent / "runs" / f"{run_id}.json").read_text())
+    for h in hosts:
+        tasks = {k: (t["status"], t.get("message")) for k, t in state["tasks"].items() if k.endswith("@" + h.name)}
+        assert tasks["each[2]@" + h.name][0] == "changed", tasks       # the running item finished
+        assert tasks["each[3]@" + h.name] == ("not_run", "not started: the run is stopping"), tasks
+        assert (h.home / "count").read_text().split() == ["1", "2"]
+    resumed = helpers_cli("resume", run_id, "--audit-log", str(trail), "--known-hosts", str(work / "known_hosts"))
+    assert resumed.returncode == 0, resumed.stderr
+    for h in hosts:
+        assert (h.home / "count").read_text().split() == ["1", "2", "3"]   # only item 3 ran on resume
+
+
 CLUSTER_PB = """\
 runbook: loop-cluster
 steps:
