@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks.suite import REPO, child_env, fanout_playbook, median, runbook_argv
 
+SCALE_CONCURRENCY = 100   # hosts at once in the scale run: each sshd here takes a few new connections at a time
 TARGET_RATIO = 1.3   # the distributed path within 1.3x of the in-process run (a goal, reported)
 
 
@@ -69,6 +70,13 @@ class ClusterProcs:
                     raise RuntimeError("cluster workers did not start")
                 time.sleep(0.2)
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds used so far by the scheduler and by the workers (together)."""
+        import psutil
+
+        times = [psutil.Process(p.pid).cpu_times() for p in self.procs]
+        return {"scheduler": times[0].user + times[0].system, "workers": sum(t.user + t.system for t in times[1:])}
+
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
@@ -103,20 +111,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 spec.write_text(json.dumps({"hosts": [{"host": h.address, "port": h.port, "user": h.user,
                                                        "key_file": str(h.key_file)} for h in hosts[:count]],
                                             "commands": ["true"] * args.steps, "nodelay": True}))
-                out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster.address))
-            out["latency"] = latency(args, env, work, hosts[0], known, cluster.address)
+                out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster))
+                progress(out["runs"][-1])
+            out["latency"] = latency(args, env, work, hosts[0], known, cluster)
+            progress({"latency": out["latency"]})
             if args.scale:
                 inventory = alias_inventory(work / f"inv-scale-{args.scale}.yml", hosts, args.scale)
                 try:
                     out["scale"] = compare(args.scale, args, env, work, playbook, inventory, known, None,
-                                           cluster.address, reps=1, ways=("in_process", "running_cluster_2"))
+                                           cluster, reps=1, ways=("in_process", "running_cluster_2"),
+                                           concurrency=min(args.scale, SCALE_CONCURRENCY))
                 except RuntimeError as exc:   # reported with the other figures, which still count
                     out["scale_failed"] = str(exc)[:2000]
+                progress({"scale": out.get("scale"), "failed": out.get("scale_failed")})
         finally:
             if cluster is not None:
                 cluster.stop()
             harness.stop()
+    out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def progress(row: dict[str, Any]) -> None:
+    """Each figure on stderr as soon as it is known (a long run stopped early keeps what it measured)."""
+    print(json.dumps(row), file=sys.stderr, flush=True)
 
 
 def alias_inventory(path: Path, hosts: list[Any], count: int) -> Path:
@@ -129,7 +147,7 @@ def alias_inventory(path: Path, hosts: list[Any], count: int) -> Path:
 
 
 def latency(args: argparse.Namespace, env: dict[str, str], work: Path, host: Any, known: Path,
-            address: str) -> dict[str, Any]:
+            address: ClusterProcs) -> dict[str, Any]:
     """The distributed path's added latency per task on a host's critical path: the slope over step counts."""
     from tests.sshd import write_inventory
 
@@ -147,14 +165,15 @@ def latency(args: argparse.Namespace, env: dict[str, str], work: Path, host: Any
 
 
 def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Path, playbook: Path, inventory: Path,
-            known: Path, spec: Path | None, address: str, *, reps: int | None = None,
+            known: Path, spec: Path | None, cluster: ClusterProcs, *, reps: int | None = None,
             ways: tuple[str, ...] = ("in_process", "local_2", "running_cluster_2", "fabric"),
-            steps: int | None = None) -> dict[str, Any]:
+            steps: int | None = None, concurrency: int | None = None) -> dict[str, Any]:
     tasks = count * (steps or args.steps)
     counter = iter(range(10**6))
 
     def runbook(*extra: str) -> dict[str, float]:
-        argv = [*runbook_argv(), "run", str(playbook), "-i", str(inventory), "-c", str(count), "--known-hosts", str(known),
+        argv = [*runbook_argv(), "run", str(playbook), "-i", str(inventory), "-c", str(concurrency or count),
+                "--known-hosts", str(known),
                 "--audit-log", str(work / f"audit-{next(counter)}.jsonl"), "--format", "json", *extra]
         wall, cpu, rc, stdout, stderr = timed_cpu(argv, env, work)
         done = sum(1 for r in json.loads(stdout or "{}").get("results", []) if r.get("status") in ("ok", "changed"))
@@ -168,8 +187,14 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
             raise RuntimeError(f"floor: exit {rc}\n{stderr[-2000:]}")
         return {"wall": wall, "cpu": cpu}
 
+    def on_cluster() -> dict[str, float]:
+        before = cluster.cpu()
+        row = runbook("--cluster", cluster.address)
+        after = cluster.cpu()
+        return {**row, **{f"{k}_cpu": after[k] - before[k] for k in after}}
+
     every = {"in_process": lambda: runbook(), "local_2": lambda: runbook("--cluster", "local:2"),
-             "running_cluster_2": lambda: runbook("--cluster", address), "fabric": floor}
+             "running_cluster_2": on_cluster, "fabric": floor}
     chosen = {k: every[k] for k in ways}
     samples: dict[str, list[dict[str, float]]] = {k: [] for k in chosen}
     if reps is None:
@@ -179,9 +204,9 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
         order = list(chosen) if rep % 2 == 0 else list(reversed(chosen))
         for name in order:
             samples[name].append(chosen[name]())
-    row: dict[str, Any] = {"hosts": count, "tasks": tasks}
+    row: dict[str, Any] = {"hosts": count, "tasks": tasks, "concurrency": concurrency or count}
     for name, values in samples.items():
-        row[name] = {"wall": median([v["wall"] for v in values]), "cpu": median([v["cpu"] for v in values])}
+        row[name] = {k: median([v[k] for v in values]) for k in values[0]}
     base = row["in_process"]["wall"]
     for name in ("local_2", "running_cluster_2"):
         if name in row:
@@ -193,13 +218,14 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
 
 
 def table(figures: dict[str, Any]) -> str:
-    lines = [f"cluster: {figures['steps']} steps per host, median of {figures['reps']}, {figures['cpus']} CPUs",
-             f"{'hosts':>5} {'way':<18} {'wall s':>7} {'ctl cpu s':>9} {'x in-proc':>9} {'ms/task':>8}"]
+    lines = [f"cluster: {figures['steps']} steps per host, median of {figures['reps']}, {figures['cpus']} CPUs "
+             "(cpu: the run's process and what it waited for; workers/scheduler: the running cluster's processes)",
+             f"{'hosts':>5} {'way':<18} {'wall s':>7} {'cpu s':>7} {'workers':>7} {'sched':>6} {'x in-proc':>9} {'ms/task':>8}"]
     for row in figures["runs"]:
         for name in ("in_process", "local_2", "running_cluster_2", "fabric"):
             r = row[name]
-            lines.append(f"{row['hosts']:>5} {name:<18} {r['wall']:>7.2f} {r['cpu']:>9.2f} "
-                         f"{r.get('vs_in_process', ''):>9} {r.get('overhead_ms_per_task', ''):>8}")
+            lines.append(f"{row['hosts']:>5} {name:<18} {r['wall']:>7.2f} {r['cpu']:>7.2f} {r.get('workers_cpu', ''):>7} "
+                         f"{r.get('scheduler_cpu', ''):>6} {r.get('vs_in_process', ''):>9} {r.get('overhead_ms_per_task', ''):>8}")
     lat = figures.get("latency")
     if lat:
         lines.append(f"critical-path latency per task (1 host, {lat['steps'][0]} vs {lat['steps'][1]} steps): in-process "
@@ -210,6 +236,7 @@ def table(figures: dict[str, Any]) -> str:
         lines.append(f"scale: {scale['hosts']} hosts x {figures['steps']} steps: in-process {scale['in_process']['wall']:.1f} s "
                      f"(controller CPU {scale['in_process']['cpu']:.1f} s), running cluster of 2 "
                      f"{scale['running_cluster_2']['wall']:.1f} s (controller CPU {scale['running_cluster_2']['cpu']:.1f} s)")
+    lines.append(f"load average at the end: {figures.get('loadavg_end')}")
     lines.append(f"target: the distributed path within {TARGET_RATIO}x of the in-process run (reported, not asserted)")
     return "\n".join(lines)
 
