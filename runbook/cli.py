@@ -33,14 +33,15 @@ def cli() -> None:
 @click.argument("playbooks", nargs=-1, required=True, type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--strict", is_flag=True, help="Treat warnings (undefined variables, shell quoting) as errors.")
-def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
+@click.option("-i", "--inventory", "inventory", multiple=True,
+              help="Also check against this inventory: every literal `delegate_to` names one of its hosts.")
+def validate(playbooks: tuple[str, ...], fmt: str, strict: bool, inventory: tuple[str, ...]) -> None:
     """Check playbooks: structure, step graph, templates and the shell-safety lint."""
-    from runbook.loader import validate_playbook
-
     from runbook.cli_serve import is_rules_file, validate_rules
 
+    check = _playbook_validator(inventory)
     reports = [_validate_windows_file(p) if Path(p).name in ("windows.yml", "windows.yaml")
-               else validate_rules(p) if is_rules_file(p) else validate_playbook(p) for p in playbooks]
+               else validate_rules(p) if is_rules_file(p) else check(p) for p in playbooks]
     if strict:
         # Warnings become errors, in every output: the text, the JSON and the exit code all agree.
         reports = [_as_errors(r) for r in reports]
@@ -67,6 +68,26 @@ def validate(playbooks: tuple[str, ...], fmt: str, strict: bool) -> None:
                 click.echo(f"{r.path}: ok — runbook `{pb.runbook}`, {_step_counts(pb)}{warn}")
     if failed:
         sys.exit(EXIT_INVALID)
+
+
+def _playbook_validator(inventory: tuple[str, ...]):
+    """`validate_playbook`, or with an inventory: literal `delegate_to` names must be its hosts (or `controller`)."""
+    from runbook.loader import ValidationReport, validate_playbook
+
+    if not inventory:
+        return validate_playbook
+    from runbook.checks import delegate_problems
+    from runbook.inventory import Inventory
+
+    inv = Inventory.load(list(inventory))
+
+    def check(path: str) -> ValidationReport:
+        report = validate_playbook(path)
+        if report.playbook is None:
+            return report
+        found = delegate_problems(report.playbook, inv.hosts)
+        return ValidationReport(report.path, None if found else report.playbook, [*report.problems, *found])
+    return check
 
 
 def _step_counts(pb) -> str:

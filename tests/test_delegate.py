@@ -342,3 +342,25 @@ def test_a_saved_plan_names_where_a_step_would_run_and_applies(tmp_path: Path) -
     applied = cli("apply", str(out), "--audit-log", audit, "-y")
     assert applied.returncode == 0, applied.stderr
     assert sorted(log.read_text().split()) == ["a", "b"]
+
+
+def test_validate_with_an_inventory_finds_an_unknown_delegate_located(tmp_path: Path) -> None:
+    """`validate -i INV` catches a misspelt literal delegate before any run, with the file, line and a did-you-mean."""
+    import subprocess
+    import sys
+
+    pb = tmp_path / "pb.yml"
+    pb.write_text("runbook: t\nsteps:\n  - name: drain\n    delegate_to: lb01\n    shell: 'true'\n")
+    inv = tmp_path / "inv.yml"
+    inv.write_text("all:\n  hosts:\n    web1: {ansible_connection: local}\n    lb1: {ansible_connection: local}\n")
+
+    def validate(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runbook", "validate", str(pb), *extra], capture_output=True, text=True)
+
+    assert validate().returncode == 0   # without an inventory the name cannot be checked
+    found = validate("-i", str(inv))
+    assert found.returncode == 4
+    assert f"{pb}:4:18: error: `delegate_to: lb01`: no such host in the inventory" in found.stderr
+    assert "did you mean `lb1`?" in found.stderr
+    pb.write_text(pb.read_text().replace("lb01", "lb1"))
+    assert validate("-i", str(inv)).returncode == 0
