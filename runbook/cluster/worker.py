@@ -34,7 +34,7 @@ from runbook.graph import StepGraph, TaskKey, expand
 from runbook.results import RunMode, Status, TaskResult
 
 MAX_EVENTS_PER_POLL = 2000
-LINGER = 0.002   # seconds an event poll waits after the first event for others
+HOLD = 0.005     # seconds an event poll may wait, after its first event, for an outcome to carry along
 
 
 class LoggedRegisters(Registers):
@@ -299,18 +299,29 @@ class RunSession:
             self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
 
     async def events(self, wait: float = 1.0) -> list[Delivery]:
-        """Events and outcomes since the last call, in order, waiting up to `wait` seconds for the first one."""
-        queue = self.queue
-        if queue is None:
+        """Events and outcomes since the last call, in order, waiting up to `wait` seconds for the first one.
+
+        A reply holds on (up to HOLD) until it carries an outcome: a task's start and its end then
+        travel together when the task is quick, and a slow task's start still goes out at once.
+        """
+        queue, loop = self.queue, self.loop
+        if queue is None or loop is None:
             return []
         try:
-            first = await asyncio.wait_for(queue.get(), wait)
+            out: list[Delivery] = [await asyncio.wait_for(queue.get(), wait)]
         except TimeoutError:
             return []
-        await asyncio.sleep(LINGER)   # what other tasks emit meanwhile rides along: one reply for many events
-        out = [first]
-        while not queue.empty() and len(out) < MAX_EVENTS_PER_POLL:
-            out.append(queue.get_nowait())
+        deadline = loop.time() + HOLD
+        while len(out) < MAX_EVENTS_PER_POLL:
+            while not queue.empty() and len(out) < MAX_EVENTS_PER_POLL:
+                out.append(queue.get_nowait())
+            left = deadline - loop.time()
+            if left <= 0 or any(not isinstance(item, WireEvent) for item in out):
+                break
+            try:
+                out.append(await asyncio.wait_for(queue.get(), left))
+            except TimeoutError:
+                break
         return out
 
     async def close_host(self, host: str) -> None:
