@@ -16,6 +16,7 @@ from runbook.connections import Connection, ReadOnlyConnection
 from runbook.engine.options import SavedPrediction
 from runbook.compose import rescue_of
 from runbook.engine.scheduling import PLANNED_NO_RESCUE
+from runbook.engine.outcome import check_guards
 from runbook.engine.task import TaskRunner
 from runbook.errors import RunbookError
 from runbook.graph import TaskKey
@@ -212,7 +213,7 @@ class Predictor:
         passed: list[str] = [notified] if notified else []
         state = None
         if step.guards:
-            reason, state, more = self.runner.guards(step, self.runner.env(key.host, step, reading, ctx))
+            reason, state, more = check_guards(step, self.runner.env(key.host, step, reading, ctx))
             passed += more
             if reason:
                 return Prediction(PredictionKind.SKIP, reason, state=state)

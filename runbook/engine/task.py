@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runbook.actions import Action, Outcome, TaskEnv, action_for
+from runbook.actions import Action, TaskEnv, action_for
 from runbook.connections import Connection
 from runbook.engine.delegates import resolve_delegate
 from runbook.engine.options import ExecOptions, HostLike
+from runbook.engine.outcome import apply_outcome, check_guards
 from runbook.engine.registers import Registers
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.events import EventStream, ObserverFailed, RunInfo, TaskRef
@@ -283,30 +284,6 @@ class TaskRunner:
 
     # --- running for real ----------------------------------------------------------------------
 
-    def guards(self, step: Step, env: TaskEnv) -> tuple[str | None, str, list[str]]:
-        """Evaluate the guards (read-only by contract): (reason to skip or None, state fingerprint, passed reasons)."""
-        state: list[str] = []
-        passed: list[str] = []
-        for name, value in step.guards.items():
-            text = env.render(value)
-            if name in ("creates", "removes"):
-                st = env.conn.stat(text)
-                state.append(f"{name}:{int(st.exists)}")
-                if name == "creates" and st.exists:
-                    return f"creates: {text} exists", "|".join(state), passed
-                if name == "removes" and not st.exists:
-                    return f"removes: {text} does not exist", "|".join(state), passed
-                passed.append(f"{name}: {text} {'does not exist' if name == 'creates' else 'exists'}")
-            else:
-                r = env.run(text)   # the step's env, sudo and timeout, like the step itself
-                state.append(f"{name}:{int(r.rc == 0)}")
-                if name == "unless" and r.rc == 0:
-                    return f"unless: `{short(text)}` succeeded", "|".join(state), passed
-                if name == "only_if" and r.rc != 0:
-                    return f"only_if: `{short(text)}` failed (rc={r.rc})", "|".join(state), passed
-                passed.append(f"{name}: `{short(text)}` {'failed' if name == 'unless' else 'succeeded'}")
-        return None, "|".join(state), passed
-
     def run_for_real(self, key: TaskKey, step: Step, action: Action, conn: Connection, ctx: dict[str, Any],
                      res: TaskResult) -> bool | None:
         """Conditions, guards, then the action with retries/until; the outcome lands in `res`."""
@@ -320,7 +297,7 @@ class TaskRunner:
             return None
         if step.guards:
             self.start(step, host, res, 1, action.describe(env))
-            reason, _, _ = self.guards(step, env)
+            reason, _, _ = check_guards(step, env)
             if reason:
                 skip(res, reason)
                 return None
@@ -329,7 +306,7 @@ class TaskRunner:
             if attempt > 1 and self.cancel.wait(step.delay):
                 break
             self.start(step, host, res, attempt, action.describe(env))
-            self.apply_outcome(step, res, action.apply(env), ctx)
+            apply_outcome(step, res, action.apply(env), ctx)
             if step.until is None:
                 if res.status != Status.FAILED:
                     break
@@ -345,28 +322,6 @@ class TaskRunner:
                     f"; {res.message}" if res.message else "")
         return None
 
-    def apply_outcome(self, step: Step, res: TaskResult, out: Outcome, ctx: dict[str, Any]) -> None:
-        """Copy an action's outcome into the result, with `changed_when`/`failed_when` and `read_only` applied."""
-        res.rc, res.stdout, res.stderr = out.rc, out.stdout, out.stderr
-        res.command = out.command or res.command
-        res.message, res.diff = out.message, out.diff
-        res.data.update(out.data)
-        changed, failed = out.changed, out.failed
-        if step.read_only:
-            changed = False  # read-only by contract: it observes, never changes
-        if step.changed_when is not None or step.failed_when is not None:
-            reg = {"stdout": out.stdout, "stderr": out.stderr, "rc": out.rc, "changed": changed, "failed": failed,
-                   "stdout_lines": out.stdout.splitlines(), "data": out.data}
-            local = {**ctx, "result": reg, **({step.register_as: reg} if step.register_as else {})}
-            if step.changed_when is not None:
-                changed = truth(step.changed_when, local)
-            if step.failed_when is not None:
-                failed = truth(step.failed_when, local)
-                if not failed and out.failed:
-                    res.message = ""
-        res.changed = changed and not failed
-        res.status = Status.FAILED if failed else (Status.CHANGED if res.changed else Status.OK)
-
 
 def _maybe(expr: str | bool, ctx: dict[str, Any]) -> bool:
     """A condition's value, True when it cannot be evaluated now (so nothing is decided on a guess)."""
@@ -379,12 +334,6 @@ def _maybe(expr: str | bool, ctx: dict[str, Any]) -> bool:
 def skip(res: TaskResult, reason: str) -> None:
     """Mark a result skipped, with why."""
     res.status, res.message, res.changed = Status.SKIPPED, reason, False
-
-
-def short(text: str, limit: int = 60) -> str:
-    """One line of at most `limit` characters, for reasons that quote a command."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def step_vars(ctx: dict[str, Any], values: dict[str, Any], higher: set[str]) -> None:
