@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from runbook import run
+from runbook.results import RunResult
 from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
 
 from tests.sshd import SSHDHarness, SSHDUnavailable, SSHHost, find_sshd, write_inventory, write_known_hosts
@@ -110,6 +112,20 @@ def local_inventory(tmp_path: Path) -> InventoryWriter:
         return path
 
     return write
+
+
+@pytest.fixture
+def go(tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> Callable[..., RunResult]:
+    """`go(steps, hosts=["a"], host_vars=None, top=None, **run_kwargs)`: run over local hosts, trail and state in tmp_path
+    (a module may define its own `go`)."""
+
+    def run_it(steps: list[dict[str, Any]], hosts: list[str] | None = None, host_vars: dict[str, dict] | None = None,
+               top: dict[str, Any] | None = None, **kw: Any) -> RunResult:
+        inv = local_inventory(hosts or ["a"], host_vars)
+        pb = write_playbook(steps, **(top or {}))
+        return run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"), **kw)
+
+    return run_it
 
 
 @pytest.fixture

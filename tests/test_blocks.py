@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +10,6 @@ import pytest
 from runbook import run
 from runbook.results import RunResult, Status, TaskResult
 from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
-
-
-@pytest.fixture
-def go(tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> Callable[..., RunResult]:
-    """`go(steps, hosts=["a"], host_vars=None, top=None, **run_kwargs)`: run over local hosts."""
-
-    def run_it(steps: list[dict[str, Any]], hosts: list[str] | None = None, host_vars: dict[str, dict] | None = None,
-               top: dict[str, Any] | None = None, **kw: Any) -> RunResult:
-        inv = local_inventory(hosts or ["a"], host_vars)
-        pb = write_playbook(steps, **(top or {}))
-        return run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"), **kw)
-
-    return run_it
 
 
 def res(result: RunResult, host: str, sid: str) -> TaskResult:

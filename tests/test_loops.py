@@ -23,19 +23,6 @@ from runbook.state import load_state
 from tests.helpers import InventoryWriter, PlaybookWriter
 
 
-@pytest.fixture
-def go(tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter) -> Callable[..., RunResult]:
-    """`go(steps, hosts=["a"], host_vars=None, top=None, **run_kwargs)`: run over local hosts, trail and state in tmp_path."""
-
-    def run_it(steps: list[dict[str, Any]], hosts: list[str] | None = None, host_vars: dict[str, dict] | None = None,
-               top: dict[str, Any] | None = None, **kw: Any) -> RunResult:
-        inv = local_inventory(hosts or ["a"], host_vars)
-        pb = write_playbook(steps, **(top or {}))
-        return run(pb, str(inv), audit_log=str(tmp_path / "audit.jsonl"), state_dir=str(tmp_path / "runs"), **kw)
-
-    return run_it
-
-
 def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
     """Run `runbook ARGS` in process and return (exit code, stdout, stderr)."""
     capsys.readouterr()

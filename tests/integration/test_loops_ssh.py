@@ -213,6 +213,23 @@ steps:
     assert len(started_2) == 4 and len(started_1) == 2   # item 1: once per host; item 2: twice per host
 
 
+def _run_until_item_two(work: Path, hosts: list[SSHHost], trail: Path) -> tuple[subprocess.Popen[str], Path]:
+    """Start `runbook run pb.yml` in `work` as a real process; return once item 2 of `each` started on every host."""
+    write_inventory(work / "inventory.yml", hosts)
+    write_known_hosts(work / "known_hosts", hosts)
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
+                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
+                            cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def item_two_running() -> bool:
+        started = {r["host"] for r in (records(trail) if trail.exists() else [])
+                   if r["event"] == "task.started" and r["step_id"] == "each[2]"}
+        return started == {h.name for h in hosts}
+
+    wait_for(item_two_running, proc, "item 2 started on every host")
+    return proc, trail
+
+
 def test_a_second_interrupt_aborts_the_running_item_and_resume_runs_only_what_did_not_finish(
         clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     hosts = clean_ssh_hosts[:2]
@@ -225,19 +242,7 @@ steps:
     shell: echo {{ item }} >> count; test {{ item }} != 2 -o -e quick || sleep 30
     loop: [1, 2, 3]
 """)
-    write_inventory(work / "inventory.yml", hosts)
-    write_known_hosts(work / "known_hosts", hosts)
-    trail = tmp_path / "trail" / "audit.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
-                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
-                            cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def item_two_running() -> bool:
-        started = {r["host"] for r in (records(trail) if trail.exists() else [])
-                   if r["event"] == "task.started" and r["step_id"] == "each[2]"}
-        return started == {h.name for h in hosts}
-
-    wait_for(item_two_running, proc, "item 2 started on every host")
+    proc, trail = _run_until_item_two(work, hosts, tmp_path / "trail" / "audit.jsonl")
     for _ in range(2):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
@@ -270,19 +275,7 @@ steps:
     shell: echo {{ item }} >> count; test {{ item }} != 2 || sleep 3
     loop: [1, 2, 3]
 """)
-    write_inventory(work / "inventory.yml", hosts)
-    write_known_hosts(work / "known_hosts", hosts)
-    trail = tmp_path / "trail" / "audit.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
-                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
-                            cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def item_two_running() -> bool:
-        started = {r["host"] for r in (records(trail) if trail.exists() else [])
-                   if r["event"] == "task.started" and r["step_id"] == "each[2]"}
-        return started == {h.name for h in hosts}
-
-    wait_for(item_two_running, proc, "item 2 started on every host")
+    proc, trail = _run_until_item_two(work, hosts, tmp_path / "trail" / "audit.jsonl")
     proc.send_signal(signal.SIGINT)   # once: what runs may finish, nothing new starts
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
