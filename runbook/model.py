@@ -6,7 +6,7 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PrivateAttr, create_model, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, PrivateAttr, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from runbook.actions import ACTIONS, field_name
@@ -124,12 +124,22 @@ def action_count_problem(present: list[str]) -> str | None:
     return None
 
 
+def _name_or_reuse(schema: dict[str, Any]) -> None:
+    """In the JSON Schema, `- role: NAME` and `- include: FILE` need no `name` (the model names them)."""
+    schema["required"] = [k for k in schema.get("required", []) if k != "name"]
+    if not schema["required"]:
+        del schema["required"]
+    schema["anyOf"] = [{"required": ["name"]}, {"required": ["role"]}, {"required": ["include"]}]
+
+
 class StepBase(Strict):
     """One step of a playbook: exactly one action plus conditions, guards and options.
 
     The action keys (`shell:`, `upload:`, ...) are not listed here: `Step` below is this model plus
     one optional field per registered action, each with the action's own spec type.
     """
+
+    model_config = ConfigDict(json_schema_extra=_name_or_reuse)
 
     name: str = Field(description="What the step does, in words.")
     id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Unique id; defaults to a slug of the name.")

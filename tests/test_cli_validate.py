@@ -188,10 +188,13 @@ def _check(instance: Any, schema: dict[str, Any], root: dict[str, Any], where: s
     """A small JSON Schema checker for the keywords pydantic emits (jsonschema is not a dependency)."""
     if "$ref" in schema:
         return _check(instance, root["$defs"][schema["$ref"].split("/")[-1]], root, where)
+    errors: list[str] = []
     if "anyOf" in schema:
         failures = [_check(instance, s, root, where) for s in schema["anyOf"]]
-        return [] if any(not f for f in failures) else [f"{where}: no alternative matches: {failures}"]
-    errors: list[str] = []
+        if all(failures):
+            errors.append(f"{where}: no alternative matches: {failures}")
+        if set(schema) <= {"anyOf", "description", "title"}:
+            return errors
     kind = schema.get("type")
     types = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
     if kind == "integer":
@@ -241,7 +244,9 @@ def test_schema_is_json_and_describes_the_format(capsys: pytest.CaptureFixture[s
     assert {"runbook", "hosts", "vars", "secrets", "concurrency", "batch", "max_failures", "window", "steps",
             "on_failure"} <= set(schema["properties"])
     step = schema["$defs"]["Step"]
-    assert step["additionalProperties"] is False and step["required"] == ["name"]
+    assert step["additionalProperties"] is False and "required" not in step
+    # a name, unless the step is a role or an include (which the model names after what it brings in)
+    assert step["anyOf"] == [{"required": ["name"]}, {"required": ["role"]}, {"required": ["include"]}]
     assert {"assert", "register", "shell", "command", "needs", "when", "sudo", "once", "on"} <= set(step["properties"])
     assert "assert_" not in step["properties"] and "register_as" not in step["properties"]
     # The playbook language: loops, handlers, blocks, reuse, delegation, facts, print.
@@ -257,7 +262,9 @@ def test_valid_playbook_validates_against_the_schema(capsys: pytest.CaptureFixtu
     data["steps"].append({"name": "check", "assert": "usage.rc == 0", "tags": "x", "timeout": 30})
     data["steps"].append({"name": "ok", "approve": "go?", "env": {"A": 1}})
     data["steps"].append({"name": "wait", "wait_for": {"port": 22, "timeout": "1m30s"}})
+    data["steps"].append({"role": "web"})   # a role needs no name
     assert _check(data, schema, schema) == []
+    assert _check({"runbook": "x", "steps": [{"shell": "true"}]}, schema, schema), "a nameless action step passed"
     # and it is not vacuous: a wrong document fails it
     assert _check({"runbook": "x", "steps": [{"name": "a", "reigster": 1}], "batch": "lots"}, schema, schema)
 
