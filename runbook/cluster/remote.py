@@ -94,6 +94,7 @@ class ClusterPool:
         self.lock = threading.Lock()
         self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
         self.outbox: dict[str, list[TaskOrder]] = {}
+        self.asks: dict[str, bool] = {}   # action -> whether it prompts the operator (looked up once)
         self.failure: ObserverFailed | None = None
         self.gone: set[str] = set()
         self.halted: str | None = None
@@ -171,7 +172,10 @@ class ClusterPool:
         an operator's prompt, a delegated step: the delegate connections are the controller's)."""
         if host not in self.router.zones or step.delegate is not None:
             return False
-        return not action_class(step.action).asks_operator
+        asks = self.asks.get(step.action)
+        if asks is None:
+            asks = self.asks[step.action] = bool(action_class(step.action).asks_operator)
+        return not asks
 
     def _order(self, task_id: int, key: TaskKey, rescue: bool, step: Step) -> TaskOrder:
         registers = self.executor.runner.registers
