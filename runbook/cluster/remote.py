@@ -378,16 +378,25 @@ class ClusterPool:
             return
         op.done = True
         failure = self.failure   # a critical observer failed on one of the run's events: the run stops
+        result = outcome.result
+        if op.key is None or (result.host, result.step_id) != (op.key.host, op.key.step_id):
+            # A worker answers only for the task it was given: anything else is refused, not recorded.
+            op.done = False
+            with self.lock:
+                self.ops[task_id] = op
+            return self._finish_lost(task_id, "internal error: the cluster worker answered for another task",
+                                     Status.FAILED)
         registers = self.executor.runner.registers
-        for name, args, kwargs in outcome.writes:
-            if name in _WRITES:
+        for name, args, kwargs in outcome.writes:   # only register writes, only for the task's own host
+            if name in _WRITES and args and args[0] == op.host and set(kwargs) <= {"shared", "stale"}:
                 getattr(registers, name)(*args, **kwargs)
         for host, reason in outcome.stopped:
-            self.executor.scheduler.stop_host(host, reason)
+            if host == op.host:
+                self.executor.scheduler.stop_host(host, reason)
         if failure is not None:
             op.future.set_exception(failure)
         else:
-            op.future.set_result(outcome.result)
+            op.future.set_result(result)
 
     def _finish_lost(self, task_id: int, message: str, status: Status) -> None:
         with self.lock:

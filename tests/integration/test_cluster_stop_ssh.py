@@ -42,14 +42,15 @@ def resume(work: Path, run_id: str, address: str, *extra: str) -> subprocess.Com
                str(work / "known_hosts"), "--cluster", address, "--format", "json", cwd=work)
 
 
-def test_an_interrupt_lets_running_cluster_tasks_finish_and_resume_completes(plain_cluster: Cluster,
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_lets_running_cluster_tasks_finish_and_resume_completes(sig: signal.Signals, plain_cluster: Cluster,
                                                                            clean_ssh_hosts: list[SSHHost],
                                                                            tmp_path: Path) -> None:
     hosts = clean_ssh_hosts
     work = workdir(tmp_path, hosts, "interrupted", sleep=1.5)
     proc = start_run(work, plain_cluster.address)
     wait_step_two_everywhere(work, hosts, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     result = json.loads(out)
