@@ -8,6 +8,7 @@ audit trail, run state, console); workers only run tasks and stream their events
 - `wire.py`: what crosses between controller and workers
 - `worker.py`: the worker side: one actor per run and worker, holding the run's SSH connections
 - `remote.py`: the controller side: the task pool that replaces the in-process thread pool
+- `delivery.py`: the controller's delivery thread: worker streams re-emitted in order, outcomes applied
 - `client.py`: opening the Dask client (and the local cluster of `local:N`)
 - `secrets.py`: which secrets a step reads, so that only they travel with its tasks
 """

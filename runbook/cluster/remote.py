@@ -1,12 +1,9 @@
-"""The controller side: a task pool that runs each host's tasks on its Dask worker and re-emits their events.
+"""The controller side: a task pool that runs each host's tasks on its Dask worker.
 
 The executor asks this pool (its `TaskPool`) to connect hosts and run tasks, and gets futures back,
 as from the in-process thread pool. The orders made in one pass of the executor go to each worker
-in one actor call; each worker's events and outcomes come back, in order, on one long poll, and are
-handled here by one delivery thread: events are re-emitted into the run's own `EventStream` (so the
-console, audit trail and run state see what an in-process run shows), and an outcome's register
-writes and drift stops are applied before the executor sees its result, so dependents start only
-after everything their predecessor did is recorded.
+in one actor call; each worker's events and outcomes come back, in order, on one long poll, and go
+to the run's delivery thread (delivery.py), which re-emits them and resolves the futures.
 
 A worker that disappears takes its running tasks with it: they end `lost` (never run again
 elsewhere), and its hosts move to other workers of their zone. A lost scheduler stops the run like an
@@ -17,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import threading
-import time
 from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,10 +25,10 @@ from runbook.actions import action_class
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
-from runbook.cluster.wire import ConnectReply, Delivery, SessionSetup, TaskError, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.delivery import Delivery, Call
+from runbook.cluster.wire import ConnectReply, SessionSetup, StreamItem, TaskOrder
 from runbook.cluster.worker import RunSession
 from runbook.errors import ConnectionFailed, RunbookError
-from runbook.events import ObserverFailed
 from runbook.graph import TaskKey
 from runbook.model import Step
 from runbook.results import PredictionKind, RunMode, Status, TaskResult
@@ -41,22 +36,6 @@ from runbook.results import PredictionKind, RunMode, Status, TaskResult
 WATCH_EVERY = 0.5         # seconds between checks that every worker and the scheduler are still there
 SCHEDULER_GRACE = 3       # failed checks in a row before the scheduler counts as lost
 CLOSE_TIMEOUT = 5.0
-_HOOKS = frozenset({"task_started", "task_finished", "approval", "notice"})   # what a worker may emit
-_WRITES = frozenset({"store", "mark_unknown"})                                # what it may do to registers
-
-
-@dataclass
-class _Op:
-    """One remote call in flight: a task (or a connect) on a worker, and the future the executor waits on."""
-
-    future: Future[Any]
-    host: str
-    key: TaskKey | None = None
-    rescue: bool = False
-    worker: str | None = None
-    delivered: int = 0
-    started_at: float = field(default_factory=time.time)
-    done: bool = False
 
 
 class RemoteHost:
@@ -85,17 +64,14 @@ class ClusterPool:
         self.sessions = run.sessions
         self.names = run.names
         self.loop: asyncio.AbstractEventLoop = run.client.loop.asyncio_loop
-        self.events = executor.events
-        self.info = executor.info
         self.local = ThreadPoolExecutor(max_workers=8, thread_name_prefix="runbook")   # controller-side tasks
-        self.deliver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runbook-cluster-events")
-        self.ops: dict[int, _Op] = {}
+        self.delivery = Delivery(executor, self.names)
+        self.ops = self.delivery.ops
         self.ids = itertools.count(1)
-        self.lock = threading.Lock()
+        self.lock = self.delivery.lock
         self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
         self.outbox: dict[str, list[TaskOrder]] = {}
         self.asks: dict[str, bool] = {}   # action -> whether it prompts the operator (looked up once)
-        self.failure: ObserverFailed | None = None
         self.gone: set[str] = set()
         self.halted: str | None = None
         self.closing = False
@@ -134,7 +110,7 @@ class ClusterPool:
                 key, Status.UNREACHABLE, f"no cluster worker is left for it{_zone(self.router, key.host)}"))
             return fut
         task_id = next(self.ids)
-        op = _Op(fut, key.host, key, rescue, worker=worker)
+        op = Call(fut, key.host, key, rescue, worker=worker)
         with self.lock:
             self.ops[task_id] = op
         order = self._order(task_id, key, rescue, step)
@@ -156,7 +132,7 @@ class ClusterPool:
         self.closing = True
         for fut in self.background:
             fut.cancel()
-        self.deliver.shutdown(wait=True)
+        self.delivery.close()
         self.local.shutdown(wait=wait, cancel_futures=True)
 
     def close_host(self, host: str) -> None:
@@ -252,14 +228,14 @@ class ClusterPool:
         session = self.sessions[worker]
         while not self.closing:
             try:
-                events: list[Delivery] = await session.events(1.0)
+                events: list[StreamItem] = await session.events(1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 return
             if events:
-                self._post(self._on_events, events)
+                self.delivery.post(self.delivery.take, events)
 
     async def _watch(self) -> None:
         """Notice lost workers (their calls may hang) and a lost scheduler."""
@@ -297,7 +273,7 @@ class ClusterPool:
         self._resend(unsent)
         name = self.names.get(worker, worker)
         where = ", ".join(f"{h} -> {self.names.get(a, a) if a else 'no worker'}" for h, a in sorted(moved.items()))
-        self._post(self._notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
+        self.delivery.post(self.delivery.notice, f"cluster worker {name} was lost ({why}); {len(running)} task(s) running there "
                                           f"are lost" + (f"; hosts moved: {where}" if where else ""))
         for tid in running:
             self._lose(tid, _lost_message(name))
@@ -329,93 +305,7 @@ class ClusterPool:
                             "(check the host, then `runbook resume RUN_ID --rerun-in-flight`)")
 
     def _lose(self, task_id: int, message: str, status: Status = Status.LOST) -> None:
-        self._post(self._finish_lost, task_id, message, status)
-
-    def _post(self, fn: Any, *args: Any) -> None:
-        """Hand work to the delivery thread (after the run's end there is nothing left to deliver to)."""
-        if self.closing:
-            return
-        try:
-            self.deliver.submit(fn, *args)
-        except RuntimeError:   # shut down meanwhile
-            pass
-
-    # --- delivery (one thread: events and outcomes in order) ----------------------------------------
-
-    def _emit(self, event: WireEvent) -> None:
-        if event.hook in _HOOKS:
-            getattr(self.events, event.hook)(self.info, *event.args)
-
-    def _notice(self, message: str) -> None:
-        try:
-            self.events.notice(self.info, "warning", message)
-        except ObserverFailed as exc:
-            self.failure = self.failure or exc
-
-    def _on_events(self, events: list[Delivery]) -> None:
-        for event in events:
-            if isinstance(event, TaskOutcome):
-                self._finish(event.task_id, event)
-                continue
-            if isinstance(event, TaskError):
-                self._finish_lost(event.task_id, f"internal error on a cluster worker: {event.message}", Status.FAILED)
-                continue
-            with self.lock:
-                op = self.ops.get(event.task_id) if event.task_id is not None else None
-            if event.task_id is not None and (op is None or op.done or event.seq != op.delivered):
-                continue   # delivered already with its outcome, or not this run's
-            try:
-                self._emit(event)
-            except ObserverFailed as exc:
-                self.failure = self.failure or exc
-            if op is not None:
-                op.delivered += 1
-
-    def _finish(self, task_id: int, outcome: TaskOutcome) -> None:
-        with self.lock:
-            op = self.ops.pop(task_id, None)
-        if op is None or op.done:
-            return
-        op.done = True
-        failure = self.failure   # a critical observer failed on one of the run's events: the run stops
-        result = outcome.result
-        if op.key is None or (result.host, result.step_id) != (op.key.host, op.key.step_id):
-            # A worker answers only for the task it was given: anything else is refused, not recorded.
-            op.done = False
-            with self.lock:
-                self.ops[task_id] = op
-            return self._finish_lost(task_id, "internal error: the cluster worker answered for another task",
-                                     Status.FAILED)
-        registers = self.executor.runner.registers
-        for name, args, kwargs in outcome.writes:   # only register writes, only for the task's own host
-            if name in _WRITES and args and args[0] == op.host and set(kwargs) <= {"shared", "stale"}:
-                getattr(registers, name)(*args, **kwargs)
-        for host, reason in outcome.stopped:
-            if host == op.host:
-                self.executor.scheduler.stop_host(host, reason)
-        if failure is not None:
-            op.future.set_exception(failure)
-        else:
-            op.future.set_result(result)
-
-    def _finish_lost(self, task_id: int, message: str, status: Status) -> None:
-        with self.lock:
-            op = self.ops.pop(task_id, None)
-        if op is None or op.done or op.key is None:
-            return
-        op.done = True
-        step = self.executor.steps.step(op.key.step_id)
-        now = time.time()
-        res = TaskResult(op.host, op.key.step_id, step.action, status, message=message, started_at=op.started_at,
-                         finished_at=now, duration=round(now - op.started_at, 6), on_failure=op.rescue,
-                         worker=self.names.get(op.worker or "", op.worker))
-        if status != Status.UNREACHABLE:   # the scheduler reports results that no task produced itself
-            try:
-                self.events.task_finished(self.info, res)
-            except ObserverFailed as exc:
-                op.future.set_exception(exc)
-                return
-        op.future.set_result(res)
+        self.delivery.post(self.delivery.lose, task_id, message, status)
 
 
 def _lost_message(worker: str) -> str:

@@ -75,7 +75,7 @@ class TaskError:
     message: str
 
 
-Delivery = WireEvent | TaskOutcome | TaskError   # what a worker's event poll returns, in the order it happened
+StreamItem = WireEvent | TaskOutcome | TaskError   # what a worker's event poll returns, in the order it happened
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.connections.hostkeys import HostKeyPolicy
-from runbook.cluster.wire import ConnectReply, Delivery, SessionSetup, TaskError, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.wire import ConnectReply, SessionSetup, StreamItem, TaskError, TaskOrder, TaskOutcome, WireEvent
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
 from runbook.engine.task import TaskRunner
@@ -256,7 +256,7 @@ class RunSession:
         self.threads: ThreadPoolExecutor | None = None
         self.work: WorkerRun | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[Delivery] | None = None
+        self.queue: asyncio.Queue[StreamItem] | None = None
 
     async def setup(self, setup: SessionSetup) -> str:
         """Take the run (sent once per worker); returns this worker's name, recorded in task results."""
@@ -266,7 +266,7 @@ class RunSession:
         self.work = await self._off(WorkerRun, setup, self.name, self._push)
         return self.name
 
-    def _push(self, event: Delivery) -> None:
+    def _push(self, event: StreamItem) -> None:
         loop, queue = self.loop, self.queue
         if loop is not None and queue is not None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
@@ -298,7 +298,7 @@ class RunSession:
         except Exception as exc:   # the runner itself reports task failures: this is a bug, said as such
             self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
 
-    async def events(self, wait: float = 1.0) -> list[Delivery]:
+    async def events(self, wait: float = 1.0) -> list[StreamItem]:
         """Events and outcomes since the last call, in order, waiting up to `wait` seconds for the first one.
 
         A reply holds on (up to HOLD) until it carries an outcome: a task's start and its end then
@@ -308,7 +308,7 @@ class RunSession:
         if queue is None or loop is None:
             return []
         try:
-            out: list[Delivery] = [await asyncio.wait_for(queue.get(), wait)]
+            out: list[StreamItem] = [await asyncio.wait_for(queue.get(), wait)]
         except TimeoutError:
             return []
         deadline = loop.time() + HOLD
