@@ -11,4 +11,6 @@ audit trail, run state, console); workers only run tasks and stream their events
 - `delivery.py`: the controller's delivery thread: worker streams re-emitted in order, outcomes applied
 - `client.py`: opening the Dask client (and the local cluster of `local:N`)
 - `secrets.py`: which secrets a step reads, so that only they travel with its tasks
+- `hostkeys.py`: the controller's known_hosts for workers, and the keys they learn (accept-new)
+- `launch.py`: a prepared run on a cluster: reach it, route, set the workers up, execute
 """
