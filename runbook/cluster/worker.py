@@ -269,7 +269,10 @@ class RunSession:
     def _push(self, event: StreamItem) -> None:
         loop, queue = self.loop, self.queue
         if loop is not None and queue is not None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:   # the worker is shutting down: the controller counts its tasks as lost
+                pass
 
     async def _off(self, fn: Callable[..., Any], *args: Any) -> Any:
         assert self.loop is not None and self.threads is not None

@@ -96,3 +96,24 @@ def test_a_lost_scheduler_stops_the_run_and_resume_completes_it(plain_cluster: C
         fresh.stop()
     for h in hosts:
         assert counts(h) == {"one": 1, "two": 2 if h.name in lost else 1, "three": 1, "four": 1}, h.name
+
+
+def test_ctrl_c_on_the_terminal_leaves_local_workers_to_the_controller(clean_ssh_hosts: list[SSHHost],
+                                                                       tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: local:N workers must not die of it."""
+    hosts = clean_ssh_hosts
+    work = workdir(tmp_path, hosts, "ctrl-c", sleep=2)
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml", "--known-hosts",
+                             "known_hosts", "--audit-log", str(work / "audit.jsonl"), "--format", "json", "--cluster",
+                             "local:2"], cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    wait_step_two_everywhere(work, hosts, proc)
+    os.killpg(proc.pid, signal.SIGINT)   # what the terminal does: every process of the foreground group
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == 130, err
+    result = json.loads(out)
+    statuses = {(r["host"], r["step_id"]): r["status"] for r in result["results"]}
+    for h in hosts:
+        assert statuses[(h.name, "two")] == "changed", err        # not lost: its worker kept running
+        assert (h.home / "count-two").read_text() == "run\ndone\n"
+        assert counts(h)["three"] == 0
