@@ -23,12 +23,13 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
     `direct_to_workers`: task orders, secrets and results go straight between the controller and the
     worker; the scheduler only places the run's actors.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     cluster = None
     try:
         if spec.local_workers is not None:
-            with _workers_ignore_sigint():
+            with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False}):
                 # The terminal's Ctrl-C reaches its whole process group: the workers must leave it to the
                 # controller, which stops the run as an in-process run stops (running tasks finish).
                 cluster = LocalCluster(n_workers=spec.local_workers, threads_per_worker=threads_per_worker,
