@@ -31,6 +31,16 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                           env=cli_env(**(env or {})), cwd=cwd, timeout=timeout)
 
 
+def run_main(capsys: Any, *args: str | os.PathLike[str]) -> tuple[int, str, str]:
+    """Run `runbook ARGS` in process (the real exit code of runbook.cli.main); return (code, stdout, stderr)."""
+    from runbook.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def records(path: Path) -> list[dict[str, Any]]:
     """Every record of an audit trail file."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

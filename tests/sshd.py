@@ -102,6 +102,24 @@ def write_inventory(path: Path | str, hosts: list[SSHHost], host_vars: dict[str,
     return path
 
 
+def chown_tree(root: Path, user: str) -> None:
+    """Give a seeded tree to the host's user, so its steps may change what the test prepared."""
+    pw = pwd.getpwnam(user)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, pw.pw_uid, pw.pw_gid)
+
+
+def seed(host: SSHHost, files: dict[str, bytes | str], modes: dict[str, int] | None = None) -> None:
+    """Write files (relative to the host's home) owned by the host's user."""
+    for rel, content in files.items():
+        path = host.home / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        path.chmod((modes or {}).get(rel, 0o644))
+    chown_tree(host.home, host.user)
+
+
 def free_port() -> int:
     """Ask the kernel for a free loopback port (sshd retries if another process takes it first)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

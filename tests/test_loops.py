@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,21 +13,13 @@ import yaml
 
 from runbook import run
 from runbook.audit import read_records
-from runbook.cli import main
 from runbook.engine.loops import MAX_ITEMS, safe_label
 from runbook.events import Observer, RunInfo
 from runbook.loader import validate_playbook
 from runbook.results import RunResult, Status, TaskResult
 from runbook.state import load_state
 from tests.helpers import InventoryWriter, PlaybookWriter
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    """Run `runbook ARGS` in process and return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_main as cli
 
 
 def hdir(tmp_path: Path, host: str = "a") -> Path:

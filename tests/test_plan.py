@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 
 from runbook.audit import read_records
-from runbook.cli import main
 from runbook.connections.local import LocalConnection
 from runbook.errors import PlanFileError, ReadOnlyViolation
 from runbook.connections import ReadOnlyConnection
 from runbook.plan import canonical, load_plan, sha256_text
 from runbook.runner import run
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    """Run `runbook ARGS` in process and return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.helpers import run_main as cli
 
 
 def tree(root: Path) -> dict[str, tuple]:

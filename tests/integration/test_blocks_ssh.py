@@ -12,30 +12,10 @@ import pytest
 import yaml
 
 from runbook.audit import read_records
-from runbook.cli import main
-from tests.sshd import SSHHost, write_inventory
+from tests.helpers import run_main as cli
+from tests.sshd import SSHHost, seed, write_inventory
 
 pytestmark = pytest.mark.ssh
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def seed(host: SSHHost, files: dict[str, str]) -> None:
-    """Files under the host's home, owned by its user."""
-    import pwd
-
-    pw = pwd.getpwnam(host.user)
-    for rel, content in files.items():
-        path = host.home / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content)
-        for p in [path, *path.relative_to(host.home).parents]:
-            os.chown(host.home / p, pw.pw_uid, pw.pw_gid)
 
 
 @pytest.fixture

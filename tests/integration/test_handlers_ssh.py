@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from runbook.audit import read_records
-from runbook.cli import main
-from tests.sshd import SSHHost, write_inventory
+from tests.helpers import run_main as cli
+from tests.sshd import SSHHost, seed, write_inventory
 
 pytestmark = pytest.mark.ssh
 
@@ -67,24 +66,6 @@ EXPECTED = {
     "handler:reload-app": ("change", "skip", "change"),
 }
 OUTCOME = {"change": "changed", "ok": "ok", "skip": "skipped"}
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def seed(host: SSHHost, files: dict[str, str]) -> None:
-    """Files under the host's home, owned by its user."""
-    pw = pwd.getpwnam(host.user)
-    for rel, content in files.items():
-        path = host.home / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chown(path.parent, pw.pw_uid, pw.pw_gid)
-        path.write_text(content)
-        os.chown(path, pw.pw_uid, pw.pw_gid)
 
 
 def seed_states(hosts: list[SSHHost]) -> None:

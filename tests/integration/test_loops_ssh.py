@@ -14,26 +14,18 @@ from pathlib import Path
 import pytest
 
 from runbook.audit import read_records
-from runbook.cli import main
 from tests.helpers import cli as helpers_cli
 from tests.helpers import cli_env, records
-from tests.integration.test_plan_ssh import assert_same, inventory_for, seed, snapshot
+from tests.helpers import run_main as cli
+from tests.integration.test_plan_ssh import assert_same, inventory_for, snapshot
 from tests.integration.test_resume_ssh import wait_for
-from tests.sshd import SSHHost, write_inventory, write_known_hosts
+from tests.sshd import SSHHost, seed, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
 
 SECRET = "Lo0p-s3cret-t0ken-rbls"
 # Plan kind -> the status apply must end with for that item (`ok`: skipped as reviewed or run and unchanged).
 APPLIED = {"change": {"changed"}, "ok": {"ok"}, "skip": {"skipped"}}
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    """Run `runbook ARGS` in process and return (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from runbook.audit import read_records
-from runbook.cli import main
-from tests.sshd import SSHHost, write_inventory
+from tests.helpers import run_main as cli
+from tests.sshd import SSHHost, seed, write_inventory
 
 pytestmark = pytest.mark.ssh
 
@@ -26,32 +26,6 @@ SECRET = "s3cr3t-Tok3n-rbph"
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    """Run `runbook ARGS` in process (real exit code from runbook.cli.main) and return (code, stdout, stderr)."""
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def chown_tree(root: Path, user: str) -> None:
-    """Give a seeded tree to the host's user, so its steps may change what the test prepared."""
-    pw = pwd.getpwnam(user)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            os.lchown(name, pw.pw_uid, pw.pw_gid)
-
-
-def seed(host: SSHHost, files: dict[str, bytes | str], modes: dict[str, int] | None = None) -> None:
-    """Write files (relative to the host's home) owned by the host's user."""
-    for rel, content in files.items():
-        path = host.home / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-        path.chmod((modes or {}).get(rel, 0o644))
-    chown_tree(host.home, host.user)
-
 
 def snapshot_tree(root: Path) -> dict[str, tuple]:
     """Every path under root (root included): type, size, mode, owner, mtime_ns, ctime_ns and sha256 of files."""

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from runbook.cli import main
+from tests.helpers import run_main as cli
 from tests.sshd import SSHHost, write_inventory
 
 pytestmark = pytest.mark.ssh
 
 SITE = Path(__file__).resolve().parents[1] / "fixtures" / "compose" / "site"
 MATCHES = {"change": {"changed"}, "ok": {"ok"}, "skip": {"skipped"}, "fail": {"failed"}, "not_run": {"not_run"}}
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture
