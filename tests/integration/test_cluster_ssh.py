@@ -169,6 +169,18 @@ def state_of(trail: Path, run_id: str) -> dict[str, Any]:
     return json.loads((trail.parent / "runs" / f"{run_id}.json").read_text())
 
 
+def wait_step_two_everywhere(work: Path, hosts: list[SSHHost], proc: subprocess.Popen[str]) -> None:
+    """Wait until step `two` started on every host (its marker written, its start in the audit trail)."""
+    trail = work / "audit.jsonl"
+    deadline = time.monotonic() + 60
+    while not (trail.exists() and all((h.home / "count-two").exists() for h in hosts)
+               and {r.get("host") for r in records(trail) if r["event"] == "task.started" and r.get("step_id") == "two"}
+               == {h.name for h in hosts}):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "step two did not start everywhere"
+        time.sleep(0.05)
+
+
 def test_local_cluster_matches_an_in_process_run(clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     hosts = clean_ssh_hosts
     here = run_cli(workdir(tmp_path, hosts, "here"))
@@ -264,13 +276,7 @@ def test_a_worker_killed_mid_run_loses_its_tasks_and_resume_completes(plain_clus
                              "known_hosts", "--audit-log", str(trail), "--format", "json", "--cluster",
                              plain_cluster.address], cwd=work, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (trail.exists() and all((h.home / "count-two").exists() for h in hosts)
-               and {r.get("host") for r in records(trail) if r["event"] == "task.started" and r.get("step_id") == "two"}
-               == {h.name for h in hosts}):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "step two did not start everywhere"
-        time.sleep(0.05)
+    wait_step_two_everywhere(work, hosts, proc)
     victim = plain_cluster.workers["w1"]
     os.kill(victim.pid, signal.SIGKILL)
     out, err = proc.communicate(timeout=120)

@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli, cli_env, records
-from tests.integration.test_cluster_ssh import STEPS, Cluster, counts, plain_cluster, start_cluster, workdir
+from tests.helpers import cli, cli_env
+from tests.integration.test_cluster_ssh import (STEPS, Cluster, counts, plain_cluster, start_cluster,
+                                                wait_step_two_everywhere, workdir)
 from tests.sshd import SSHHost
 
 pytestmark = pytest.mark.ssh
@@ -24,17 +24,6 @@ def start_run(work: Path, address: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml", "--known-hosts",
                              "known_hosts", "--audit-log", str(work / "audit.jsonl"), "--format", "json", "--cluster",
                              address], cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_step_two_everywhere(work: Path, hosts: list[SSHHost], proc: subprocess.Popen[str]) -> None:
-    trail = work / "audit.jsonl"
-    deadline = time.monotonic() + 60
-    while not (trail.exists() and all((h.home / "count-two").exists() for h in hosts)
-               and {r.get("host") for r in records(trail) if r["event"] == "task.started" and r.get("step_id") == "two"}
-               == {h.name for h in hosts}):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "step two did not start everywhere"
-        time.sleep(0.05)
 
 
 def resume(work: Path, run_id: str, address: str, *extra: str) -> subprocess.CompletedProcess[str]:

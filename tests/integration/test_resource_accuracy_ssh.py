@@ -28,6 +28,7 @@ import yaml
 
 from tests.helpers import cli
 from tests.aptrepo import AptRepo
+from tests.integration.test_resource_system_ssh import service_pid
 from tests.sshd import SSHHost, root_sudo, write_inventory
 
 pytestmark = pytest.mark.ssh
@@ -149,15 +150,6 @@ def _run(*args: str, stdin: str | None = None) -> None:
     assert res.returncode == 0, f"{args}: {res.stderr}"
 
 
-def _pid(name: str) -> int | None:
-    try:
-        pid = int(Path(f"/run/{name}.pid").read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    return pid
-
-
 class Machine:
     """The machine-wide resources of the scenario: made by the test, every one removed afterwards."""
 
@@ -195,7 +187,7 @@ class Machine:
         if self.apt.names:
             subprocess.run(["dpkg", "--purge", *sorted(self.apt.names)], capture_output=True)
         for name in self.services:
-            pid = _pid(name)
+            pid = service_pid(name)
             if pid:
                 os.kill(pid, 15)
             subprocess.run(["update-rc.d", "-f", name, "remove"], capture_output=True)
@@ -349,7 +341,7 @@ def test_every_resource_action_predicted_exactly_on_hosts_in_mixed_states(
         assert (h.home / "acc/conf.d/env").read_text() == ENV
         assert (h.home / "acc/sysctl.d/60-acc.conf").read_text() == SYSCTL
         assert pwd.getpwnam(n["u"]).pw_shell == "/bin/sh"
-        assert _pid(n["s"]) is not None and _pid(n["t"]) is None
+        assert service_pid(n["s"]) is not None and service_pid(n["t"]) is None
         assert Path(f"/usr/share/{n['p']}/version").exists() and not Path(f"/usr/share/{n['q']}").exists()
         tab = subprocess.run(["crontab", "-u", n["u"], "-l"], capture_output=True, text=True).stdout
         assert tab == "# runbook: nightly\n30 2 * * * /bin/true\n# runbook: rotate\n@daily /bin/true rotate\n"

@@ -137,7 +137,8 @@ def _links(name: str) -> set[str]:
     return {p.name[0] for d in ("rc2.d", "rc3.d", "rc4.d", "rc5.d") for p in (Path("/etc") / d).glob(f"[SK][0-9][0-9]{name}")}
 
 
-def _pid(name: str) -> int | None:
+def service_pid(name: str) -> int | None:
+    """The pid a SysV service wrote to /run/NAME.pid, if that process is alive."""
     try:
         pid = int(Path(f"/run/{name}.pid").read_text())
         os.kill(pid, 0)
@@ -165,7 +166,7 @@ def init_script(root_host: SSHHost) -> Iterator[Any]:
 
     yield make
     for name in made:
-        pid = _pid(name)
+        pid = service_pid(name)
         if pid:
             os.kill(pid, 15)
         subprocess.run(["update-rc.d", "-f", name, "remove"], capture_output=True)
@@ -181,27 +182,27 @@ def test_service_started_enabled_exact_plan_apply_and_idempotence(rb: Runbook, i
     assert preds["svc"]["diff"].splitlines()[2:] == ["@@ -1,2 +1,2 @@", "-running: no", "-enabled: no",
                                                      "+running: yes", "+enabled: yes"]
     assert preds["svc"]["command"] == f"service {name} start; update-rc.d {name} defaults"
-    assert _pid(name) is None and _links(name) == set(), "the dry run changed the host"
+    assert service_pid(name) is None and _links(name) == set(), "the dry run changed the host"
 
     code, results = rb.apply(plan)
     assert code == 0 and results["svc"]["status"] == "changed", results
     assert results["svc"]["data"] == {"backend": "sysv", "before": {"running": False, "enabled": False},
                                       "after": {"running": True, "enabled": True}}
-    assert _pid(name) is not None and _links(name) == {"S"}
+    assert service_pid(name) is not None and _links(name) == {"S"}
     rb.idempotent(steps)
 
 
 def test_service_restarted_always_changes_and_restarts(rb: Runbook, init_script: Any) -> None:
     name = init_script()
     rb.run([{"name": "up", "service": {"name": name, "state": "started"}}])
-    before = _pid(name)
+    before = service_pid(name)
     steps = [{"name": "restart", "service": {"name": name, "state": "restarted"}}]
     _, preds = rb.plan(steps)
     assert preds["restart"]["prediction"] == "change" and "restarted always changes" in preds["restart"]["reason"]
-    assert _pid(name) == before
+    assert service_pid(name) == before
     code, results = rb.run(steps)
     assert code == 0 and results["restart"]["status"] == "changed"
-    assert _pid(name) not in (None, before)
+    assert service_pid(name) not in (None, before)
     code, results = rb.run([{"name": "reload", "service": {"name": name, "state": "reloaded"}}])
     assert code == 0 and results["reload"]["status"] == "changed"
     assert Path(f"/run/{name}.reloads").read_text() == "reloaded\n"
@@ -214,7 +215,7 @@ def test_service_stopped_disabled_then_idempotent(rb: Runbook, init_script: Any)
     code, results = rb.run(steps)
     assert code == 0 and results["down"]["status"] == "changed", results
     assert results["down"]["data"]["after"] == {"running": False, "enabled": False}
-    assert _pid(name) is None and _links(name) == {"K"}
+    assert service_pid(name) is None and _links(name) == {"K"}
     rb.idempotent(steps)
 
 
@@ -573,7 +574,7 @@ def test_rolling_restart_uses_the_service_action_by_default(rb: Runbook, init_sc
                                                            tmp_path: Path) -> None:
     name = init_script()
     rb.run([{"name": "up", "service": {"name": name, "state": "started"}}])
-    before = _pid(name)
+    before = service_pid(name)
     playbooks = Path(__file__).resolve().parents[2] / "playbooks"
     shutil.copy(playbooks / "rolling-restart.yml", tmp_path / "rolling-restart.yml")
     (tmp_path / "windows.yml").write_text('windows:\n  maintenance: {cron: "* * * * *", duration: 2h}\n')
@@ -585,12 +586,12 @@ def test_rolling_restart_uses_the_service_action_by_default(rb: Runbook, init_sc
     preds = {p["step_id"]: p["prediction"] for p in json.loads(out.read_text())["predictions"]}
     assert preds == {"drain": "change", "restart-service": "change", "restart": "skip", "health": "unknown",
                      "undrain": "change"}, err
-    assert _pid(name) == before
+    assert service_pid(name) == before
     code, results = rb.apply(out)
     assert code == 0, results
     assert {k: r["status"] for k, r in results.items()} == {"drain": "changed", "restart-service": "changed",
                                                             "restart": "skipped", "health": "ok", "undrain": "changed"}
-    assert _pid(name) not in (None, before)
+    assert service_pid(name) not in (None, before)
 
 
 def test_apply_refuses_a_plan_the_host_drifted_from(rb: Runbook, init_script: Any, cron_user: str) -> None:
