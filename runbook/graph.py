@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -145,7 +145,8 @@ class StepGraph:
                 lines.append(f"  {sid} [{self.step(sid).action}]")
         if self.playbook._groups:
             lines.append("structure")
-            lines.extend(_outline(self, units(self.playbook, "steps"), "  "))
+            lines.extend(_nested(self, units(self.playbook, "steps"),
+                                 replace(_TEXT, step=lambda u: f"{u} [{self.step(u).action}]"), "  "))
         return "\n".join(lines)
 
     def to_dot(self) -> str:
@@ -164,7 +165,11 @@ class StepGraph:
             style = ", style=\"rounded,dashed\"" if inst else ""   # a handler: runs only when notified
             out.append(f"  {q(sid)} [label={q(step.name + chr(10) + '[' + step.action + ']')}{style}];")
         if composed:
-            out.extend(_dot_clusters(self, units(self.playbook, "steps"), q, "  "))
+            out.extend(_nested(self, units(self.playbook, "steps"), _Nest(
+                step=lambda u: f"{q(u)};",
+                group=lambda g: f"subgraph {q('cluster_' + g.id)} {{ label={q(_group_title(g))};",
+                part=lambda g, part: f"subgraph {q('cluster_' + g.id + '/' + part)} {{ label={q(part)}; style=dashed;",
+                end="}"), "  "))
         for a, b, settled in _shown_edges(self):
             out.append(f"  {q(a)} -> {q(b)}{' [style=dashed]' if settled else ''};")
         if self.rescue:
@@ -190,7 +195,9 @@ class StepGraph:
 
         out = ["flowchart TD"]
         if self.playbook._groups:   # each step inside the subgraph of its block, include or role
-            out.extend(_mermaid_clusters(self, units(self.playbook, "steps"), label, "  "))
+            out.extend(_nested(self, units(self.playbook, "steps"), _Nest(
+                step=label, group=lambda g: f'subgraph g{g.number}["{_mermaid_text(_group_title(g))}"]',
+                part=lambda g, part: f'subgraph g{g.number}_{part}["{part}"]', end="end"), "  "))
         else:
             for sid in self.order():
                 out.append(f"  {label(sid)}")
@@ -220,62 +227,38 @@ def _group_title(grp: Group) -> str:
     return f"{what} {grp.id}" + (f": {grp.name}" if grp.kind == "block" and grp.name != grp.id else "")
 
 
-def _outline(steps: StepGraph, members: list[str], indent: str) -> list[str]:
-    """Steps and groups as an indented tree (text rendering)."""
-    lines: list[str] = []
-    for unit in members:
-        grp = steps.playbook._groups.get(unit)
-        if grp is None:
-            if unit in steps.graph:
-                lines.append(f"{indent}{unit} [{steps.step(unit).action}]")
-            continue
-        lines.append(f"{indent}{_group_title(grp)}")
-        lines.extend(_outline(steps, grp.parts.get("block", []), indent + "  "))
-        for part in ("rescue", "always"):
-            if part in grp.parts:
-                lines.append(f"{indent}  {part}")
-                lines.extend(_outline(steps, grp.parts[part], indent + "    "))
-    return lines
+@dataclass(frozen=True)
+class _Nest:
+    """How one rendering writes the tree of groups: a step's line, a group's and a part's opening, their closing."""
+
+    step: Callable[[str], str]
+    group: Callable[[Group], str]
+    part: Callable[[Group, str], str]
+    end: str | None = None     # what closes a group or a part; None: the indentation alone shows it
 
 
-def _dot_clusters(steps: StepGraph, members: list[str], q: Callable[[str], str], indent: str) -> list[str]:
-    """Nested `subgraph cluster_...` blocks: each group's steps (and its rescue/always parts) boxed together."""
+_TEXT = _Nest(step=lambda unit: unit, group=_group_title, part=lambda grp, part: part)
+
+
+def _nested(steps: StepGraph, members: list[str], nest: _Nest, indent: str) -> list[str]:
+    """Steps and groups (blocks with their rescue/always parts, includes, roles) as nested lines."""
     out: list[str] = []
     for unit in members:
         grp = steps.playbook._groups.get(unit)
         if grp is None:
             if unit in steps.graph:
-                out.append(f"{indent}{q(unit)};")
+                out.append(indent + nest.step(unit))
             continue
-        out.append(f"{indent}subgraph {q('cluster_' + unit)} {{ label={q(_group_title(grp))};")
-        out.extend(_dot_clusters(steps, grp.parts.get("block", []), q, indent + "  "))
+        out.append(indent + nest.group(grp))
+        out.extend(_nested(steps, grp.parts.get("block", []), nest, indent + "  "))
         for part in ("rescue", "always"):
             if part in grp.parts:
-                out.append(f"{indent}  subgraph {q('cluster_' + unit + '/' + part)} {{ label={q(part)}; style=dashed;")
-                out.extend(_dot_clusters(steps, grp.parts[part], q, indent + "    "))
-                out.append(f"{indent}  }}")
-        out.append(f"{indent}}}")
-    return out
-
-
-def _mermaid_clusters(steps: StepGraph, members: list[str], label: Callable[[str], str], indent: str) -> list[str]:
-    """Nested Mermaid subgraphs holding each group's steps."""
-    out: list[str] = []
-    for unit in members:
-        grp = steps.playbook._groups.get(unit)
-        if grp is None:
-            if unit in steps.graph:
-                out.append(f"{indent}{label(unit)}")
-            continue
-        gid = f"g{grp.number}"
-        out.append(f'{indent}subgraph {gid}["{_mermaid_text(_group_title(grp))}"]')
-        out.extend(_mermaid_clusters(steps, grp.parts.get("block", []), label, indent + "  "))
-        for part in ("rescue", "always"):
-            if part in grp.parts:
-                out.append(f'{indent}  subgraph {gid}_{part}["{part}"]')
-                out.extend(_mermaid_clusters(steps, grp.parts[part], label, indent + "    "))
-                out.append(f"{indent}  end")
-        out.append(f"{indent}end")
+                out.append(f"{indent}  {nest.part(grp, part)}")
+                out.extend(_nested(steps, grp.parts[part], nest, indent + "    "))
+                if nest.end is not None:
+                    out.append(f"{indent}  {nest.end}")
+        if nest.end is not None:
+            out.append(indent + nest.end)
     return out
 
 
