@@ -205,8 +205,13 @@ steps:
     assert len(started_2) == 4 and len(started_1) == 2   # item 1: once per host; item 2: twice per host
 
 
-def _run_until_item_two(work: Path, hosts: list[SSHHost], trail: Path) -> tuple[subprocess.Popen[str], Path]:
-    """Start `runbook run pb.yml` in `work` as a real process; return once item 2 of `each` started on every host."""
+def _run_until_item_two(tmp_path: Path, hosts: list[SSHHost], playbook: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    """Start `runbook run` of this playbook as a real process; return (process, audit trail, its working directory)
+    once item 2 of its loop `each` started on every host."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "pb.yml").write_text(playbook)
+    trail = tmp_path / "trail" / "audit.jsonl"
     write_inventory(work / "inventory.yml", hosts)
     write_known_hosts(work / "known_hosts", hosts)
     proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
@@ -219,22 +224,19 @@ def _run_until_item_two(work: Path, hosts: list[SSHHost], trail: Path) -> tuple[
         return started == {h.name for h in hosts}
 
     wait_for(item_two_running, proc, "item 2 started on every host")
-    return proc, trail
+    return proc, trail, work
 
 
 def test_a_second_interrupt_aborts_the_running_item_and_resume_runs_only_what_did_not_finish(
         clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     hosts = clean_ssh_hosts[:2]
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "pb.yml").write_text("""\
+    proc, trail, work = _run_until_item_two(tmp_path, hosts, """\
 runbook: loop-abort
 steps:
   - name: each
     shell: echo {{ item }} >> count; test {{ item }} != 2 -o -e quick || sleep 30
     loop: [1, 2, 3]
 """)
-    proc, trail = _run_until_item_two(work, hosts, tmp_path / "trail" / "audit.jsonl")
     for _ in range(2):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
@@ -258,16 +260,13 @@ steps:
 def test_a_first_interrupt_lets_the_running_item_finish_and_starts_no_further_item(
         clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     hosts = clean_ssh_hosts[:2]
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "pb.yml").write_text("""\
+    proc, trail, work = _run_until_item_two(tmp_path, hosts, """\
 runbook: loop-drain
 steps:
   - name: each
     shell: echo {{ item }} >> count; test {{ item }} != 2 || sleep 3
     loop: [1, 2, 3]
 """)
-    proc, trail = _run_until_item_two(work, hosts, tmp_path / "trail" / "audit.jsonl")
     proc.send_signal(signal.SIGINT)   # once: what runs may finish, nothing new starts
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
