@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
@@ -113,6 +114,7 @@ class Executor:
             self.runner.handler = self.predictor.apply_task
         self.concurrency = options.concurrency or playbook.concurrency
         self.running: dict[Future[TaskResult], TaskKey | _Rescue] = {}
+        self.running_on: Counter[str] = Counter()   # running tasks per host: no scan of `running` per host and tick
         self.connecting: dict[Future[None], str] = {}
         self.stopping = False
         self.abort_deadline: float | None = None
@@ -213,7 +215,7 @@ class Executor:
 
     def _start_host_work(self, pool: TaskPool, host: str) -> None:
         """Start every ready task of a connected host; then its on_failure steps, one at a time; then release it."""
-        busy = any(_host_of(key) == host for key in self.running.values())
+        busy = self.running_on[host] > 0
         while not self.stopping:
             node = self.scheduler.take(host)
             if node is None:
@@ -223,18 +225,27 @@ class Executor:
                 break
             if verdict == "deferred":
                 continue
-            self.running[pool.run(node)] = node
+            self._started(pool.run(node), node)
             busy = True
         if not self.stopping and not busy:
             sid = self.scheduler.next_rescue(host)
             if sid is not None:
-                self.running[pool.run(TaskKey(sid, host), True)] = _Rescue(TaskKey(sid, host))
+                self._started(pool.run(TaskKey(sid, host), True), _Rescue(TaskKey(sid, host)))
                 busy = True
         if not busy and self.scheduler.settled(host):
             self.scheduler.release(host)
             conn = self.conns.pop(host, None)
             if conn is not None:
                 _quiet_close(conn)
+
+    def _started(self, fut: Future[TaskResult], key: TaskKey | _Rescue) -> None:
+        self.running[fut] = key
+        self.running_on[_host_of(key)] += 1
+
+    def _ended(self, fut: Future[TaskResult]) -> TaskKey | _Rescue:
+        key = self.running.pop(fut)
+        self.running_on[_host_of(key)] -= 1
+        return key
 
     def _window_verdict(self, node: TaskKey) -> Literal["start", "deferred", "closed"]:
         """Whether the maintenance window lets the task start; when not, it is deferred or the run stops."""
@@ -265,7 +276,7 @@ class Executor:
                 self.events.host_unreachable(self.info, host, reason)
                 self.scheduler.host_unreachable(host, reason)
             return
-        key = self.running.pop(fut)
+        key = self._ended(fut)
         res = fut.result()
         if isinstance(key, _Rescue):
             self.scheduler.record(key.key, res)   # step ids are unique across steps and on_failure
@@ -307,7 +318,7 @@ class Executor:
         self.delegates.close()
         done, _ = wait(list(self.running), timeout=ABORT_WAIT)
         for fut in done:
-            key = self.running.pop(fut)
+            key = self._ended(fut)
             if isinstance(key, TaskKey) and key not in self.scheduler.results:
                 self.scheduler.record(key, fut.result())
         for key in list(self.running.values()):
