@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from runbook.runner import RunRequest
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_FLUSH_EVERY = 0.5   # seconds; a crash loses at most this much state, and resume re-runs those tasks
+_FLUSH_EVERY = 0.5   # seconds at least between snapshots during a run (the journal has every task meanwhile)
+_FLUSH_SHARE = 0.05  # and at most this share of the run's time spent writing them (a big run's snapshot is big)
 
 
 def task_key(step_id: str, host: str) -> str:
@@ -82,7 +83,8 @@ class RunState(Observer):
     before it releases the tasks that depend on what finished: one fsync covers every task that
     finished meanwhile. A started task is journalled too, so a task in flight when the controller
     died is known as such. The snapshot `RUN_ID.json` is rewritten atomically at most every 0.5 s
-    and at the end; `load_state` replays the journal over it.
+    (less often when writing it takes longer than 5% of that: a big run's snapshot is big) and at
+    the end; `load_state` replays the journal over it.
     """
 
     critical = True   # losing its records would make the run unaccountable (or unresumable)
@@ -94,6 +96,7 @@ class RunState(Observer):
         self.request = request
         self.doc: dict[str, Any] = {}
         self._last_flush = 0.0
+        self._flush_cost = 0.0   # seconds the last snapshot took to write
         self._lock = threading.Lock()
         self._journal: IO[str] | None = None
         self._dirty = False
@@ -171,12 +174,13 @@ class RunState(Observer):
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_flush < _FLUSH_EVERY:
+        if not force and now - self._last_flush < max(_FLUSH_EVERY, self._flush_cost / _FLUSH_SHARE):
             return
         with self._lock:
             self._last_flush = now
             text = json.dumps(self.doc, indent=1, sort_keys=True, default=str)
         write_atomic(self.dir / f"{self.doc['run_id']}.json", text)
+        self._flush_cost = time.monotonic() - now
 
 
 def absolute_sources(source: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,23 @@ def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pyte
     journal = path.with_suffix(".journal")
     assert SECRET not in journal.read_text() and '"finished"' in journal.read_text()
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([path.name, journal.name])   # no temp files
+
+
+def test_snapshots_during_a_run_take_a_bounded_share_of_its_time(tmp_path: Path) -> None:
+    state = RunState(tmp_path / "runs", Redactor([SECRET]), RunRequest())
+    run = info()
+    state.run_started(run)
+    path = tmp_path / "runs" / f"{run.run_id}.json"
+    before = path.read_text()
+    state._last_flush = time.monotonic() - 1.0   # due at the usual 0.5 s...
+    state._flush_cost = 0.2                       # ...but the last snapshot took 0.2 s: 5% allows one per 4 s
+    state.task_finished(run, result("a", "one", Status.OK))
+    assert path.read_text() == before                                # no snapshot yet...
+    assert '"host": "a"' in path.with_suffix(".journal").read_text()   # ...the journal has the task
+    assert load_state(tmp_path / "runs", run.run_id)["tasks"]["one@a"]["status"] == "ok"   # loading replays it
+    state._flush_cost = 0.0
+    state.task_finished(run, result("b", "one", Status.OK))
+    assert set(json.loads(path.read_text())["tasks"]) == {"one@a", "one@b"}
 
 
 @pytest.mark.parametrize("statuses, interrupted, expected", [
