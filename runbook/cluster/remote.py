@@ -2,8 +2,9 @@
 
 The executor asks this pool (its `TaskPool`) to connect hosts and run tasks, and gets futures back,
 as from the in-process thread pool. The orders made in one pass of the executor go to each worker
-in one actor call; each worker's events and outcomes come back, in order, on one long poll, and go
-to the run's delivery thread (delivery.py), which re-emits them and resolves the futures.
+in one message of its channel (channel.py); each worker's events and outcomes come back, in order,
+on the same channel, and go to the run's delivery thread (delivery.py), which re-emits them and
+resolves the futures.
 
 A worker that disappears takes its running tasks with it: they end `lost` (never run again
 elsewhere), and its hosts move to other workers of their zone. A lost scheduler stops the run like an
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 from collections.abc import Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +24,12 @@ from typing import Any
 import networkx as nx
 
 from runbook.actions import action_class
+from runbook.cluster.channel import Channel
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
 from runbook.cluster.delivery import Delivery, Call
-from runbook.cluster.wire import ConnectReply, SessionSetup, StreamItem, TaskOrder
+from runbook.cluster.wire import Connected, ConnectReply, SessionSetup, StreamItem, TaskOrder
 from runbook.cluster.worker import RunSession
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.graph import TaskKey
@@ -72,6 +75,7 @@ class ClusterPool:
         self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
         self.outbox: dict[str, list[TaskOrder]] = {}
         self.asks: dict[str, bool] = {}   # action -> whether it prompts the operator (looked up once)
+        self.answers: dict[tuple[str, str], asyncio.Future[ConnectReply]] = {}   # (worker, host) -> its connect
         self.gone: set[str] = set()
         self.halted: str | None = None
         self.closing = False
@@ -139,7 +143,7 @@ class ClusterPool:
         """A host is done (or the run aborts): close its connection on its worker."""
         worker = self.router.worker_of(host)
         if worker is not None and worker in self.sessions and not self.closing:
-            self._spawn(_quietly(self.sessions[worker].close_host(host)))
+            self._spawn(_quietly(self.cluster.channels[worker].close_host(host)))
 
     # --- what runs where ---------------------------------------------------------------------------
 
@@ -175,7 +179,7 @@ class ClusterPool:
             if worker is None:
                 break
             try:
-                reply: ConnectReply = await self.sessions[worker].connect(host, self.cluster.sudo_password)
+                reply = await self._connect_on(worker, host)
             except OSError as exc:   # the worker is gone: the host moves, and connects on its new worker
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 continue
@@ -206,14 +210,13 @@ class ClusterPool:
             orders = self.outbox.pop(worker, [])
         if not orders:
             return
-        session = self.sessions[worker]
         try:
             for host in sorted({o.key.host for o in orders} - self.connected.get(worker, set())):
-                reply: ConnectReply = await session.connect(host, self.cluster.sudo_password)   # moved here
+                reply = await self._connect_on(worker, host)   # moved here
                 self.cluster.known_hosts.record(host, reply.learned)
                 with self.lock:
                     self.connected.setdefault(worker, set()).add(host)
-            await session.submit(orders)
+            await self.cluster.channels[worker].send(orders)
         except OSError as exc:   # the worker went away (or could not be reached): the tasks' outcome is unknown
             self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
             for order in orders:
@@ -223,19 +226,35 @@ class ClusterPool:
                 self._lose(order.task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
                                           f"{type(exc).__name__}: {exc}", Status.FAILED)
 
+    async def _connect_on(self, worker: str, host: str) -> ConnectReply:
+        """Open a host's connection on a worker (asked on its channel, answered on it); OSError: the worker is gone."""
+        answer: asyncio.Future[ConnectReply] = self.loop.create_future()
+        self.answers[(worker, host)] = answer
+        try:
+            await self.cluster.channels[worker].connect(host, self.cluster.sudo_password)
+            return await answer
+        finally:
+            self.answers.pop((worker, host), None)
+
     async def _stream(self, worker: str) -> None:
-        """Keep one event poll open to a worker; what it returns is delivered in order."""
-        session = self.sessions[worker]
+        """Read a worker's channel; connect answers go to their callers, the rest is delivered in order."""
+        channel = self.cluster.channels[worker]
         while not self.closing:
             try:
-                events: list[StreamItem] = await session.events(1.0)
+                events: list[StreamItem] = await channel.receive()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 return
-            if events:
-                self.delivery.post(self.delivery.take, events)
+            for item in events:
+                if isinstance(item, Connected):
+                    answer = self.answers.get((worker, item.host))
+                    if answer is not None and not answer.done():
+                        answer.set_result(item.reply)
+            rest = [item for item in events if not isinstance(item, Connected)]
+            if rest:
+                self.delivery.post(self.delivery.take, rest)
 
     async def _watch(self) -> None:
         """Notice lost workers (their calls may hang) and a lost scheduler."""
@@ -269,6 +288,9 @@ class ClusterPool:
             unsent = self.outbox.pop(worker, [])   # never reached the worker: they go to the host's new one
             waiting = {o.task_id for o in unsent}
             running = [tid for tid, op in self.ops.items() if op.worker == worker and not op.done and tid not in waiting]
+        for (where, _host), answer in list(self.answers.items()):
+            if where == worker and not answer.done():   # connects waiting for its answer: the host moves
+                self.loop.call_soon_threadsafe(_fail, answer, ConnectionError(f"cluster worker {worker} is gone"))
         moved = self.router.worker_lost(worker)
         self._resend(unsent)
         name = self.names.get(worker, worker)
@@ -318,6 +340,11 @@ def _zone(router: Router, host: str) -> str:
     return f" in zone {zone}" if zone else ""
 
 
+def _fail(answer: asyncio.Future[Any], error: BaseException) -> None:
+    if not answer.done():
+        answer.set_exception(error)
+
+
 async def _quietly(call: Any) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(_awaited(call), CLOSE_TIMEOUT)
@@ -334,6 +361,7 @@ class ClusterRun:
     client: Any
     router: Router
     sessions: dict[str, Any]          # worker address -> RunSession actor
+    channels: dict[str, Channel]      # worker address -> the session's channel (orders out, events back)
     names: dict[str, str]             # worker address -> its name (recorded in task results)
     needs: SecretNeeds
     sudo_password: str | None
@@ -352,9 +380,14 @@ class ClusterRun:
         futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
                                  key=f"runbook-session-{setup.info.run_id}-{i}") for i, a in enumerate(used)]
         sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}
-        replies = {a: s.setup(setup) for a, s in sessions.items()}
+        tokens = {a: secrets.token_urlsafe(32) for a in sessions}
+        replies = {a: s.setup(setup, tokens[a]) for a, s in sessions.items()}
         names = {a: str(r.result(timeout=120)) for a, r in replies.items()}
-        return cls(client, router, sessions, names, needs, sudo_password, known_hosts, futures)
+        loop = client.loop.asyncio_loop
+        opening = {a: asyncio.run_coroutine_threadsafe(Channel.open(a, client.connection_args, tokens[a]), loop)
+                   for a in sessions}
+        channels = {a: f.result(timeout=60) for a, f in opening.items()}
+        return cls(client, router, sessions, channels, names, needs, sudo_password, known_hosts, futures)
 
     def close(self) -> None:
         """End the sessions (connections closed on the workers) and release the actors."""
@@ -365,5 +398,9 @@ class ClusterRun:
         for call in pending:
             with contextlib.suppress(Exception):
                 call.result(timeout=CLOSE_TIMEOUT)
+        loop = self.client.loop.asyncio_loop
+        for chan in self.channels.values():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(chan.close(), loop).result(timeout=CLOSE_TIMEOUT)
         with contextlib.suppress(Exception):
             self.client.cancel(self.actor_futures)

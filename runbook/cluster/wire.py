@@ -75,9 +75,6 @@ class TaskError:
     message: str
 
 
-StreamItem = WireEvent | TaskOutcome | TaskError   # what a worker's event poll returns, in the order it happened
-
-
 @dataclass
 class ConnectReply:
     """How opening a host's connection on a worker went; new known_hosts lines (accept-new) to record."""
@@ -85,3 +82,14 @@ class ConnectReply:
     reason: str | None = None
     hint: str | None = None
     learned: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Connected:
+    """The answer to a connect the controller asked for on the channel."""
+
+    host: str
+    reply: ConnectReply
+
+
+StreamItem = WireEvent | TaskOutcome | TaskError | Connected   # what a worker's channel carries, in the order it happened

@@ -3,9 +3,9 @@
 `runbook worker` preloads this module, so a worker has the engine imported before a run arrives.
 Everything run-specific comes from the controller in `RunSession.setup` (a direct call to this
 worker, never through the scheduler) and lives until `close`: the playbook model, the hosts, the
-SSH connections of the hosts routed here, a task runner. Each task's events, then its outcome, go
-back as they happen through `events` (a long poll the controller keeps open): one ordered stream
-per worker, so an outcome never overtakes the events of its task.
+SSH connections of the hosts routed here, a task runner. Task orders then arrive on the run's
+channel (channel.py), and each task's events, then its outcome, go back on it as they happen: one
+ordered stream per worker, so an outcome never overtakes the events of its task.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from runbook.cluster import channel
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.connections.hostkeys import HostKeyPolicy
-from runbook.cluster.wire import ConnectReply, SessionSetup, StreamItem, TaskError, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.wire import (Connected, ConnectReply, SessionSetup, StreamItem, TaskError, TaskOrder, TaskOutcome,
+                                  WireEvent)
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
 from runbook.engine.task import TaskRunner
@@ -33,8 +35,8 @@ from runbook.events import EventStream, Observer, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey, expand
 from runbook.results import RunMode, Status, TaskResult
 
-MAX_EVENTS_PER_POLL = 2000
-HOLD = 0.005     # seconds an event poll may wait, after its first event, for an outcome to carry along
+MAX_EVENTS_PER_POLL = 2000   # events in one message of the channel, at most
+HOLD = 0.005     # seconds a batch of events may wait, after its first event, for an outcome to carry along
 
 
 class LoggedRegisters(Registers):
@@ -252,18 +254,24 @@ class RunSession:
         from distributed import get_worker
 
         worker = get_worker()
+        channel.install(worker)   # a plain `dask worker` (no preload) gets the channel's handler here
         self.name = str(worker.name)
+        self.token: str | None = None
         self.threads: ThreadPoolExecutor | None = None
         self.work: WorkerRun | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue[StreamItem] | None = None
 
-    async def setup(self, setup: SessionSetup) -> str:
-        """Take the run (sent once per worker); returns this worker's name, recorded in task results."""
+    async def setup(self, setup: SessionSetup, token: str) -> str:
+        """Take the run (sent once per worker); returns this worker's name, recorded in task results.
+
+        `token` is the one its controller's channel presents (channel.py)."""
         self.loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.threads = ThreadPoolExecutor(max_workers=max(2, setup.threads + 1), thread_name_prefix="runbook-task")
         self.work = await self._off(WorkerRun, setup, self.name, self._push)
+        self.token = token
+        channel.offer(token, self)
         return self.name
 
     def _push(self, event: StreamItem) -> None:
@@ -283,16 +291,25 @@ class RunSession:
             raise RuntimeError("this run session was not set up")
         return self.work
 
-    async def connect(self, host: str, sudo_password: str | None = None) -> ConnectReply:
-        """Open a host's connection here."""
-        return await self._off(self._run().connect, host, sudo_password)
+    def connect_later(self, host: str, sudo_password: str | None) -> None:
+        """Open a host's connection here (the channel's connect); the answer comes back through `events`."""
+        work = self._run()
+        assert self.threads is not None
+        self.threads.submit(self._connect_one, work, host, sudo_password)   # answered on the queue, not awaited
+
+    def _connect_one(self, work: WorkerRun, host: str, sudo_password: str | None) -> None:
+        try:
+            reply = work.connect(host, sudo_password)
+        except Exception as exc:   # connect reports its own failures: this is a bug, said as such
+            reply = ConnectReply(f"internal error on this cluster worker: {type(exc).__name__}: {exc}")
+        self._push(Connected(host, reply))
 
     async def submit(self, orders: list[TaskOrder]) -> int:
-        """Start tasks here; each one's outcome comes back through `events`, after the task's own events."""
+        """Start tasks here (the channel's orders); each one's outcome comes back through `events`, after its events."""
         work = self._run()
-        assert self.loop is not None and self.threads is not None
-        for order in orders:
-            self.loop.run_in_executor(self.threads, self._run_one, work, order)
+        assert self.threads is not None
+        for order in orders:   # each outcome comes back on the queue: nothing here waits for the thread
+            self.threads.submit(self._run_one, work, order)
         return len(orders)
 
     def _run_one(self, work: WorkerRun, order: TaskOrder) -> None:
@@ -327,9 +344,11 @@ class RunSession:
                 break
         return out
 
-    async def close_host(self, host: str) -> None:
-        """Close one host's connection."""
-        await self._off(self._run().close_host, host)
+    def close_later(self, host: str) -> None:
+        """Close one host's connection (the channel's close), on the session's threads."""
+        work = self._run()
+        assert self.threads is not None
+        self.threads.submit(work.close_host, host)
 
     async def abort(self) -> None:
         """End running commands now (a second interrupt)."""
@@ -337,6 +356,8 @@ class RunSession:
 
     async def close(self) -> None:
         """End the run here: connections closed, the run's files removed, the threads let go."""
+        if self.token is not None:
+            channel.withdraw(self.token)
         if self.work is not None:
             await self._off(self.work.close)
         if self.threads is not None:
@@ -351,5 +372,5 @@ def _quiet_close(conn: Connection) -> None:
 
 
 def dask_setup(worker: Any) -> None:
-    """Preload hook of `dask worker --preload runbook.cluster.worker`: the engine is imported already."""
-    return None
+    """Preload hook of `dask worker --preload runbook.cluster.worker`: the engine is imported, the channel ready."""
+    channel.install(worker)

@@ -1,0 +1,131 @@
+"""One comm per worker and run, kept open for the run: task orders go out on it, events come back.
+
+The task traffic is the distributed path's hot loop. An actor call per batch of orders and another
+per batch of events cost the controller and the worker about a millisecond each in Dask's RPC layer
+(the actor lookup, the reply, Dask's per-object serialization), as much as the task's own SSH work.
+So once a run's session is set up (by an actor call, as before), the controller opens one comm to the
+worker's own address (the worker's listener and its TLS settings; no port of runbook's own), asks for
+the `runbook_channel` handler with the session's one-time token, and both sides keep that comm:
+order batches, connects and closes one way, batches of events (and connect answers) the other, each
+message one pickle (the trust Dask's own messages already need: the cluster's members run each
+other's code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import pickle
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runbook.cluster.wire import StreamItem, TaskOrder
+    from runbook.cluster.worker import RunSession
+
+OP = "runbook_channel"
+EVENT_WAIT = 1.0   # seconds the worker's writer waits for events before it looks again
+
+_offered: dict[str, RunSession] = {}   # token -> a set-up session waiting for its controller's channel
+
+
+# --- the worker side --------------------------------------------------------------------------------
+
+def install(worker: Any) -> None:
+    """Give a Dask worker the channel's handler (a plain `dask worker` gets it with its first run session)."""
+    worker.handlers.setdefault(OP, _serve)
+
+
+def offer(token: str, session: RunSession) -> None:
+    """A session is set up: its controller may now open its channel with `token`."""
+    _offered[token] = session
+
+
+def withdraw(token: str) -> None:
+    """The session is over: no channel opens to it any more."""
+    _offered.pop(token, None)
+
+
+def _claim(token: str) -> RunSession | None:
+    for known, session in list(_offered.items()):
+        if hmac.compare_digest(known.encode(), str(token).encode()):
+            _offered.pop(known, None)   # one channel per session
+            return session
+    return None
+
+
+async def _serve(comm: Any, token: str = "") -> Any:
+    """The worker's end: orders read and started, the session's events written back, until the comm closes."""
+    from distributed.core import Status
+
+    session = _claim(token)
+    if session is None:
+        await comm.close()
+        return Status.dont_reply
+    writer = asyncio.ensure_future(_write_events(comm, session))
+    try:
+        while not writer.done():
+            kind, *args = pickle.loads(await comm.read())
+            if kind == "run":
+                await session.submit(args[0])
+            elif kind == "connect":
+                session.connect_later(*args)
+            elif kind == "close":
+                session.close_later(args[0])
+    except (OSError, EOFError):   # the controller closed it, or went away: the run is over for this channel
+        pass
+    finally:
+        writer.cancel()
+    return Status.dont_reply
+
+
+async def _write_events(comm: Any, session: RunSession) -> None:
+    while True:
+        items = await session.events(EVENT_WAIT)
+        if items:
+            await comm.write(pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+# --- the controller side ----------------------------------------------------------------------------
+
+class Channel:
+    """The controller's end of one worker's channel (used on the client's event loop)."""
+
+    def __init__(self, comm: Any):
+        self.comm = comm
+        self.lock = asyncio.Lock()   # one message at a time: a batch is never interleaved with another
+
+    @classmethod
+    async def open(cls, address: str, connection_args: dict[str, Any], token: str) -> Channel:
+        """Connect to the worker (its TLS settings apply) and claim the session's channel."""
+        from distributed.comm import connect
+
+        comm = await connect(address, **connection_args)
+        await comm.write({"op": OP, "token": token, "reply": False})
+        return cls(comm)
+
+    async def send(self, orders: list[TaskOrder]) -> None:
+        """Start these tasks on the worker; raises OSError when the worker cannot be reached."""
+        await self._write(("run", orders))
+
+    async def connect(self, host: str, sudo_password: str | None) -> None:
+        """Open a host's connection on the worker; the answer (`Connected`) comes back with its events."""
+        await self._write(("connect", host, sudo_password))
+
+    async def close_host(self, host: str) -> None:
+        """A host is done: close its connection on the worker."""
+        await self._write(("close", host))
+
+    async def _write(self, message: tuple[Any, ...]) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        async with self.lock:
+            await self.comm.write(data)
+
+    async def receive(self) -> list[StreamItem]:
+        """The worker's next batch of events and outcomes, in order; raises OSError when the worker is gone."""
+        items: list[StreamItem] = pickle.loads(await self.comm.read())
+        return items
+
+    async def close(self) -> None:
+        """The run is over: close the comm (the worker's end stops with it)."""
+        if not self.comm.closed():
+            await self.comm.close()

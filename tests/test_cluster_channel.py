@@ -1,0 +1,129 @@
+"""The run channel (runbook/cluster/channel.py) between a real Dask worker and the controller's end.
+
+A scheduler and a worker run in this process (real Dask servers and comms on loopback); the worker's
+run session is a stand-in that records what the channel hands it, so what is checked is the channel
+itself: orders, connects and closes reach the session in order, events come back in order, and only
+the holder of the session's one-time token gets a channel (a wrong or replayed token gets none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from typing import Any
+
+import pytest
+
+from runbook.cluster import channel as channel_mod
+from runbook.cluster.channel import Channel
+from runbook.cluster.wire import Connected, ConnectReply, TaskOrder, WireEvent
+from runbook.graph import TaskKey
+
+
+class FakeSession:
+    """What the channel needs of a RunSession: somewhere to put what arrives, a queue of events to send."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[Any, ...]] = []
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def submit(self, orders: list[TaskOrder]) -> int:
+        self.got.append(("run", [o.key for o in orders]))
+        return len(orders)
+
+    def connect_later(self, host: str, sudo_password: str | None) -> None:
+        self.got.append(("connect", host, sudo_password))
+        self.queue.put_nowait(Connected(host, ConnectReply()))
+
+    def close_later(self, host: str) -> None:
+        self.got.append(("close", host))
+
+    async def events(self, wait: float = 1.0) -> list[Any]:
+        try:
+            first = await asyncio.wait_for(self.queue.get(), wait)
+        except TimeoutError:
+            return []
+        out = [first]
+        while not self.queue.empty():
+            out.append(self.queue.get_nowait())
+        return out
+
+
+async def _with_worker(body: Any) -> Any:
+    from distributed import Scheduler, Worker
+
+    async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as scheduler:
+        async with Worker(scheduler.address, nthreads=1) as worker:
+            channel_mod.install(worker)
+            return await body(worker)
+
+
+def run(body: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(_with_worker(body), 60))
+
+
+def order(task_id: int, step: str, host: str) -> TaskOrder:
+    return TaskOrder(task_id, TaskKey(step, host), False, {})
+
+
+def test_orders_connects_and_closes_reach_the_session_in_order_and_events_come_back() -> None:
+    session = FakeSession()
+
+    async def body(worker: Any) -> tuple[list[Any], list[Any]]:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        chan = await Channel.open(worker.address, {}, token)
+        await chan.connect("h1", None)
+        answer = await chan.receive()
+        await chan.send([order(1, "one", "h1"), order(2, "two", "h1")])
+        await chan.close_host("h1")
+        for seq in range(3):
+            session.queue.put_nowait(WireEvent(1, seq, "notice", ("info", f"n{seq}")))
+        events: list[Any] = []
+        while len(events) < 3:
+            events += await chan.receive()
+        await chan.close()
+        return answer, events
+
+    answer, events = run(body)
+    assert answer == [Connected("h1", ConnectReply())]
+    assert session.got == [("connect", "h1", None), ("run", [TaskKey("one", "h1"), TaskKey("two", "h1")]),
+                           ("close", "h1")]
+    assert [e.seq for e in events] == [0, 1, 2] and events[0].args == ("info", "n0")
+
+
+@pytest.mark.parametrize("presented", ["wrong", "replayed"])
+def test_a_wrong_or_replayed_token_gets_no_channel(presented: str) -> None:
+    session = FakeSession()
+
+    async def body(worker: Any) -> None:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        if presented == "replayed":   # the controller's own channel claims the session first
+            first = await Channel.open(worker.address, {}, token)
+        intruder = await Channel.open(worker.address, {}, token if presented == "replayed" else "x" * 43)
+        with contextlib.suppress(OSError):   # the worker may have closed it already
+            await intruder.send([order(9, "evil", "h1")])
+        with pytest.raises(OSError):   # the worker closed it without reading an order
+            await asyncio.wait_for(intruder.receive(), 10)
+        if presented == "replayed":
+            await first.close()
+
+    run(body)
+    assert session.got == []   # no order of the intruder's reached the session
+
+
+def test_a_withdrawn_session_gets_no_channel() -> None:
+    session = FakeSession()
+
+    async def body(worker: Any) -> None:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        channel_mod.withdraw(token)         # the run ended before its controller opened the channel
+        late = await Channel.open(worker.address, {}, token)
+        with pytest.raises(OSError):
+            await asyncio.wait_for(late.receive(), 10)
+
+    run(body)
+    assert session.got == []
