@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,8 +190,16 @@ def test_local_cluster_matches_an_in_process_run(clean_ssh_hosts: list[SSHHost],
     for h in hosts:
         h.clear_home()
     work = workdir(tmp_path, hosts, "cluster")
-    there = run_cli(work, "--cluster", "local:2")
+    taken = socket.socket()   # Dask's default HTTP port, taken: the local scheduler must not warn about it
+    with contextlib.suppress(OSError):
+        taken.bind(("127.0.0.1", 8787))
+        taken.listen()
+    try:
+        there = run_cli(work, "--cluster", "local:2")
+    finally:
+        taken.close()
     assert there.returncode == 0, there.stderr
+    assert "8787" not in there.stderr and "already in use" not in there.stderr, there.stderr
     a, b = json.loads(here.stdout), json.loads(there.stdout)
     assert comparable(a) == comparable(b)
     assert b["results"][0]["stdout"].startswith("one from ")
