@@ -34,7 +34,8 @@ class FakeSession:
 
     def connect_later(self, host: str, sudo_password: str | None) -> None:
         self.got.append(("connect", host, sudo_password))
-        self.queue.put_nowait(Connected(host, ConnectReply()))
+        if host != "never":   # a connect that hangs (its worker goes away before answering)
+            self.queue.put_nowait(Connected(host, ConnectReply(learned=[f"{host} ssh-ed25519 AAAA"])))
 
     def close_later(self, host: str) -> None:
         self.got.append(("close", host))
@@ -70,27 +71,54 @@ def order(task_id: int, step: str, host: str) -> TaskOrder:
 def test_orders_connects_and_closes_reach_the_session_in_order_and_events_come_back() -> None:
     session = FakeSession()
 
-    async def body(worker: Any) -> tuple[list[Any], list[Any]]:
+    async def body(worker: Any) -> tuple[ConnectReply, list[Any]]:
         token = secrets.token_urlsafe(32)
         channel_mod.offer(token, session)   # type: ignore[arg-type]
         chan = await Channel.open(worker.address, {}, token)
-        await chan.connect("h1", None)
-        answer = await chan.receive()
+        events: list[Any] = []
+        reader = asyncio.ensure_future(_read_into(chan, events))
+        answer = await chan.connect("h1", None)   # answered among the events, taken out of them
         await chan.send([order(1, "one", "h1"), order(2, "two", "h1")])
         await chan.close_host("h1")
         for seq in range(3):
             session.queue.put_nowait(WireEvent(1, seq, "notice", ("info", f"n{seq}")))
-        events: list[Any] = []
         while len(events) < 3:
-            events += await chan.receive()
+            await asyncio.sleep(0.01)
+        reader.cancel()
         await chan.close()
         return answer, events
 
     answer, events = run(body)
-    assert answer == [Connected("h1", ConnectReply())]
+    assert answer == ConnectReply(learned=["h1 ssh-ed25519 AAAA"])
     assert session.got == [("connect", "h1", None), ("run", [TaskKey("one", "h1"), TaskKey("two", "h1")]),
                            ("close", "h1")]
     assert [e.seq for e in events] == [0, 1, 2] and events[0].args == ("info", "n0")
+
+
+def test_a_connect_waiting_when_its_worker_goes_away_fails_with_oserror() -> None:
+    session = FakeSession()
+
+    async def body(worker: Any) -> None:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        chan = await Channel.open(worker.address, {}, token)
+        reader = asyncio.ensure_future(_read_into(chan, []))
+        waiting = asyncio.ensure_future(chan.connect("never", None))
+        while not session.got:
+            await asyncio.sleep(0.01)
+        await worker.close()   # the worker is gone before it answers
+        with pytest.raises(OSError):
+            await asyncio.wait_for(waiting, 10)
+        with pytest.raises(OSError):
+            await reader
+
+    run(body)
+    assert session.got == [("connect", "never", None)]
+
+
+async def _read_into(chan: Channel, events: list[Any]) -> None:
+    while True:
+        events += await chan.receive()
 
 
 @pytest.mark.parametrize("presented", ["wrong", "replayed"])

@@ -18,6 +18,8 @@ import hmac
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from runbook.cluster.wire import Connected, ConnectReply
+
 if TYPE_CHECKING:
     from runbook.cluster.wire import StreamItem, TaskOrder
     from runbook.cluster.worker import RunSession
@@ -93,6 +95,7 @@ class Channel:
     def __init__(self, comm: Any):
         self.comm = comm
         self.lock = asyncio.Lock()   # one message at a time: a batch is never interleaved with another
+        self.answers: dict[str, asyncio.Future[ConnectReply]] = {}   # host -> its connect, waiting
 
     @classmethod
     async def open(cls, address: str, connection_args: dict[str, Any], token: str) -> Channel:
@@ -107,9 +110,15 @@ class Channel:
         """Start these tasks on the worker; raises OSError when the worker cannot be reached."""
         await self._write(("run", orders))
 
-    async def connect(self, host: str, sudo_password: str | None) -> None:
-        """Open a host's connection on the worker; the answer (`Connected`) comes back with its events."""
-        await self._write(("connect", host, sudo_password))
+    async def connect(self, host: str, sudo_password: str | None) -> ConnectReply:
+        """Open a host's connection on the worker; OSError when the worker is gone before it answers."""
+        answer: asyncio.Future[ConnectReply] = asyncio.get_running_loop().create_future()
+        self.answers[host] = answer
+        try:
+            await self._write(("connect", host, sudo_password))
+            return await answer   # it comes back among the worker's events (see receive)
+        finally:
+            self.answers.pop(host, None)
 
     async def close_host(self, host: str) -> None:
         """A host is done: close its connection on the worker."""
@@ -121,9 +130,24 @@ class Channel:
             await self.comm.write(data)
 
     async def receive(self) -> list[StreamItem]:
-        """The worker's next batch of events and outcomes, in order; raises OSError when the worker is gone."""
-        items: list[StreamItem] = pickle.loads(await self.comm.read())
-        return items
+        """The worker's next batch of events and outcomes, in order (connect answers go to their callers).
+
+        Raises OSError when the worker is gone (the connects still waiting fail with it)."""
+        try:
+            items: list[StreamItem] = pickle.loads(await self.comm.read())
+        except OSError as exc:
+            self.fail(exc)
+            raise
+        for item in items:
+            if isinstance(item, Connected) and item.host in self.answers and not self.answers[item.host].done():
+                self.answers[item.host].set_result(item.reply)
+        return [item for item in items if not isinstance(item, Connected)]
+
+    def fail(self, error: OSError) -> None:
+        """The worker is gone: every connect still waiting for its answer fails (its host moves on)."""
+        for answer in list(self.answers.values()):
+            if not answer.done():
+                answer.set_exception(error)
 
     async def close(self) -> None:
         """The run is over: close the comm (the worker's end stops with it)."""

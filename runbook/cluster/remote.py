@@ -29,7 +29,7 @@ from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
 from runbook.cluster.delivery import Delivery, Call
-from runbook.cluster.wire import Connected, ConnectReply, SessionSetup, StreamItem, TaskOrder
+from runbook.cluster.wire import SessionSetup, StreamItem, TaskOrder
 from runbook.cluster.worker import RunSession
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.graph import TaskKey
@@ -75,7 +75,6 @@ class ClusterPool:
         self.connected: dict[str, set[str]] = {a: set() for a in self.sessions}
         self.outbox: dict[str, list[TaskOrder]] = {}
         self.asks: dict[str, bool] = {}   # action -> whether it prompts the operator (looked up once)
-        self.answers: dict[tuple[str, str], asyncio.Future[ConnectReply]] = {}   # (worker, host) -> its connect
         self.gone: set[str] = set()
         self.halted: str | None = None
         self.closing = False
@@ -179,7 +178,7 @@ class ClusterPool:
             if worker is None:
                 break
             try:
-                reply = await self._connect_on(worker, host)
+                reply = await self.cluster.channels[worker].connect(host, self.cluster.sudo_password)
             except OSError as exc:   # the worker is gone: the host moves, and connects on its new worker
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 continue
@@ -212,7 +211,7 @@ class ClusterPool:
             return
         try:
             for host in sorted({o.key.host for o in orders} - self.connected.get(worker, set())):
-                reply = await self._connect_on(worker, host)   # moved here
+                reply = await self.cluster.channels[worker].connect(host, self.cluster.sudo_password)   # moved
                 self.cluster.known_hosts.record(host, reply.learned)
                 with self.lock:
                     self.connected.setdefault(worker, set()).add(host)
@@ -226,18 +225,8 @@ class ClusterPool:
                 self._lose(order.task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
                                           f"{type(exc).__name__}: {exc}", Status.FAILED)
 
-    async def _connect_on(self, worker: str, host: str) -> ConnectReply:
-        """Open a host's connection on a worker (asked on its channel, answered on it); OSError: the worker is gone."""
-        answer: asyncio.Future[ConnectReply] = self.loop.create_future()
-        self.answers[(worker, host)] = answer
-        try:
-            await self.cluster.channels[worker].connect(host, self.cluster.sudo_password)
-            return await answer
-        finally:
-            self.answers.pop((worker, host), None)
-
     async def _stream(self, worker: str) -> None:
-        """Read a worker's channel; connect answers go to their callers, the rest is delivered in order."""
+        """Read a worker's channel; what it sends is delivered in order."""
         channel = self.cluster.channels[worker]
         while not self.closing:
             try:
@@ -247,14 +236,8 @@ class ClusterPool:
             except Exception as exc:
                 self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
                 return
-            for item in events:
-                if isinstance(item, Connected):
-                    answer = self.answers.get((worker, item.host))
-                    if answer is not None and not answer.done():
-                        answer.set_result(item.reply)
-            rest = [item for item in events if not isinstance(item, Connected)]
-            if rest:
-                self.delivery.post(self.delivery.take, rest)
+            if events:
+                self.delivery.post(self.delivery.take, events)
 
     async def _watch(self) -> None:
         """Notice lost workers (their calls may hang) and a lost scheduler."""
@@ -288,9 +271,8 @@ class ClusterPool:
             unsent = self.outbox.pop(worker, [])   # never reached the worker: they go to the host's new one
             waiting = {o.task_id for o in unsent}
             running = [tid for tid, op in self.ops.items() if op.worker == worker and not op.done and tid not in waiting]
-        for (where, _host), answer in list(self.answers.items()):
-            if where == worker and not answer.done():   # connects waiting for its answer: the host moves
-                self.loop.call_soon_threadsafe(_fail, answer, ConnectionError(f"cluster worker {worker} is gone"))
+        # Connects waiting for its answer fail: their hosts move on.
+        self.loop.call_soon_threadsafe(self.cluster.channels[worker].fail, ConnectionError(f"worker {worker} is gone"))
         moved = self.router.worker_lost(worker)
         self._resend(unsent)
         name = self.names.get(worker, worker)
@@ -338,11 +320,6 @@ def _lost_message(worker: str) -> str:
 def _zone(router: Router, host: str) -> str:
     zone = router.zones.get(host)
     return f" in zone {zone}" if zone else ""
-
-
-def _fail(answer: asyncio.Future[Any], error: BaseException) -> None:
-    if not answer.done():
-        answer.set_exception(error)
 
 
 async def _quietly(call: Any) -> None:

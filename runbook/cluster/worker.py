@@ -319,9 +319,9 @@ class RunSession:
             self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
 
     async def events(self, wait: float = 1.0) -> list[StreamItem]:
-        """Events and outcomes since the last call, in order, waiting up to `wait` seconds for the first one.
+        """The next batch for the channel: events and outcomes since the last, in order, waiting up to `wait` s for one.
 
-        A reply holds on (up to HOLD) until it carries an outcome: a task's start and its end then
+        A batch holds on (up to HOLD) until it carries an outcome: a task's start and its end then
         travel together when the task is quick, and a slow task's start still goes out at once.
         """
         queue, loop = self.queue, self.loop
