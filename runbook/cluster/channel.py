@@ -6,7 +6,7 @@ per batch of events cost the controller and the worker about a millisecond each 
 So once a run's session is set up (by an actor call, as before), the controller opens one comm to the
 worker's own address (the worker's listener and its TLS settings; no port of runbook's own), asks for
 the `runbook_channel` handler with the session's one-time token, and both sides keep that comm:
-order batches, connects and closes one way, batches of events (and connect answers) the other, each
+order batches, connects, closes and a first interrupt one way, batches of events (and connect answers) the other, each
 message one pickle (the trust Dask's own messages already need: the cluster's members run each
 other's code).
 """
@@ -73,6 +73,8 @@ async def _serve(comm: Any, token: str = "") -> Any:
                 session.connect_later(*args)
             elif kind == "close":
                 session.close_later(args[0])
+            elif kind == "drain":
+                session.drain()
     except (OSError, EOFError):   # the controller closed it, or went away: the run is over for this channel
         pass
     finally:
@@ -123,6 +125,10 @@ class Channel:
     async def close_host(self, host: str) -> None:
         """A host is done: close its connection on the worker."""
         await self._write(("close", host))
+
+    async def drain(self) -> None:
+        """The run is stopping (a first interrupt): the worker's running loops start no further item."""
+        await self._write(("drain",))
 
     async def _write(self, message: tuple[Any, ...]) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)

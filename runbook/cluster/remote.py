@@ -125,6 +125,12 @@ class ClusterPool:
             self.loop.call_soon_threadsafe(self._flush_soon, worker)
         return fut
 
+    def drain(self) -> None:
+        """A first interrupt: loops running on the workers start no further item."""
+        for worker, chan in self.cluster.channels.items():
+            if worker not in self.gone:
+                self._spawn(_quietly(chan.drain()))
+
     def abort(self) -> None:
         """A second interrupt: every worker ends its running commands now."""
         for session in self.sessions.values():

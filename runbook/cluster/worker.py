@@ -350,6 +350,10 @@ class RunSession:
         assert self.threads is not None
         self.threads.submit(work.close_host, host)
 
+    def drain(self) -> None:
+        """A first interrupt on the controller: running loops here start no further item."""
+        self._run().runner.draining.set()
+
     async def abort(self) -> None:
         """End running commands now (a second interrupt)."""
         await self._off(self._run().abort)

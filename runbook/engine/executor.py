@@ -55,6 +55,8 @@ class TaskPool(Protocol):
         """Connect `host`; the future fails with the reason when it cannot be reached."""
     def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
         """Run one task (`rescue`: an on_failure step) and report it; the future holds its result."""
+    def drain(self) -> None:
+        """A first interrupt (or a caller's stop): running loops start no further item."""
     def abort(self) -> None:
         """A second interrupt: make running tasks end now."""
     def shutdown(self, wait: bool) -> None:
@@ -73,6 +75,9 @@ class ThreadPool:
 
     def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
         return self.pool.submit(self.executor.runner.run, key, rescue)
+
+    def drain(self) -> None:
+        return None   # the executor's runner is this pool's: its `draining` is set already
 
     def abort(self) -> None:
         return None   # the executor closes the connections and cancels the runner itself
@@ -290,7 +295,7 @@ class Executor:
         if self.result.interrupted:
             raise _Stop() from None
         self.stopping = True
-        self.runner.draining.set()   # a running loop starts no further item
+        self._drain()
         self.result.interrupted = True
         self.result.stop_reason = "interrupted"
         self.abort_deadline = time.monotonic() + self.opt.interrupt_grace
@@ -300,11 +305,17 @@ class Executor:
     def _stopped_by_caller(self) -> None:
         """The embedding program asked to stop: like a first interrupt (no new task; running ones finish)."""
         self.stopping = True
-        self.runner.draining.set()
+        self._drain()
         self.result.interrupted = True
         self.result.stop_reason = "stopped: the program running it is shutting down"
         self.events.run_interrupted(self.info, self.result.stop_reason + "; no new task starts, running tasks finish "
                                     "(`runbook resume RUN_ID` continues it)")
+
+    def _drain(self) -> None:
+        """Running loops start no further item, here and wherever the pool runs tasks."""
+        self.runner.draining.set()
+        if self.pool is not None:
+            self.pool.drain()
 
     def _abort(self) -> None:
         """Drop the connections so running commands end now; record what the running tasks report."""

@@ -205,7 +205,8 @@ steps:
     assert len(started_2) == 4 and len(started_1) == 2   # item 1: once per host; item 2: twice per host
 
 
-def _run_until_item_two(tmp_path: Path, hosts: list[SSHHost], playbook: str) -> tuple[subprocess.Popen[str], Path, Path]:
+def _run_until_item_two(tmp_path: Path, hosts: list[SSHHost], playbook: str,
+                        *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
     """Start `runbook run` of this playbook as a real process; return (process, audit trail, its working directory)
     once item 2 of its loop `each` started on every host."""
     work = tmp_path / "work"
@@ -215,7 +216,7 @@ def _run_until_item_two(tmp_path: Path, hosts: list[SSHHost], playbook: str) -> 
     write_inventory(work / "inventory.yml", hosts)
     write_known_hosts(work / "known_hosts", hosts)
     proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", "pb.yml", "-i", "inventory.yml",
-                             "--known-hosts", "known_hosts", "--audit-log", str(trail)],
+                             "--known-hosts", "known_hosts", "--audit-log", str(trail), *extra],
                             cwd=work, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def item_two_running() -> bool:
@@ -257,8 +258,9 @@ steps:
     assert helpers_cli("audit", "verify", "--audit-log", str(trail)).returncode == 0
 
 
+@pytest.mark.parametrize("where", [[], ["--cluster", "local:2"]], ids=["in-process", "cluster"])
 def test_a_first_interrupt_lets_the_running_item_finish_and_starts_no_further_item(
-        clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+        where: list[str], clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
     hosts = clean_ssh_hosts[:2]
     proc, trail, work = _run_until_item_two(tmp_path, hosts, """\
 runbook: loop-drain
@@ -266,7 +268,7 @@ steps:
   - name: each
     shell: echo {{ item }} >> count; test {{ item }} != 2 || sleep 3
     loop: [1, 2, 3]
-""")
+""", *where)   # on a cluster, the loops run on the workers: the controller's first interrupt must reach them
     proc.send_signal(signal.SIGINT)   # once: what runs may finish, nothing new starts
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
