@@ -3,12 +3,12 @@
 The task traffic is the distributed path's hot loop. An actor call per batch of orders and another
 per batch of events cost the controller and the worker about a millisecond each in Dask's RPC layer
 (the actor lookup, the reply, Dask's per-object serialization), as much as the task's own SSH work.
-So once a run's session is set up (by an actor call, as before), the controller opens one comm to the
-worker's own address (the worker's listener and its TLS settings; no port of runbook's own), asks for
-the `runbook_channel` handler with the session's one-time token, and both sides keep that comm:
-order batches, connects, closes and a first interrupt one way, batches of events (and connect answers) the other, each
-message one pickle (the trust Dask's own messages already need: the cluster's members run each
-other's code).
+So once a run's session is set up (an actor call), the controller opens one comm to the worker's
+own address (the worker's listener and its TLS settings; no port of runbook's own), asks for the
+`runbook_channel` handler with the session's one-time token, and both sides keep that comm: order
+batches, connects, closes and a first interrupt one way; batches of events and connect answers the
+other; each message one pickle (the trust Dask's own messages already need: the cluster's members
+run each other's code).
 """
 
 from __future__ import annotations
