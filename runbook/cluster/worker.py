@@ -377,4 +377,6 @@ def _quiet_close(conn: Connection) -> None:
 
 def dask_setup(worker: Any) -> None:
     """Preload hook of `dask worker --preload runbook.cluster.worker`: the engine is imported, the channel ready."""
+    import runbook.connections.ssh  # noqa: F401  (paramiko and Fabric too: a run's first connects need not wait)
+
     channel.install(worker)

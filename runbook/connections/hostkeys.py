@@ -31,11 +31,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-
-import paramiko
+from typing import TYPE_CHECKING, Literal
 
 from runbook.errors import HostKeyError, RunbookError
+
+if TYPE_CHECKING:   # paramiko is imported where a key is parsed: a cluster's controller never needs it
+    import paramiko
 
 HOST_KEY_MODES = ("strict", "accept-new", "off")
 SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
@@ -134,6 +135,8 @@ def parse_line(path: Path, number: int, text: str) -> KnownHost | None:
         return None
     usable = True
     if not marker:
+        import paramiko
+
         try:
             paramiko.PKey.from_type_string(key_type, blob)
         except Exception:  # a type paramiko lacks (ssh-dss, sk-*) or a corrupt key: OpenSSH may still use it
@@ -284,14 +287,3 @@ class HostKeyPolicy:
                 lead = b"\n" if size and handle.read(1) != b"\n" else b""
                 handle.write(lead + f"{name} {key.get_name()} {key.get_base64()}\n".encode())
                 handle.flush()
-
-
-class MissingKeyPolicy(paramiko.MissingHostKeyPolicy):
-    """paramiko's hook: its own store is kept empty, so every offered key comes here to be judged."""
-
-    def __init__(self, policy: HostKeyPolicy) -> None:
-        self.policy = policy
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        """Judge the key through the host's policy; raising refuses it."""
-        self.policy.check(hostname, key)

@@ -22,7 +22,7 @@ import paramiko
 
 from runbook.connections.base import (TIMEOUT_RC, CommandResult, ConnectOptions, FileStat, HostLike, command_argv,
                                       save_read, sudo_stdin, sudo_words)
-from runbook.connections.hostkeys import HOST_KEY_MODES, HostKeyPolicy, MissingKeyPolicy, fingerprint, known_hosts_name
+from runbook.connections.hostkeys import HOST_KEY_MODES, HostKeyPolicy, fingerprint, known_hosts_name
 from runbook.connections.output import DEFAULT_OUTPUT_LIMIT, OutputCapture, check_output_limit, command_result
 from runbook.errors import ConnectionFailed, RunbookError
 
@@ -56,6 +56,17 @@ def _no_delay(conn: fabric.Connection | None) -> None:
             except OSError:
                 pass
         conn = conn.gateway
+
+
+class MissingKeyPolicy(paramiko.MissingHostKeyPolicy):
+    """paramiko's hook: its own store is kept empty, so every offered key comes here to be judged."""
+
+    def __init__(self, policy: HostKeyPolicy) -> None:
+        self.policy = policy
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        """Judge the key through the host's policy; raising refuses it."""
+        self.policy.check(hostname, key)
 
 
 class _HandshakeTimeout(TimeoutError):
