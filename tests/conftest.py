@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,14 @@ from runbook.results import RunResult
 from tests.helpers import EventRecorder, InventoryWriter, PlaybookWriter
 
 from tests.sshd import SSHDHarness, SSHDUnavailable, SSHHost, find_sshd, write_inventory, write_known_hosts
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Started as a background job (`cmd &` without job control), the suite inherits an ignored SIGINT,
+    and so would every runbook it starts (Python keeps an inherited SIG_IGN): the interrupt tests
+    need the default. A Python handler is not inherited across exec, so children start with SIG_DFL."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
