@@ -362,14 +362,25 @@ class ClusterRun:
         used = router.eligible()   # every worker a host may run on, now or after a loss
         futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
                                  key=f"runbook-session-{setup.info.run_id}-{i}") for i, a in enumerate(used)]
-        sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}
-        tokens = {a: secrets.token_urlsafe(32) for a in sessions}
-        replies = {a: s.setup(setup, tokens[a]) for a, s in sessions.items()}
-        names = {a: str(r.result(timeout=120)) for a, r in replies.items()}
-        loop = client.loop.asyncio_loop
-        opening = {a: asyncio.run_coroutine_threadsafe(Channel.open(a, client.connection_args, tokens[a]), loop)
-                   for a in sessions}
-        channels = {a: f.result(timeout=60) for a, f in opening.items()}
+        worker = "?"
+        try:
+            sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}
+            tokens = {a: secrets.token_urlsafe(32) for a in sessions}
+            replies = {a: s.setup(setup, tokens[a]) for a, s in sessions.items()}
+            names = {}
+            for worker, reply in replies.items():
+                names[worker] = str(reply.result(timeout=120))
+            loop = client.loop.asyncio_loop
+            channels = {}
+            for worker in sessions:
+                opening = Channel.open(worker, client.connection_args, tokens[worker])
+                channels[worker] = asyncio.run_coroutine_threadsafe(opening, loop).result(timeout=60)
+        except Exception as exc:   # nothing has run yet: say which worker, and what the controller needs of it
+            with contextlib.suppress(Exception):
+                client.cancel(futures)
+            raise RunbookError(f"cannot set up the run on cluster worker {worker}: {type(exc).__name__}: {exc}",
+                               hint="the controller must reach every worker directly at its address, and every "
+                                    "worker must run the controller's runbook version (docs/cluster.md)") from None
         return cls(client, router, sessions, channels, names, needs, sudo_password, known_hosts, futures)
 
     def close(self) -> None:
