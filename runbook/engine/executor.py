@@ -120,6 +120,7 @@ class Executor:
         self.concurrency = options.concurrency or playbook.concurrency
         self.running: dict[Future[TaskResult], TaskKey | _Rescue] = {}
         self.running_on: Counter[str] = Counter()   # running tasks per host: no scan of `running` per host and tick
+        self.signals = self.signals_seen = 0          # SIGINT/SIGTERM received, and acted on
         self.connecting: dict[Future[None], str] = {}
         self.stopping = False
         self.abort_deadline: float | None = None
@@ -130,9 +131,13 @@ class Executor:
     def execute(self) -> RunResult:
         """Run every task and return the run's result; never raises for task or host failures."""
         self.result.started_at = time.time()
-        old_term = None
+        handlers: dict[signal.Signals, Any] = {}
         if self.opt.handle_signals and threading.current_thread() is threading.main_thread():
-            old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+            # Counted here, acted on between rounds of the loop: raised where it lands, an interrupt could
+            # fall between handing a task to the pool and recording it as running (it would run unrecorded).
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
+                    handlers[sig] = signal.signal(sig, self._on_signal)   # an ignored SIGINT stays ignored
         try:
             self.events.run_started(self.info)
             self._loop()
@@ -144,8 +149,8 @@ class Executor:
             self.result.observer_failed = str(exc)
             self.result.environment_failed = exc.environment
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for signum, old in handlers.items():
+                signal.signal(signum, old)
             for conn in list(self.conns.values()):
                 _quiet_close(conn)
             self.delegates.close()
@@ -192,8 +197,18 @@ class Executor:
                     ready.remove(key)
                 self.scheduler.finish(key, dataclasses.replace(old, from_run=old.from_run or "previous"))
 
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signals += 1
+
+    def _take_signals(self) -> None:
+        """Act on the interrupts received since the last round: the first stops the run, the second aborts it."""
+        while self.signals_seen < self.signals:
+            self.signals_seen += 1
+            self._interrupted()
+
     def _tick(self, pool: TaskPool) -> bool:
         """One round: admit hosts, start what is ready, collect what finished; False when the run is over."""
+        self._take_signals()
         if self.opt.stop is not None and self.opt.stop.is_set() and not self.stopping:
             self._stopped_by_caller()
         if not self.stopping:
@@ -210,6 +225,7 @@ class Executor:
             return not self.stopping and bool(self.scheduler.active or self.scheduler.more_to_admit())
         futures: list[Future[Any]] = [*self.running, *self.connecting]
         done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
+        self._take_signals()
         if done:
             self.events.sync()   # what finished is durable before anything that depends on it starts
         for fut in done:
@@ -395,6 +411,3 @@ def _quiet_close(conn: Connection) -> None:
     except Exception:  # closing is best effort; the run's outcome is already decided
         pass
 
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
