@@ -28,9 +28,8 @@ class FakeSession:
         self.got: list[tuple[Any, ...]] = []
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    async def submit(self, orders: list[TaskOrder]) -> int:
+    def run_later(self, orders: list[TaskOrder]) -> None:
         self.got.append(("run", [o.key for o in orders]))
-        return len(orders)
 
     def connect_later(self, host: str, sudo_password: str | None) -> None:
         self.got.append(("connect", host, sudo_password))

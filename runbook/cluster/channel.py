@@ -14,14 +14,13 @@ run each other's code).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import pickle
 from typing import TYPE_CHECKING, Any
 
 from runbook.cluster.wire import Connected, ConnectReply
 
 if TYPE_CHECKING:
-    from runbook.cluster.wire import StreamItem, TaskOrder
+    from runbook.cluster.wire import ChannelItem, StreamItem, TaskOrder
     from runbook.cluster.worker import RunSession
 
 OP = "runbook_channel"
@@ -47,19 +46,11 @@ def withdraw(token: str) -> None:
     _offered.pop(token, None)
 
 
-def _claim(token: str) -> RunSession | None:
-    for known, session in list(_offered.items()):
-        if hmac.compare_digest(known.encode(), str(token).encode()):
-            _offered.pop(known, None)   # one channel per session
-            return session
-    return None
-
-
 async def _serve(comm: Any, token: str = "") -> Any:
     """The worker's end: orders read and started, the session's events written back, until the comm closes."""
     from distributed.core import Status
 
-    session = _claim(token)
+    session = _offered.pop(str(token), None)   # one channel per session: a replayed token finds nothing
     if session is None:
         await comm.close()
         return Status.dont_reply
@@ -68,7 +59,7 @@ async def _serve(comm: Any, token: str = "") -> Any:
         while not writer.done():
             kind, *args = pickle.loads(await comm.read())
             if kind == "run":
-                await session.submit(args[0])
+                session.run_later(args[0])
             elif kind == "connect":
                 session.connect_later(*args)
             elif kind == "close":
@@ -140,14 +131,17 @@ class Channel:
 
         Raises OSError when the worker is gone (the connects still waiting fail with it)."""
         try:
-            items: list[StreamItem] = pickle.loads(await self.comm.read())
+            items: list[ChannelItem] = pickle.loads(await self.comm.read())
         except OSError as exc:
             self.fail(exc)
             raise
+        events: list[StreamItem] = []
         for item in items:
-            if isinstance(item, Connected) and item.host in self.answers and not self.answers[item.host].done():
+            if not isinstance(item, Connected):
+                events.append(item)
+            elif item.host in self.answers and not self.answers[item.host].done():
                 self.answers[item.host].set_result(item.reply)
-        return [item for item in items if not isinstance(item, Connected)]
+        return events
 
     def fail(self, error: OSError) -> None:
         """The worker is gone: every connect still waiting for its answer fails (its host moves on)."""

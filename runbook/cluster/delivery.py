@@ -85,8 +85,6 @@ class Delivery:
             if isinstance(event, TaskError):
                 self.lose(event.task_id, f"internal error on a cluster worker: {event.message}", Status.FAILED)
                 continue
-            if not isinstance(event, WireEvent):   # a connect answer: its caller took it on the channel
-                continue
             with self.lock:
                 op = self.ops.get(event.task_id) if event.task_id is not None else None
             if event.task_id is not None and (op is None or op.done or event.seq != op.delivered):

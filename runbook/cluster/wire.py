@@ -92,4 +92,5 @@ class Connected:
     reply: ConnectReply
 
 
-StreamItem = WireEvent | TaskOutcome | TaskError | Connected   # what a worker's channel carries, in the order it happened
+StreamItem = WireEvent | TaskOutcome | TaskError   # what the controller delivers of a worker's stream, in order
+ChannelItem = StreamItem | Connected               # what a worker's channel carries (connect answers too)

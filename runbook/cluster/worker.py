@@ -25,7 +25,7 @@ from typing import Any
 from runbook.cluster import channel
 from runbook.connections import Connection, ConnectOptions, connect
 from runbook.connections.hostkeys import HostKeyPolicy
-from runbook.cluster.wire import (Connected, ConnectReply, SessionSetup, StreamItem, TaskError, TaskOrder, TaskOutcome,
+from runbook.cluster.wire import (ChannelItem, Connected, ConnectReply, SessionSetup, TaskError, TaskOrder, TaskOutcome,
                                   WireEvent)
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
@@ -35,7 +35,7 @@ from runbook.events import EventStream, Observer, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey, expand
 from runbook.results import RunMode, Status, TaskResult
 
-MAX_EVENTS_PER_POLL = 2000   # events in one message of the channel, at most
+MAX_EVENTS_PER_BATCH = 2000   # events in one message of the channel, at most
 HOLD = 0.005     # seconds a batch of events may wait, after its first event, for an outcome to carry along
 
 
@@ -260,7 +260,7 @@ class RunSession:
         self.threads: ThreadPoolExecutor | None = None
         self.work: WorkerRun | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.queue: asyncio.Queue[StreamItem] | None = None
+        self.queue: asyncio.Queue[ChannelItem] | None = None
 
     async def setup(self, setup: SessionSetup, token: str) -> str:
         """Take the run (sent once per worker); returns this worker's name, recorded in task results.
@@ -274,7 +274,7 @@ class RunSession:
         channel.offer(token, self)
         return self.name
 
-    def _push(self, event: StreamItem) -> None:
+    def _push(self, event: ChannelItem) -> None:
         loop, queue = self.loop, self.queue
         if loop is not None and queue is not None:
             try:
@@ -291,11 +291,15 @@ class RunSession:
             raise RuntimeError("this run session was not set up")
         return self.work
 
+    def _later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn` on the session's threads; what it has to say comes back through `events`, not awaited here."""
+        if self.threads is None:
+            raise RuntimeError("this run session was not set up")
+        self.threads.submit(fn, *args)
+
     def connect_later(self, host: str, sudo_password: str | None) -> None:
         """Open a host's connection here (the channel's connect); the answer comes back through `events`."""
-        work = self._run()
-        assert self.threads is not None
-        self.threads.submit(self._connect_one, work, host, sudo_password)   # answered on the queue, not awaited
+        self._later(self._connect_one, self._run(), host, sudo_password)
 
     def _connect_one(self, work: WorkerRun, host: str, sudo_password: str | None) -> None:
         try:
@@ -304,13 +308,11 @@ class RunSession:
             reply = ConnectReply(f"internal error on this cluster worker: {type(exc).__name__}: {exc}")
         self._push(Connected(host, reply))
 
-    async def submit(self, orders: list[TaskOrder]) -> int:
+    def run_later(self, orders: list[TaskOrder]) -> None:
         """Start tasks here (the channel's orders); each one's outcome comes back through `events`, after its events."""
         work = self._run()
-        assert self.threads is not None
-        for order in orders:   # each outcome comes back on the queue: nothing here waits for the thread
-            self.threads.submit(self._run_one, work, order)
-        return len(orders)
+        for order in orders:
+            self._later(self._run_one, work, order)
 
     def _run_one(self, work: WorkerRun, order: TaskOrder) -> None:
         try:
@@ -318,7 +320,7 @@ class RunSession:
         except Exception as exc:   # the runner itself reports task failures: this is a bug, said as such
             self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
 
-    async def events(self, wait: float = 1.0) -> list[StreamItem]:
+    async def events(self, wait: float = 1.0) -> list[ChannelItem]:
         """The next batch for the channel: events and outcomes since the last, in order, waiting up to `wait` s for one.
 
         A batch holds on (up to HOLD) until it carries an outcome: a task's start and its end then
@@ -328,12 +330,12 @@ class RunSession:
         if queue is None or loop is None:
             return []
         try:
-            out: list[StreamItem] = [await asyncio.wait_for(queue.get(), wait)]
+            out: list[ChannelItem] = [await asyncio.wait_for(queue.get(), wait)]
         except TimeoutError:
             return []
         deadline = loop.time() + HOLD
-        while len(out) < MAX_EVENTS_PER_POLL:
-            while not queue.empty() and len(out) < MAX_EVENTS_PER_POLL:
+        while len(out) < MAX_EVENTS_PER_BATCH:
+            while not queue.empty() and len(out) < MAX_EVENTS_PER_BATCH:
                 out.append(queue.get_nowait())
             left = deadline - loop.time()
             if left <= 0 or any(not isinstance(item, WireEvent) for item in out):
@@ -346,9 +348,7 @@ class RunSession:
 
     def close_later(self, host: str) -> None:
         """Close one host's connection (the channel's close), on the session's threads."""
-        work = self._run()
-        assert self.threads is not None
-        self.threads.submit(work.close_host, host)
+        self._later(self._run().close_host, host)
 
     def drain(self) -> None:
         """A first interrupt on the controller: running loops here start no further item."""
