@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,6 +45,7 @@ class Client:
     def __init__(self, failing: str):
         self.failing = failing
         self.cancelled: list[Any] = []
+        self.loop = SimpleNamespace(asyncio_loop=None)   # no channel opens: the setup fails first
 
     def submit(self, cls: Any, *, workers: list[str], **kw: Any) -> Done:
         return Done(Session(OSError("no route to host") if workers == [self.failing] else None))

@@ -36,18 +36,20 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
             sys.stdout.flush()
             sys.stderr.flush()
             gc.freeze()   # the workers' collector then leaves the inherited objects (and their pages) alone
-            with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False,
-                                                            "distributed.worker.multiprocessing-method": "fork"}):
-                # The terminal's Ctrl-C reaches its whole process group: the workers must leave it to the
-                # controller, which stops the run as an in-process run stops (running tasks finish).
-                # The scheduler's HTTP server (its health and metrics routes) on a free loopback port:
-                # not 0.0.0.0:8787, nor a warning on the console when that port is taken.
-                cluster = LocalCluster(n_workers=spec.local_workers, threads_per_worker=threads_per_worker,
-                                       processes=True, host="127.0.0.1", dashboard_address=None,
-                                       scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
-                                       silence_logs=logging.ERROR, preload=["runbook.cluster.worker"],
-                                       memory_limit=0)   # no nanny restarts a worker for its memory mid-run
-            gc.unfreeze()
+            try:
+                with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False,
+                                                                "distributed.worker.multiprocessing-method": "fork"}):
+                    # The terminal's Ctrl-C reaches its whole process group: the workers must leave it to the
+                    # controller, which stops the run as an in-process run stops (running tasks finish).
+                    # The scheduler's HTTP server (its health and metrics routes) on a free loopback port:
+                    # not 0.0.0.0:8787, nor a warning on the console when that port is taken.
+                    cluster = LocalCluster(n_workers=spec.local_workers, threads_per_worker=threads_per_worker,
+                                           processes=True, host="127.0.0.1", dashboard_address=None,
+                                           scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
+                                           silence_logs=logging.ERROR, preload=["runbook.cluster.worker"],
+                                           memory_limit=0)   # no nanny restarts a worker for its memory mid-run
+            finally:
+                gc.unfreeze()
             client = Client(cluster, direct_to_workers=True)
         else:
             client = Client(spec.address, timeout=CONNECT_TIMEOUT, direct_to_workers=True)

@@ -362,20 +362,25 @@ class ClusterRun:
         used = router.eligible()   # every worker a host may run on, now or after a loss
         futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
                                  key=f"runbook-session-{setup.info.run_id}-{i}") for i, a in enumerate(used)]
+        sessions: dict[str, Any] = {}
+        names: dict[str, str] = {}
+        channels: dict[str, Channel] = {}
+        loop = client.loop.asyncio_loop
         worker = "?"
         try:
-            sessions = {a: f.result(timeout=60) for a, f in zip(used, futures)}
+            for worker, future in zip(used, futures):
+                sessions[worker] = future.result(timeout=60)
             tokens = {a: secrets.token_urlsafe(32) for a in sessions}
             replies = {a: s.setup(setup, tokens[a]) for a, s in sessions.items()}
-            names = {}
             for worker, reply in replies.items():
                 names[worker] = str(reply.result(timeout=120))
-            loop = client.loop.asyncio_loop
-            channels = {}
             for worker in sessions:
                 opening = Channel.open(worker, client.connection_args, tokens[worker])
                 channels[worker] = asyncio.run_coroutine_threadsafe(opening, loop).result(timeout=60)
         except Exception as exc:   # nothing has run yet: say which worker, and what the controller needs of it
+            for chan in channels.values():
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(chan.close(), loop).result(timeout=CLOSE_TIMEOUT)
             with contextlib.suppress(Exception):
                 client.cancel(futures)
             raise RunbookError(f"cannot set up the run on cluster worker {worker}: {type(exc).__name__}: {exc}",
