@@ -56,8 +56,11 @@ class ClusterProcs:
             port = s.getsockname()[1]
         self.address = f"tcp://127.0.0.1:{port}"
         dask = str(Path(sys.executable).parent / "dask")
+        from runbook.cluster.settings import dask_environment
+
+        # The scheduler as docs/cluster.md recommends running it: with runbook's Dask settings.
         self.procs = [_spawn([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                             log_dir / "scheduler.log", env)]
+                             log_dir / "scheduler.log", dask_environment(env))]
         for i in range(workers):
             self.procs.append(_spawn([*runbook_argv(), "worker", self.address, "--name", f"bench-{i}"],
                                      log_dir / f"worker-{i}.log", env))

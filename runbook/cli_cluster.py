@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-
 import click
 
 from runbook.cluster.address import ZONE_RESOURCE, check_zone, parse_cluster
-
-PROFILE_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
+from runbook.cluster.settings import dask_environment
 
 
 def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool,
@@ -50,13 +47,4 @@ def worker(scheduler: str, zone: str | None, nthreads: int, name: str | None, na
     argv = worker_argv(scheduler, zone, nthreads, name, nanny, tls)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, worker_env(os.environ))
-
-
-def worker_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The worker's environment: Dask's statistical profiler off unless asked for.
-
-    It samples every thread's stack every 10 ms; a runbook worker has a thread per running task and
-    per SSH connection, so the sampling costs about as much CPU as the tasks themselves.
-    """
-    return {PROFILE_ENV: "False", **env}
+    os.execve(argv[0], argv, dask_environment(os.environ))   # runbook's Dask settings, unless env sets them

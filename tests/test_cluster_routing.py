@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runbook.cli_cluster import PROFILE_ENV, worker_argv, worker_env
+from runbook.cli_cluster import worker_argv
 from runbook.cluster.address import parse_cluster, zone_of_resources
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router, WorkerInfo, host_zone
@@ -61,11 +61,6 @@ def test_worker_command_line() -> None:
         worker_argv("tcp://127.0.0.1:8786", None, 1, "w 1; x", nanny=False)
     tls = worker_argv("tls://127.0.0.1:8786", None, 1, None, nanny=True, tls={"tls-cert": "/c.pem", "tls-key": "/k.pem"})
     assert tls[-4:] == ["--tls-cert", "/c.pem", "--tls-key", "/k.pem"] and "--nanny" in tls
-
-
-def test_worker_profiler_is_off_unless_asked_for() -> None:
-    assert worker_env({"PATH": "/bin"}) == {PROFILE_ENV: "False", "PATH": "/bin"}
-    assert worker_env({PROFILE_ENV: "True"})[PROFILE_ENV] == "True"
 
 
 WORKERS = [WorkerInfo("tcp://a:1", "a", "east"), WorkerInfo("tcp://b:1", "b", "east"), WorkerInfo("tcp://c:1", "c", "west"),

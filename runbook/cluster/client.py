@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 from runbook.cluster.address import ClusterSpec, zone_of_resources
 from runbook.cluster.routing import WorkerInfo
+from runbook.cluster.settings import dask_settings
 from runbook.errors import RunbookError
 
 CONNECT_TIMEOUT = 10.0   # seconds to reach the scheduler before the run is refused
@@ -37,7 +39,7 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
             sys.stderr.flush()
             gc.freeze()   # the workers' collector then leaves the inherited objects (and their pages) alone
             try:
-                with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False,
+                with _workers_ignore_sigint(), dask.config.set({**dask_settings(os.environ),
                                                                 "distributed.worker.multiprocessing-method": "fork"}):
                     # The terminal's Ctrl-C reaches its whole process group: the workers must leave it to the
                     # controller, which stops the run as an in-process run stops (running tasks finish).
