@@ -89,7 +89,7 @@ class ClusterPool:
     def connect(self, host: str) -> Future[None]:
         """Connect a host on its worker (hosts of the local kind connect here, as in-process)."""
         if host not in self.router.zones:
-            return self.local.submit(self.executor._connect, host)
+            return self.local.submit(self.executor.connections.open, host)
         fut: Future[None] = Future()
         if self.halted:
             fut.set_result(None)   # nothing starts: its tasks are recorded not run
@@ -198,8 +198,7 @@ class ClusterPool:
                 return
             with self.lock:
                 self.connected.setdefault(worker, set()).add(host)
-            with self.executor.scheduler.lock:
-                self.executor.conns[host] = RemoteHost(self, host)
+            self.executor.connections.add(host, RemoteHost(self, host))
             fut.set_result(None)
             return
         if not fut.done():

@@ -33,7 +33,7 @@ from runbook.engine.task import TaskRunner
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.events import EventStream, Observer, RunInfo, TaskRef
 from runbook.graph import StepGraph, TaskKey, expand
-from runbook.results import RunMode, Status, TaskResult
+from runbook.results import Status, TaskResult
 
 MAX_EVENTS_PER_BATCH = 2000   # events in one message of the channel, at most
 HOLD = 0.005     # seconds a batch of events may wait, after its first event, for an outcome to carry along
@@ -125,10 +125,7 @@ class WorkerRun:
         self.runner.block_gate = self.gates.get
         self.predictor = Predictor(self.runner, tasks, self.results, self.options.predictions,
                                    allow_drift=self.options.allow_drift, stop_host=self._stop_host, warn=self._warn)
-        if self.options.mode == RunMode.PLAN:
-            self.runner.handler = self.predictor.plan_task
-        elif self.options.mode == RunMode.APPLY and self.options.predictions is not None:
-            self.runner.handler = self.predictor.apply_task
+        self.runner.handler = self.predictor.handler_for(self.options.mode) or self.runner.handler
         self.conns: dict[str, Connection] = {}
         self.sudo_password: str | None = None
         self.lock = threading.Lock()

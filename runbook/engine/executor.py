@@ -8,8 +8,6 @@ between them and emits events; it prints, logs and saves nothing itself.
 from __future__ import annotations
 
 import dataclasses
-import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections import Counter
@@ -18,10 +16,9 @@ from typing import Any, Literal, Protocol
 
 import networkx as nx
 
-from runbook.connections import Connection
-from runbook.connections.local import LocalConnection
-from runbook.engine.delegates import DelegatePool
-from runbook.engine.options import ExecOptions, HostLike
+from runbook.engine.connections import RunConnections
+from runbook.engine.interrupts import Interrupts
+from runbook.engine.options import ExecOptions, HostLike, WindowGuardLike
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
 from runbook.engine.scheduling import TaskScheduler
@@ -30,8 +27,8 @@ from runbook.errors import ConnectionFailed
 from runbook.events import EventStream, ObserverFailed, RunInfo
 from runbook.facts import FactStore
 from runbook.graph import StepGraph, TaskKey, expand
-from runbook.model import CONTROLLER, Playbook, Step
-from runbook.results import RunMode, RunResult, Status, TaskResult
+from runbook.model import Playbook, Step
+from runbook.results import RunResult, Status, TaskResult
 
 WINDOW_CLOSED = "maintenance window closed"
 ABORT_WAIT = 3.0   # seconds to let tasks whose connections were closed report before giving up on them
@@ -71,7 +68,7 @@ class ThreadPool:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runbook")
 
     def connect(self, host: str) -> Future[None]:
-        return self.pool.submit(self.executor._connect, host)
+        return self.pool.submit(self.executor.connections.open, host)
 
     def run(self, key: TaskKey, rescue: bool = False) -> Future[TaskResult]:
         return self.pool.submit(self.executor.runner.run, key, rescue)
@@ -100,27 +97,21 @@ class Executor:
         self.opt = options
         self.tasks: nx.DiGraph = expand(self.steps, self.host_order)
         self.result = RunResult(run.run_id, options.mode, list(self.host_order))
-        self.conns: dict[str, Connection] = {}
-        self.local = LocalConnection(CONTROLLER)
-        self.delegates = DelegatePool(options.inventory_hosts, self._open_delegate)
+        self.connections = RunConnections(self.hosts, options.connect, options.inventory_hosts)
         self.scheduler = TaskScheduler(self.tasks, self.steps, self.host_order, mode=options.mode, batch=playbook.batch,
                                        max_failures=playbook.max_failures, emit=self._emit, notice=self._warn)
         self.result.unreachable = self.scheduler.unreachable
         self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
-                                 Registers(self.host_order, options.registers), self._conn_for, FactStore())
+                                 Registers(self.host_order, options.registers), self.connections.for_task, FactStore())
         self.runner.notifications.results = self.scheduler.results   # handlers run by what their notifiers did
         if self.scheduler.blocks is not None:   # a block's rescue steps run only where the block failed
             self.runner.block_gate = self.scheduler.blocks.rescue_gate
         self.predictor = Predictor(self.runner, self.tasks, self.scheduler.results, options.predictions,
                                    allow_drift=options.allow_drift, stop_host=self.scheduler.stop_host, warn=self._warn)
-        if options.mode == RunMode.PLAN:
-            self.runner.handler = self.predictor.plan_task
-        elif options.mode == RunMode.APPLY and options.predictions is not None:
-            self.runner.handler = self.predictor.apply_task
+        self.runner.handler = self.predictor.handler_for(options.mode) or self.runner.handler
         self.concurrency = options.concurrency or playbook.concurrency
-        self.running: dict[Future[TaskResult], TaskKey | _Rescue] = {}
-        self.running_on: Counter[str] = Counter()   # running tasks per host: no scan of `running` per host and tick
-        self.signals = self.signals_seen = 0          # SIGINT/SIGTERM received, and acted on
+        self.running = RunningTasks()
+        self.interrupts = Interrupts()
         self.connecting: dict[Future[None], str] = {}
         self.stopping = False
         self.abort_deadline: float | None = None
@@ -131,13 +122,8 @@ class Executor:
     def execute(self) -> RunResult:
         """Run every task and return the run's result; never raises for task or host failures."""
         self.result.started_at = time.time()
-        handlers: dict[signal.Signals, Any] = {}
-        if self.opt.handle_signals and threading.current_thread() is threading.main_thread():
-            # Counted here, acted on between rounds of the loop: raised where it lands, an interrupt could
-            # fall between handing a task to the pool and recording it as running (it would run unrecorded).
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler:
-                    handlers[sig] = signal.signal(sig, self._on_signal)   # an ignored SIGINT stays ignored
+        if self.opt.handle_signals:
+            self.interrupts.install()
         try:
             self.events.run_started(self.info)
             self._loop()
@@ -149,11 +135,8 @@ class Executor:
             self.result.observer_failed = str(exc)
             self.result.environment_failed = exc.environment
         finally:
-            for signum, old in handlers.items():
-                signal.signal(signum, old)
-            for conn in list(self.conns.values()):
-                _quiet_close(conn)
-            self.delegates.close()
+            self.interrupts.restore()
+            self.connections.close_all()
         self.result.finished_at = time.time()
         position = {h: i for i, h in enumerate(self.host_order)}  # not list.index: O(tasks x hosts) at scale
         self.result.results = sorted(self.scheduler.recorded, key=lambda r: (position.get(r.host, 0), r.started_at or 0.0))
@@ -172,7 +155,7 @@ class Executor:
         pool: TaskPool = self.opt.pool(self, workers) if self.opt.pool else ThreadPool(self, workers)
         self.pool = pool
         try:
-            self._replay_previous()
+            self.scheduler.replay(self.opt.previous)
             while True:
                 try:
                     if not self._tick(pool):
@@ -187,23 +170,9 @@ class Executor:
             pool.shutdown(wait=not self.result.interrupted)
             self._record_unstarted()
 
-    def _replay_previous(self) -> None:
-        """Resumed runs: tasks already done count as finished before anything starts."""
-        for node, old in self.opt.previous.items():
-            key = TaskKey(*node)
-            if key in self.tasks and key not in self.scheduler.results:
-                ready = self.scheduler.ready[key.host]
-                if key in ready:
-                    ready.remove(key)
-                self.scheduler.finish(key, dataclasses.replace(old, from_run=old.from_run or "previous"))
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.signals += 1
-
     def _take_signals(self) -> None:
         """Act on the interrupts received since the last round: the first stops the run, the second aborts it."""
-        while self.signals_seen < self.signals:
-            self.signals_seen += 1
+        for _ in range(self.interrupts.take()):
             self._interrupted()
 
     def _tick(self, pool: TaskPool) -> bool:
@@ -219,11 +188,11 @@ class Executor:
             for host in self.scheduler.admit(self.concurrency, len(self.connecting)):
                 self.connecting[pool.connect(host)] = host
         for host in list(self.scheduler.active):
-            if host in self.conns:
+            if self.connections.is_open(host):
                 self._start_host_work(pool, host)
         if not self.running and not self.connecting:
             return not self.stopping and bool(self.scheduler.active or self.scheduler.more_to_admit())
-        futures: list[Future[Any]] = [*self.running, *self.connecting]
+        futures: list[Future[Any]] = [*self.running.futures, *self.connecting]
         done, _ = wait(futures, timeout=0.25, return_when=FIRST_COMPLETED)
         self._take_signals()
         if done:
@@ -236,56 +205,33 @@ class Executor:
 
     def _start_host_work(self, pool: TaskPool, host: str) -> None:
         """Start every ready task of a connected host; then its on_failure steps, one at a time; then release it."""
-        busy = self.running_on[host] > 0
+        busy = self.running.on(host) > 0
         while not self.stopping:
             node = self.scheduler.take(host)
             if node is None:
                 break
-            verdict = self._window_verdict(node)
+            verdict = window_verdict(self.opt.window_guard, self.steps.step(node.step_id), node, self.scheduler)
             if verdict == "closed":
+                self._window_closed()
                 break
             if verdict == "deferred":
                 continue
-            self._started(pool.run(node), node)
+            self.running.add(pool.run(node), node)
             busy = True
         if not self.stopping and not busy:
             sid = self.scheduler.next_rescue(host)
             if sid is not None:
-                self._started(pool.run(TaskKey(sid, host), True), _Rescue(TaskKey(sid, host)))
+                self.running.add(pool.run(TaskKey(sid, host), True), _Rescue(TaskKey(sid, host)))
                 busy = True
         if not busy and self.scheduler.settled(host):
             self.scheduler.release(host)
-            conn = self.conns.pop(host, None)
-            if conn is not None:
-                _quiet_close(conn)
+            self.connections.close(host)
 
-    def _started(self, fut: Future[TaskResult], key: TaskKey | _Rescue) -> None:
-        self.running[fut] = key
-        self.running_on[_host_of(key)] += 1
-
-    def _ended(self, fut: Future[TaskResult]) -> TaskKey | _Rescue:
-        key = self.running.pop(fut)
-        self.running_on[_host_of(key)] -= 1
-        return key
-
-    def _window_verdict(self, node: TaskKey) -> Literal["start", "deferred", "closed"]:
-        """Whether the maintenance window lets the task start; when not, it is deferred or the run stops."""
-        guard = self.opt.window_guard
-        step = self.steps.step(node.step_id)
-        if guard is None or guard.allows_start(step.max_duration):
-            return "start"
-        if step.max_duration is not None and guard.allows_start(None):
-            # Only this step cannot finish before the close: defer it (its successors wait for it);
-            # other tasks may still start while the window is open.
-            self.scheduler.finish(node, self.scheduler.result(node, Status.DEFERRED, "not started: max_duration does "
-                                                              "not fit before the maintenance window closes"))
-            return "deferred"
-        self.scheduler.put_back(node)
+    def _window_closed(self) -> None:
         self.stopping = True
         self.result.stop_reason = WINDOW_CLOSED
         self._warn("the maintenance window closed: no new task starts; the rest is deferred "
                    "(`runbook resume RUN_ID` continues it)")
-        return "closed"
 
     def _collect(self, fut: Future[Any]) -> None:
         """Take in one finished connection attempt or task."""
@@ -297,7 +243,7 @@ class Executor:
                 self.events.host_unreachable(self.info, host, reason)
                 self.scheduler.host_unreachable(host, reason)
             return
-        key = self._ended(fut)
+        key = self.running.pop(fut)
         res = fut.result()
         if isinstance(key, _Rescue):
             self.scheduler.record(key.key, res)   # step ids are unique across steps and on_failure
@@ -310,28 +256,32 @@ class Executor:
         """First interrupt: no new task starts, running ones may finish; a second one aborts them."""
         if self.result.interrupted:
             raise _Stop() from None
-        self.stopping = True
-        self._drain()
-        self.result.interrupted = True
-        self.result.stop_reason = "interrupted"
         self.abort_deadline = time.monotonic() + self.opt.interrupt_grace
-        self.events.run_interrupted(self.info, "interrupted: no new task starts; running tasks may finish "
-                                    "(interrupt again to abort them)")
+        self._stop_starting("interrupted", "interrupted: no new task starts; running tasks may finish "
+                                           "(interrupt again to abort them)")
 
     def _stopped_by_caller(self) -> None:
         """The embedding program asked to stop: like a first interrupt (no new task; running ones finish)."""
-        self.stopping = True
-        self._drain()
-        self.result.interrupted = True
-        self.result.stop_reason = "stopped: the program running it is shutting down"
-        self.events.run_interrupted(self.info, self.result.stop_reason + "; no new task starts, running tasks finish "
-                                    "(`runbook resume RUN_ID` continues it)")
+        reason = "stopped: the program running it is shutting down"
+        self._stop_starting(reason, reason + "; no new task starts, running tasks finish (`runbook resume RUN_ID` "
+                                             "continues it)")
 
-    def _drain(self) -> None:
-        """Running loops start no further item, here and wherever the pool runs tasks."""
-        self.runner.draining.set()
-        if self.pool is not None:
-            self.pool.drain()
+    def halt(self, reason: str) -> None:
+        """Stop starting work for a reason outside the run (its cluster was lost); running tasks are collected."""
+        if not self.stopping:
+            self._stop_starting(reason, reason + "; no new task starts (`runbook resume RUN_ID` continues it)",
+                                drain=False)
+
+    def _stop_starting(self, reason: str, message: str, drain: bool = True) -> None:
+        """No new task starts; with `drain`, running loops start no further item either, here and on the pool."""
+        self.stopping = True
+        if drain:
+            self.runner.draining.set()
+            if self.pool is not None:
+                self.pool.drain()
+        self.result.interrupted = True
+        self.result.stop_reason = reason
+        self.events.run_interrupted(self.info, message)
 
     def _abort(self) -> None:
         """Drop the connections so running commands end now; record what the running tasks report."""
@@ -340,27 +290,17 @@ class Executor:
         self.runner.cancel.set()
         if self.pool is not None:
             self.pool.abort()
-        for conn in list(self.conns.values()):
-            _quiet_close(conn)
-        self.delegates.close()
-        done, _ = wait(list(self.running), timeout=ABORT_WAIT)
+        self.connections.close_all()
+        done, _ = wait(list(self.running.futures), timeout=ABORT_WAIT)
         for fut in done:
-            key = self._ended(fut)
+            key = self.running.pop(fut)
             if isinstance(key, TaskKey) and key not in self.scheduler.results:
                 self.scheduler.record(key, fut.result())
-        for key in list(self.running.values()):
+        for key in list(self.running.futures.values()):
             if isinstance(key, TaskKey) and key not in self.scheduler.results:
                 res = self.scheduler.result(key, Status.FAILED, ABORTED)
                 self.scheduler.record(key, res)
                 self.events.task_finished(self.info, res)
-
-    def halt(self, reason: str) -> None:
-        """Stop starting work for a reason outside the run (its cluster was lost); running tasks are collected."""
-        if not self.stopping:
-            self.stopping = True
-            self.result.interrupted = True
-            self.result.stop_reason = reason
-            self.events.run_interrupted(self.info, reason + "; no new task starts (`runbook resume RUN_ID` continues it)")
 
     def _record_unstarted_after(self, exc: ObserverFailed) -> None:
         """The run could not even start (e.g. the audit trail cannot be written): nothing ran."""
@@ -373,26 +313,9 @@ class Executor:
     def _record_unstarted(self) -> None:
         """Whatever never started: deferred (window), or not run (interrupt, max_failures, a failed observer)."""
         status = Status.DEFERRED if self.result.stop_reason == WINDOW_CLOSED else Status.NOT_RUN
-        reason = self.result.stop_reason or "not started"
-        for node in self.scheduler.unstarted():
-            self.scheduler.record(node, self.scheduler.result(node, status, f"not started: {reason}"))
+        self.scheduler.record_unstarted(status, f"not started: {self.result.stop_reason or 'not started'}")
 
-    # --- connections and events --------------------------------------------------------------
-
-    def _connect(self, host: str) -> None:
-        conn = self.opt.connect(self.hosts[host]) if self.opt.connect else LocalConnection(host)
-        conn.open()
-        with self.scheduler.lock:
-            self.conns[host] = conn
-
-    def _conn_for(self, host: str, step: Step | None = None, delegate: str | None = None) -> Connection:
-        """A task's connection: its host's, the controller's, or its delegate's (one per delegate for the run)."""
-        if delegate is None:
-            return self.conns[host]
-        return self.local if delegate == CONTROLLER else self.delegates.get(delegate)
-
-    def _open_delegate(self, host: HostLike) -> Connection:
-        return self.opt.connect(host) if self.opt.connect else LocalConnection(host.name)
+    # --- events -------------------------------------------------------------------------------
 
     def _emit(self, res: TaskResult) -> None:
         self.events.task_finished(self.info, res)
@@ -401,13 +324,48 @@ class Executor:
         self.events.notice(self.info, "warning", message)
 
 
+class RunningTasks:
+    """The tasks handed to the pool and not collected yet, counted per host (no scan of them all per host and round)."""
+
+    def __init__(self) -> None:
+        self.futures: dict[Future[TaskResult], TaskKey | _Rescue] = {}
+        self._per_host: Counter[str] = Counter()
+
+    def __bool__(self) -> bool:
+        return bool(self.futures)
+
+    def add(self, fut: Future[TaskResult], key: TaskKey | _Rescue) -> None:
+        """`key` runs as `fut`."""
+        self.futures[fut] = key
+        self._per_host[_host_of(key)] += 1
+
+    def pop(self, fut: Future[TaskResult]) -> TaskKey | _Rescue:
+        """`fut` is collected: the task it ran."""
+        key = self.futures.pop(fut)
+        self._per_host[_host_of(key)] -= 1
+        return key
+
+    def on(self, host: str) -> int:
+        """How many of `host`'s tasks are running."""
+        return self._per_host[host]
+
+
+def window_verdict(guard: WindowGuardLike | None, step: Step, node: TaskKey,
+                   scheduler: TaskScheduler) -> Literal["start", "deferred", "closed"]:
+    """Whether the maintenance window lets a task start; one that cannot finish before the close is deferred."""
+    if guard is None or guard.allows_start(step.max_duration):
+        return "start"
+    if step.max_duration is not None and guard.allows_start(None):
+        # Only this step cannot finish before the close: defer it (its successors wait for it);
+        # other tasks may still start while the window is open.
+        scheduler.finish(node, scheduler.result(node, Status.DEFERRED, "not started: max_duration does "
+                                                "not fit before the maintenance window closes"))
+        return "deferred"
+    scheduler.put_back(node)   # the window is closing: it stays for `runbook resume`
+    return "closed"
+
+
 def _host_of(key: TaskKey | _Rescue) -> str:
     return key.key.host if isinstance(key, _Rescue) else key.host
 
-
-def _quiet_close(conn: Connection) -> None:
-    try:
-        conn.close()
-    except Exception:  # closing is best effort; the run's outcome is already decided
-        pass
 

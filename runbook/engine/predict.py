@@ -17,12 +17,12 @@ from runbook.engine.options import SavedPrediction
 from runbook.compose import rescue_of
 from runbook.engine.scheduling import PLANNED_NO_RESCUE
 from runbook.engine.outcome import check_guards
-from runbook.engine.task import TaskRunner
+from runbook.engine.task import ModeHandler, TaskRunner
 from runbook.errors import RunbookError
 from runbook.graph import TaskKey
 from runbook.handlers import Notice, Verdict
 from runbook.model import Step
-from runbook.results import Status, TaskResult, parent_step
+from runbook.results import RunMode, Status, TaskResult, parent_step
 from runbook.template import environment, strip_braces, truth
 
 _STATUS = {PredictionKind.CHANGE: Status.CHANGED, PredictionKind.OK: Status.OK, PredictionKind.SKIP: Status.SKIPPED,
@@ -54,6 +54,7 @@ class Predictor:
         self.tasks = tasks
         self.results = results
         self.predictions = predictions or {}
+        self.reviewed = predictions is not None   # apply: there is a plan to hold the tasks to
         self.allow_drift = allow_drift
         self.stop_host = stop_host
         self.warn = warn
@@ -62,6 +63,14 @@ class Predictor:
         self.partial: dict[str, dict[str, str]] = {}   # plan: host ("" for once steps) -> partial register -> step id
         self.items_by_node = _items_by_node(self.predictions)   # apply: a looped task's reviewed item keys
         runner.predictor = self
+
+    def handler_for(self, mode: RunMode) -> ModeHandler | None:
+        """How a task is carried out in `mode`: predicted (plan), held to the reviewed plan (apply); None: as usual."""
+        if mode == RunMode.PLAN:
+            return self.plan_task
+        if mode == RunMode.APPLY and self.reviewed:
+            return self.apply_task
+        return None
 
     # --- plan ------------------------------------------------------------------------------------
 

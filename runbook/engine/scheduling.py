@@ -6,9 +6,10 @@ host may start next, and tells it how each task ended.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from enum import Enum
 
 import networkx as nx
@@ -100,6 +101,15 @@ class TaskScheduler:
             # roll back, so a host whose only "failure" is drift does not run on_failure.
             with self.lock:
                 self.rescue_due.add(key.host)
+
+    def replay(self, previous: Mapping[TaskKey, TaskResult]) -> None:
+        """A resumed run: the tasks an earlier run did count as finished before anything starts."""
+        for node, old in previous.items():
+            key = TaskKey(*node)
+            if key in self.tasks and key not in self.results:
+                if key in self.ready[key.host]:
+                    self.ready[key.host].remove(key)
+                self.finish(key, dataclasses.replace(old, from_run=old.from_run or "previous"))
 
     def _block(self, node: TaskKey, cause: TaskKey, res: TaskResult) -> None:
         if res.status == Status.UNREACHABLE and node.host == cause.host:
@@ -244,6 +254,11 @@ class TaskScheduler:
         self.pending[new] = sum(1 for p in self.tasks.predecessors(new) if p not in self.results)
         if self.pending[new] == 0:
             self._release(new)
+
+    def record_unstarted(self, status: Status, message: str) -> None:
+        """Record every task that never started with `status` (deferred, not run) and why."""
+        for node in self.unstarted():
+            self.record(node, self.result(node, status, message))
 
     def unstarted(self) -> list[TaskKey]:
         """Tasks never recorded, in a stable topological order."""
