@@ -78,7 +78,6 @@ class ClusterPool:
         self.gone: set[str] = set()
         self.halted: str | None = None
         self.closing = False
-        self.mode = executor.opt.mode
         self.background = [self._spawn(self._stream(a)) for a in self.sessions] + [self._spawn(self._watch())]
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> Future[Any]:
@@ -116,7 +115,7 @@ class ClusterPool:
         op = Call(fut, key.host, key, rescue, worker=worker)
         with self.lock:
             self.ops[task_id] = op
-        order = self._order(task_id, key, rescue, step)
+        order = task_order(self.executor, task_id, key, rescue, self.cluster.needs.of(step))
         with self.lock:   # orders made in one pass of the executor go to their worker in one call
             outbox = self.outbox.setdefault(worker, [])
             outbox.append(order)
@@ -161,20 +160,6 @@ class ClusterPool:
         if asks is None:
             asks = self.asks[step.action] = bool(action_class(step.action).asks_operator)
         return not asks
-
-    def _order(self, task_id: int, key: TaskKey, rescue: bool, step: Step) -> TaskOrder:
-        registers = self.executor.runner.registers
-        ancestors: dict[TaskKey, PredictionKind | None] = {}
-        if self.mode in (RunMode.PLAN, RunMode.APPLY):
-            results = self.executor.scheduler.results
-            for node in nx.ancestors(self.executor.tasks, key):
-                found = results.get(node)
-                if found is not None and found.prediction in (PredictionKind.CHANGE, PredictionKind.UNKNOWN):
-                    ancestors[node] = found.prediction
-        stale = [name for host, name in list(registers.stale) if host == key.host]
-        gate = self.executor.runner.block_gate
-        return TaskOrder(task_id, key, rescue, registers.visible(key.host), registers.unknown_names(key.host), stale,
-                         self.cluster.needs.of(step), ancestors, gate(key) if gate is not None and not rescue else None)
 
     # --- remote calls (on the client's event loop) ----------------------------------------------------
 
@@ -315,6 +300,22 @@ class ClusterPool:
 
     def _lose(self, task_id: int, message: str, status: Status = Status.LOST) -> None:
         self.delivery.post(self.delivery.lose, task_id, message, status)
+
+
+def task_order(executor: Any, task_id: int, key: TaskKey, rescue: bool, secrets: dict[str, str]) -> TaskOrder:
+    """A task's order: what the controller knows that the task needs (registers, plan context, a block's verdict)."""
+    registers = executor.runner.registers
+    ancestors: dict[TaskKey, PredictionKind | None] = {}
+    if executor.opt.mode in (RunMode.PLAN, RunMode.APPLY):
+        results = executor.scheduler.results
+        for node in nx.ancestors(executor.tasks, key):
+            found = results.get(node)
+            if found is not None and found.prediction in (PredictionKind.CHANGE, PredictionKind.UNKNOWN):
+                ancestors[node] = found.prediction
+    stale = [name for host, name in list(registers.stale) if host == key.host]
+    gate = executor.runner.block_gate
+    return TaskOrder(task_id, key, rescue, registers.visible(key.host), registers.unknown_names(key.host), stale,
+                     secrets, ancestors, gate(key) if gate is not None and not rescue else None)
 
 
 def _lost_message(worker: str) -> str:
