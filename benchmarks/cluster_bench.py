@@ -3,8 +3,10 @@
 Hosts × steps of trivial commands on real sshd hosts, four ways, alternated after one warm-up each:
 in-process; `--cluster local:2` (the run starts and stops its own two worker processes); `--cluster
 tcp://` to a scheduler and two `runbook worker` processes started beforehand (the run itself); and the
-Fabric floor (benchmarks/floor.py). Prints medians, the controller's CPU, and the per-task overhead of
-the distributed path: (cluster wall - in-process wall) / tasks. Figures only; nothing is asserted.
+Fabric floor (benchmarks/floor.py). The running cluster is paused (SIGSTOP) while the other ways are
+timed, so they do not share the cores with its idle processes. Prints medians, the controller's CPU,
+and the per-task overhead of the distributed path: (cluster wall - in-process wall) / tasks. Figures
+only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from benchmarks.suite import REPO, child_env, fanout_playbook, median, runbook_a
 
 SCALE_CONCURRENCY = 100   # hosts at once in the scale run: each sshd here takes a few new connections at a time
 TARGET_RATIO = 1.3   # the distributed path within 1.3x of the in-process run (a goal, reported)
+RESUME_SETTLE = 1.0  # seconds for a resumed cluster's heartbeats to come round before it is timed
 
 
 def timed_cpu(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 900.0) -> tuple[float, float, int, str, str]:
@@ -73,6 +76,17 @@ class ClusterProcs:
                     raise RuntimeError("cluster workers did not start")
                 time.sleep(0.2)
 
+    def pause(self) -> None:
+        """Stop the cluster's processes (SIGSTOP) while other ways are timed: idle, they still take CPU."""
+        for p in self.procs:
+            p.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let them run again, and settle (a heartbeat round) before a run is timed on them."""
+        for p in self.procs:
+            p.send_signal(signal.SIGCONT)
+        time.sleep(RESUME_SETTLE)
+
     def cpu(self) -> dict[str, float]:
         """CPU seconds used so far by the scheduler and by the workers (together)."""
         import psutil
@@ -82,6 +96,7 @@ class ClusterProcs:
 
     def stop(self) -> None:
         for p in self.procs:
+            p.send_signal(signal.SIGCONT)
             p.terminate()
         for p in self.procs:
             try:
@@ -107,6 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             known = write_known_hosts(work / "known_hosts", hosts)
             cluster = ClusterProcs(2, env, work)
+            cluster.pause()
             playbook = fanout_playbook(work / "fanout.yml", args.steps)
             for count in counts:
                 inventory = write_inventory(work / f"inv-{count}.yml", hosts[:count])
@@ -191,9 +207,13 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
         return {"wall": wall, "cpu": cpu}
 
     def on_cluster() -> dict[str, float]:
-        before = cluster.cpu()
-        row = runbook("--cluster", cluster.address)
-        after = cluster.cpu()
+        cluster.resume()   # paused while the other ways run: their figures do not pay for its idle processes
+        try:
+            before = cluster.cpu()
+            row = runbook("--cluster", cluster.address)
+            after = cluster.cpu()
+        finally:
+            cluster.pause()
         return {**row, **{f"{k}_cpu": after[k] - before[k] for k in after}}
 
     every = {"in_process": lambda: runbook(), "local_2": lambda: runbook("--cluster", "local:2"),
