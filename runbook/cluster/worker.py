@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from runbook.cluster import channel
-from runbook.connections import Connection, ConnectOptions, connect
+from runbook.connections import Connection, ConnectOptions, connect, quiet_close
 from runbook.connections.hostkeys import HostKeyPolicy
 from runbook.cluster.wire import (ChannelItem, Connected, ConnectReply, SessionSetup, TaskError, TaskOrder, TaskOutcome,
                                   WireEvent)
@@ -202,7 +202,7 @@ class WorkerRun:
         """A host is done: close its connection."""
         conn = self.conns.pop(host, None)
         if conn is not None:
-            _quiet_close(conn)
+            quiet_close(conn)
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -235,7 +235,7 @@ class WorkerRun:
         self.runner.aborting = True
         self.runner.cancel.set()
         for conn in list(self.conns.values()):
-            _quiet_close(conn)
+            quiet_close(conn)
 
     def close(self) -> None:
         """The run is over: close every connection and remove the run's files."""
@@ -363,13 +363,6 @@ class RunSession:
             await self._off(self.work.close)
         if self.threads is not None:
             self.threads.shutdown(wait=False, cancel_futures=True)
-
-
-def _quiet_close(conn: Connection) -> None:
-    try:
-        conn.close()
-    except Exception:  # best effort: the run's outcome is decided
-        pass
 
 
 def dask_setup(worker: Any) -> None:

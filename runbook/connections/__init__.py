@@ -8,7 +8,7 @@ names the kind; choosing one is a registry lookup.
 from __future__ import annotations
 
 from runbook.connections.base import (TIMEOUT_RC, CommandResult, Connection, ConnectionKind, ConnectOptions, FileStat,
-                                      HostLike)
+                                      HostLike, quiet_close)
 from runbook.connections.readonly import ReadOnlyConnection
 from runbook.errors import RunbookError
 from runbook.plugins import Registry
@@ -36,4 +36,4 @@ def connect(host: HostLike, kind: str, options: ConnectOptions) -> Connection:
 
 
 __all__ = ["CONNECTIONS", "TIMEOUT_RC", "CommandResult", "ConnectOptions", "Connection", "ConnectionKind", "FileStat",
-           "HostLike", "ReadOnlyConnection", "connect"]
+           "HostLike", "ReadOnlyConnection", "connect", "quiet_close"]

@@ -104,6 +104,14 @@ class Connection(Protocol):
 # Shared helpers: both kinds build the same argv so that results agree.
 
 
+def quiet_close(conn: Connection) -> None:
+    """Close `conn`, ignoring its errors: closing is best effort once a run's outcome is decided."""
+    try:
+        conn.close()
+    except Exception:  # a connection that fails to close has nothing more to tell the run
+        pass
+
+
 def check_env(env: Mapping[str, str] | None) -> list[str]:
     """Validate environment names and return `NAME=value` words for `env(1)`."""
     words: list[str] = []

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runbook.connections import Connection
+from runbook.connections import Connection, quiet_close
 from runbook.connections.local import LocalConnection
 from runbook.engine.delegates import DelegatePool
 from runbook.engine.options import HostLike
@@ -63,11 +63,3 @@ class RunConnections:
         for conn in conns:
             quiet_close(conn)
         self.delegates.close()
-
-
-def quiet_close(conn: Connection) -> None:
-    """Close `conn`, ignoring errors: closing is best effort once the run's outcome is decided."""
-    try:
-        conn.close()
-    except Exception:  # closing is best effort; the run's outcome is already decided
-        pass

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runbook.connections import Connection
+from runbook.connections import Connection, quiet_close
 from runbook.errors import ConnectionFailed, RunbookError, did_you_mean
 from runbook.model import CONTROLLER, Step, delegate_name_problem
 from runbook.template import render
@@ -97,7 +97,4 @@ class DelegatePool:
             self.closed = True
             conns, self.conns = list(self.conns.values()), {}
         for conn in conns:
-            try:
-                conn.close()
-            except Exception:  # closing is best effort; the run's outcome is already decided
-                pass
+            quiet_close(conn)
