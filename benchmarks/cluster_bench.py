@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.suite import REPO, child_env, fanout_playbook, median, runbook_argv
+from benchmarks.suite import REPO, child_env, fanout_playbook, median, median_interval, runbook_argv
 
 SCALE_CONCURRENCY = 100   # hosts at once in the scale run: each sshd here takes a few new connections at a time
 TARGET_RATIO = 1.3   # the distributed path within 1.3x of the in-process run (a goal, reported)
 RESUME_SETTLE = 1.0  # seconds for a resumed cluster's heartbeats to come round before it is timed
+WAYS = ("in_process", "local_2", "running_cluster_2", "fabric")
+DISTRIBUTED = ("local_2", "running_cluster_2")
+CONFIDENCE = 0.95    # of the paired ratio's interval; 6 pairs at least reach it
 
 
 def timed_cpu(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 900.0) -> tuple[float, float, int, str, str]:
@@ -130,7 +133,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 spec.write_text(json.dumps({"hosts": [{"host": h.address, "port": h.port, "user": h.user,
                                                        "key_file": str(h.key_file)} for h in hosts[:count]],
                                             "commands": ["true"] * args.steps, "nodelay": True}))
-                out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster))
+                out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster,
+                                           ways=args.ways))
                 progress(out["runs"][-1])
             out["latency"] = latency(args, env, work, hosts[0], known, cluster)
             progress({"latency": out["latency"]})
@@ -185,7 +189,7 @@ def latency(args: argparse.Namespace, env: dict[str, str], work: Path, host: Any
 
 def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Path, playbook: Path, inventory: Path,
             known: Path, spec: Path | None, cluster: ClusterProcs, *, reps: int | None = None,
-            ways: tuple[str, ...] = ("in_process", "local_2", "running_cluster_2", "fabric"),
+            ways: tuple[str, ...] = WAYS,
             steps: int | None = None, concurrency: int | None = None) -> dict[str, Any]:
     tasks = count * (steps or args.steps)
     counter = iter(range(10**6))
@@ -231,13 +235,35 @@ def compare(count: int, args: argparse.Namespace, env: dict[str, str], work: Pat
     for name, values in samples.items():
         row[name] = {k: median([v[k] for v in values]) for k in values[0]}
     base = row["in_process"]["wall"]
-    for name in ("local_2", "running_cluster_2"):
+    for name in DISTRIBUTED:
         if name in row:
             row[name]["vs_in_process"] = round(row[name]["wall"] / base, 3)
             row[name]["overhead_ms_per_task"] = round((row[name]["wall"] - base) / tasks * 1000, 3)
+            row[name].update(paired(samples["in_process"], samples[name]))
     if "fabric" in row:
         row["in_process"]["vs_fabric"] = round(base / row["fabric"]["wall"], 3)
     return row
+
+
+def paired(base: list[dict[str, float]], way: list[dict[str, float]]) -> dict[str, Any]:
+    """Each repetition's ratio to the in-process run just beside it: their median, and its interval.
+
+    Both runs of a repetition share the machine's phase, so the ratios move much less than either
+    median does on a machine whose speed drifts; the interval says whether the target is shown.
+    """
+    ratios = [w["wall"] / b["wall"] for b, w in zip(base, way, strict=True)]
+    interval = median_interval(ratios, CONFIDENCE)
+    if interval.confidence < CONFIDENCE:
+        verdict = f"too few pairs for {CONFIDENCE:.0%}"
+    elif interval.high <= TARGET_RATIO:
+        verdict = "within"
+    elif interval.low > TARGET_RATIO:
+        verdict = "above"
+    else:
+        verdict = "not settled"
+    return {"ratios": [round(r, 3) for r in ratios], "ratio_median": median(ratios),
+            "ratio_interval": [round(interval.low, 3), round(interval.high, 3)],
+            "ratio_confidence": round(interval.confidence, 3), "target": verdict}
 
 
 def table(figures: dict[str, Any]) -> str:
@@ -245,10 +271,18 @@ def table(figures: dict[str, Any]) -> str:
              "(cpu: the run's process and what it waited for; workers/scheduler: the running cluster's processes)",
              f"{'hosts':>5} {'way':<18} {'wall s':>7} {'cpu s':>7} {'workers':>7} {'sched':>6} {'x in-proc':>9} {'ms/task':>8}"]
     for row in figures["runs"]:
-        for name in ("in_process", "local_2", "running_cluster_2", "fabric"):
+        for name in (n for n in WAYS if n in row):
             r = row[name]
             lines.append(f"{row['hosts']:>5} {name:<18} {r['wall']:>7.2f} {r['cpu']:>7.2f} {r.get('workers_cpu', ''):>7} "
                          f"{r.get('scheduler_cpu', ''):>6} {r.get('vs_in_process', ''):>9} {r.get('overhead_ms_per_task', ''):>8}")
+    lines.append(f"paired: each repetition's wall against the in-process run beside it (median; "
+                 f"{figures['reps']} pairs; interval: distribution-free, for that median)")
+    for row in figures["runs"]:
+        for name in (n for n in DISTRIBUTED if n in row):
+            r = row[name]
+            low, high = r["ratio_interval"]
+            lines.append(f"{row['hosts']:>5} {name:<18} x{r['ratio_median']:.3f}  {r['ratio_confidence']:.0%} in "
+                         f"[{low:.3f}, {high:.3f}]  target {TARGET_RATIO}x: {r['target']}")
     lat = figures.get("latency")
     if lat:
         lines.append(f"critical-path latency per task (1 host, {lat['steps'][0]} vs {lat['steps'][1]} steps): in-process "
@@ -272,8 +306,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--latency-steps", type=int, default=60, help="steps of the 1-host latency run (and a sixth of it)")
     p.add_argument("--scale", type=int, default=0, help="also one run of this many hosts (names over the sshd servers)")
+    p.add_argument("--ways", default=",".join(WAYS),
+                   help=f"the ways compared at each host count, in_process first (default {','.join(WAYS)})")
     p.add_argument("--out", help="also write the figures as JSON to this file")
     args = p.parse_args(argv)
+    args.ways = tuple(w.strip() for w in args.ways.split(",") if w.strip())
+    if args.ways[:1] != ("in_process",) or not set(args.ways) <= set(WAYS):
+        p.error(f"--ways: in_process first, then any of {', '.join(WAYS[1:])}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still stop the sshd hosts and the cluster
     figures = run(args)
     print(table(figures))

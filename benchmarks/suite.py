@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -76,6 +77,33 @@ def timed(argv: list[str], env: dict[str, str], cwd: Path, timeout: float = 600.
 
 def median(values: list[float]) -> float:
     return round(statistics.median(values), 4) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class MedianInterval:
+    """A distribution-free interval for a median: two order statistics of the sample, and its confidence."""
+
+    low: float
+    high: float
+    confidence: float   # the probability that the interval holds the true median (binomial, no shape assumed)
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> MedianInterval:
+    """The narrowest order-statistic interval whose confidence is at least `confidence`, or the whole range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return MedianInterval(float("nan"), float("nan"), 0.0)
+    # P(the k-th smallest <= median <= the k-th largest) = 1 - 2 P(Binomial(n, 1/2) < k)
+    below = 0.0
+    best = MedianInterval(ordered[0], ordered[-1], 1 - 2 * 0.5 ** n)
+    for k in range(1, (n + 1) // 2 + 1):
+        below += math.comb(n, k - 1) * 0.5 ** n
+        held = 1 - 2 * below
+        if held < confidence:
+            break
+        best = MedianInterval(ordered[k - 1], ordered[n - k], held)
+    return best
 
 
 def mib(kib: float) -> float:

@@ -11,9 +11,8 @@ import pytest
 
 from tests.sshd import SSHDUnavailable, find_sshd
 
-pytestmark = pytest.mark.ssh
 
-
+@pytest.mark.ssh
 def test_benchmark_suite_tiny(tmp_path, capsys):
     if find_sshd() is None:
         pytest.skip("sshd is not installed")
@@ -55,3 +54,34 @@ def test_floor_script_reports_failures(tmp_path):
     spec.write_text(json.dumps({"hosts": [{"host": "127.0.0.1", "port": 1, "user": "nobody",
                                            "key_file": str(tmp_path / "missing")}], "commands": ["true"]}))
     assert main([str(spec)]) == 1
+
+
+def test_median_interval_is_the_order_statistics_of_the_binomial():
+    """15 values: the 4th and 12th smallest (96.5 %); 5 values cannot reach 95 %, so their whole range."""
+    from benchmarks.suite import median_interval
+
+    values = [float(v) for v in (9, 3, 14, 1, 7, 12, 5, 15, 2, 11, 6, 13, 4, 10, 8)]
+    got = median_interval(values)
+    assert (got.low, got.high) == (4.0, 12.0)
+    assert got.confidence == pytest.approx(1 - 2 * sum(__import__("math").comb(15, i) for i in range(4)) / 2**15)
+    few = median_interval([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (few.low, few.high) == (1.0, 5.0) and few.confidence == pytest.approx(0.9375)
+    assert median_interval([2.0]).confidence == 0.0
+
+
+def test_paired_ratios_and_the_target_verdict():
+    """Each repetition against its own in-process run; within, above or not settled by the interval."""
+    from benchmarks.cluster_bench import paired
+
+    base = [{"wall": w} for w in (2.0, 4.0, 3.0, 2.0, 4.0, 3.0, 2.0, 4.0)]
+    within = paired(base, [{"wall": b["wall"] * 1.1} for b in base])
+    assert within["ratio_median"] == pytest.approx(1.1) and within["target"] == "within"
+    assert within["ratios"] == [1.1] * 8
+    above = paired(base, [{"wall": b["wall"] * 1.5} for b in base])
+    assert above["target"] == "above"
+    mixed = paired(base, [{"wall": b["wall"] * r} for b, r in zip(base, (1.1, 1.5, 1.2, 1.4, 1.25, 1.35, 1.0, 1.6))])
+    assert mixed["target"] == "not settled"
+    low, high = mixed["ratio_interval"]
+    assert low < 1.3 < high and 0.95 <= mixed["ratio_confidence"] < 1
+    few = paired(base[:5], [{"wall": b["wall"] * 1.5} for b in base[:5]])
+    assert few["target"] == "too few pairs for 95%" and few["ratio_median"] == pytest.approx(1.5)
