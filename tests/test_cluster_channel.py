@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import secrets
 from typing import Any
 
@@ -151,6 +152,69 @@ def test_a_withdrawn_session_gets_no_channel() -> None:
         late = await Channel.open(worker.address, {}, token)
         with pytest.raises(OSError):
             await asyncio.wait_for(late.receive(), 10)
+
+    run(body)
+    assert session.got == []
+
+
+class GarblingSession(FakeSession):
+    """A session (or a worker) whose batch is not a list of run events."""
+
+    def __init__(self, batch: Any) -> None:
+        super().__init__()
+        self.batch = batch
+
+    async def events(self, wait: float = 1.0) -> Any:
+        await asyncio.sleep(0.05)
+        return self.batch
+
+
+@pytest.mark.parametrize("batch", [["rm -rf /"], [WireEvent(1, 0, "notice", ("info", "ok")), 42], ("not", "a list")],
+                         ids=["a-string", "an-int-among-events", "a-tuple"])
+def test_a_worker_batch_that_is_not_run_events_ends_the_channel_as_a_lost_worker(batch: Any) -> None:
+    """Nothing of it is delivered; the connect waiting on that worker fails with OSError, as for a worker gone."""
+    session = GarblingSession(batch)
+
+    async def body(worker: Any) -> tuple[list[Any], BaseException | None]:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        chan = await Channel.open(worker.address, {}, token)
+        waiting = asyncio.ensure_future(chan.connect("never", None))
+        events: list[Any] = []
+        with pytest.raises(OSError, match="not a batch of run events"):
+            await asyncio.wait_for(_read_into(chan, events), 10)
+        error = await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10)
+        await chan.close()
+        return events, error[0]
+
+    events, error = run(body)
+    assert events == []
+    assert isinstance(error, OSError)
+
+
+@pytest.mark.parametrize("data", [b"\x80\x05garbage", b"", pickle.dumps(["x"] * 3)[:-4]], ids=["bytes", "empty", "cut"])
+def test_an_unreadable_worker_message_is_an_oserror(data: bytes) -> None:
+    with pytest.raises(OSError, match="unreadable message"):
+        channel_mod._batch(data)
+
+
+@pytest.mark.parametrize("message", [b"not a pickle", ("run", "not a list of orders"), ("run", [("evil",)]),
+                                     ("connect", "h1"), ("close", 7), ("shell", "rm -rf /"), ["run", []], 42],
+                         ids=["bytes", "run-str", "run-tuples", "connect-short", "close-int", "unknown", "list", "int"])
+def test_a_message_that_is_not_an_order_ends_the_channel_and_reaches_no_session(message: Any) -> None:
+    """The worker closes the channel (the controller then counts its tasks lost); the session is never called."""
+    session = FakeSession()
+
+    async def body(worker: Any) -> None:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        chan = await Channel.open(worker.address, {}, token)
+        data = message if isinstance(message, bytes) else pickle.dumps(message)
+        await chan.comm.write(data)
+        with contextlib.suppress(OSError):   # the worker may have closed it already
+            await chan.send([order(9, "after", "h1")])
+        with pytest.raises(OSError):
+            await asyncio.wait_for(chan.receive(), 10)
 
     run(body)
     assert session.got == []

@@ -17,13 +17,15 @@ import asyncio
 import pickle
 from typing import TYPE_CHECKING, Any
 
-from runbook.cluster.wire import Connected, ConnectReply
+from runbook.cluster.wire import Connected, ConnectReply, TaskError, TaskOrder, TaskOutcome, WireEvent
 
 if TYPE_CHECKING:
-    from runbook.cluster.wire import ChannelItem, StreamItem, TaskOrder
+    from runbook.cluster.wire import ChannelItem, StreamItem
     from runbook.cluster.worker import RunSession
 
 OP = "runbook_channel"
+ORDERS = frozenset({"run", "connect", "close", "drain"})   # what a controller may send on a channel
+ITEMS = (WireEvent, TaskOutcome, TaskError, Connected)       # what a worker may send back, in a list
 EVENT_WAIT = 1.0   # seconds the worker's writer waits for events before it looks again
 
 _offered: dict[str, RunSession] = {}   # token -> a set-up session waiting for its controller's channel
@@ -57,7 +59,10 @@ async def _serve(comm: Any, token: str = "") -> Any:
     writer = asyncio.ensure_future(_write_events(comm, session))
     try:
         while not writer.done():
-            kind, *args = pickle.loads(await comm.read())
+            message = _order(await comm.read())
+            if message is None:   # not a channel message: the channel ends (its tasks count as lost there)
+                break
+            kind, *args = message
             if kind == "run":
                 session.run_later(args[0])
             elif kind == "connect":
@@ -70,7 +75,24 @@ async def _serve(comm: Any, token: str = "") -> Any:
         pass
     finally:
         writer.cancel()
+    if not comm.closed():   # else Dask's own handler would read what follows as its messages
+        await comm.close()
     return Status.dont_reply
+
+
+def _order(data: Any) -> tuple[Any, ...] | None:
+    """A controller's message, or None when it is not one (unreadable, or not a known order)."""
+    try:
+        message = pickle.loads(data)
+    except Exception:
+        return None
+    if not isinstance(message, tuple) or not message or message[0] not in ORDERS:
+        return None
+    kind, *args = message
+    shaped = {"run": len(args) == 1 and isinstance(args[0], list) and all(isinstance(o, TaskOrder) for o in args[0]),
+              "connect": len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str | None),
+              "close": len(args) == 1 and isinstance(args[0], str), "drain": not args}
+    return message if shaped[kind] else None
 
 
 async def _write_events(comm: Any, session: RunSession) -> None:
@@ -81,6 +103,17 @@ async def _write_events(comm: Any, session: RunSession) -> None:
 
 
 # --- the controller side ----------------------------------------------------------------------------
+
+def _batch(data: Any) -> list[ChannelItem]:
+    """A worker's batch; OSError when it is not one, so the worker counts as gone (its running tasks lost)."""
+    try:
+        items = pickle.loads(data)
+    except Exception as exc:
+        raise OSError(f"the worker sent an unreadable message ({type(exc).__name__})") from None
+    if not isinstance(items, list) or not all(isinstance(item, ITEMS) for item in items):
+        raise OSError(f"the worker sent a message that is not a batch of run events ({type(items).__name__})")
+    return items
+
 
 class Channel:
     """The controller's end of one worker's channel (used on the client's event loop)."""
@@ -131,7 +164,7 @@ class Channel:
 
         Raises OSError when the worker is gone (the connects still waiting fail with it)."""
         try:
-            items: list[ChannelItem] = pickle.loads(await self.comm.read())
+            items = _batch(await self.comm.read())
         except OSError as exc:
             self.fail(exc)
             raise
