@@ -152,6 +152,9 @@ def resolve_source(playbook: Playbook, step: Step, path: str) -> Path:
     """A control-machine source file of a step: found in its search dirs first, else beside the playbook."""
     from runbook.template import resolve_local
 
+    shipped = playbook._shipped.get((step.step_id, path))
+    if shipped is not None:   # on a cluster worker: the controller's file, sent with the run
+        return Path(shipped)
     p = Path(os.path.expanduser(path))
     if not p.is_absolute():
         for d in search_dirs(step):

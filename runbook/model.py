@@ -402,6 +402,8 @@ class Playbook(Strict):
     _groups: dict = PrivateAttr(default_factory=dict)
     _units: dict = PrivateAttr(default_factory=dict)    # section -> its top-level unit ids (steps and groups)
     _files: dict = PrivateAttr(default_factory=dict)
+    # On a cluster worker: (step id, source path) -> the copy of the controller's file (cluster/sources.py).
+    _shipped: dict = PrivateAttr(default_factory=dict)
 
     @field_validator("batch")
     @classmethod

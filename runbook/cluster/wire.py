@@ -29,6 +29,7 @@ class SessionSetup:
     host_key_checking: str
     connect_timeout: float
     threads: int
+    sources: dict[tuple[str, str], bytes] = field(default_factory=dict)   # the steps' control-machine files
 
 
 @dataclass

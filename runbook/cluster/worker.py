@@ -25,6 +25,7 @@ from typing import Any
 from runbook.cluster import channel
 from runbook.connections import Connection, ConnectOptions, connect, quiet_close
 from runbook.connections.hostkeys import HostKeyPolicy
+from runbook.cluster.sources import install_sources
 from runbook.cluster.wire import (ChannelItem, Connected, ConnectReply, SessionSetup, TaskError, TaskOrder, TaskOutcome,
                                   WireEvent)
 from runbook.engine.predict import Predictor
@@ -107,12 +108,13 @@ class WorkerRun:
         self.push = push
         self.info = setup.info
         self.hosts: dict[str, Any] = {h.name: h for h in setup.hosts}
-        self.dir = Path(tempfile.mkdtemp(prefix="runbook-run-"))   # 0700: the run's known_hosts copy
+        self.dir = Path(tempfile.mkdtemp(prefix="runbook-run-"))   # 0700: the run's known_hosts copy, its sources
         self.known_hosts = self.dir / "known_hosts"
         fd = os.open(self.known_hosts, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(setup.known_hosts)
         self.from_controller = set(setup.known_hosts.splitlines())
+        install_sources(setup.playbook, setup.sources, self.dir)
         steps = StepGraph.build(setup.playbook)
         tasks = expand(steps, [h.name for h in setup.hosts])
         self.options = setup.options

@@ -1,0 +1,96 @@
+"""The steps' control-machine files shipped with a cluster run (runbook/cluster/sources.py)."""
+
+from __future__ import annotations
+
+import pickle
+import stat
+from pathlib import Path
+
+import pytest
+
+from runbook.cluster import sources as sources_mod
+from runbook.cluster.sources import collect_sources, install_sources
+from runbook.compose import resolve_source
+from runbook.errors import RunbookError
+from runbook.loader import load_playbook
+
+PLAYBOOK = """\
+runbook: shipped
+steps:
+  - name: motd
+    upload: {src: files/motd, dest: /tmp/motd}
+  - name: motd-again
+    upload: {src: files/motd, dest: /tmp/motd2}
+  - name: conf
+    template: {src: templates/app.conf.j2, dest: /tmp/app.conf}
+  - name: per-host
+    upload: {src: "files/{{ inventory_hostname }}", dest: /tmp/mine}
+  - name: plain
+    command: ["true"]
+"""
+
+
+def _playbook(tmp_path: Path) -> Path:
+    (tmp_path / "files").mkdir(parents=True)
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "files" / "motd").write_bytes(b"welcome\x00\xff\n")
+    (tmp_path / "templates" / "app.conf.j2").write_text("name={{ inventory_hostname }}\n")
+    (tmp_path / "pb.yml").write_text(PLAYBOOK)
+    return tmp_path / "pb.yml"
+
+
+def test_untemplated_sources_are_read_once_and_keyed_by_step(tmp_path: Path) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    got = collect_sources(playbook)
+    assert got == {("motd", "files/motd"): b"welcome\x00\xff\n", ("motd-again", "files/motd"): b"welcome\x00\xff\n",
+                   ("conf", "templates/app.conf.j2"): b"name={{ inventory_hostname }}\n"}
+    assert pickle.loads(pickle.dumps(got)) == got   # it travels in the session's setup
+
+
+def test_a_missing_source_is_left_to_the_task(tmp_path: Path) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    (tmp_path / "files" / "motd").unlink()
+    assert set(collect_sources(playbook)) == {("conf", "templates/app.conf.j2")}
+
+
+def test_a_worker_reads_the_shipped_copies_not_the_controller_paths(tmp_path: Path) -> None:
+    controller = load_playbook(_playbook(tmp_path / "controller"))
+    shipped = collect_sources(controller)
+    worker = pickle.loads(pickle.dumps(controller))   # as the session's setup arrives
+    for path in (tmp_path / "controller" / "files" / "motd", tmp_path / "controller" / "templates" / "app.conf.j2"):
+        path.unlink()   # the worker's machine has no playbook directory
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    install_sources(worker, shipped, run_dir)
+    steps = {s.step_id: s for s in worker.all_steps()}
+    motd = resolve_source(worker, steps["motd"], "files/motd")
+    again = resolve_source(worker, steps["motd-again"], "files/motd")
+    conf = resolve_source(worker, steps["conf"], "templates/app.conf.j2")
+    assert motd.read_bytes() == b"welcome\x00\xff\n" and conf.read_text() == "name={{ inventory_hostname }}\n"
+    assert motd == again   # one copy of a file several steps send
+    assert motd.parent == run_dir / "sources"
+    assert stat.S_IMODE((run_dir / "sources").stat().st_mode) == 0o700
+    assert stat.S_IMODE(motd.stat().st_mode) == 0o600
+    # a templated path is not shipped: it is still resolved where the task runs
+    assert resolve_source(worker, steps["per-host"], "files/h1") == tmp_path / "controller" / "files" / "h1"
+    assert resolve_source(controller, steps["motd"], "files/motd") == tmp_path / "controller" / "files" / "motd"
+
+
+def test_hostile_source_keys_write_nothing_outside_the_run_dir(tmp_path: Path) -> None:
+    """Names come from the controller's steps, but the copies are numbered: no path of theirs is ever written."""
+    playbook = load_playbook(_playbook(tmp_path / "pb"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    hostile = {("motd", "../../escaped"): b"x", ("conf", "/etc/runbook-escaped"): b"y", ("conf", "a/../../b"): b"z"}
+    install_sources(playbook, hostile, run_dir)
+    assert sorted(p.name for p in (run_dir / "sources").iterdir()) == ["0", "1", "2"]
+    assert not (tmp_path / "escaped").exists() and not Path("/etc/runbook-escaped").exists()
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts and "pb" not in p.parts] == []
+
+
+def test_too_much_to_ship_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    monkeypatch.setattr(sources_mod, "MAX_SHIPPED", 16)
+    with pytest.raises(RunbookError, match="source files pass") as caught:
+        collect_sources(playbook)
+    assert "deploy the playbook directory on the workers" in str(caught.value.hint)
