@@ -63,7 +63,7 @@ def test_a_worker_the_controller_cannot_set_up_is_named_in_a_clear_error() -> No
     client = Client(failing="tcp://10.0.0.9:40001")
     with pytest.raises(RunbookError) as caught:
         ClusterRun.start(client, Router(["tcp://10.0.0.8:40000", "tcp://10.0.0.9:40001"]),  # type: ignore[arg-type]
-                         Setup, None, None, None)  # type: ignore[arg-type]
+                         Setup, None, None, None, None)  # type: ignore[arg-type]
     message = str(caught.value)
     assert "cannot set up the run on cluster worker tcp://10.0.0.9:40001" in message
     assert "OSError: no route to host" in message

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runbook.cluster import sources as sources_mod
-from runbook.cluster.sources import collect_sources, install_sources
+from runbook.cluster.sources import Shipments, collect_sources, install_sources
 from runbook.compose import resolve_source
 from runbook.errors import RunbookError
 from runbook.loader import load_playbook
@@ -77,13 +77,14 @@ def test_a_worker_reads_the_shipped_copies_not_the_controller_paths(tmp_path: Pa
 
 
 def test_hostile_source_keys_write_nothing_outside_the_run_dir(tmp_path: Path) -> None:
-    """Names come from the controller's steps, but the copies are numbered: no path of theirs is ever written."""
+    """Names come from the controller's steps, but the copies are named by content: no path of theirs is written."""
     playbook = load_playbook(_playbook(tmp_path / "pb"))
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
     hostile = {("motd", "../../escaped"): b"x", ("conf", "/etc/runbook-escaped"): b"y", ("conf", "a/../../b"): b"z"}
     install_sources(playbook, hostile, run_dir)
-    assert sorted(p.name for p in (run_dir / "sources").iterdir()) == ["0", "1", "2"]
+    assert sorted(p.name for p in (run_dir / "sources").iterdir()) == sorted(
+        __import__("hashlib").sha256(d).hexdigest() for d in (b"x", b"y", b"z"))
     assert not (tmp_path / "escaped").exists() and not Path("/etc/runbook-escaped").exists()
     assert [p for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts and "pb" not in p.parts] == []
 
@@ -94,3 +95,26 @@ def test_too_much_to_ship_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(RunbookError, match="source files pass") as caught:
         collect_sources(playbook)
     assert "deploy the playbook directory on the workers" in str(caught.value.hint)
+
+
+def test_each_worker_gets_a_steps_sources_with_its_first_order_only(tmp_path: Path) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    ship = Shipments(collect_sources(playbook))
+    first = ship.take("tcp://w1", "motd")
+    assert first == {("motd", "files/motd"): b"welcome\x00\xff\n"}
+    assert ship.take("tcp://w1", "motd") == {}           # its next orders there carry nothing
+    assert ship.take("tcp://w2", "motd") == first        # another worker (a moved host's new one) gets them
+    assert ship.take("tcp://w1", "conf") == {("conf", "templates/app.conf.j2"): b"name={{ inventory_hostname }}\n"}
+    assert ship.take("tcp://w1", "plain") == {} and ship.take("tcp://w1", "per-host") == {}
+
+
+def test_sources_arriving_in_several_orders_accumulate_on_the_worker(tmp_path: Path) -> None:
+    playbook = load_playbook(_playbook(tmp_path / "pb"))
+    shipped = collect_sources(playbook)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    for key, data in shipped.items():   # one order at a time, as a run's orders arrive
+        install_sources(playbook, {key: data}, run_dir)
+    install_sources(playbook, {("motd", "files/motd"): shipped[("motd", "files/motd")]}, run_dir)   # again: no error
+    assert set(playbook._shipped) == set(shipped)
+    assert len(list((run_dir / "sources").iterdir())) == 2   # motd (two steps) and the template

@@ -12,7 +12,7 @@ from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.remote import ClusterRun
 from runbook.cluster.routing import Router, host_zone
 from runbook.cluster.secrets import SecretNeeds
-from runbook.cluster.sources import collect_sources
+from runbook.cluster.sources import Shipments, collect_sources
 from runbook.cluster.wire import CREDENTIAL_VARS, SessionSetup
 from runbook.engine.options import ExecOptions
 from runbook.results import RunResult
@@ -43,10 +43,9 @@ def execute_on_cluster(prepared: Prepared, request: RunRequest, options: ExecOpt
         hosts = [dataclasses.replace(h, vars={k: v for k, v in h.vars.items() if k not in CREDENTIAL_VARS}, origins={})
                  for h in prepared.hosts]
         setup = SessionSetup(prepared.playbook, hosts, prepared.info, worker_options(options), known.text(),
-                             prepared.info.host_key_checking, request.connect_timeout, threads,
-                             collect_sources(prepared.playbook))
+                             prepared.info.host_key_checking, request.connect_timeout, threads)
         cluster = ClusterRun.start(client, router, setup, SecretNeeds(prepared.playbook, prepared.secrets),
-                                   sudo_password, known)
+                                   sudo_password, known, Shipments(collect_sources(prepared.playbook)))
         try:
             options.pool = cluster.pool
             return execute()

@@ -28,6 +28,7 @@ from runbook.cluster.channel import Channel
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
+from runbook.cluster.sources import Shipments
 from runbook.cluster.delivery import Delivery, Call
 from runbook.cluster.wire import SessionSetup, StreamItem, TaskOrder
 from runbook.cluster.worker import RunSession
@@ -116,6 +117,7 @@ class ClusterPool:
         with self.lock:
             self.ops[task_id] = op
         order = task_order(self.executor, task_id, key, rescue, self.cluster.needs.of(step))
+        order.sources = self.cluster.shipments.take(worker, key.step_id)
         with self.lock:   # orders made in one pass of the executor go to their worker in one call
             outbox = self.outbox.setdefault(worker, [])
             outbox.append(order)
@@ -349,6 +351,7 @@ class ClusterRun:
     needs: SecretNeeds
     sudo_password: str | None
     known_hosts: KnownHostsSink
+    shipments: Shipments
     actor_futures: list[Any] = field(default_factory=list)
 
     def pool(self, executor: Any, threads: int) -> ClusterPool:
@@ -357,7 +360,7 @@ class ClusterRun:
 
     @classmethod
     def start(cls, client: Any, router: Router, setup: SessionSetup, needs: SecretNeeds, sudo_password: str | None,
-              known_hosts: KnownHostsSink) -> ClusterRun:
+              known_hosts: KnownHostsSink, shipments: Shipments) -> ClusterRun:
         """One session per worker that has hosts, each set up with the run (sent directly to its worker)."""
         used = router.eligible()   # every worker a host may run on, now or after a loss
         futures = [client.submit(RunSession, workers=[a], allow_other_workers=False, actor=True, pure=False, retries=0,
@@ -386,7 +389,7 @@ class ClusterRun:
             raise RunbookError(f"cannot set up the run on cluster worker {worker}: {type(exc).__name__}: {exc}",
                                hint="the controller must reach every worker directly at its address, and every "
                                     "worker must run the controller's runbook version (docs/cluster.md)") from None
-        return cls(client, router, sessions, channels, names, needs, sudo_password, known_hosts, futures)
+        return cls(client, router, sessions, channels, names, needs, sudo_password, known_hosts, shipments, futures)
 
     def close(self) -> None:
         """End the sessions (connections closed on the workers) and release the actors."""

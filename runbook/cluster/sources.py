@@ -1,16 +1,20 @@
 """The control-machine files a run's steps send (`upload:`, `template:`, `copy:` sources), shipped to its workers.
 
 A worker may run on another machine than the controller, without the playbook's directory. So the
-controller reads every source whose path is not templated once, when the run is set up, and each
-worker gets their bytes with the session; a worker writes them into the run's own directory (0700,
-removed with the run) and its steps read those copies. What a worker sends is then exactly what the
-controller would have sent, read at the same moment a plan's checksums are checked. A templated
-path names a file per host, known only when the task runs: it is still read where the task runs.
+controller reads every source whose path is not templated once, when the run is set up, and a
+step's files travel with the first order of that step to each worker (a worker whose hosts never
+run the step never gets them; a host moved after a worker loss brings them to its new worker). The
+worker writes them into the run's own directory (0700, removed with the run) and its steps read
+those copies: what it sends is exactly what the controller read, at the moment a plan's checksums
+are checked. A templated path names a file per host, known only when the task runs: it is still
+read where the task runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from pathlib import Path
 
 from runbook.actions import action_for
@@ -46,17 +50,38 @@ def collect_sources(playbook: Playbook) -> dict[SourceKey, bytes]:
     return out
 
 
+class Shipments:
+    """The controller's side: which step's sources each worker still needs (each goes once per worker)."""
+
+    def __init__(self, sources: dict[SourceKey, bytes]):
+        self._by_step: dict[str, dict[SourceKey, bytes]] = {}
+        for key, data in sources.items():
+            self._by_step.setdefault(key[0], {})[key] = data
+        self._sent: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def take(self, worker: str, step_id: str) -> dict[SourceKey, bytes]:
+        """The step's sources for its next order to `worker`: all of them the first time, none after."""
+        files = self._by_step.get(step_id)
+        if not files:
+            return {}
+        with self._lock:
+            if (worker, step_id) in self._sent:
+                return {}
+            self._sent.add((worker, step_id))
+        return dict(files)
+
+
 def install_sources(playbook: Playbook, sources: dict[SourceKey, bytes], run_dir: Path) -> None:
-    """On a worker: write the shipped sources into the run's directory; the playbook's steps then read those."""
+    """On a worker: write shipped sources into the run's directory; the playbook's steps then read those."""
     if not sources:
         return
     where = run_dir / "sources"
-    where.mkdir(mode=0o700)
-    written: dict[bytes, Path] = {}
-    for n, (key, data) in enumerate(sorted(sources.items())):
-        path = written.get(data)
-        if path is None:   # the same file for several steps: one copy (names are numbers: nothing to traverse)
-            path = written[data] = where / str(n)
+    where.mkdir(mode=0o700, exist_ok=True)
+    for key, data in sources.items():
+        # Named by content: no name from the playbook is a path here, and a file several steps send is one copy.
+        path = where / hashlib.sha256(data).hexdigest()
+        if not path.exists():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

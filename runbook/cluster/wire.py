@@ -29,7 +29,6 @@ class SessionSetup:
     host_key_checking: str
     connect_timeout: float
     threads: int
-    sources: dict[tuple[str, str], bytes] = field(default_factory=dict)   # the steps' control-machine files
 
 
 @dataclass
@@ -45,6 +44,7 @@ class TaskOrder:
     secrets: dict[str, str] = field(default_factory=dict)   # only the ones its step reads
     ancestors: dict[TaskKey, PredictionKind | None] = field(default_factory=dict)   # plan/apply: what it waits for
     gate: tuple[Status, str] | None = None        # blocks: the controller's verdict on a rescue step here
+    sources: dict[tuple[str, str], bytes] = field(default_factory=dict)   # its step's files, the first time here
 
 
 @dataclass

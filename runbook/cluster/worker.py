@@ -114,7 +114,6 @@ class WorkerRun:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(setup.known_hosts)
         self.from_controller = set(setup.known_hosts.splitlines())
-        install_sources(setup.playbook, setup.sources, self.dir)
         steps = StepGraph.build(setup.playbook)
         tasks = expand(steps, [h.name for h in setup.hosts])
         self.options = setup.options
@@ -311,6 +310,8 @@ class RunSession:
         """Start tasks here (the channel's orders); each one's outcome comes back through `events`, after its events."""
         work = self._run()
         for order in orders:
+            # Before any task starts: a later order of the step (not carrying them) may run first.
+            install_sources(work.setup.playbook, order.sources, work.dir)
             self._later(self._run_one, work, order)
 
     def _run_one(self, work: WorkerRun, order: TaskOrder) -> None:
