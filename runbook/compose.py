@@ -10,7 +10,7 @@ structural step: the graph and the scheduler read the groups through `Playbook._
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -162,6 +162,15 @@ def resolve_source(playbook: Playbook, step: Step, path: str) -> Path:
             if candidate.exists():
                 return candidate
     return resolve_local(playbook, path)
+
+
+def step_sources(playbook: Playbook) -> Iterator[tuple[Step, str, Path]]:
+    """Each untemplated control-machine file a step sends: the step, its path as written, where it resolves."""
+    from runbook.actions import action_for   # not at the top: the actions import the model, as compose does
+
+    for step in playbook.all_steps():
+        for src in action_for(step).local_sources():
+            yield step, src, resolve_source(playbook, step, src)
 
 
 def groups(playbook: Playbook) -> dict[str, Group]:

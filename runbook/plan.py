@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import ValidationError as PydanticError
 
 from runbook import __version__
-from runbook.actions import ACTIONS, action_for
+from runbook.actions import ACTIONS
 from runbook.documents import PLAN_FORMAT, PLAN_VERSION, PlanSignature, check_plan
 from runbook.errors import Location, PlanFileError, PlaybookError, ValidationError
 from runbook.state import absolute_sources, write_atomic
@@ -319,11 +319,10 @@ def plan_hash(doc: dict) -> str:
 
 def local_files(playbook) -> dict[str, str]:
     """sha256 of each control-machine file an upload/template step sends (its content is reviewed as a diff)."""
-    from runbook.compose import resolve_source
+    from runbook.compose import step_sources
 
     out: dict[str, str] = {}
-    paths = [resolve_source(playbook, step, src) for step in playbook.all_steps()
-             for src in action_for(step).local_sources()]   # templated paths are per host: their content is in the diff
+    paths = [path for _, _, path in step_sources(playbook)]   # templated paths are per host: their content is in the diff
     # The files the playbook is made of besides itself (includes, roles, vars_files): what apply runs.
     paths.extend(Path(p) for p in playbook._files)
     for path in paths:

@@ -6,6 +6,7 @@ Never asserts on time: figures depend on the machine and its load.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_median_interval_is_the_order_statistics_of_the_binomial():
     values = [float(v) for v in (9, 3, 14, 1, 7, 12, 5, 15, 2, 11, 6, 13, 4, 10, 8)]
     got = median_interval(values)
     assert (got.low, got.high) == (4.0, 12.0)
-    assert got.confidence == pytest.approx(1 - 2 * sum(__import__("math").comb(15, i) for i in range(4)) / 2**15)
+    assert got.confidence == pytest.approx(1 - 2 * sum(math.comb(15, i) for i in range(4)) / 2**15)
     few = median_interval([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (few.low, few.high) == (1.0, 5.0) and few.confidence == pytest.approx(0.9375)
     assert median_interval([2.0]).confidence == 0.0

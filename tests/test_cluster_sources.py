@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import stat
 from pathlib import Path
@@ -84,7 +85,7 @@ def test_hostile_source_keys_write_nothing_outside_the_run_dir(tmp_path: Path) -
     hostile = {("motd", "../../escaped"): b"x", ("conf", "/etc/runbook-escaped"): b"y", ("conf", "a/../../b"): b"z"}
     install_sources(playbook, hostile, run_dir)
     assert sorted(p.name for p in (run_dir / "sources").iterdir()) == sorted(
-        __import__("hashlib").sha256(d).hexdigest() for d in (b"x", b"y", b"z"))
+        hashlib.sha256(d).hexdigest() for d in (b"x", b"y", b"z"))
     assert not (tmp_path / "escaped").exists() and not Path("/etc/runbook-escaped").exists()
     assert [p for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts and "pb" not in p.parts] == []
 

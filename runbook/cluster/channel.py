@@ -24,8 +24,7 @@ if TYPE_CHECKING:
     from runbook.cluster.worker import RunSession
 
 OP = "runbook_channel"
-ORDERS = frozenset({"run", "connect", "close", "drain"})   # what a controller may send on a channel
-ITEMS = (WireEvent, TaskOutcome, TaskError, Connected)       # what a worker may send back, in a list
+ITEMS = (WireEvent, TaskOutcome, TaskError, Connected)   # what a worker may send back, in a list
 EVENT_WAIT = 1.0   # seconds the worker's writer waits for events before it looks again
 
 _offered: dict[str, RunSession] = {}   # token -> a set-up session waiting for its controller's channel
@@ -86,13 +85,14 @@ def _order(data: Any) -> tuple[Any, ...] | None:
         message = pickle.loads(data)
     except Exception:
         return None
-    if not isinstance(message, tuple) or not message or message[0] not in ORDERS:
+    if not isinstance(message, tuple):   # a list would match the patterns below too
         return None
-    kind, *args = message
-    shaped = {"run": len(args) == 1 and isinstance(args[0], list) and all(isinstance(o, TaskOrder) for o in args[0]),
-              "connect": len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str | None),
-              "close": len(args) == 1 and isinstance(args[0], str), "drain": not args}
-    return message if shaped[kind] else None
+    match message:
+        case ("run", list() as orders) if all(isinstance(o, TaskOrder) for o in orders):
+            return message
+        case ("connect", str(), str() | None) | ("close", str()) | ("drain",):
+            return message
+    return None
 
 
 async def _write_events(comm: Any, session: RunSession) -> None:

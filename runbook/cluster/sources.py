@@ -17,8 +17,7 @@ import os
 import threading
 from pathlib import Path
 
-from runbook.actions import action_for
-from runbook.compose import resolve_source
+from runbook.compose import step_sources
 from runbook.errors import RunbookError
 from runbook.model import Playbook
 
@@ -32,21 +31,19 @@ def collect_sources(playbook: Playbook) -> dict[SourceKey, bytes]:
     out: dict[SourceKey, bytes] = {}
     by_path: dict[Path, bytes] = {}
     total = 0
-    for step in playbook.all_steps():
-        for src in action_for(step).local_sources():
-            path = resolve_source(playbook, step, src)
-            if path not in by_path:
-                try:
-                    by_path[path] = path.read_bytes()
-                except OSError:   # the task reports it where it runs, as in-process (its error names the path)
-                    continue
-                total += len(by_path[path])
-                if total > MAX_SHIPPED:
-                    raise RunbookError(f"the playbook's source files pass {MAX_SHIPPED // 2**20} MiB ({path})",
-                                       hint="too much to send to every cluster worker with the run: deploy the "
-                                            "playbook directory on the workers and template the path, or run "
-                                            "those steps without --cluster")
-            out[(step.step_id, src)] = by_path[path]
+    for step, src, path in step_sources(playbook):
+        if path not in by_path:
+            try:
+                by_path[path] = path.read_bytes()
+            except OSError:   # the task reports it where it runs, as in-process (its error names the path)
+                continue
+            total += len(by_path[path])
+            if total > MAX_SHIPPED:
+                raise RunbookError(f"the playbook's source files pass {MAX_SHIPPED // 2**20} MiB ({path})",
+                                   hint="too much to send to every cluster worker with the run: deploy the "
+                                        "playbook directory on the workers and template the path, or run "
+                                        "those steps without --cluster")
+        out[(step.step_id, src)] = by_path[path]
     return out
 
 
