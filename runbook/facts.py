@@ -366,7 +366,7 @@ class FactStore:
                  gatherer: Callable[[str, Connection], Facts] = gather):
         self._known: dict[str, Facts] = dict(known or {})
         self._failed: dict[str, FactsError] = {}
-        self._gatherer = gatherer
+        self.gatherer = gatherer   # a distributed run's controller asks a host's worker instead
         self._lock = threading.Lock()
         self._host_locks: dict[str, threading.Lock] = {}
         self._dicts: dict[str, dict[str, Any]] = {}
@@ -386,7 +386,7 @@ class FactStore:
                     raise self._failed[host]
                 self.gathers += 1
             try:
-                facts = self._gatherer(host, conn())
+                facts = self.gatherer(host, conn())
             except FactsError as exc:
                 with self._lock:
                     self._failed[host] = exc
@@ -394,6 +394,11 @@ class FactStore:
             with self._lock:
                 self._known[host] = facts
             return facts
+
+    def put(self, host: str, facts: Facts) -> None:
+        """Facts of `host` gathered by another process of the run; the first ones a host gets stay."""
+        with self._lock:
+            self._known.setdefault(host, facts)
 
     def known(self, host: str) -> Facts | None:
         """The host's facts when already gathered, without gathering."""
@@ -414,7 +419,7 @@ class FactStore:
             return dict(self._known)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"known": self.snapshot(), "gatherer": self._gatherer}
+        return {"known": self.snapshot(), "gatherer": self.gatherer}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["known"], state["gatherer"])  # type: ignore[misc]

@@ -18,7 +18,8 @@ import pytest
 
 from runbook.cluster import channel as channel_mod
 from runbook.cluster.channel import Channel
-from runbook.cluster.wire import Connected, ConnectReply, TaskOrder, WireEvent
+from runbook.cluster.wire import Connected, ConnectReply, Gathered, TaskOrder, WireEvent
+from runbook.facts import Facts
 from runbook.graph import TaskKey
 
 
@@ -39,6 +40,12 @@ class FakeSession:
 
     def close_later(self, host: str) -> None:
         self.got.append(("close", host))
+
+    def gather_later(self, host: str) -> None:
+        self.got.append(("facts", host))
+        if host != "never":
+            self.queue.put_nowait(Gathered("stranger", Facts(hostname="stranger")))   # nobody asked: dropped
+            self.queue.put_nowait(Gathered(host, Facts(hostname=host, cpu_count=4)))
 
     async def events(self, wait: float = 1.0) -> list[Any]:
         try:
@@ -95,7 +102,8 @@ def test_orders_connects_and_closes_reach_the_session_in_order_and_events_come_b
     assert [e.seq for e in events] == [0, 1, 2] and events[0].args == ("info", "n0")
 
 
-def test_a_connect_waiting_when_its_worker_goes_away_fails_with_oserror() -> None:
+@pytest.mark.parametrize("ask", ["connect", "facts"])
+def test_a_connect_or_facts_request_waiting_when_its_worker_goes_away_fails_with_oserror(ask: str) -> None:
     session = FakeSession()
 
     async def body(worker: Any) -> None:
@@ -103,7 +111,7 @@ def test_a_connect_waiting_when_its_worker_goes_away_fails_with_oserror() -> Non
         channel_mod.offer(token, session)   # type: ignore[arg-type]
         chan = await Channel.open(worker.address, {}, token)
         reader = asyncio.ensure_future(_read_into(chan, []))
-        waiting = asyncio.ensure_future(chan.connect("never", None))
+        waiting = asyncio.ensure_future(chan.connect("never", None) if ask == "connect" else chan.gather("never"))
         while not session.got:
             await asyncio.sleep(0.01)
         await worker.close()   # the worker is gone before it answers
@@ -113,7 +121,30 @@ def test_a_connect_waiting_when_its_worker_goes_away_fails_with_oserror() -> Non
             await reader
 
     run(body)
-    assert session.got == [("connect", "never", None)]
+    assert session.got == ([("connect", "never", None)] if ask == "connect" else [("facts", "never")])
+
+
+def test_a_facts_request_reaches_the_session_and_its_answer_comes_back_to_the_caller_not_the_events() -> None:
+    session = FakeSession()
+
+    async def body(worker: Any) -> tuple[Gathered, list[Any]]:
+        token = secrets.token_urlsafe(32)
+        channel_mod.offer(token, session)   # type: ignore[arg-type]
+        chan = await Channel.open(worker.address, {}, token)
+        events: list[Any] = []
+        reader = asyncio.ensure_future(_read_into(chan, events))
+        answer = await asyncio.wait_for(chan.gather("h1"), 10)
+        session.queue.put_nowait(WireEvent(None, 0, "notice", ("info", "after")))
+        while not events:
+            await asyncio.sleep(0.01)
+        reader.cancel()
+        await chan.close()
+        return answer, events
+
+    answer, events = run(body)
+    assert session.got == [("facts", "h1")]
+    assert answer == Gathered("h1", Facts(hostname="h1", cpu_count=4))
+    assert [e.args for e in events] == [("info", "after")]   # neither answer is delivered as a run event
 
 
 async def _read_into(chan: Channel, events: list[Any]) -> None:
@@ -199,8 +230,10 @@ def test_an_unreadable_worker_message_is_an_oserror(data: bytes) -> None:
 
 
 @pytest.mark.parametrize("message", [b"not a pickle", ("run", "not a list of orders"), ("run", [("evil",)]),
-                                     ("connect", "h1"), ("close", 7), ("shell", "rm -rf /"), ["run", []], 42],
-                         ids=["bytes", "run-str", "run-tuples", "connect-short", "close-int", "unknown", "list", "int"])
+                                     ("connect", "h1"), ("close", 7), ("facts", ["h1"]), ("facts",),
+                                     ("shell", "rm -rf /"), ["run", []], 42],
+                         ids=["bytes", "run-str", "run-tuples", "connect-short", "close-int", "facts-list", "facts-short",
+                              "unknown", "list", "int"])
 def test_a_message_that_is_not_an_order_ends_the_channel_and_reaches_no_session(message: Any) -> None:
     """The worker closes the channel (the controller then counts its tasks lost); the session is never called."""
     session = FakeSession()

@@ -7,9 +7,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from runbook.cluster.delivery import Call, Delivery
+from runbook.cluster.facts import RunFacts
 from runbook.cluster.wire import TaskError, TaskOutcome, WireEvent
 from runbook.engine.registers import Registers
 from runbook.events import EventStream, RunInfo, TaskRef
+from runbook.facts import Facts, FactStore
 from runbook.graph import TaskKey
 from runbook.results import RunMode, RunResult, Status, TaskResult
 from tests.helpers import EventRecorder
@@ -79,3 +81,19 @@ def test_an_answer_for_another_task_is_refused() -> None:
     p.take([TaskError(2, "ValueError: boom")])
     assert fut2.result().status == Status.FAILED and "boom" in fut2.result().message
     assert [e[0] for e in recorder.events] == ["task_finished", "task_finished"]
+
+
+def test_an_outcome_brings_its_own_hosts_facts_to_the_controller_before_its_result() -> None:
+    p, _, _, _ = pool()
+    store = FactStore(gatherer=lambda host, conn: Facts(hostname="gathered-here"))
+    p.facts = RunFacts(store, lambda host: True, lambda host: "tcp://w:1", lambda worker, host: None)  # type: ignore[arg-type, return-value]
+    seen: list[Facts | None] = []
+    fut = op(p, 1, "h1", "s1")
+    fut.add_done_callback(lambda f: seen.append(store.known("h1")))
+    p.take([TaskOutcome(1, result("h1", "s1"), [], [], "w1", Facts(hostname="h1", cpu_count=8))])
+    assert seen == [Facts(hostname="h1", cpu_count=8)]   # known when its dependents start
+    assert p.facts.for_order("tcp://w:1", "h1") is None   # that worker has them already
+    fut2 = op(p, 2, "h1", "s2")
+    p.take([TaskOutcome(2, result("h1", "s2"), [], [], "w1", "not facts")])   # a broken worker's payload
+    assert fut2.result().status == Status.CHANGED and store.known("h1") == Facts(hostname="h1", cpu_count=8)
+    assert store.known("h2") is None

@@ -208,6 +208,13 @@ def test_the_store_ships_what_it_gathered() -> None:
     assert copy.get("a", lambda: None).cpu_count == 2 and copy.gathers == 0
 
 
+def test_facts_put_from_another_process_are_used_and_the_first_ones_stay() -> None:
+    store = FactStore(gatherer=lambda host, conn: pytest.fail("gathered although known"))
+    store.put("a", Facts(hostname="a", cpu_count=2))
+    store.put("a", Facts(hostname="a", cpu_count=64))   # a later copy does not replace what tasks already read
+    assert store.get("a", lambda: None).cpu_count == 2 and store.values("a")["cpu_count"] == 2 and store.gathers == 0
+
+
 def test_the_view_gathers_on_first_read_only() -> None:
     store = FactStore(gatherer=lambda host, conn: Facts(hostname=host, kernel="6.1"))
     view = FactsView(store, "a", lambda: None)  # type: ignore[arg-type, return-value]

@@ -6,8 +6,8 @@ per batch of events cost the controller and the worker about a millisecond each 
 So once a run's session is set up (an actor call), the controller opens one comm to the worker's
 own address (the worker's listener and its TLS settings; no port of runbook's own), asks for the
 `runbook_channel` handler with the session's one-time token, and both sides keep that comm: order
-batches, connects, closes and a first interrupt one way; batches of events and connect answers the
-other; each message one pickle (the trust Dask's own messages already need: the cluster's members
+batches, connects, facts requests, closes and a first interrupt one way; batches of events and the
+answers to connects and facts requests the other; each message one pickle (the trust Dask's own messages already need: the cluster's members
 run each other's code).
 """
 
@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from runbook.cluster.wire import Connected, ConnectReply, TaskError, TaskOrder, TaskOutcome, WireEvent
+from runbook.cluster.wire import Connected, ConnectReply, Gathered, TaskError, TaskOrder, TaskOutcome, WireEvent
 
 if TYPE_CHECKING:
     from runbook.cluster.wire import ChannelItem, StreamItem
     from runbook.cluster.worker import RunSession
 
 OP = "runbook_channel"
-ITEMS = (WireEvent, TaskOutcome, TaskError, Connected)   # what a worker may send back, in a list
+ITEMS = (WireEvent, TaskOutcome, TaskError, Connected, Gathered)   # what a worker may send back, in a list
 EVENT_WAIT = 1.0   # seconds the worker's writer waits for events before it looks again
+
+T = TypeVar("T")
 
 _offered: dict[str, RunSession] = {}   # token -> a set-up session waiting for its controller's channel
 
@@ -66,6 +68,8 @@ async def _serve(comm: Any, token: str = "") -> Any:
                 session.run_later(args[0])
             elif kind == "connect":
                 session.connect_later(*args)
+            elif kind == "facts":
+                session.gather_later(args[0])
             elif kind == "close":
                 session.close_later(args[0])
             elif kind == "drain":
@@ -90,7 +94,7 @@ def _order(data: Any) -> tuple[Any, ...] | None:
     match message:
         case ("run", list() as orders) if all(isinstance(o, TaskOrder) for o in orders):
             return message
-        case ("connect", str(), str() | None) | ("close", str()) | ("drain",):
+        case ("connect", str(), str() | None) | ("facts", str()) | ("close", str()) | ("drain",):
             return message
     return None
 
@@ -115,6 +119,12 @@ def _batch(data: Any) -> list[ChannelItem]:
     return items
 
 
+def _answer(waiting: dict[str, asyncio.Future[T]], host: str, value: T) -> None:
+    """Hand an answer to the call waiting for it (none waits any more: it is dropped)."""
+    if host in waiting and not waiting[host].done():
+        waiting[host].set_result(value)
+
+
 class Channel:
     """The controller's end of one worker's channel (used on the client's event loop)."""
 
@@ -122,6 +132,7 @@ class Channel:
         self.comm = comm
         self.lock = asyncio.Lock()   # one message at a time: a batch is never interleaved with another
         self.answers: dict[str, asyncio.Future[ConnectReply]] = {}   # host -> its connect, waiting
+        self.gathers: dict[str, asyncio.Future[Gathered]] = {}       # host -> its facts, waiting
 
     @classmethod
     async def open(cls, address: str, connection_args: dict[str, Any], token: str) -> Channel:
@@ -145,6 +156,18 @@ class Channel:
             return await answer   # it comes back among the worker's events (see receive)
         finally:
             self.answers.pop(host, None)
+
+    async def gather(self, host: str) -> Gathered:
+        """A host's facts, gathered on its worker (which keeps them); OSError when the worker is gone first.
+
+        The run's fact store asks once per host (its other readers wait for that answer)."""
+        answer: asyncio.Future[Gathered] = asyncio.get_running_loop().create_future()
+        self.gathers[host] = answer
+        try:
+            await self._write(("facts", host))
+            return await answer
+        finally:
+            self.gathers.pop(host, None)
 
     async def close_host(self, host: str) -> None:
         """A host is done: close its connection on the worker."""
@@ -170,15 +193,18 @@ class Channel:
             raise
         events: list[StreamItem] = []
         for item in items:
-            if not isinstance(item, Connected):
+            if isinstance(item, Connected):
+                _answer(self.answers, item.host, item.reply)
+            elif isinstance(item, Gathered):
+                _answer(self.gathers, item.host, item)
+            else:
                 events.append(item)
-            elif item.host in self.answers and not self.answers[item.host].done():
-                self.answers[item.host].set_result(item.reply)
         return events
 
     def fail(self, error: OSError) -> None:
-        """The worker is gone: every connect still waiting for its answer fails (its host moves on)."""
-        for answer in list(self.answers.values()):
+        """The worker is gone: every connect (or facts request) still waiting for its answer fails."""
+        waiting: list[asyncio.Future[Any]] = [*self.answers.values(), *self.gathers.values()]
+        for answer in waiting:
             if not answer.done():
                 answer.set_exception(error)
 

@@ -2,8 +2,8 @@
 
 Events are re-emitted once each into the run's own `EventStream` (so the console, audit trail and
 run state see what an in-process run shows); an outcome's register writes and drift stops are
-applied before its result reaches the executor, so dependents start only after everything their
-predecessor did is recorded. A worker is trusted for nothing beyond the task it was given.
+applied before its result reaches the executor (the facts its task gathered too), so dependents
+start only after everything their predecessor did is recorded. A worker is trusted for nothing beyond the task it was given.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from runbook.cluster.facts import RunFacts
 from runbook.cluster.wire import StreamItem, TaskError, TaskOutcome, WireEvent
 from runbook.events import ObserverFailed
 from runbook.graph import TaskKey
@@ -40,8 +41,9 @@ class Call:
 class Delivery:
     """One thread for everything that comes back from the workers, and the table of remote calls in flight."""
 
-    def __init__(self, executor: Any, names: dict[str, str]):
+    def __init__(self, executor: Any, names: dict[str, str], facts: RunFacts | None = None):
         self.executor = executor
+        self.facts = facts
         self.events = executor.events
         self.info = executor.info
         self.names = names
@@ -117,6 +119,8 @@ class Delivery:
         for host, reason in outcome.stopped:
             if host == op.host:
                 self.executor.scheduler.stop_host(host, reason)
+        if self.facts is not None and outcome.facts is not None:   # the facts its task gathered, of its host
+            self.facts.received(op.host, op.worker, outcome.facts)
         if failure is not None:
             op.future.set_exception(failure)
         else:

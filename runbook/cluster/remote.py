@@ -30,7 +30,8 @@ from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
 from runbook.cluster.sources import Shipments
 from runbook.cluster.delivery import Delivery, Call
-from runbook.cluster.wire import SessionSetup, StreamItem, TaskOrder
+from runbook.cluster.facts import RunFacts
+from runbook.cluster.wire import Gathered, SessionSetup, StreamItem, TaskOrder
 from runbook.cluster.worker import RunSession
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.graph import TaskKey
@@ -69,7 +70,9 @@ class ClusterPool:
         self.names = run.names
         self.loop: asyncio.AbstractEventLoop = run.client.loop.asyncio_loop
         self.local = ThreadPoolExecutor(max_workers=8, thread_name_prefix="runbook")   # controller-side tasks
-        self.delivery = Delivery(executor, self.names)
+        self.facts = RunFacts(executor.runner.facts, lambda host: host in self.router.zones, self.router.worker_of,
+                              self._ask_facts)
+        self.delivery = Delivery(executor, self.names, self.facts)
         self.ops = self.delivery.ops
         self.ids = itertools.count(1)
         self.lock = self.delivery.lock
@@ -201,6 +204,8 @@ class ClusterPool:
             orders = self.outbox.pop(worker, [])
         if not orders:
             return
+        for order in orders:   # a host moved here brings the facts it had
+            order.facts = self.facts.for_order(worker, order.key.host)
         try:
             for host in sorted({o.key.host for o in orders} - self.connected.get(worker, set())):
                 reply = await self.cluster.channels[worker].connect(host, self.cluster.sudo_password)   # moved
@@ -216,6 +221,14 @@ class ClusterPool:
             for order in orders:
                 self._lose(order.task_id, f"internal error on cluster worker {self.names.get(worker, worker)}: "
                                           f"{type(exc).__name__}: {exc}", Status.FAILED)
+
+    def _ask_facts(self, worker: str, host: str) -> Gathered:
+        """A host's facts from its worker, for a step on the controller (blocks that task's thread)."""
+        try:
+            return asyncio.run_coroutine_threadsafe(self.cluster.channels[worker].gather(host), self.loop).result()
+        except OSError as exc:   # the worker is gone: its hosts move on; this task fails as on a broken connection
+            self._worker_gone(worker, f"{type(exc).__name__}: {exc}")
+            raise
 
     async def _stream(self, worker: str) -> None:
         """Read a worker's channel; what it sends is delivered in order."""

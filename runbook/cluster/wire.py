@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runbook.engine.options import ExecOptions
+from runbook.facts import Facts
 from runbook.events import RunInfo
 from runbook.graph import TaskKey
 from runbook.inventory import Host
@@ -45,6 +46,7 @@ class TaskOrder:
     ancestors: dict[TaskKey, PredictionKind | None] = field(default_factory=dict)   # plan/apply: what it waits for
     gate: tuple[Status, str] | None = None        # blocks: the controller's verdict on a rescue step here
     sources: dict[tuple[str, str], bytes] = field(default_factory=dict)   # its step's files, the first time here
+    facts: Facts | None = None                    # its host's facts, gathered elsewhere (a host moved here)
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TaskOutcome:
     writes: list[tuple[str, tuple[Any, ...], dict[str, Any]]]   # register calls, replayed on the controller
     stopped: list[tuple[str, str]]                              # hosts to stop (apply: drift), with why
     worker: str
+    facts: Facts | None = None                                  # its host's facts, when this task gathered them
 
 
 @dataclass
@@ -93,5 +96,15 @@ class Connected:
     reply: ConnectReply
 
 
+@dataclass
+class Gathered:
+    """The answer to the controller's request for a host's facts (a step on the controller reads them)."""
+
+    host: str
+    facts: Facts | None = None
+    reason: str | None = None     # why they could not be gathered
+    failed: str = "facts"         # what failed: "facts" (the gather), "connect", or "connection" (it broke)
+
+
 StreamItem = WireEvent | TaskOutcome | TaskError   # what the controller delivers of a worker's stream, in order
-ChannelItem = StreamItem | Connected               # what a worker's channel carries (connect answers too)
+ChannelItem = StreamItem | Connected | Gathered    # what a worker's channel carries (answers too)

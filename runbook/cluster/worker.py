@@ -26,13 +26,14 @@ from runbook.cluster import channel
 from runbook.connections import Connection, ConnectOptions, connect, quiet_close
 from runbook.connections.hostkeys import HostKeyPolicy
 from runbook.cluster.sources import install_sources
-from runbook.cluster.wire import (ChannelItem, Connected, ConnectReply, SessionSetup, TaskError, TaskOrder, TaskOutcome,
-                                  WireEvent)
+from runbook.cluster.wire import (ChannelItem, Connected, ConnectReply, Gathered, SessionSetup, TaskError, TaskOrder,
+                                  TaskOutcome, WireEvent)
 from runbook.engine.predict import Predictor
 from runbook.engine.registers import Registers
 from runbook.engine.task import TaskRunner
 from runbook.errors import ConnectionFailed, RunbookError
 from runbook.events import EventStream, Observer, RunInfo, TaskRef
+from runbook.facts import Facts, FactsError
 from runbook.graph import StepGraph, TaskKey, expand
 from runbook.results import Status, TaskResult
 
@@ -133,6 +134,7 @@ class WorkerRun:
         self.host_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self.active: dict[tuple[str, str], _TaskLog] = {}
         self.stopped: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        self.facts_shared: set[str] = set()   # hosts whose facts the controller has (sent, or came from it)
 
     # --- events --------------------------------------------------------------------------------
 
@@ -215,6 +217,10 @@ class WorkerRun:
             self.active[(key.host, key.step_id)] = log
             self.options.secrets.update(order.secrets)   # only what this worker's tasks read
         self.registers.load(key.host, order.registers, order.unknown, order.stale)
+        if order.facts is not None:   # a host moved here keeps the facts it had: no second gather mid-run
+            self.runner.facts.put(key.host, order.facts)
+            with self.lock:
+                self.facts_shared.add(key.host)
         steps = self.runner.steps
         self.gates[key] = order.gate
         for node, kind in order.ancestors.items():
@@ -229,7 +235,33 @@ class WorkerRun:
         result.worker = self.name
         with self.lock:
             stopped = self.stopped.pop(key.host, [])
-        return TaskOutcome(order.task_id, result, self.registers.drain(key.host), stopped, self.name)
+        return TaskOutcome(order.task_id, result, self.registers.drain(key.host), stopped, self.name,
+                           self._share_facts(key.host))
+
+    def gather(self, host: str) -> Gathered:
+        """A host's facts for a step on the controller, gathered here (over its connection) unless known."""
+        if host not in self.hosts:
+            return Gathered(host, reason=f"host {host!r} is not part of this run")
+        try:
+            facts = self.runner.facts.get(host, lambda: self._connection(host))
+        except FactsError as exc:
+            return Gathered(host, reason=exc.reason)
+        except ConnectionFailed as exc:
+            return Gathered(host, reason=exc.reason, failed="connect")
+        except (OSError, EOFError) as exc:
+            return Gathered(host, reason=str(exc), failed="connection")
+        with self.lock:
+            self.facts_shared.add(host)
+        return Gathered(host, facts)
+
+    def _share_facts(self, host: str) -> Facts | None:
+        """The host's facts if the controller has not got them yet (then it has): each crosses once."""
+        facts = self.runner.facts.known(host)
+        with self.lock:
+            if facts is None or host in self.facts_shared:
+                return None
+            self.facts_shared.add(host)
+        return facts
 
     def abort(self) -> None:
         """A second interrupt on the controller: running commands end now."""
@@ -305,6 +337,17 @@ class RunSession:
         except Exception as exc:   # connect reports its own failures: this is a bug, said as such
             reply = ConnectReply(f"internal error on this cluster worker: {type(exc).__name__}: {exc}")
         self._push(Connected(host, reply))
+
+    def gather_later(self, host: str) -> None:
+        """Gather a host's facts here (the channel's facts request); the answer comes back through `events`."""
+        self._later(self._gather_one, self._run(), host)
+
+    def _gather_one(self, work: WorkerRun, host: str) -> None:
+        try:
+            reply = work.gather(host)
+        except Exception as exc:   # gather reports its own failures: this is a bug, said as such
+            reply = Gathered(host, reason=f"internal error on this cluster worker: {type(exc).__name__}: {exc}")
+        self._push(reply)
 
     def run_later(self, orders: list[TaskOrder]) -> None:
         """Start tasks here (the channel's orders); each one's outcome comes back through `events`, after its events."""
