@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import stat
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from runbook.cluster.sources import Shipments, collect_sources, install_sources
 from runbook.compose import resolve_source
 from runbook.errors import RunbookError
 from runbook.loader import load_playbook
+from tests.helpers import cli
 
 PLAYBOOK = """\
 runbook: shipped
@@ -90,6 +93,28 @@ def test_hostile_source_keys_write_nothing_outside_the_run_dir(tmp_path: Path) -
     assert [p for p in tmp_path.rglob("*") if p.is_file() and "run" not in p.parts and "pb" not in p.parts] == []
 
 
+def test_an_oversize_source_is_refused_without_reading_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    with open(tmp_path / "files" / "motd", "r+b") as f:
+        f.truncate(256 * 2**20)   # sparse: 256 MiB on no disk
+    monkeypatch.setattr(sources_mod, "MAX_SHIPPED", 1024)
+    tracemalloc.start()
+    try:
+        with pytest.raises(RunbookError, match="source files pass"):
+            collect_sources(playbook)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20, peak
+
+
+def test_a_source_that_is_not_a_regular_file_is_left_to_its_task(tmp_path: Path) -> None:
+    playbook = load_playbook(_playbook(tmp_path))
+    (tmp_path / "files" / "motd").unlink()
+    os.mkfifo(tmp_path / "files" / "motd")   # no writer: opening it to read would wait forever
+    assert all("motd" not in src for _, src in collect_sources(playbook))
+
+
 def test_too_much_to_ship_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     playbook = load_playbook(_playbook(tmp_path))
     monkeypatch.setattr(sources_mod, "MAX_SHIPPED", 16)
@@ -119,3 +144,17 @@ def test_sources_arriving_in_several_orders_accumulate_on_the_worker(tmp_path: P
     install_sources(playbook, {("motd", "files/motd"): shipped[("motd", "files/motd")]}, run_dir)   # again: no error
     assert set(playbook._shipped) == set(shipped)
     assert len(list((run_dir / "sources").iterdir())) == 2   # motd (two steps) and the template
+
+
+def test_a_run_whose_sources_pass_the_limit_stops_before_any_host_with_a_clear_error(tmp_path: Path) -> None:
+    """Through the CLI, with the real limit: a message and a hint, no traceback, nothing recorded as run."""
+    _playbook(tmp_path)
+    with open(tmp_path / "files" / "motd", "r+b") as f:
+        f.truncate(sources_mod.MAX_SHIPPED + 1)   # sparse
+    (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    web1: {ansible_host: 127.0.0.1, ansible_port: 9}\n")
+    proc = cli("run", "pb.yml", "-i", "inv.yml", "--audit-log", "audit.jsonl", "--cluster", "local:2", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the playbook's source files pass 64 MiB" in proc.stderr and "hint: too much to send" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    trail = tmp_path / "audit.jsonl"
+    assert not trail.exists() or "task." not in trail.read_text()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -33,11 +34,11 @@ def collect_sources(playbook: Playbook) -> dict[SourceKey, bytes]:
     total = 0
     for step, src, path in step_sources(playbook):
         if path not in by_path:
-            try:
-                by_path[path] = path.read_bytes()
-            except OSError:   # the task reports it where it runs, as in-process (its error names the path)
+            data = _read_at_most(path, MAX_SHIPPED - total + 1)
+            if data is None:   # the task reports it where it runs, as in-process (its error names the path)
                 continue
-            total += len(by_path[path])
+            by_path[path] = data
+            total += len(data)
             if total > MAX_SHIPPED:
                 raise RunbookError(f"the playbook's source files pass {MAX_SHIPPED // 2**20} MiB ({path})",
                                    hint="too much to send to every cluster worker with the run: deploy the "
@@ -45,6 +46,22 @@ def collect_sources(playbook: Playbook) -> dict[SourceKey, bytes]:
                                         "those steps without --cluster")
         out[(step.step_id, src)] = by_path[path]
     return out
+
+
+def _read_at_most(path: Path, limit: int) -> bytes | None:
+    """Up to `limit` bytes of a regular file (a 20 GiB image is not read whole to learn it is too big);
+    None when it cannot be read or is not a regular file (a FIFO is not opened for reading, so never waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            return f.read(limit)
+        except OSError:
+            return None
 
 
 class Shipments:
