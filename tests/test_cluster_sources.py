@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 
 from runbook.cluster import sources as sources_mod
-from runbook.cluster.sources import Shipments, collect_sources, install_sources
+from runbook.cluster.sources import Shipments, collect_sources, install_sources, rendered_sources
 from runbook.compose import resolve_source
+from runbook.engine.options import ExecOptions
+from runbook.engine.registers import Registers
+from runbook.engine.task import TaskRunner
 from runbook.errors import RunbookError
+from runbook.events import EventStream
+from runbook.facts import Facts
+from runbook.graph import TaskKey
 from runbook.loader import load_playbook
+from runbook.runner import RunRequest, prepare
 from tests.helpers import cli
 
 PLAYBOOK = """\
@@ -158,3 +165,68 @@ def test_a_run_whose_sources_pass_the_limit_stops_before_any_host_with_a_clear_e
     assert "Traceback" not in proc.stderr
     trail = tmp_path / "audit.jsonl"
     assert not trail.exists() or "task." not in trail.read_text()
+
+
+RENDERED = """\
+runbook: rendered
+steps:
+  - name: per-host
+    upload: {src: "files/{{ inventory_hostname }}.conf", dest: /tmp/mine}
+  - name: per-item
+    copy: {src: "files/{{ item }}", dest: "/tmp/{{ item }}"}
+    loop: "{{ wanted }}"
+  - name: by-register
+    upload: {src: "files/{{ pick.stdout }}", dest: /tmp/picked}
+  - name: by-facts
+    upload: {src: "files/{{ facts.hostname }}", dest: /tmp/by-facts}
+  - name: plain
+    upload: {src: files/motd, dest: /tmp/motd}
+"""
+
+
+def _runner(tmp_path: Path, wanted: list[str]) -> TaskRunner:
+    _playbook(tmp_path)
+    (tmp_path / "pb.yml").write_text(RENDERED)
+    (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    web1: {ansible_connection: local}\n")
+    prepared = prepare(tmp_path / "pb.yml", str(tmp_path / "inv.yml"), RunRequest(extra_vars={"wanted": wanted}))
+    runner = TaskRunner(prepared.playbook, prepared.steps, {h.name: h for h in prepared.hosts}, prepared.info,
+                        EventStream([]), ExecOptions(extra_vars={"wanted": wanted}), Registers(["web1"]),
+                        lambda *a, **k: pytest.fail("nothing connects to render a source path"))
+    runner.facts.gatherer = lambda host, conn: pytest.fail("nothing gathers to render a source path")
+    return runner
+
+
+def _rendered(runner: TaskRunner, step: str) -> dict[tuple[str, str], Path]:
+    return rendered_sources(runner, TaskKey(step, "web1"), runner.steps.step(step))
+
+
+def test_templated_source_paths_render_on_the_controller_per_task_and_item(tmp_path: Path) -> None:
+    runner = _runner(tmp_path, ["a.txt", "b.txt", "a.txt"])
+    assert _rendered(runner, "per-host") == {("per-host", "files/web1.conf"): tmp_path / "files" / "web1.conf"}
+    assert _rendered(runner, "per-item") == {("per-item", "files/a.txt"): tmp_path / "files" / "a.txt",
+                                             ("per-item", "files/b.txt"): tmp_path / "files" / "b.txt"}
+    assert _rendered(runner, "by-register") == {}   # `pick` is not set yet: left to the worker
+    runner.registers.store("web1", "pick", {"stdout": "motd"}, shared=False)
+    assert _rendered(runner, "by-register") == {("by-register", "files/motd"): tmp_path / "files" / "motd"}
+    assert _rendered(runner, "by-facts") == {}      # facts not gathered yet: never gathered for this
+    runner.facts.put("web1", Facts(hostname="web1.example"))
+    assert _rendered(runner, "by-facts") == {("by-facts", "files/web1.example"): tmp_path / "files" / "web1.example"}
+    assert _rendered(runner, "plain") == {}         # untemplated: shipped with the run's set-up
+
+
+def test_a_loop_with_too_many_items_is_left_to_the_worker(tmp_path: Path) -> None:
+    runner = _runner(tmp_path, [f"f{i}" for i in range(sources_mod.MAX_RENDERED_ITEMS + 1)])
+    assert _rendered(runner, "per-item") == {}
+
+
+def test_rendered_files_go_once_per_worker_read_once_within_the_budget(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").write_bytes(b"A" * 10)
+    (tmp_path / "big").write_bytes(b"B" * 100)
+    monkeypatch.setattr(sources_mod, "MAX_SHIPPED", 50)
+    ship = Shipments({("s0", "x"): b"X" * 20})   # 30 bytes of room left
+    files = {("s1", "a"): tmp_path / "a", ("s1", "big"): tmp_path / "big", ("s1", "gone"): tmp_path / "gone"}
+    assert ship.rendered("w1", files) == {("s1", "a"): b"A" * 10}   # too big, and missing: left to the worker
+    assert ship.rendered("w1", files) == {}
+    (tmp_path / "a").write_bytes(b"changed")
+    assert ship.rendered("w2", files) == {("s1", "a"): b"A" * 10}   # what the run read once, not a new version

@@ -146,6 +146,10 @@ class Action:
         """Control-machine files this step sends (untemplated paths): a plan records their checksums."""
         return []
 
+    def source_templates(self) -> list[str]:
+        """Control-machine file paths this step sends that hold a template (each task renders its own)."""
+        return []
+
     def check(self, playbook: Playbook, locate: Callable[[tuple[str | int, ...]], Location]) -> list[Problem]:
         """Static problems `validate` can find beyond the schema (e.g. a missing template file)."""
         return []

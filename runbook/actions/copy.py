@@ -49,6 +49,9 @@ class Copy(ResourceAction):
     def local_sources(self) -> list[str]:
         return [self.spec.src] if self.spec.src and "{" not in self.spec.src else []
 
+    def source_templates(self) -> list[str]:
+        return [self.spec.src] if self.spec.src and "{" in self.spec.src else []
+
     def check(self, playbook: Playbook, locate: Callable[[tuple[str | int, ...]], Location]) -> list[Problem]:
         src = self.spec.src
         if not src or "{" in src or playbook._source is None:

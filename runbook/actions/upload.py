@@ -73,6 +73,9 @@ class Upload(Action):
     def local_sources(self) -> list[str]:
         return [] if "{" in self.spec.src else [self.spec.src]
 
+    def source_templates(self) -> list[str]:
+        return [self.spec.src] if "{" in self.spec.src else []
+
     def content(self, env: TaskEnv) -> bytes:
         """The bytes the file on the host should hold."""
         src = local_source(env.playbook, self.step, env.render(self.spec.src))

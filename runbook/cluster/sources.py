@@ -6,8 +6,10 @@ step's files travel with the first order of that step to each worker (a worker w
 run the step never gets them; a host moved after a worker loss brings them to its new worker). The
 worker writes them into the run's own directory (0700, removed with the run) and its steps read
 those copies: what it sends is exactly what the controller read, at the moment a plan's checksums
-are checked. A templated path names a file per host, known only when the task runs: it is still
-read where the task runs.
+are checked. A templated path names a file per task: the controller renders it with that task's
+variables when it sends the task (each loop item's too), and the file goes with the order, once per
+worker. A path that does not render there (it reads facts not gathered yet, or a register a dry run
+cannot know) is left to the worker, which reads it from its own disk.
 """
 
 from __future__ import annotations
@@ -18,13 +20,22 @@ import stat
 import threading
 from pathlib import Path
 
-from runbook.compose import step_sources
+from typing import TYPE_CHECKING, Any
+
+from runbook.actions import action_for
+from runbook.compose import resolve_source, step_sources
 from runbook.errors import RunbookError
-from runbook.model import Playbook
+from runbook.graph import TaskKey
+from runbook.model import Playbook, Step
+from runbook.template import render
+
+if TYPE_CHECKING:
+    from runbook.engine.task import TaskRunner
 
 MAX_SHIPPED = 64 * 1024 * 1024   # bytes of sources one run may send to each worker
 
-SourceKey = tuple[str, str]   # (step id, the source path as the step writes it)
+SourceKey = tuple[str, str]   # (step id, the source path as the step writes it, or as its task rendered it)
+MAX_RENDERED_ITEMS = 256       # loop items whose source paths the controller renders; past it, the worker's disk
 
 
 def collect_sources(playbook: Playbook) -> dict[SourceKey, bytes]:
@@ -64,6 +75,31 @@ def _read_at_most(path: Path, limit: int) -> bytes | None:
             return None
 
 
+def rendered_sources(runner: TaskRunner, key: TaskKey, step: Step) -> dict[SourceKey, Path]:
+    """The files a task's templated source paths name, rendered on the controller as its worker will render them."""
+    templates = action_for(step).source_templates()
+    if not templates or (runner.facts.known(key.host) is None and runner.reads_facts(step)):
+        return {}   # nothing to render, or it needs facts its worker has not gathered yet: never gathered for this
+    try:
+        rendered = {render(t, ctx) for ctx in _task_contexts(runner, key.host, step) for t in templates}
+    except Exception:   # it does not render here: the worker renders it, and reports what fails
+        return {}
+    return {(step.step_id, src): resolve_source(runner.playbook, step, src) for src in sorted(rendered)}
+
+
+def _task_contexts(runner: TaskRunner, host: str, step: Step) -> list[dict[str, Any]]:
+    """The task's variables, or each of its loop items' (the loop's items made as the worker will make them)."""
+    from runbook.engine.loops import loop_context, loop_item_context, loop_values
+
+    if step.loop is None:
+        return [runner.context(host, step=step)]
+    base = loop_context(runner, host, step)
+    values = loop_values(step, base)
+    if len(values) > MAX_RENDERED_ITEMS:
+        raise ValueError("too many items to render on the controller")
+    return [loop_item_context(runner, host, step, base, i, v) for i, v in enumerate(values)]
+
+
 class Shipments:
     """The controller's side: which step's sources each worker still needs (each goes once per worker)."""
 
@@ -73,6 +109,9 @@ class Shipments:
             self._by_step.setdefault(key[0], {})[key] = data
         self._sent: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._rendered: dict[Path, bytes | None] = {}           # templated paths' files, read once each
+        self._rendered_sent: set[tuple[str, SourceKey]] = set()
+        self._room = MAX_SHIPPED - sum(len(d) for d in sources.values())
 
     def take(self, worker: str, step_id: str) -> dict[SourceKey, bytes]:
         """The step's sources for its next order to `worker`: all of them the first time, none after."""
@@ -84,6 +123,25 @@ class Shipments:
                 return {}
             self._sent.add((worker, step_id))
         return dict(files)
+
+    def rendered(self, worker: str, files: dict[SourceKey, Path]) -> dict[SourceKey, bytes]:
+        """A task's rendered source files that `worker` has not got; each file is read once, within MAX_SHIPPED."""
+        out: dict[SourceKey, bytes] = {}
+        with self._lock:
+            for key, path in files.items():
+                if (worker, key) in self._rendered_sent:
+                    continue
+                if path not in self._rendered:
+                    data = _read_at_most(path, self._room + 1) if self._room > 0 else None
+                    if data is not None and len(data) > self._room:
+                        data = None   # past the run's budget: this one is read on the worker
+                    self._room -= len(data) if data is not None else 0
+                    self._rendered[path] = data
+                data = self._rendered[path]
+                if data is not None:   # missing or unreadable here: the task reports it where it runs
+                    self._rendered_sent.add((worker, key))
+                    out[key] = data
+        return out
 
 
 def install_sources(playbook: Playbook, sources: dict[SourceKey, bytes], run_dir: Path) -> None:

@@ -89,6 +89,25 @@ def item_context(step: Step, ctx: dict[str, Any], index: int, value: Any) -> dic
     return out
 
 
+def loop_context(runner: TaskRunner, host: str, step: Step) -> dict[str, Any]:
+    """A looped task's variables, for its loop expression; step `vars:` may read the item, which has no value yet."""
+    if not step.vars:
+        return runner.context(host, step=step)
+    pending: dict[str, Any] = {step.loop_name: jinja2.ChainableUndefined(name=step.loop_name)}
+    if step.index_var:
+        pending[step.index_var] = 0
+    return runner.context(host, extra=pending, step=step)
+
+
+def loop_item_context(runner: TaskRunner, host: str, step: Step, base: dict[str, Any], index: int,
+                      value: Any) -> dict[str, Any]:
+    """One item's variables; a step with `vars:` renders them again with the item (`path: /srv/{{ item }}`)."""
+    if not step.vars:
+        return item_context(step, base, index, value)
+    own = item_context(step, {}, index, value)
+    return item_context(step, runner.context(host, extra=own, step=step), index, value)
+
+
 def loop_items(step: Step, values: list[Any], context: Callable[[int, Any], dict[str, Any]],
                redactor: Redactor) -> list[LoopItem]:
     """Label every item (redacted, made safe to show) and key it `step[label]`, unique within the step."""
@@ -236,22 +255,10 @@ class LoopRunner:
         return items if self._reviewed(res, items) else None
 
     def _base_context(self) -> dict[str, Any]:
-        """The task's variables, for the loop expression; step `vars:` may read the item, which has no value yet."""
-        step = self.step
-        if not step.vars:
-            return self.r.context(self.key.host, step=step)
-        pending: dict[str, Any] = {step.loop_name: jinja2.ChainableUndefined(name=step.loop_name)}
-        if step.index_var:
-            pending[step.index_var] = 0
-        return self.r.context(self.key.host, extra=pending, step=step)
+        return loop_context(self.r, self.key.host, self.step)
 
     def _item_context(self, index: int, value: Any) -> dict[str, Any]:
-        """One item's variables; a step with `vars:` renders them again with the item (`path: /srv/{{ item }}`)."""
-        step = self.step
-        if not step.vars:
-            return item_context(step, self.ctx, index, value)
-        own = item_context(step, {}, index, value)
-        return item_context(step, self.r.context(self.key.host, extra=own, step=step), index, value)
+        return loop_item_context(self.r, self.key.host, self.step, self.ctx, index, value)
 
     def _unknown(self, res: TaskResult, reason: str) -> None:
         _end(res, Status.UNKNOWN, reason)

@@ -85,8 +85,12 @@ def _spawn(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=cli_env())
 
 
-def start_cluster(tmp_path: Path, workers: dict[str, str | None], plain: frozenset[str] = frozenset()) -> Cluster:
-    """`dask scheduler` plus one `runbook worker` per name (name -> zone); names in `plain` are plain `dask worker`s."""
+def start_cluster(tmp_path: Path, workers: dict[str, str | None], plain: frozenset[str] = frozenset(),
+                  hide: Path | None = None) -> Cluster:
+    """`dask scheduler` plus one `runbook worker` per name (name -> zone); names in `plain` are plain `dask worker`s.
+
+    With `hide`, the workers see an empty directory there (a mount namespace of their own), as a worker
+    on another machine sees no copy of the controller's playbook directory."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path / "cluster-logs"
@@ -101,6 +105,11 @@ def start_cluster(tmp_path: Path, workers: dict[str, str | None], plain: frozens
             if name in plain:   # a Dask worker that knows nothing of runbook but has it installed
                 argv = [str(VENV_BIN / "dask"), "worker", address, "--name", name, "--nthreads", "1", "--no-nanny",
                         *(["--resources", f"zone:{zone}=1"] if zone else [])]
+            if hide is not None:
+                empty = tmp_path / "nothing-here"
+                empty.mkdir(exist_ok=True)
+                argv = ["unshare", "--mount", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh",
+                        str(empty), str(hide), *argv]
             cluster.workers[name] = _spawn(argv, logs / f"worker-{name}")
         wait_workers(address, set(workers), [scheduler, *cluster.workers.values()])
     except BaseException:
