@@ -31,6 +31,20 @@ def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                           env=cli_env(**(env or {})), cwd=cwd, timeout=timeout)
 
 
+def run_in_workdir(work: Path, playbook: str, hosts: list[Any], *extra: str,
+                   timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """`runbook run` of `playbook` on the sshd `hosts` in a new directory `work` (its inventory, known_hosts,
+    audit trail there), with JSON output."""
+    from tests.sshd import write_inventory, write_known_hosts
+
+    work.mkdir()
+    (work / "pb.yml").write_text(playbook)
+    write_inventory(work / "inventory.yml", hosts)
+    write_known_hosts(work / "known_hosts", hosts)
+    return cli("run", "pb.yml", "-i", "inventory.yml", "--known-hosts", "known_hosts", "--audit-log",
+               str(work / "audit.jsonl"), "--format", "json", *extra, cwd=work, timeout=timeout)
+
+
 def run_main(capsys: Any, *args: str | os.PathLike[str]) -> tuple[int, str, str]:
     """Run `runbook ARGS` in process (the real exit code of runbook.cli.main); return (code, stdout, stderr)."""
     from runbook.cli import main

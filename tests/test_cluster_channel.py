@@ -67,6 +67,13 @@ async def _with_worker(body: Any) -> Any:
             return await body(worker)
 
 
+async def _open(worker: Any, session: FakeSession) -> Channel:
+    """The controller's channel to a session offered on the worker under a fresh token."""
+    token = secrets.token_urlsafe(32)
+    channel_mod.offer(token, session)   # type: ignore[arg-type]
+    return await Channel.open(worker.address, {}, token)
+
+
 def run(body: Any) -> Any:
     return asyncio.run(asyncio.wait_for(_with_worker(body), 60))
 
@@ -79,9 +86,7 @@ def test_orders_connects_and_closes_reach_the_session_in_order_and_events_come_b
     session = FakeSession()
 
     async def body(worker: Any) -> tuple[ConnectReply, list[Any]]:
-        token = secrets.token_urlsafe(32)
-        channel_mod.offer(token, session)   # type: ignore[arg-type]
-        chan = await Channel.open(worker.address, {}, token)
+        chan = await _open(worker, session)
         events: list[Any] = []
         reader = asyncio.ensure_future(_read_into(chan, events))
         answer = await chan.connect("h1", None)   # answered among the events, taken out of them
@@ -107,9 +112,7 @@ def test_a_connect_or_facts_request_waiting_when_its_worker_goes_away_fails_with
     session = FakeSession()
 
     async def body(worker: Any) -> None:
-        token = secrets.token_urlsafe(32)
-        channel_mod.offer(token, session)   # type: ignore[arg-type]
-        chan = await Channel.open(worker.address, {}, token)
+        chan = await _open(worker, session)
         reader = asyncio.ensure_future(_read_into(chan, []))
         waiting = asyncio.ensure_future(chan.connect("never", None) if ask == "connect" else chan.gather("never"))
         while not session.got:
@@ -128,9 +131,7 @@ def test_a_facts_request_reaches_the_session_and_its_answer_comes_back_to_the_ca
     session = FakeSession()
 
     async def body(worker: Any) -> tuple[Gathered, list[Any]]:
-        token = secrets.token_urlsafe(32)
-        channel_mod.offer(token, session)   # type: ignore[arg-type]
-        chan = await Channel.open(worker.address, {}, token)
+        chan = await _open(worker, session)
         events: list[Any] = []
         reader = asyncio.ensure_future(_read_into(chan, events))
         answer = await asyncio.wait_for(chan.gather("h1"), 10)
@@ -207,9 +208,7 @@ def test_a_worker_batch_that_is_not_run_events_ends_the_channel_as_a_lost_worker
     session = GarblingSession(batch)
 
     async def body(worker: Any) -> tuple[list[Any], BaseException | None]:
-        token = secrets.token_urlsafe(32)
-        channel_mod.offer(token, session)   # type: ignore[arg-type]
-        chan = await Channel.open(worker.address, {}, token)
+        chan = await _open(worker, session)
         waiting = asyncio.ensure_future(chan.connect("never", None))
         events: list[Any] = []
         with pytest.raises(OSError, match="not a batch of run events"):
@@ -239,9 +238,7 @@ def test_a_message_that_is_not_an_order_ends_the_channel_and_reaches_no_session(
     session = FakeSession()
 
     async def body(worker: Any) -> None:
-        token = secrets.token_urlsafe(32)
-        channel_mod.offer(token, session)   # type: ignore[arg-type]
-        chan = await Channel.open(worker.address, {}, token)
+        chan = await _open(worker, session)
         data = message if isinstance(message, bytes) else pickle.dumps(message)
         await chan.comm.write(data)
         with contextlib.suppress(OSError):   # the worker may have closed it already

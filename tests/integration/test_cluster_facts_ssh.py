@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import cli
-from tests.sshd import SSHHost, write_inventory, write_known_hosts
+from tests.helpers import run_in_workdir
+from tests.sshd import SSHHost
 
 pytestmark = pytest.mark.ssh
 
@@ -35,12 +35,7 @@ steps:
 
 def run(tmp_path: Path, hosts: list[SSHHost], name: str, *extra: str) -> tuple[dict[str, Any], Path]:
     work = tmp_path / name
-    work.mkdir()
-    (work / "pb.yml").write_text(PLAYBOOK)
-    write_inventory(work / "inventory.yml", hosts)
-    write_known_hosts(work / "known_hosts", hosts)
-    proc = cli("run", "pb.yml", "-i", "inventory.yml", "--known-hosts", "known_hosts", "--audit-log",
-               str(work / "audit.jsonl"), "--format", "json", *extra, cwd=work, timeout=180)
+    proc = run_in_workdir(work, PLAYBOOK, hosts, *extra)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout), work
 

@@ -15,7 +15,7 @@ import pytest
 
 from runbook.audit import read_records
 from tests.helpers import cli as helpers_cli
-from tests.helpers import cli_env, records
+from tests.helpers import cli_env, records, run_in_workdir
 from tests.helpers import run_main as cli
 from tests.integration.test_plan_ssh import assert_same, inventory_for, snapshot
 from tests.integration.test_resume_ssh import wait_for
@@ -302,13 +302,7 @@ def test_a_loop_on_cluster_workers_matches_an_in_process_run(clean_ssh_hosts: li
     hosts = clean_ssh_hosts[:2]
 
     def run_in(name: str, *extra: str) -> dict:
-        work = tmp_path / name
-        work.mkdir()
-        (work / "pb.yml").write_text(CLUSTER_PB)
-        write_inventory(work / "inventory.yml", hosts)
-        write_known_hosts(work / "known_hosts", hosts)
-        done = helpers_cli("run", "pb.yml", "-i", "inventory.yml", "--known-hosts", "known_hosts", "--audit-log",
-                           str(work / "audit.jsonl"), "--format", "json", *extra, cwd=work, timeout=180)
+        done = run_in_workdir(tmp_path / name, CLUSTER_PB, hosts, *extra)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
