@@ -58,3 +58,27 @@ def test_steps_on_the_controller_read_the_facts_a_worker_gathered_as_in_process(
     lines = sorted((there_dir / "lb.txt").read_text().splitlines())
     assert lines == sorted((here_dir / "lb.txt").read_text().splitlines())
     assert lines == sorted(f"backend {h.name} {h.user} Linux" for h in hosts)
+
+
+GATHER_FIRST = """\
+runbook: facts-gathered-first
+facts: true
+steps:
+  - name: notify
+    on: controller
+    shell: echo "maintenance starts on {{ inventory_hostname }}"
+  - name: on-host
+    shell: echo "{{ facts.user }}"
+"""
+
+
+def test_with_facts_true_a_first_step_on_the_controller_gets_them_from_the_hosts_worker(
+        clean_ssh_hosts: list[SSHHost], tmp_path: Path) -> None:
+    """`facts: true` gathers before each host's first step, here one that runs on the controller."""
+    hosts = clean_ssh_hosts
+    proc = run_in_workdir(tmp_path / "cluster", GATHER_FIRST, hosts, "--cluster", "local:2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    outputs = {(r["host"], r["step_id"]): r["stdout"] for r in json.loads(proc.stdout)["results"]}
+    for h in hosts:
+        assert outputs[(h.name, "notify")] == f"maintenance starts on {h.name}\n"
+        assert outputs[(h.name, "on-host")] == f"{h.user}\n"
