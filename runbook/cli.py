@@ -583,6 +583,27 @@ def _already_applied(plan_file: str, doc: dict[str, Any], prepared, request, kw:
 
 # --- audit trail, run history, resume -----------------------------------------------------------
 
+def _resumed_already(directory: Path, run_id: str, force: bool) -> str | None:
+    """Why resuming `run_id` again would run its unfinished tasks a second time (None: it was never resumed).
+
+    A resume continues the run it names: its state still lists the tasks an earlier resume ran. So the
+    earlier resume is the one to continue; only --force resumes this run again (recorded)."""
+    from runbook.errors import DriftError
+    from runbook.state import resumes_of
+
+    earlier = resumes_of(directory, run_id)
+    if not earlier:
+        return None
+    last = earlier[-1]
+    reason = f"run {run_id} was already resumed by run {last['run_id']} (status {last['status']})"
+    if not force:
+        follow = ("its tasks are all done: nothing is left to run" if last["status"] == "ok"
+                  else f"`runbook resume {last['run_id']}` continues from there")
+        raise DriftError(f"cannot resume: {reason}",
+                         hint=f"{follow}; --force resumes {run_id} again, re-running what that run did (recorded)")
+    return reason
+
+
 def _audit_file(audit_log: str | None) -> Path:
     """The trail the audit/runs/resume commands read: the flag or env, else ./.runbook, else ./playbooks/.runbook.
 
@@ -717,6 +738,8 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
         changed.append(f"{', '.join(moved)} changed since the run (included, role or vars file)")
     if prepared.info.inventory_hash != doc["inventory_hash"]:
         changed.append("the inventory changed since the run")
+    if (resumed := _resumed_already(directory, doc["run_id"], force)):
+        changed.append(resumed)
     if changed and not force:
         raise DriftError("cannot resume: " + "; ".join(changed), hint="plan a new run, or pass --force (recorded)")
     if changed:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 import socket
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
@@ -267,10 +268,38 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
 
 def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list[dict[str, Any]]:
     """Earlier `apply` runs of one plan (by its hash) among the runs after `after` (the plan's own run id), oldest first."""
+    return _later_runs(directory, after, lambda doc: doc.get("mode") == "apply" and doc.get("plan_hash") == plan_hash)
+
+
+def resumes_of(directory: str | os.PathLike, run_id: str) -> list[dict[str, Any]]:
+    """The runs that resumed `run_id` and started at least one of its tasks, oldest first.
+
+    A resume that ran nothing (the window was closed, the operator declined) does not count: the run
+    it names is still the one to resume."""
+    def resumed_it(doc: dict[str, Any]) -> bool:
+        details = doc.get("details")
+        return (doc.get("mode") == "resume" and isinstance(details, dict) and details.get("resumed_from") == run_id
+                and _ran_something(doc))
+
+    return _later_runs(directory, run_id, resumed_it, replay=True)
+
+
+def _ran_something(doc: dict[str, Any]) -> bool:
+    """Whether a run started any task of its own (not one carried over from the run it resumed)."""
+    tasks = doc.get("tasks")
+    return bool(doc.get("in_flight")) or isinstance(tasks, dict) and any(
+        isinstance(t, dict) and not t.get("from_run") and t.get("status") not in ("deferred", "not_run")
+        for t in tasks.values())
+
+
+def _later_runs(directory: str | os.PathLike, after: str, wanted: Callable[[dict[str, Any]], bool],
+                replay: bool = False) -> list[dict[str, Any]]:
+    """The runs started in `after`'s second or later (not `after` itself) whose state `wanted` accepts, oldest first;
+    with `replay`, each state as its journal completes it (a run that died between snapshots)."""
     d = Path(directory)
     out: list[dict[str, Any]] = []
     # Run ids start with their UTC start time (to the second), so only the files of runs started in
-    # the plan's second or later are read; the random suffix orders nothing.
+    # that second or later are read; the random suffix orders nothing.
     since = after.split("-", 1)[0]
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
         if p.stem.split("-", 1)[0] < since or p.stem == after:
@@ -279,7 +308,9 @@ def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(doc, dict) and doc.get("mode") == "apply" and doc.get("plan_hash") == plan_hash:
+        if isinstance(doc, dict) and replay:
+            replay_journal(doc, journal_path(d, p.stem))
+        if isinstance(doc, dict) and wanted(doc):
             out.append({k: doc.get(k) for k in ("run_id", "status", "operator", "started_at", "finished_at")})
     return out
 

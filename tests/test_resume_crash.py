@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from runbook.state import list_runs, load_state
-from tests.helpers import cli, cli_env
+from tests.helpers import cli, cli_env, records
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -141,3 +141,27 @@ def test_resume_refuses_a_run_id_that_is_a_path(tmp_path: Path) -> None:
     (tmp_path / "audit" / "runs").mkdir(parents=True)
     out = cli("resume", "../../x", env={"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit" / "audit.jsonl")})
     assert out.returncode == 4 and "invalid run id" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_resumed_run_is_not_resumed_again_unless_forced(tmp_path: Path) -> None:
+    """Resuming a run continues it; resuming the same run again would re-run what the first resume did."""
+    inv, pb, go = _setup(tmp_path)
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    pb.write_text(yaml.safe_dump({"runbook": "twice", "steps": [
+        {"name": "count", "shell": f"echo ran >> {{{{ dir | quote }}}}/count; test -e {go}"}]}))
+    first = cli("run", str(pb), "-i", str(inv), env=env)
+    assert first.returncode == 2, first.stderr   # failed everywhere: go is missing
+    [run] = list_runs(tmp_path / "runs")
+    go.touch()
+    assert cli("resume", str(run["run_id"]), env=env).returncode == 0
+    assert all((tmp_path / n / "count").read_text() == "ran\nran\n" for n in "abc")
+    again = cli("resume", str(run["run_id"]), env=env)
+    assert again.returncode == 4 and "Traceback" not in again.stderr
+    assert f"run {run['run_id']} was already resumed by run" in again.stderr and "(status ok)" in again.stderr
+    assert "nothing is left to run; --force resumes" in again.stderr
+    assert all((tmp_path / n / "count").read_text() == "ran\nran\n" for n in "abc")   # nothing ran
+    forced = cli("resume", str(run["run_id"]), "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    assert all((tmp_path / n / "count").read_text() == "ran\nran\nran\n" for n in "abc")
+    started = [r for r in records(tmp_path / "audit.jsonl") if r["event"] == "run.started"]
+    assert any("was already resumed by run" in f for f in started[-1]["details"]["forced"])

@@ -186,3 +186,28 @@ def test_a_malformed_state_file_is_invalid_input_not_a_traceback(tmp_path: Path)
     (tmp_path / "r1.json").write_text('{"run_id": "r1", "tasks": []}')
     with pytest.raises(ValidationError, match="malformed run state"):
         load_state(tmp_path, "r1")
+
+
+def _resume_state(directory: Path, run_id: str, resumed_from: str, tasks: dict[str, dict], journal: str = "") -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / f"{run_id}.json").write_text(json.dumps({
+        "run_id": run_id, "mode": "resume", "status": "deferred", "details": {"resumed_from": resumed_from},
+        "tasks": tasks, "pid": None}))
+    if journal:
+        (directory / f"{run_id}.journal").write_text(journal)
+
+
+def test_a_resume_counts_as_resuming_a_run_only_when_it_started_a_task(tmp_path: Path) -> None:
+    from runbook.state import resumes_of
+
+    x = "20260101T020000Z-aaaaaa"
+    carried = {"one@h1": {"status": "changed", "from_run": x}, "two@h1": {"status": "deferred"}}
+    _resume_state(tmp_path, "20260101T030000Z-bbbbbb", x, carried)                      # the window refused it
+    _resume_state(tmp_path, "20260101T010000Z-cccccc", x, {"two@h1": {"status": "ok"}})   # older than x: not its
+    _resume_state(tmp_path, "20260101T040000Z-dddddd", "20260101T020000Z-other", {"two@h1": {"status": "ok"}})
+    assert resumes_of(tmp_path, x) == []
+    _resume_state(tmp_path, "20260101T050000Z-eeeeee", x, carried,                   # died mid-task: in flight
+                  journal=json.dumps({"started": "three@h1"}) + "\n")
+    _resume_state(tmp_path, "20260101T060000Z-ffffff", x, {**carried, "two@h1": {"status": "failed"}})
+    assert [r["run_id"] for r in resumes_of(tmp_path, x)] == ["20260101T050000Z-eeeeee", "20260101T060000Z-ffffff"]
+    assert resumes_of(tmp_path / "none", x) == []
