@@ -583,6 +583,24 @@ def _already_applied(plan_file: str, doc: dict[str, Any], prepared, request, kw:
 
 # --- audit trail, run history, resume -----------------------------------------------------------
 
+def _still_running(doc: dict[str, Any], force: bool) -> str | None:
+    """Why resuming this run now would run its tasks beside the run itself (None: it is not running).
+
+    A run whose controller died on this machine is `aborted` by now (load_state checks its pid); one
+    from another machine cannot be checked from here, so it counts as running until --force."""
+    if doc.get("status") != "running":
+        return None
+    where = f"pid {doc.get('pid')} on {doc.get('control_host')}"
+    reason = f"run {doc['run_id']} is still running ({where})"
+    if not force:
+        from runbook.errors import DriftError
+
+        raise DriftError(f"cannot resume: {reason}",
+                         hint="wait for it to end, or stop it first (Ctrl-C in its terminal, or kill -INT its pid); "
+                              "if its controller is gone for good (its machine crashed), --force resumes it (recorded)")
+    return reason
+
+
 def _resumed_already(directory: Path, run_id: str, force: bool) -> str | None:
     """Why resuming `run_id` again would run its unfinished tasks a second time (None: it was never resumed).
 
@@ -712,6 +730,7 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
     _check_window_flags(kw)
     directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
     doc = load_state(directory, run_id)
+    live = _still_running(doc, force)   # before the in-flight question: a live run's tasks are not unknown
     _confirm_in_flight(doc, rerun_in_flight)
     done, registers = resumable(doc)
     # The state file holds secret-looking -e values masked: they must be given again, never run as "***".
@@ -738,8 +757,7 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
         changed.append(f"{', '.join(moved)} changed since the run (included, role or vars file)")
     if prepared.info.inventory_hash != doc["inventory_hash"]:
         changed.append("the inventory changed since the run")
-    if (resumed := _resumed_already(directory, doc["run_id"], force)):
-        changed.append(resumed)
+    changed.extend(r for r in (live, _resumed_already(directory, doc["run_id"], force)) if r)
     if changed and not force:
         raise DriftError("cannot resume: " + "; ".join(changed), hint="plan a new run, or pass --force (recorded)")
     if changed:

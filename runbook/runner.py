@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -217,7 +218,7 @@ def audit_path_for(request: RunRequest, prepared: Prepared) -> Path:
 
 def execute(prepared: Prepared, request: RunRequest) -> RunResult:
     """Run a prepared playbook with the audit trail, the run state and the caller's observers attached."""
-    from runbook.state import RunState
+    from runbook.state import RunState, run_lock
 
     observers: list[Observer] = []
     if request.audit:
@@ -239,10 +240,12 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
         inventory_hosts=dict(prepared.inventory.hosts))
     executor = Executor(prepared.playbook, prepared.hosts, prepared.info, EventStream(observers), options,
                         steps=prepared.steps)
-    if request.cluster:
-        from runbook.cluster.launch import execute_on_cluster
-        return execute_on_cluster(prepared, request, options, sudo_password, executor.execute)
-    return executor.execute()
+    with run_lock(state_dir_for(request, prepared), prepared.info.run_id) if RunMode(request.mode) != RunMode.PLAN \
+            else contextlib.nullcontext():
+        if request.cluster:
+            from runbook.cluster.launch import execute_on_cluster
+            return execute_on_cluster(prepared, request, options, sudo_password, executor.execute)
+        return executor.execute()
 
 
 def run(playbook: Playbook | str | os.PathLike, inventory: Inventory | str | os.PathLike | None = None,

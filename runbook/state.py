@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -10,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
@@ -44,7 +46,7 @@ def replay_journal(doc: dict[str, Any], path: Path) -> None:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        return
+        lines = []   # none written (or removed): the snapshot is all there is, and whether it still runs
     tasks = doc.setdefault("tasks", {})
     started: set[str] = set()
     for line in lines:
@@ -58,12 +60,58 @@ def replay_journal(doc: dict[str, Any], path: Path) -> None:
             task = entry["finished"]
             tasks[task_key(task["step_id"], task["host"])] = task
     doc["in_flight"] = sorted(started - set(tasks))
-    if doc.get("status") == "running" and not _alive(doc):
+    if doc.get("status") == "running" and not _alive(doc, path.with_suffix(".lock")):
         doc["status"] = "aborted"   # the controller died (killed, crashed, disk full) without finishing
 
 
-def _alive(doc: dict[str, Any]) -> bool:
-    """Whether the process that wrote a `running` state is still running (only knowable on its own machine)."""
+_held_locks: set[int] = set()   # run-lock descriptors of this process
+
+
+def _close_held_locks() -> None:
+    """In a forked child (a `local:N` worker): the run's lock stays with the run's own process."""
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
+
+
+@contextlib.contextmanager
+def run_lock(directory: Path, run_id: str) -> Iterator[None]:
+    """Held while a run executes (released however it ends, its process dying too): it tells a live run
+    from one whose state still says `running` because it could not be written to the end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / f"{run_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValidationError(f"run {run_id} is running already", hint="each run has its own id") from None
+    _held_locks.add(fd)
+    try:
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)   # the lock goes with the descriptor; the empty file stays, so a later check knows
+
+
+def _alive(doc: dict[str, Any], lock: Path) -> bool:
+    """Whether the process that wrote a `running` state is still running: its run lock is held (a run that
+    took one), else its pid lives (only knowable on its own machine)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True    # held: the run goes on
+        finally:
+            os.close(fd)
+        return False
     pid = doc.get("pid")
     if not isinstance(pid, int) or doc.get("control_host") != socket.gethostname():
         return True

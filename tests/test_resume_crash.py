@@ -165,3 +165,30 @@ def test_a_resumed_run_is_not_resumed_again_unless_forced(tmp_path: Path) -> Non
     assert all((tmp_path / n / "count").read_text() == "ran\nran\nran\n" for n in "abc")
     started = [r for r in records(tmp_path / "audit.jsonl") if r["event"] == "run.started"]
     assert any("was already resumed by run" in f for f in started[-1]["details"]["forced"])
+
+
+def test_a_run_still_running_is_not_resumed_beside_itself(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    env = cli_env(RUNBOOK_AUDIT_LOG=str(tmp_path / "audit.jsonl"))
+    proc = subprocess.Popen([sys.executable, "-m", "runbook", "run", str(pb), "-i", str(inv)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        journal = None
+        while journal is None or journal.read_text().count('"started": "wait@') < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach its second step"
+            time.sleep(0.05)
+            journal = next((tmp_path / "runs").glob("*.journal"), None) if (tmp_path / "runs").is_dir() else None
+        [run] = list_runs(tmp_path / "runs")
+        refused = cli("resume", str(run["run_id"]), "--rerun-in-flight", env={"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")})
+        assert refused.returncode == 4 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"run {run['run_id']} is still running (pid {proc.pid} on " in refused.stderr
+        assert "stop it first" in refused.stderr and "--force" in refused.stderr
+        go.touch()
+        assert proc.wait(60) == 0
+    finally:
+        go.touch()
+        if proc.poll() is None:
+            proc.kill()
+    for n in "abc":   # every task ran once: by the run, not also by a resume beside it
+        assert (tmp_path / n / "count").read_text() == "ran\n" and (tmp_path / n / "wait").read_text() == "waited\n"

@@ -211,3 +211,61 @@ def test_a_resume_counts_as_resuming_a_run_only_when_it_started_a_task(tmp_path:
     _resume_state(tmp_path, "20260101T060000Z-ffffff", x, {**carried, "two@h1": {"status": "failed"}})
     assert [r["run_id"] for r in resumes_of(tmp_path, x)] == ["20260101T050000Z-eeeeee", "20260101T060000Z-ffffff"]
     assert resumes_of(tmp_path / "none", x) == []
+
+
+def _running_state(directory: Path, run_id: str, pid: int) -> None:
+    import socket
+
+    directory.mkdir(exist_ok=True)
+    (directory / f"{run_id}.json").write_text(json.dumps({
+        "version": 1, "run_id": run_id, "mode": "run", "status": "running", "pid": pid,
+        "control_host": socket.gethostname(), "tasks": {}}))
+
+
+def test_the_run_lock_tells_a_live_run_from_one_whose_state_stopped_at_running(tmp_path: Path) -> None:
+    """A run in a long-lived process (serve) whose state could not be written to the end still says
+    `running` with a live pid: its released lock says it ended. A held lock says it runs, whatever its pid."""
+    import subprocess
+    import sys
+
+    from runbook.state import replay_journal, run_lock
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for run_id, pid in (("r-live", gone.pid), ("r-ended", os.getpid())):
+        _running_state(tmp_path, run_id, pid)
+    with run_lock(tmp_path, "r-live"):
+        doc = json.loads((tmp_path / "r-live.json").read_text())
+        replay_journal(doc, tmp_path / "r-live.journal")
+        assert doc["status"] == "running"          # held: running, though its recorded pid is gone
+        with pytest.raises(ValidationError, match="running already"):
+            with run_lock(tmp_path, "r-live"):
+                pass
+    with run_lock(tmp_path, "r-ended"):
+        pass
+    for run_id in ("r-live", "r-ended"):
+        doc = json.loads((tmp_path / f"{run_id}.json").read_text())
+        replay_journal(doc, tmp_path / f"{run_id}.journal")
+        assert doc["status"] == "aborted", run_id   # released: it ended, though this pid lives
+
+
+def test_a_forked_child_does_not_keep_the_run_lock(tmp_path: Path) -> None:
+    from runbook.state import replay_journal, run_lock
+
+    _running_state(tmp_path, "r-fork", os.getpid())
+    read_end, write_end = os.pipe()
+    with run_lock(tmp_path, "r-fork"):
+        child = os.fork()
+        if child == 0:   # a local:N worker, forked mid-run: it outlives the run here
+            os.close(write_end)
+            os.read(read_end, 1)
+            os._exit(0)
+    try:
+        doc = json.loads((tmp_path / "r-fork.json").read_text())
+        replay_journal(doc, tmp_path / "r-fork.journal")
+        assert doc["status"] == "aborted"
+    finally:
+        os.close(read_end)
+        os.write(write_end, b"x")
+        os.close(write_end)
+        os.waitpid(child, 0)
