@@ -82,8 +82,12 @@ os.register_at_fork(after_in_child=_close_held_locks)
 def run_lock(directory: Path, run_id: str) -> Iterator[None]:
     """Held while a run executes (released however it ends, its process dying too): it tells a live run
     from one whose state still says `running` because it could not be written to the end."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / f"{run_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / f"{run_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError:   # nor can the run state be written there: the run says so itself (exit 6), before any task
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

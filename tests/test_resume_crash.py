@@ -102,6 +102,15 @@ def test_a_torn_last_journal_line_loses_nothing_before_it(tmp_path: Path) -> Non
     assert {"count@a", "count@b", "count@c"} <= set(state["tasks"])
 
 
+def test_a_run_state_directory_that_cannot_be_made_is_an_environment_error(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    (tmp_path / "runs").write_text("not a directory")   # where the run state (and its lock) would go
+    out = cli("run", str(pb), "-i", str(inv), "--audit-log", str(tmp_path / "audit.jsonl"))
+    assert out.returncode == 6, out.stderr
+    assert "cannot write the run state" in out.stdout + out.stderr and "Traceback" not in out.stderr
+    assert not any((tmp_path / n / "count").exists() for n in "abc")       # nothing ran unrecorded
+
+
 def test_an_audit_trail_that_cannot_be_written_is_an_environment_error(tmp_path: Path) -> None:
     inv, pb, go = _setup(tmp_path)
     out = cli("run", str(pb), "-i", str(inv), "--audit-log", "/dev/full")   # every write: ENOSPC
