@@ -254,12 +254,17 @@ def test_a_forked_child_does_not_keep_the_run_lock(tmp_path: Path) -> None:
 
     _running_state(tmp_path, "r-fork", os.getpid())
     read_end, write_end = os.pipe()
+    ready_read, ready_write = os.pipe()
     with run_lock(tmp_path, "r-fork"):
         child = os.fork()
         if child == 0:   # a local:N worker, forked mid-run: it outlives the run here
             os.close(write_end)
+            os.write(ready_write, b"r")   # its at-fork hooks have run by now
             os.read(read_end, 1)
             os._exit(0)
+        assert os.read(ready_read, 1) == b"r"
+    os.close(ready_read)
+    os.close(ready_write)
     try:
         doc = json.loads((tmp_path / "r-fork.json").read_text())
         replay_journal(doc, tmp_path / "r-fork.journal")
