@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from runbook.cluster import sources as sources_mod
-from runbook.cluster.sources import Shipments, collect_sources, install_sources, rendered_sources
+from runbook.cluster.sources import Shipments, collect_sources, install_sources, rendered_sources, step_templates
 from runbook.compose import resolve_source
 from runbook.engine.options import ExecOptions
 from runbook.engine.registers import Registers
@@ -197,7 +197,8 @@ def _runner(tmp_path: Path, wanted: list[str]) -> TaskRunner:
 
 
 def _rendered(runner: TaskRunner, step: str) -> dict[tuple[str, str], Path]:
-    return rendered_sources(runner, TaskKey(step, "web1"), runner.steps.step(step))
+    templates = step_templates(runner.playbook).get(step)
+    return rendered_sources(runner, TaskKey(step, "web1"), runner.steps.step(step), templates) if templates else {}
 
 
 def test_templated_source_paths_render_on_the_controller_per_task_and_item(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.remote import ClusterRun
 from runbook.cluster.routing import Router, host_zone
 from runbook.cluster.secrets import SecretNeeds
-from runbook.cluster.sources import Shipments, collect_sources
+from runbook.cluster.sources import Shipments, collect_sources, step_templates
 from runbook.cluster.wire import CREDENTIAL_VARS, SessionSetup
 from runbook.engine.options import ExecOptions
 from runbook.results import RunResult
@@ -44,8 +44,9 @@ def execute_on_cluster(prepared: Prepared, request: RunRequest, options: ExecOpt
                  for h in prepared.hosts]
         setup = SessionSetup(prepared.playbook, hosts, prepared.info, worker_options(options), known.text(),
                              prepared.info.host_key_checking, request.connect_timeout, threads)
+        shipments = Shipments(collect_sources(prepared.playbook), step_templates(prepared.playbook))
         cluster = ClusterRun.start(client, router, setup, SecretNeeds(prepared.playbook, prepared.secrets),
-                                   sudo_password, known, Shipments(collect_sources(prepared.playbook)))
+                                   sudo_password, known, shipments)
         try:
             options.pool = cluster.pool
             return execute()

@@ -28,7 +28,7 @@ from runbook.cluster.channel import Channel
 from runbook.cluster.hostkeys import KnownHostsSink
 from runbook.cluster.routing import Router
 from runbook.cluster.secrets import SecretNeeds
-from runbook.cluster.sources import Shipments, rendered_sources
+from runbook.cluster.sources import Shipments
 from runbook.cluster.delivery import Delivery, Call
 from runbook.cluster.facts import RunFacts
 from runbook.cluster.wire import Gathered, SessionSetup, StreamItem, TaskOrder
@@ -120,9 +120,7 @@ class ClusterPool:
         with self.lock:
             self.ops[task_id] = op
         order = task_order(self.executor, task_id, key, rescue, self.cluster.needs.of(step))
-        shipments = self.cluster.shipments
-        order.sources = {**shipments.take(worker, key.step_id),
-                         **shipments.rendered(worker, rendered_sources(self.executor.runner, key, step))}
+        order.sources = self.cluster.shipments.for_order(worker, self.executor.runner, key, step)
         with self.lock:   # orders made in one pass of the executor go to their worker in one call
             outbox = self.outbox.setdefault(worker, [])
             outbox.append(order)

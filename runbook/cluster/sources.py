@@ -75,11 +75,16 @@ def _read_at_most(path: Path, limit: int) -> bytes | None:
             return None
 
 
-def rendered_sources(runner: TaskRunner, key: TaskKey, step: Step) -> dict[SourceKey, Path]:
+def step_templates(playbook: Playbook) -> dict[str, list[str]]:
+    """Each step's templated source paths (step id -> its templates), for the steps that have any."""
+    out = {step.step_id: action_for(step).source_templates() for step in playbook.all_steps()}
+    return {step_id: templates for step_id, templates in out.items() if templates}
+
+
+def rendered_sources(runner: TaskRunner, key: TaskKey, step: Step, templates: list[str]) -> dict[SourceKey, Path]:
     """The files a task's templated source paths name, rendered on the controller as its worker will render them."""
-    templates = action_for(step).source_templates()
-    if not templates or (runner.facts.known(key.host) is None and runner.reads_facts(step)):
-        return {}   # nothing to render, or it needs facts its worker has not gathered yet: never gathered for this
+    if runner.facts.known(key.host) is None and runner.reads_facts(step):
+        return {}   # it needs facts its worker has not gathered yet: never gathered for this
     try:
         rendered = {render(t, ctx) for ctx in _task_contexts(runner, key.host, step) for t in templates}
     except Exception:   # it does not render here: the worker renders it, and reports what fails
@@ -103,7 +108,8 @@ def _task_contexts(runner: TaskRunner, host: str, step: Step) -> list[dict[str, 
 class Shipments:
     """The controller's side: which step's sources each worker still needs (each goes once per worker)."""
 
-    def __init__(self, sources: dict[SourceKey, bytes]):
+    def __init__(self, sources: dict[SourceKey, bytes], templates: dict[str, list[str]] | None = None):
+        self._templates = templates or {}   # step id -> its templated source paths (see step_templates)
         self._by_step: dict[str, dict[SourceKey, bytes]] = {}
         for key, data in sources.items():
             self._by_step.setdefault(key[0], {})[key] = data
@@ -112,6 +118,14 @@ class Shipments:
         self._rendered: dict[Path, bytes | None] = {}           # templated paths' files, read once each
         self._rendered_sent: set[tuple[str, SourceKey]] = set()
         self._room = MAX_SHIPPED - sum(len(d) for d in sources.values())
+
+    def for_order(self, worker: str, runner: TaskRunner, key: TaskKey, step: Step) -> dict[SourceKey, bytes]:
+        """The files a task's order to `worker` carries: its step's sources the first time, its rendered ones."""
+        out = self.take(worker, key.step_id)
+        templates = self._templates.get(key.step_id)
+        if templates:
+            out.update(self.rendered(worker, rendered_sources(runner, key, step, templates)))
+        return out
 
     def take(self, worker: str, step_id: str) -> dict[SourceKey, bytes]:
         """The step's sources for its next order to `worker`: all of them the first time, none after."""
