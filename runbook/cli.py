@@ -586,19 +586,14 @@ def _already_applied(plan_file: str, doc: dict[str, Any], prepared, request, kw:
 def _still_running(doc: dict[str, Any], force: bool) -> str | None:
     """Why resuming this run now would run its tasks beside the run itself (None: it is not running).
 
-    A run whose controller died on this machine is `aborted` by now (load_state checks its pid); one
-    from another machine cannot be checked from here, so it counts as running until --force."""
+    A run whose controller died on this machine is `aborted` by now (load_state checks its lock or
+    pid); one from another machine cannot be checked from here, so it counts as running until --force."""
     if doc.get("status") != "running":
         return None
-    where = f"pid {doc.get('pid')} on {doc.get('control_host')}"
-    reason = f"run {doc['run_id']} is still running ({where})"
-    if not force:
-        from runbook.errors import DriftError
-
-        raise DriftError(f"cannot resume: {reason}",
-                         hint="wait for it to end, or stop it first (Ctrl-C in its terminal, or kill -INT its pid); "
-                              "if its controller is gone for good (its machine crashed), --force resumes it (recorded)")
-    return reason
+    return _refused_unless(force, f"run {doc['run_id']} is still running (pid {doc.get('pid')} on "
+                                  f"{doc.get('control_host')})",
+                           "wait for it to end, or stop it first (Ctrl-C in its terminal, or kill -INT its pid); "
+                           "if its controller is gone for good (its machine crashed), --force resumes it (recorded)")
 
 
 def _resumed_already(directory: Path, run_id: str, force: bool) -> str | None:
@@ -606,19 +601,24 @@ def _resumed_already(directory: Path, run_id: str, force: bool) -> str | None:
 
     A resume continues the run it names: its state still lists the tasks an earlier resume ran. So the
     earlier resume is the one to continue; only --force resumes this run again (recorded)."""
-    from runbook.errors import DriftError
     from runbook.state import resumes_of
 
     earlier = resumes_of(directory, run_id)
     if not earlier:
         return None
     last = earlier[-1]
-    reason = f"run {run_id} was already resumed by run {last['run_id']} (status {last['status']})"
+    follow = ("its tasks are all done: nothing is left to run" if last["status"] == "ok"
+              else f"`runbook resume {last['run_id']}` continues from there")
+    return _refused_unless(force, f"run {run_id} was already resumed by run {last['run_id']} (status {last['status']})",
+                           f"{follow}; --force resumes {run_id} again, re-running what that run did (recorded)")
+
+
+def _refused_unless(force: bool, reason: str, hint: str) -> str:
+    """`reason` to record as forced; without --force, the refusal (exit 4) with its own hint."""
     if not force:
-        follow = ("its tasks are all done: nothing is left to run" if last["status"] == "ok"
-                  else f"`runbook resume {last['run_id']}` continues from there")
-        raise DriftError(f"cannot resume: {reason}",
-                         hint=f"{follow}; --force resumes {run_id} again, re-running what that run did (recorded)")
+        from runbook.errors import DriftError
+
+        raise DriftError(f"cannot resume: {reason}", hint=hint)
     return reason
 
 

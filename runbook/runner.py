@@ -224,7 +224,8 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
     if request.audit:
         observers.append(AuditTrail(audit_path_for(request, prepared), prepared.redactor,
                                     output_limit=request.output_limit))
-    if RunMode(request.mode) != RunMode.PLAN:
+    keeps_state = RunMode(request.mode) != RunMode.PLAN
+    if keeps_state:
         observers.append(RunState(state_dir_for(request, prepared), prepared.redactor, request))
     observers.extend(request.observers)
     sudo_password = prepared.secrets.get("sudo_password") or next(
@@ -240,8 +241,8 @@ def execute(prepared: Prepared, request: RunRequest) -> RunResult:
         inventory_hosts=dict(prepared.inventory.hosts))
     executor = Executor(prepared.playbook, prepared.hosts, prepared.info, EventStream(observers), options,
                         steps=prepared.steps)
-    with run_lock(state_dir_for(request, prepared), prepared.info.run_id) if RunMode(request.mode) != RunMode.PLAN \
-            else contextlib.nullcontext():
+    lock = run_lock(state_dir_for(request, prepared), prepared.info.run_id) if keeps_state else contextlib.nullcontext()
+    with lock:
         if request.cluster:
             from runbook.cluster.launch import execute_on_cluster
             return execute_on_cluster(prepared, request, options, sudo_password, executor.execute)

@@ -41,6 +41,11 @@ def journal_path(directory: Path, run_id: str) -> Path:
     return directory / f"{run_id}.journal"
 
 
+def lock_path(directory: Path, run_id: str) -> Path:
+    """The file a run holds locked while it executes (see run_lock), beside its snapshot."""
+    return directory / f"{run_id}.lock"
+
+
 def replay_journal(doc: dict[str, Any], path: Path) -> None:
     """Apply a run's journal to its snapshot: finished tasks win; started-but-unfinished ones are `in_flight`."""
     try:
@@ -60,7 +65,7 @@ def replay_journal(doc: dict[str, Any], path: Path) -> None:
             task = entry["finished"]
             tasks[task_key(task["step_id"], task["host"])] = task
     doc["in_flight"] = sorted(started - set(tasks))
-    if doc.get("status") == "running" and not _alive(doc, path.with_suffix(".lock")):
+    if doc.get("status") == "running" and not _alive(doc, lock_path(path.parent, path.stem)):
         doc["status"] = "aborted"   # the controller died (killed, crashed, disk full) without finishing
 
 
@@ -84,7 +89,7 @@ def run_lock(directory: Path, run_id: str) -> Iterator[None]:
     from one whose state still says `running` because it could not be written to the end."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{run_id}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = os.open(lock_path(directory, run_id), os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError:   # nor can the run state be written there: the run says so itself (exit 6), before any task
         yield
         return
@@ -360,9 +365,11 @@ def _later_runs(directory: str | os.PathLike, after: str, wanted: Callable[[dict
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(doc, dict) and replay:
+        if not isinstance(doc, dict):
+            continue
+        if replay:
             replay_journal(doc, journal_path(d, p.stem))
-        if isinstance(doc, dict) and wanted(doc):
+        if wanted(doc):
             out.append({k: doc.get(k) for k in ("run_id", "status", "operator", "started_at", "finished_at")})
     return out
 

@@ -7,8 +7,8 @@ So once a run's session is set up (an actor call), the controller opens one comm
 own address (the worker's listener and its TLS settings; no port of runbook's own), asks for the
 `runbook_channel` handler with the session's one-time token, and both sides keep that comm: order
 batches, connects, facts requests, closes and a first interrupt one way; batches of events and the
-answers to connects and facts requests the other; each message one pickle (the trust Dask's own messages already need: the cluster's members
-run each other's code).
+answers to connects and facts requests the other; each message one pickle (the trust Dask's own
+messages already need: the cluster's members run each other's code).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Events are re-emitted once each into the run's own `EventStream` (so the console, audit trail and
 run state see what an in-process run shows); an outcome's register writes and drift stops are
 applied before its result reaches the executor (the facts its task gathered too), so dependents
-start only after everything their predecessor did is recorded. A worker is trusted for nothing beyond the task it was given.
+start only after everything their predecessor did is recorded. A worker is trusted for nothing
+beyond the task it was given.
 """
 
 from __future__ import annotations

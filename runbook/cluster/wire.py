@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from runbook.engine.options import ExecOptions
 from runbook.facts import Facts
@@ -103,7 +103,7 @@ class Gathered:
     host: str
     facts: Facts | None = None
     reason: str | None = None     # why they could not be gathered
-    failed: str = "facts"         # what failed: "facts" (the gather), "connect", or "connection" (it broke)
+    failed: Literal["facts", "connect", "connection"] = "facts"   # the gather failed, the connect, or it broke
 
 
 StreamItem = WireEvent | TaskOutcome | TaskError   # what the controller delivers of a worker's stream, in order
