@@ -580,6 +580,8 @@ class AuditTrail(Observer):
                        "item_index": result.item_index}
         if result.items is not None:    # a looped step's own result
             fields["items"] = result.items
+        if result.rescued:              # carried by a resume: its block's rescue handled it in the earlier run
+            fields["rescued"] = True
         if result.delegated_to:         # delegate_to: where it ran for `host`
             fields["delegated_to"] = result.delegated_to
         self.append(run.run_id, "task.finished", fields)
@@ -592,6 +594,10 @@ class AuditTrail(Observer):
         """Record an approval decision and who made it."""
         event = "approval.granted" if granted else "approval.denied"
         self.append(run.run_id, event, {"host": host, "step_id": step_id, "who": who})
+
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        """Record that a block's rescue handled these failed steps of a host: they count as rescued, not failed."""
+        self.append(run.run_id, "block.rescued", {"host": host, "block": block, "steps": step_ids})
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         """Record a notice (e.g. a warning the operator saw)."""

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from runbook.audit import Redactor
 from runbook import handlers
-from runbook.events import Observer, RunInfo, TaskRef
+from runbook.events import Observer, RunInfo, TaskRef, rescued_text
 from runbook.results import RunResult, Status, TaskResult, counted
 
 STYLE = {"ok": "green", "changed": "yellow", "skipped": "cyan", "failed": "bold red", "unreachable": "bold magenta",
@@ -193,6 +193,9 @@ class ConsoleView(Observer):
 
     def approval(self, run: RunInfo, host: str, step_id: str, granted: bool, who: str) -> None:
         self._print(f"{host}: {step_id}: {'approved' if granted else 'denied'} by {self._r(who)}")
+
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        self.notice(run, "warning", rescued_text(run.mode, host, block, step_ids))
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         style = "bold red" if level == "error" else "yellow" if level == "warning" else ""

@@ -91,6 +91,10 @@ class Observer(Protocol):
         """An `approve` gate was answered."""
         return None
 
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        """A block's `rescue:` steps handled the failure of `step_ids` on `host` (a plan: are predicted to)."""
+        return None
+
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         """Something the operator should know that is not a task result (max_failures, window closing)."""
         return None
@@ -127,6 +131,14 @@ class ObserverFailed(Exception):
         super().__init__(text)
 
 
+def rescued_text(mode: RunMode, host: str, block: str, step_ids: list[str]) -> str:
+    """What the console and reports say when a block's rescue handled a failure."""
+    steps = f"step{'s' if len(step_ids) > 1 else ''} {', '.join(f'`{s}`' for s in step_ids)}"
+    if mode == RunMode.PLAN:
+        return f"{host}: block `{block}` would be rescued: {steps} would fail, and its rescue steps are predicted to handle it"
+    return f"{host}: block `{block}` rescued: {steps} failed, its rescue steps succeeded"
+
+
 def _stderr(message: str) -> None:
     print(f"runbook: {message}", file=sys.stderr, flush=True)
 
@@ -147,11 +159,11 @@ class EventStream:
         self._queue: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | threading.Event] = queue.SimpleQueue()  # FIFO
         self._thread: threading.Thread | None = None
 
-    def _emit(self, hook: str, *args: Any) -> None:
+    def _emit(self, hook: str, *args: Any, optional: bool = False) -> None:
         with self._lock:
             if hook == "task_started" and self.failure is not None:
                 raise self.failure   # another worker's task must not start unrecorded either
-            failure = self._call_critical(hook, args)
+            failure = self._call_critical(hook, args, optional=optional)
             if self.best_effort:
                 self._start_thread()
                 self._queue.put((hook, args))
@@ -161,7 +173,8 @@ class EventStream:
                        optional: bool = False) -> tuple[ObserverFailed, bool] | None:
         """Call `hook` on every working critical observer (lock held); the first failure, and whether it is the run's first.
 
-        `optional`: observers without the hook are passed over (`sync` is for those that buffer).
+        `optional`: observers without the hook are passed over (`sync` is for those that buffer; hooks newer
+        than an observer).
         """
         failure: ObserverFailed | None = None
         for obs in self.critical:
@@ -203,6 +216,8 @@ class EventStream:
                 continue
             hook, args = item
             for obs in self.best_effort:
+                if not hasattr(obs, hook):
+                    continue   # an observer written before this hook existed
                 try:
                     getattr(obs, hook)(*args)
                 except Exception as exc:   # best effort: report once, the run goes on
@@ -248,6 +263,10 @@ class EventStream:
         """Emit `approval` (synchronously for best-effort observers too: the prompt's output must come first)."""
         self._emit("approval", run, host, step_id, granted, who)
         self.flush()
+
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        """Emit `block_rescued` (observers written before this hook, without it, are passed over)."""
+        self._emit("block_rescued", run, host, block, list(step_ids), optional=True)
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         """Emit `notice`."""

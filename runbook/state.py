@@ -64,9 +64,19 @@ def replay_journal(doc: dict[str, Any], path: Path) -> None:
         elif isinstance(entry.get("finished"), dict):
             task = entry["finished"]
             tasks[task_key(task["step_id"], task["host"])] = task
+        elif isinstance(entry.get("rescued"), list):
+            _mark_rescued(tasks, entry["rescued"])
     doc["in_flight"] = sorted(started - set(tasks))
     if doc.get("status") == "running" and not _alive(doc, lock_path(path.parent, path.stem)):
         doc["status"] = "aborted"   # the controller died (killed, crashed, disk full) without finishing
+
+
+def _mark_rescued(tasks: dict[str, Any], keys: list[Any]) -> None:
+    """Flag the saved failures a block's rescue handled (their results were saved before it ran)."""
+    for key in keys:
+        task = tasks.get(str(key))
+        if isinstance(task, dict) and task.get("status") == Status.FAILED.value:
+            task["rescued"] = True
 
 
 _held_locks: set[int] = set()   # run-lock descriptors of this process
@@ -188,6 +198,14 @@ class RunState(Observer):
         self._dirty = True
         with self._lock:
             self.doc["tasks"][task_key(result.step_id, result.host)] = d
+        self._flush()
+
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        keys = [task_key(sid, host) for sid in step_ids]
+        self._append({"rescued": keys})
+        self._dirty = True
+        with self._lock:
+            _mark_rescued(self.doc["tasks"], keys)
         self._flush()
 
     def sync(self) -> None:
@@ -392,10 +410,14 @@ def format_runs(items: list[dict[str, Any]]) -> str:
 
 
 def resumable(doc: dict[str, Any]) -> tuple[dict[TaskKey, TaskResult], dict[str, dict[str, Any]]]:
-    """Tasks of a saved run that are done (not to be re-run), and the registers they left."""
+    """Tasks of a saved run that are done (not to be re-run), and the registers they left.
+
+    A failure its block's rescue handled is done too: the rescue (a rollback, say) ran for it, and running
+    the step again would leave a second failure with no rescue after it.
+    """
     done: dict[TaskKey, TaskResult] = {}
     for d in doc.get("tasks", {}).values():
-        if Status(d["status"]) in DONE_STATUSES:
+        if Status(d["status"]) in DONE_STATUSES or (d["status"] == Status.FAILED.value and d.get("rescued") is True):
             result = TaskResult.from_dict(d)
             result.from_run = doc["run_id"]
             done[TaskKey(d["step_id"], d["host"])] = result

@@ -84,6 +84,9 @@ class EventRecorder(Observer):
     def host_unreachable(self, run: RunInfo, host: str, reason: str) -> None:
         self.events.append(("host_unreachable", (host, reason)))
 
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        self.events.append(("block_rescued", (host, block, tuple(step_ids))))
+
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         self.events.append(("notice", message))
 

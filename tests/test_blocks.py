@@ -172,9 +172,41 @@ def test_rescue_sees_the_failed_register_and_events_say_rescued(tmp_path: Path, 
               "rescue": [{"name": "report", "shell": "echo rc={{ attempt.rc }} >> {{ dir }}/log"}]}]
     result = go(steps, observers=[event_recorder])
     assert log(tmp_path, "a") == ["rc=3"]
-    notices = [e for e in event_recorder.events if e[0] == "notice"]
-    assert any("block `deploy` rescued" in str(n) and "`try`" in str(n) for n in notices)
+    assert ("block_rescued", ("a", "deploy", ("try",))) in event_recorder.events
+    # After the rescue's own result: the block is rescued once its steps all ended.
+    order = [e for e in event_recorder.events if e[0] in ("task_finished", "block_rescued")]
+    assert order.index(("block_rescued", ("a", "deploy", ("try",)))) > order.index(("task_finished", ("a", "report", "changed")))
     assert result.exit_code() == 0
+
+
+def test_a_rescued_failure_is_saved_rescued_and_resume_does_not_run_it_again(
+        tmp_path: Path, write_playbook: PlaybookWriter, local_inventory: InventoryWriter,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The rescue (a rollback, say) ran for the failure: running the step again would leave a second one unrescued."""
+    import json
+
+    from runbook.cli import main
+    from runbook.report.data import audit_results
+
+    steps = [*guarded_block(), {"name": "last", "shell": sh("last", "test -e {{ dir }}/go")}]
+    pb, inv = write_playbook(steps), local_inventory(["a"])
+    audit = tmp_path / "audit.jsonl"
+    assert main(["run", str(pb), "-i", str(inv), "--audit-log", str(audit)]) == 2   # `last` fails
+    assert "block `deploy` rescued: step `one` failed, its rescue steps succeeded" in capsys.readouterr().err
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(r["host"], r["block"], r["steps"]) for r in records if r["event"] == "block.rescued"] == [("a", "deploy", ["one"])]
+    (state_file,) = (tmp_path / "runs").glob("*.json")
+    saved = json.loads(state_file.read_text())
+    assert saved["tasks"]["one@a"]["status"] == "failed" and saved["tasks"]["one@a"]["rescued"] is True
+    assert "rescued" not in saved["tasks"]["last@a"]
+    (tmp_path / "hosts" / "a" / "go").touch()
+    assert main(["resume", saved["run_id"], "--audit-log", str(audit)]) == 0
+    assert log(tmp_path, "a") == ["before", "one", "undo", "tidy", "after", "last", "last"]   # only `last` again
+    assert "rescued: 1 host (a)" in capsys.readouterr().err
+    resumed = [json.loads(line) for line in audit.read_text().splitlines()][len(records):]
+    finished, _ = audit_results([r for r in resumed if r["event"] == "task.finished"])
+    (one,) = [t for t in finished if t.step_id == "one"]
+    assert one.outcome == "rescued"   # carried from the first run, still rescued in the resume's trail
 
 
 # --- dry run ----------------------------------------------------------------------------------------

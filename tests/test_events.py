@@ -104,3 +104,30 @@ def test_stream_delivers_in_order_to_best_effort_observers() -> None:
         stream.notice(None, "info", str(i))   # type: ignore[arg-type]
     assert stream.flush(5)
     assert seen == [str(i) for i in range(50)]
+
+
+def test_a_hook_newer_than_an_observer_passes_it_over_and_reaches_the_others() -> None:
+    """An observer written before `block_rescued` existed (no Observer base) keeps working, critical or not."""
+    seen: list[tuple[str, str, list[str]]] = []
+
+    class Old:   # a plugin's observer from before the hook: only the hooks it knew
+        def __init__(self, critical: bool):
+            self.critical = critical
+            self.notes: list[str] = []
+
+        def notice(self, run: RunInfo, level: str, message: str) -> None:
+            self.notes.append(message)
+
+    class New(Observer):
+        def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+            seen.append((host, block, step_ids))
+
+    old_critical, old_best = Old(True), Old(False)
+    reports: list[str] = []
+    stream = EventStream([old_critical, old_best, New()], report=reports.append)
+    stream.block_rescued(None, "web1", "deploy", ["migrate"])   # type: ignore[arg-type]
+    stream.notice(None, "info", "after")   # type: ignore[arg-type]
+    assert stream.flush(5)
+    assert seen == [("web1", "deploy", ["migrate"])]
+    assert old_critical.notes == ["after"] and old_best.notes == ["after"]
+    assert stream.failure is None and reports == []

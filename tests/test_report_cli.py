@@ -175,3 +175,24 @@ def test_a_report_that_cannot_be_written_does_not_fail_the_run(work: Path, capsy
     (work / "ok.yml").write_text(yaml.safe_dump({"runbook": "ok", "steps": [{"name": "one", "shell": "true"}]}))
     assert run("run", "ok.yml", "-i", "inv.yml", "--report", "/dev/null/no/report.html") == 0
     assert "report: could not write /dev/null/no/report.html" in capsys.readouterr().err
+
+
+def test_a_rescued_failure_is_rescued_in_every_report_also_from_the_audit_trail_alone(work: Path) -> None:
+    """The block's rescue runs after the failure was recorded: the report learns it from the trail's
+    `block.rescued` record (and the state's flag), not only from the live run."""
+    (work / "rescue.yml").write_text(yaml.safe_dump({"runbook": "rescue-report", "steps": [
+        {"name": "deploy", "block": [{"name": "try", "shell": "test {{ host.name | quote }} = b"}],
+         "rescue": [{"name": "undo", "shell": "echo undo"}]}]}, sort_keys=False))
+    assert run("run", "rescue.yml", "-i", "inv.yml", "--report", "live.html") == 0
+    want = {("a", "try"): "rescued", ("a", "undo"): "changed", ("b", "try"): "changed", ("b", "undo"): "skipped"}
+    assert outcomes(payload(work / "live.html")) == want
+    assert run("report", "latest", "-o", "state.html") == 0
+    assert outcomes(payload(work / "state.html")) == want
+    (state_file,) = (work / "trail" / "runs").glob("*.json")
+    run_id = json.loads(state_file.read_text())["run_id"]
+    for path in (work / "trail" / "runs").iterdir():
+        path.unlink()
+    assert run("report", run_id, "-o", "audit.html") == 0
+    audit_only = payload(work / "audit.html")
+    assert outcomes(audit_only) == want
+    assert "no run-state file" in (work / "audit.html").read_text()

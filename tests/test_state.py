@@ -274,3 +274,25 @@ def test_a_forked_child_does_not_keep_the_run_lock(tmp_path: Path) -> None:
         os.write(write_end, b"x")
         os.close(write_end)
         os.waitpid(child, 0)
+
+
+def test_a_journalled_rescue_marks_only_the_saved_failures_it_names(tmp_path: Path) -> None:
+    """A run that died after a block's rescue: its journal says which failures the rescue handled, and resume
+    keeps them done; a journal line naming other tasks (ok, unknown, not a list) changes nothing."""
+    from runbook.state import replay_journal
+
+    def finished(step: str, status: str) -> str:
+        return json.dumps({"finished": {"step_id": step, "host": "a", "status": status, "action": "shell"}})
+
+    lines = [finished("try", "failed"), finished("other", "failed"), finished("fine", "ok"),
+             json.dumps({"rescued": ["try@a", "fine@a", "ghost@a", 7]}), json.dumps({"rescued": "other@a"}),
+             '{"rescued": ["oth']   # torn by the crash
+    (tmp_path / "r1.journal").write_text("\n".join(lines) + "\n")
+    doc: dict = {"run_id": "r1", "status": "failed", "tasks": {}}
+    replay_journal(doc, tmp_path / "r1.journal")
+    assert doc["tasks"]["try@a"]["rescued"] is True
+    assert "rescued" not in doc["tasks"]["other@a"] and "rescued" not in doc["tasks"]["fine@a"]
+    assert "ghost@a" not in doc["tasks"]
+    done, _ = resumable(doc)
+    assert sorted(k.step_id for k in done) == ["fine", "try"]   # `other` failed unrescued: resume runs it again
+    assert done[next(k for k in done if k.step_id == "try")].rescued

@@ -99,7 +99,8 @@ class Executor:
         self.result = RunResult(run.run_id, options.mode, list(self.host_order))
         self.connections = RunConnections(self.hosts, options.connect, options.inventory_hosts)
         self.scheduler = TaskScheduler(self.tasks, self.steps, self.host_order, mode=options.mode, batch=playbook.batch,
-                                       max_failures=playbook.max_failures, emit=self._emit, notice=self._warn)
+                                       max_failures=playbook.max_failures, emit=self._emit, notice=self._warn,
+                                       rescued=self._rescued)
         self.result.unreachable = self.scheduler.unreachable
         self.runner = TaskRunner(playbook, self.steps, self.hosts, run, events, options,
                                  Registers(self.host_order, options.registers), self.connections.for_task, FactStore())
@@ -322,6 +323,9 @@ class Executor:
 
     def _warn(self, message: str) -> None:
         self.events.notice(self.info, "warning", message)
+
+    def _rescued(self, host: str, block: str, step_ids: list[str]) -> None:
+        self.events.block_rescued(self.info, host, block, step_ids)
 
 
 class RunningTasks:

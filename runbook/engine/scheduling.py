@@ -28,7 +28,8 @@ class TaskScheduler:
     """The ready set of a run's task graph, host admission by batch and concurrency, and what each result blocks."""
 
     def __init__(self, tasks: nx.DiGraph, steps: StepGraph, hosts: list[str], *, mode: RunMode, batch: Limit | None,
-                 max_failures: Limit | None, emit: Callable[[TaskResult], None], notice: Callable[[str], None]):
+                 max_failures: Limit | None, emit: Callable[[TaskResult], None], notice: Callable[[str], None],
+                 rescued: Callable[[str, str, list[str]], None] = lambda host, block, steps: None):
         self.tasks = tasks
         self.steps = steps
         self.hosts = hosts
@@ -57,7 +58,7 @@ class TaskScheduler:
         self.admitting = True
         self.limit = max_failures.of(len(hosts)) if max_failures is not None else None
         self.max_failures = max_failures
-        self.blocks = BlockOutcomes(steps, tasks, mode, notice, self.results) if steps.playbook._groups else None
+        self.blocks = BlockOutcomes(steps, tasks, mode, rescued, self.results) if steps.playbook._groups else None
 
     # --- results ---------------------------------------------------------------------------------
 
@@ -297,14 +298,14 @@ class BlockOutcomes:
     rescued; otherwise the host counts as failed then.
     """
 
-    def __init__(self, steps: StepGraph, tasks: nx.DiGraph, mode: RunMode, notice: Callable[[str], None],
+    def __init__(self, steps: StepGraph, tasks: nx.DiGraph, mode: RunMode, rescued: Callable[[str, str, list[str]], None],
                  results: dict[TaskKey, TaskResult]):
         from runbook.compose import enclosing_groups, rescue_of
 
         pb = steps.playbook
         self.pb = pb
         self.mode = mode
-        self.notice = notice
+        self.rescued = rescued    # (host, block, failed step ids): once the block's rescue handled them
         self.groups = {gid: g for gid, g in pb._groups.items() if g.section == "steps"}
         self.within: dict[str, tuple[str, ...]] = {}     # step id -> its groups, innermost first
         self.protected: set[str] = set()
@@ -376,10 +377,7 @@ class BlockOutcomes:
                 res.rescued = True
                 names.append(sid)
         if names:
-            plan = self.mode == RunMode.PLAN
-            steps = f"step{'s' if len(names) > 1 else ''} {', '.join(f'`{n}`' for n in names)}"
-            self.notice(f"{host}: block `{gid}` would be rescued: {steps} would fail, and its rescue steps "
-                        "are predicted to handle it" if plan else f"{host}: block `{gid}` rescued: {steps} failed, its rescue steps succeeded")
+            self.rescued(host, gid, names)
 
     def _state(self, members: list[str], host: str) -> tuple[Outcome, str, bool]:
         """Failed, incomplete or ok over a part's units (steps and nested groups), the first cause, any unknown."""

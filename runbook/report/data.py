@@ -199,6 +199,15 @@ def events_from_audit(records: Iterable[Mapping[str, Any]]) -> list[Event]:
     return out
 
 
+def mark_block_rescued(tasks: list[TaskEntry], records: Iterable[Mapping[str, Any]]) -> None:
+    """Flag the failures the trail's `block.rescued` records say a block's rescue handled (recorded after them)."""
+    handled = {(str(step), str(r.get("host"))) for r in records if r.get("event") == "block.rescued"
+               and isinstance(r.get("steps"), list) for step in r["steps"]}
+    for t in tasks:
+        if (t.step_id, t.host) in handled and t.status == "failed":
+            t.block_rescued = True
+
+
 def _audit_time(record: Mapping[str, Any]) -> float | None:
     from datetime import datetime
 
@@ -368,6 +377,7 @@ def run_report_from_files(state: Mapping[str, Any] | None, records: list[dict[st
     for t in (rescued := [t for t in saved if is_rescue(t, rescue_ids)]):
         t.rescue = True
     tasks += rescued
+    mark_block_rescued(tasks, mine)
     if plan is not None:
         with_predictions(tasks, plan_predictions(plan))
     elif header.mode == "apply":

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from runbook.events import Observer, RunInfo
+from runbook.events import Observer, RunInfo, rescued_text
 from runbook.report.model import Event
 
 if TYPE_CHECKING:
@@ -58,6 +58,10 @@ class ReportObserver(Observer):
         verb = "approved" if granted else "denied"
         self._event(kind="approval", level="info" if granted else "warning", host=host, step_id=step_id,
                     message=f"{verb} by {who}")
+
+    def block_rescued(self, run: RunInfo, host: str, block: str, step_ids: list[str]) -> None:
+        """Note a block whose rescue handled a failure."""
+        self._event(kind="notice", level="warning", host=host, message=rescued_text(run.mode, host, block, step_ids))
 
     def notice(self, run: RunInfo, level: str, message: str) -> None:
         """Note a notice the operator saw."""

@@ -115,8 +115,7 @@ def test_plan_predicts_the_rescue_and_apply_does_exactly_that(
     records = read_records(Path(os.environ["RUNBOOK_AUDIT_LOG"]))
     apply_run = [r for r in records if r.get("event") == "run.started" and r.get("mode") == "apply"][0]["run_id"]
     mine = [r for r in records if r.get("run_id") == apply_run]
-    assert any(r["event"] == "notice" and "h1: block `verify` rescued" in r["message"] and "`check`" in r["message"]
-               for r in mine)
+    assert [(r["host"], r["block"], r["steps"]) for r in mine if r["event"] == "block.rescued"] == [("h1", "verify", ["check"])]
     finished = [r for r in mine if r["event"] == "run.finished"][0]
     assert finished["totals"]["rescued"] == 1 and "failed" not in finished["totals"]
     failed_record = [r for r in mine if r["event"] == "task.finished" and r["host"] == "h1" and r["step_id"] == "check"]
