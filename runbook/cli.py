@@ -703,7 +703,7 @@ def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
 
 
 @cli.command()
-@click.argument("run_id")
+@click.argument("run_id", metavar="RUN_ID|latest")
 @click.option("-i", "--inventory", "inventory", multiple=True, help="Inventory (default: the run's).")
 @click.option("--force", is_flag=True, help="Resume even though the playbook or inventory changed (recorded).")
 @click.option("--rerun-in-flight", is_flag=True,
@@ -730,6 +730,8 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
     _check_window_flags(kw)
     directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
     doc = load_state(directory, run_id)
+    if doc["run_id"] != run_id and run_id == "latest":   # say which one: the newest may not be the one meant
+        _echo_err(f"resuming {doc['run_id']} (the newest run in {directory})")
     live = _still_running(doc, force)   # before the in-flight question: a live run's tasks are not unknown
     _confirm_in_flight(doc, rerun_in_flight)
     done, registers = resumable(doc)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from runbook.runner import RunRequest
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+LATEST = "latest"   # instead of a run id: the newest run
 _FLUSH_EVERY = 0.5   # seconds at least between snapshots during a run (the journal has every task meanwhile)
 _FLUSH_SHARE = 0.05  # and at most this share of the run's time spent writing them (a big run's snapshot is big)
 
@@ -285,7 +286,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
-    """Read a run's state file; a run id prefix is enough when it is unique."""
+    """Read a run's state file; a run id prefix is enough when it is unique, and `latest` is the newest run."""
+    if run_id == LATEST:
+        run_id = latest_run(directory) or run_id   # none: the error below says so, with the hint
     if not RUN_ID.fullmatch(run_id):
         # A run id names a file in the state directory: never a path (`../../x`) or a glob (`*`).
         raise ValidationError(f"invalid run id {run_id!r}: expected letters, digits, `-`, `_` and `.` like "
@@ -307,6 +310,13 @@ def load_state(directory: str | os.PathLike, run_id: str) -> dict[str, Any]:
     replay_journal(doc, journal_path(path.parent, path.stem))
     _lost_are_in_flight(doc)
     return doc
+
+
+def latest_run(directory: str | os.PathLike) -> str | None:
+    """The id of the newest run in a state directory (run ids start with their UTC start time), if any."""
+    d = Path(directory)
+    names = sorted(p.stem for p in d.glob("*.json") if RUN_ID.fullmatch(p.stem)) if d.is_dir() else []
+    return names[-1] if names else None
 
 
 def _lost_are_in_flight(doc: dict[str, Any]) -> None:

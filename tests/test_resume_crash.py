@@ -176,6 +176,24 @@ def test_a_resumed_run_is_not_resumed_again_unless_forced(tmp_path: Path) -> Non
     assert any("was already resumed by run" in f for f in started[-1]["details"]["forced"])
 
 
+def test_resume_latest_continues_the_newest_run_and_says_which(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    none = cli("resume", "latest", env=env)
+    assert none.returncode == 4 and "no run `latest`" in none.stderr and "Traceback" not in none.stderr
+    pb.write_text(yaml.safe_dump({"runbook": "newest", "steps": [
+        {"name": "count", "shell": f"echo ran >> {{{{ dir | quote }}}}/count; test -e {go}"}]}))
+    assert cli("run", str(pb), "-i", str(inv), "--limit", "a", env=env).returncode == 2
+    assert cli("run", str(pb), "-i", str(inv), "--limit", "b", env=env).returncode == 2
+    newest = list_runs(tmp_path / "runs")[0]["run_id"]
+    (tmp_path / "runs" / "~copy of newest.json").write_text("{}")   # sorts last, but no run id: not a run
+    go.touch()
+    out = cli("resume", "latest", env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming {newest} (the newest run in " in out.stderr
+    assert (tmp_path / "a" / "count").read_text() == "ran\n" and (tmp_path / "b" / "count").read_text() == "ran\nran\n"
+
+
 def test_a_run_still_running_is_not_resumed_beside_itself(tmp_path: Path) -> None:
     inv, pb, go = _setup(tmp_path)
     env = cli_env(RUNBOOK_AUDIT_LOG=str(tmp_path / "audit.jsonl"))
