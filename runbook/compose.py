@@ -164,6 +164,36 @@ def resolve_source(playbook: Playbook, step: Step, path: str) -> Path:
     return resolve_local(playbook, path)
 
 
+def confined_source(playbook: Playbook, step: Step, template: str, path: str) -> Path:
+    """`path`, rendered from the source path `template`, resolved as resolve_source does if it stays below
+    the directory the template writes out before its first placeholder.
+
+    Its values may come from inventory, `-e` or an alert's labels: `files/{{ app }}.conf` with
+    `app=../../../etc/shadow` must not send the control machine's files to a host. A template that
+    starts with a placeholder (`{{ backup_dir }}/x.tar`) hands the whole location to its value, as
+    its author chose. Lexical (`..`, absolute values): a symbolic link the author put there still works.
+    """
+    from runbook.errors import RunbookError
+
+    found = resolve_source(playbook, step, path)
+    if playbook._shipped.get((step.step_id, path)) is not None:
+        return found   # the controller resolved and checked it before sending it
+    written = template[:template.index("{")] if "{" in template else template
+    written = written[:written.rfind("/") + 1]
+    if not written and template.startswith("{"):
+        return found
+    base = Path(playbook._source.file).resolve().parent if playbook._source is not None else Path.cwd()
+    prefix = Path(os.path.expanduser(written))
+    bases = [prefix] if prefix.is_absolute() else [Path(d).absolute() for d in search_dirs(step)] + [base]
+    roots = [Path(os.path.normpath(b / prefix)) for b in bases]
+    where = Path(os.path.normpath(found if found.is_absolute() else Path.cwd() / found))
+    if not any(where.is_relative_to(root) for root in roots):
+        raise RunbookError(f"source path {path!r} (from {template!r}) is outside {roots[-1]}",
+                           hint="a value in a source path can pick a file below the directory written before it, "
+                                "not leave it (`..`, an absolute path)")
+    return found
+
+
 def step_sources(playbook: Playbook) -> Iterator[tuple[Step, str, Path]]:
     """Each untemplated control-machine file a step sends: the step, its path as written, where it resolves."""
     from runbook.actions import action_for   # not at the top: the actions import the model, as compose does

@@ -333,6 +333,37 @@ def test_copy_src_is_read_on_the_controller_and_declared(tmp_path: Path, capsys:
     assert code != 0 and "copy source `files/missing` is not a file" in "".join(capsys.readouterr())
 
 
+@pytest.mark.parametrize("action", ["upload", "template", "copy"])
+def test_a_value_cannot_walk_a_source_path_out_of_its_directory(tmp_path: Path, action: str,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`-e`, inventory values and alert labels are untrusted: `files/{{ name }}` picks a file below files/,
+    never the control machine's keys; a path that starts with the value is the author's choice."""
+    (tmp_path / "files" / "sub").mkdir(parents=True)
+    (tmp_path / "files" / "sub" / "app.conf").write_text("port = 80\n")
+    (tmp_path / "controller.key").write_text("PRIVATE\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "pb.yml").write_text(yaml.safe_dump({"runbook": "t", "steps": [
+        {"name": "pick", action: {"src": "files/{{ name }}", "dest": str(out / "picked")}},
+        {"name": "whole", "needs": [], action: {"src": "{{ where }}/app.conf", "dest": str(out / "whole")}}]}))
+    (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    localhost: {ansible_connection: local}\n")
+
+    def run(name: str) -> int:
+        return main(["run", str(tmp_path / "pb.yml"), "-i", str(tmp_path / "inv.yml"), "--audit-log",
+                     str(tmp_path / "audit.jsonl"), "-e", f"name={name}", "-e", f"where={tmp_path / 'files' / 'sub'}"])
+
+    assert run("sub/app.conf") == 0
+    assert (out / "picked").read_text() == (out / "whole").read_text() == "port = 80\n"
+    capsys.readouterr()
+    for hostile in ("../controller.key", "sub/../../controller.key", f"../../../../../..{tmp_path}/controller.key"):
+        (out / "picked").unlink(missing_ok=True)
+        assert run(hostile) == 2
+        err = capsys.readouterr().err
+        assert "is outside" in err and "Traceback" not in err, err
+        assert not (out / "picked").exists()
+    assert "PRIVATE" not in (tmp_path / "audit.jsonl").read_text()
+
+
 def test_apply_refuses_a_copy_source_changed_after_the_review(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "app.conf").write_text("workers = 8\n")

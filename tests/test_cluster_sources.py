@@ -231,3 +231,14 @@ def test_rendered_files_go_once_per_worker_read_once_within_the_budget(tmp_path:
     assert ship.rendered("w1", files) == {}
     (tmp_path / "a").write_bytes(b"changed")
     assert ship.rendered("w2", files) == {("s1", "a"): b"A" * 10}   # what the run read once, not a new version
+
+
+def test_a_rendered_source_path_that_leaves_its_directory_is_never_read_on_the_controller(tmp_path: Path) -> None:
+    """An item (from -e, inventory, an alert) of `../../..`: the controller neither reads nor ships the file."""
+    secret = tmp_path / "controller-only.key"
+    secret.write_text("private\n")
+    runner = _runner(tmp_path, ["a.txt", f"../{secret.name}", str(secret)])
+    assert _rendered(runner, "per-item") == {("per-item", "files/a.txt"): tmp_path / "files" / "a.txt",
+                                             ("per-item", f"files/{secret}"): tmp_path / "files" / str(secret).lstrip("/")}
+    runner.registers.store("web1", "pick", {"stdout": "../../../../../../etc/passwd"}, shared=False)
+    assert _rendered(runner, "by-register") == {}

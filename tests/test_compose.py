@@ -526,3 +526,34 @@ def test_resume_refuses_a_role_file_changed_since_the_run(tmp_path: Path, local_
     resumed = cli("resume", run_id, "--audit-log", str(trail))
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "hosts" / "a" / "log").read_text() == "worked\n"
+
+
+# --- templated source paths ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("template", "rendered", "allowed"), [
+    ("files/{{ app }}.conf", "files/web.conf", True),
+    ("files/{{ app }}.conf", "files/sub/web.conf", True),
+    ("files/{{ app }}.conf", "files/../../../etc/shadow.conf", False),    # leaves files/
+    ("files/{{ app }}", "files/../site.yml", False),                      # inside the playbook, but not below files/
+    ("files/{{ app }}", "files//etc/shadow", True),                       # an absolute value joins: files/etc/shadow
+    ("app-{{ n }}", "app-x/../../outside.conf", False),                   # below the playbook's directory
+    ("app-{{ n }}.conf", "app-1.conf", True),
+    ("/srv/shared/{{ app }}", "/srv/shared/a/b", True),
+    ("/srv/shared/{{ app }}", "/srv/shared/../../etc/shadow", False),
+    ("~/keys/{{ app }}", "~/keys/../.ssh/id_ed25519", False),
+    ("{{ backup_dir }}/backup.tar.gz", "/var/backups/x/backup.tar.gz", True),   # the value is the whole location
+    ("motd{{ suffix }}", "motd", True),                                   # the role's files/ is searched first
+])
+def test_a_value_in_a_source_path_picks_a_file_below_what_is_written_before_it(
+        template: str, rendered: str, allowed: bool) -> None:
+    from runbook.errors import RunbookError
+
+    pb = load_playbook(FIXTURES / "site" / "site.yml")
+    step = next(s for s in pb.steps if s.step_id == "web/motd")
+    if allowed:
+        assert compose.confined_source(pb, step, template, rendered) == compose.resolve_source(pb, step, rendered)
+    else:
+        with pytest.raises(RunbookError, match="is outside") as err:
+            compose.confined_source(pb, step, template, rendered)
+        assert "written before it" in (err.value.hint or "")
+

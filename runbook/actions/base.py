@@ -186,3 +186,12 @@ def local_source(playbook: Playbook, step: Step, path: str) -> Path:
     from runbook.compose import resolve_source   # not at the top: compose imports the model, which imports actions
 
     return resolve_source(playbook, step, path)
+
+
+def task_source(env: TaskEnv, step: Step, src: str) -> Path:
+    """The source file of a task: `src` as written, or rendered and kept below the directory it names (confined_source)."""
+    if "{" not in src:
+        return local_source(env.playbook, step, src)
+    from runbook.compose import confined_source
+
+    return confined_source(env.playbook, step, src, str(env.render(src)))

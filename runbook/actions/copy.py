@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from runbook.actions._resource import (Change, ContentOptions, ResourceAction, Wanted, account, blocked_file, host_path,
                                        mode_text, plan_write, read_state, shown, unreadable_reason)
-from runbook.actions.base import FieldKind, TaskEnv, TemplatedField, local_source, string_fields
+from runbook.actions.base import FieldKind, TaskEnv, TemplatedField, local_source, string_fields, task_source
 from runbook.actions.upload import DIFF_LIMIT
 from runbook.errors import Location, Problem, RunbookError
 
@@ -69,7 +69,7 @@ class Copy(ResourceAction):
         """The bytes the file should hold."""
         if self.spec.content is not None:
             return str(env.render(self.spec.content)).encode("utf-8", errors="surrogateescape")
-        src = local_source(env.playbook, self.step, str(env.render(self.spec.src)))
+        src = task_source(env, self.step, self.spec.src)
         try:
             return Path(src).read_bytes()
         except IsADirectoryError:

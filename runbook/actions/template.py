@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import jinja2
 
-from runbook.actions.base import TaskEnv, local_source
+from runbook.actions.base import TaskEnv, local_source, task_source
 from runbook.actions.upload import Upload, UploadSpec
 from runbook.errors import Location, Problem, RunbookError
 from runbook.template import environment, render
@@ -45,7 +45,7 @@ class Template(Upload):
         return []
 
     def content(self, env: TaskEnv) -> bytes:
-        src = local_source(env.playbook, self.step, env.render(self.spec.src))
+        src = task_source(env, self.step, self.spec.src)
         try:
             text = src.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

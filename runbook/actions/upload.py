@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from runbook.actions.base import (Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, local_source,
+from runbook.actions.base import (Action, Outcome, Prediction, PredictionKind, TaskEnv, TemplatedField, task_source,
                                   string_fields)
 from runbook.errors import ReadOnlyViolation, RunbookError
 from runbook.fields import OctalMode, Strict
@@ -78,7 +78,7 @@ class Upload(Action):
 
     def content(self, env: TaskEnv) -> bytes:
         """The bytes the file on the host should hold."""
-        src = local_source(env.playbook, self.step, env.render(self.spec.src))
+        src = task_source(env, self.step, self.spec.src)
         try:
             return src.read_bytes()
         except OSError as exc:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runbook.actions import action_for
-from runbook.compose import resolve_source, step_sources
+from runbook.compose import confined_source, step_sources
 from runbook.errors import RunbookError
 from runbook.graph import TaskKey
 from runbook.model import Playbook, Step
@@ -86,10 +86,16 @@ def rendered_sources(runner: TaskRunner, key: TaskKey, step: Step, templates: li
     if runner.facts.known(key.host) is None and runner.reads_facts(step):
         return {}   # it needs facts its worker has not gathered yet: never gathered for this
     try:
-        rendered = {render(t, ctx) for ctx in _task_contexts(runner, key.host, step) for t in templates}
+        rendered = {render(t, ctx): t for ctx in _task_contexts(runner, key.host, step) for t in templates}
     except Exception:   # it does not render here: the worker renders it, and reports what fails
         return {}
-    return {(step.step_id, src): resolve_source(runner.playbook, step, src) for src in sorted(rendered)}
+    out = {}
+    for src, template in sorted(rendered.items()):
+        try:
+            out[(step.step_id, src)] = confined_source(runner.playbook, step, template, src)
+        except RunbookError:
+            continue   # outside the playbook's tree: not read here; the worker refuses it as an in-process run does
+    return out
 
 
 def _task_contexts(runner: TaskRunner, host: str, step: Step) -> list[dict[str, Any]]:
