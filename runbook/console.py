@@ -288,7 +288,7 @@ def shows_message(action: str) -> bool:
     from runbook.actions import ACTIONS
 
     try:
-        return bool(getattr(ACTIONS.get(action), "shows_message", False))
+        return ACTIONS.get(action).shows_message
     except Exception:  # an action this process does not have (a result read back from a file)
         return False
 

@@ -124,6 +124,8 @@ class Action:
     guarded_runs_change: ClassVar[bool] = False
     #: It asks the operator on the terminal (the console must not redraw a live view over the prompt).
     asks_operator: ClassVar[bool] = False
+    #: Its message is its output (print): the console shows it for an `ok` result too, not only when verbose.
+    shows_message: ClassVar[bool] = False
 
     def __init__(self, step: Step):
         self.step = step

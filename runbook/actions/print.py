@@ -56,8 +56,7 @@ class Print(Action):
     spec_type: ClassVar[Any] = str | dict[str, Any]
     #: Its message is the point: `apply` of a reviewed plan renders it again with that run's values.
     rerun_on_apply = True
-    #: The console shows its message even for an `ok` result (other actions' messages only when verbose).
-    shows_message: ClassVar[bool] = True
+    shows_message = True
 
     def fields(self) -> Iterator[TemplatedField]:
         yield from _strings(self.spec, ())
