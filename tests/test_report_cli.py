@@ -196,3 +196,30 @@ def test_a_rescued_failure_is_rescued_in_every_report_also_from_the_audit_trail_
     audit_only = payload(work / "audit.html")
     assert outcomes(audit_only) == want
     assert "no run-state file" in (work / "audit.html").read_text()
+
+
+def test_loop_items_are_rows_of_their_step_counted_as_the_recap_counts(work: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A loop's items are not steps of their own (no extra graph node or step filter): they follow their
+    step's row, named `step[label]`, and the totals count them, not the step over them, as the recap does."""
+    (work / "loop.yml").write_text(yaml.safe_dump({"runbook": "loop-report", "steps": [
+        {"name": "each", "shell": "test {{ item | quote }} != bad", "loop": ["one", "bad", "two"], "ignore_errors": True},
+        {"name": "after", "shell": "true"}]}, sort_keys=False))
+    capsys.readouterr()
+    assert run("run", "loop.yml", "-i", "inv.yml", "--limit", "a", "--report", "live.html", "--format", "json") == 0
+    totals = json.loads(capsys.readouterr().out)["totals"]
+    assert run("report", "latest", "-o", "state.html") == 0
+    (state_file,) = (work / "trail" / "runs").glob("*.json")
+    state_file.unlink()
+    assert run("report", "latest", "-o", "audit.html") == 0
+    assert "no run-state file" in (work / "audit.html").read_text()
+    for name in ("live.html", "state.html", "audit.html"):
+        page = (work / name).read_text()
+        doc = payload(work / name)
+        assert [s["id"] for s in doc["steps"]] == ["each", "after"], name
+        shown = dict(re.findall(r'data-status="(\w+)"><b>(\d+)</b>', page))
+        assert {k: int(v) for k, v in shown.items() if int(v)} == totals, name
+        c = doc["cols"]
+        rows = [doc["steps"][s]["id"] + (f"[{doc['items'][i]}]" if i >= 0 else "") for s, i in zip(c["s"], c["it"])]
+        assert rows == ["each", "each[one]", "each[bad]", "each[two]", "after"], name
+        assert re.findall(r'<g class="node[^"]*" data-step="([^"]*)"', page) == ["each", "after"], name

@@ -96,7 +96,7 @@ def _fail(path: Path | None, what: str, exc: PydanticError) -> ValidationError:
 
 def is_rescue(task: TaskEntry, rescue_ids: frozenset[str]) -> bool:
     """Whether a saved result is of an on_failure step (by its flag, or by the playbook's section)."""
-    return task.rescue or task.step_id in rescue_ids
+    return task.rescue or task.step in rescue_ids
 
 
 def validate_tasks(items: list[Any], what: str, names: list[str], path: Path | None = None) -> list[TaskEntry]:
@@ -357,7 +357,8 @@ def run_report_from_files(state: Mapping[str, Any] | None, records: list[dict[st
     rescue_ids = frozenset(s.id for s in view.steps if s.section == "on_failure")
     audit_tasks = [r for r in mine if r.get("event") == "task.finished"]
     if state is not None:   # the state has the main tasks; on_failure results are only in the audit trail
-        audit_tasks = [r for r in audit_tasks if r.get("step_id") in rescue_ids or r.get("on_failure")
+        audit_tasks = [r for r in audit_tasks if r.get("step_id") in rescue_ids or r.get("parent") in rescue_ids
+                       or r.get("on_failure")
                        or (isinstance(r.get("data"), Mapping) and r["data"].get("on_failure"))]
     saved, unreadable = audit_results(audit_tasks)
     if unreadable:
@@ -393,10 +394,12 @@ def assemble(header: RunHeader, hosts: list[str], steps: list[StepInfo], tasks: 
              audit_path: Path | None, state_dir: Path | None) -> RunReport:
     """Put a run report together: hosts and steps completed from the tasks, tasks in host and step order."""
     hosts = list(dict.fromkeys([*hosts, *(t.host for t in tasks)]))
-    steps = complete_steps(steps, ((t.step_id, t.action, t.rescue) for t in tasks))
+    steps = complete_steps(steps, ((t.step, t.action, t.rescue) for t in tasks))
     host_pos = {h: i for i, h in enumerate(hosts)}
     step_pos = {s.id: i for i, s in enumerate(steps)}
-    tasks.sort(key=lambda t: (host_pos[t.host], step_pos[t.step_id], t.started_at or 0.0))
+    # A loop's items right after its step, in item order.
+    tasks.sort(key=lambda t: (host_pos[t.host], step_pos[t.step], t.parent is not None, t.item_index or 0,
+                              t.started_at or 0.0))
     return RunReport(header=header, hosts=hosts, steps=steps, tasks=tasks, events=events,
                      resume_command=resume_command(header, tasks, audit_path, state_dir),
                      generated_at=time.time(), runbook_version=__version__)

@@ -129,11 +129,27 @@ class TaskEntry(BaseModel):
     rescue: bool = Field(False, validation_alias=AliasChoices("rescue", "on_failure", AliasPath("data", "on_failure")))
     # Failed inside a block whose `rescue:` steps then handled it (TaskResult.rescued).
     block_rescued: bool = Field(False, validation_alias="rescued")
+    # A loop's item: the loop step's id, the item's label and position (its step_id is `step[label]`).
+    parent: str | None = None
+    item_label: str | None = None
+    item_index: int | None = None
+    # A looped step's own result: how many items it had (they are counted, not it).
+    items: int | None = None
     # Done by an earlier run (resume).
     from_run: str | None = Field(None, validation_alias=AliasChoices("from_run", AliasPath("data", "from_run")))
     # apply: what the reviewed plan predicted (set from the plan, never read from a saved result).
     prediction: str | None = Field(None, validation_alias="planned_prediction")
     prediction_reason: str | None = Field(None, validation_alias="planned_reason")
+
+    @property
+    def step(self) -> str:
+        """The playbook step it belongs to: a loop item's is its loop step."""
+        return self.parent or self.step_id
+
+    @property
+    def counted(self) -> bool:
+        """Whether it counts in totals, as in the console's recap: a loop's items do, the step over them does not."""
+        return not self.items
 
     @property
     def outcome(self) -> str:

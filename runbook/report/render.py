@@ -28,7 +28,7 @@ OUTPUT_BUDGET = 8_000_000   # characters of stdout and stderr in one report; pas
 DIFF_KEEP = 20000           # characters of a diff
 NOSCRIPT_ROWS = 200         # failed tasks listed for readers without JavaScript
 HOSTS_SHOWN = 200           # host bars drawn server-side (most troubled first); the strip above shows every host
-_FLAG_RESCUE, _FLAG_IGNORED, _FLAG_FROM_RUN, _FLAG_MISMATCH, _FLAG_CHANGED = 1, 2, 4, 8, 16
+_FLAG_RESCUE, _FLAG_IGNORED, _FLAG_FROM_RUN, _FLAG_MISMATCH, _FLAG_CHANGED, _FLAG_LOOP = 1, 2, 4, 8, 16, 32
 
 
 def asset(name: str) -> str:
@@ -162,13 +162,13 @@ def render_run(report: RunReport, redactor: Redactor | None = None) -> str:
     """The run report as one self-contained HTML document."""
     t = _Text(redactor)
     h = report.header
-    outcome = [task.outcome for task in report.tasks]
-    totals = Counter(outcome)
+    counted = [task for task in report.tasks if task.counted]   # as the console's recap counts
+    totals = Counter(task.outcome for task in counted)
     per_host: dict[str, Counter[str]] = {host: Counter() for host in report.hosts}
     per_step: dict[str, Counter[str]] = {s.id: Counter() for s in report.steps}
-    for task, o in zip(report.tasks, outcome):
-        per_host[task.host][o] += 1
-        per_step[task.step_id][o] += 1
+    for task in counted:
+        per_host[task.host][task.outcome] += 1
+        per_step[task.step][task.outcome] += 1
     order = [*RUN_STATUSES, *sorted(set(totals) - set(RUN_STATUSES))]
     labels = {k: k.replace("_", " ") for k in order}
     title = t.esc(f"{h.playbook_name} · run {h.run_id} · {h.status}")
@@ -326,21 +326,23 @@ def run_payload(report: RunReport, t: _Text, order: Sequence[str], labels: Mappi
     host_ix = {h: i for i, h in enumerate(report.hosts)}
     step_ix = {s.id: i for i, s in enumerate(report.steps)}
     t0 = report.header.started_at or min((x.started_at for x in report.tasks if x.started_at), default=0.0)
-    cols: dict[str, list[int]] = {"h": [], "s": [], "st": [], "a": [], "b": [], "d": [], "f": []}
+    cols: dict[str, list[int]] = {"h": [], "s": [], "st": [], "a": [], "b": [], "d": [], "f": [], "it": []}
+    item_ix: dict[str, int] = {}   # loop items' labels, each stored once
     details = []
     outputs = [(t.red(x.stdout), t.red(x.stderr)) for x in report.tasks]   # redacted before any cut
     keep = output_keep(outputs)
     for x, (out, err) in zip(report.tasks, outputs):
         cols["h"].append(host_ix[x.host])
-        cols["s"].append(step_ix[x.step_id])
+        cols["s"].append(step_ix[x.step])
+        cols["it"].append(item_ix.setdefault(x.item_label, len(item_ix)) if x.parent is not None and x.item_label else -1)
         cols["st"].append(code[x.outcome])
         cols["a"].append(x.attempts)
         cols["b"].append(round((x.started_at - t0) * 1000) if x.started_at and not x.from_run else -1)
         cols["d"].append(round(x.duration * 1000))
         cols["f"].append((_FLAG_RESCUE if x.rescue else 0) | (_FLAG_IGNORED if x.ignored else 0)
                          | (_FLAG_FROM_RUN if x.from_run else 0) | (_FLAG_MISMATCH if x.mismatch else 0)
-                         | (_FLAG_CHANGED if x.changed else 0))
-        details.append(_task_detail(x, t, report.steps[step_ix[x.step_id]].action, out, err, keep))
+                         | (_FLAG_CHANGED if x.changed else 0) | (0 if x.counted else _FLAG_LOOP))
+        details.append(_task_detail(x, t, report.steps[step_ix[x.step]].action, out, err, keep))
     h = report.header
     end = (h.finished_at - t0) * 1000 if h.finished_at and t0 else max(
         (b + d for b, d in zip(cols["b"], cols["d"]) if b >= 0), default=0)
@@ -348,6 +350,7 @@ def run_payload(report: RunReport, t: _Text, order: Sequence[str], labels: Mappi
             "hosts": [t.red(x) for x in report.hosts], "steps": _steps_payload(report.steps, t),
             "t0": t0, "span": max(1, round(end)), "run_id": t.red(h.run_id), "mode": h.mode,
             "predicted": any(x.prediction for x in report.tasks), "keep": keep, "cols": cols,
+            "items": [t.red(label) for label in item_ix],
             "strs": intern_details(details), "det": details}
 
 

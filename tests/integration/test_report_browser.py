@@ -268,3 +268,27 @@ def test_many_hosts_virtual_rows_and_aggregated_timeline(browser: Any, tmp_path:
     w.assert_clean()
     close(w)
 
+
+
+def test_loop_items_show_as_rows_of_their_step(browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop's items follow their step's row as `step[label]` (a label is data, even a hostile one); the
+    status chips count them as the outcome totals do, not the step over them."""
+    monkeypatch.chdir(tmp_path)
+    label = "<img src=x onerror=window.__pwned=1>"
+    (tmp_path / "inv.yml").write_text("all:\n  hosts:\n    h0: {ansible_connection: local}\n")
+    (tmp_path / "loop.yml").write_text(yaml.safe_dump({"runbook": "loop-page", "steps": [
+        {"name": "each", "shell": "test {{ item | quote }} != bad", "loop": ["one", "bad", label], "ignore_errors": True},
+        {"name": "after", "shell": "true"}]}, sort_keys=False))
+    assert main(["run", "loop.yml", "-i", "inv.yml", "--audit-log", "audit.jsonl", "--report", "loop.html"]) == 0
+    w = open_page(browser, tmp_path / "loop.html")
+    page = w.page
+    assert page.locator("svg.graph g.node").count() == 2
+    names = [r.split("\t")[0].split("\n")[1] for r in page.locator("#table .row").all_inner_texts()]
+    assert names == ["each", "each[one]", "each[bad]", f"each[{label}]", "after"]
+    assert page.locator("#filters button[data-status=changed]").inner_text().endswith(" 3")   # one, the label, after
+    assert page.locator("#filters button[data-status=failed]").inner_text().endswith(" 1")
+    page.locator("#table .row").nth(2).click()
+    assert "each[bad]" in page.locator("#detail").inner_text()
+    assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+    w.assert_clean()
+    close(w)

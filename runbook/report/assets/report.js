@@ -5,7 +5,7 @@
   var D = JSON.parse(document.getElementById("report-data").textContent);
   var PLAN = D.kind === "plan";
   var C = D.cols, N = C.h.length, ST = D.statuses, LB = D.labels || {};
-  var F_RESCUE = 1, F_IGNORED = 2, F_FROM = 4, F_MISMATCH = 8;
+  var F_RESCUE = 1, F_IGNORED = 2, F_FROM = 4, F_MISMATCH = 8, F_LOOP = 32;   // F_LOOP: a loop's own row (its items count)
   var ROW = 26;
   var S = { on: ST.map(function () { return true; }), host: "", step: -1, q: "", sort: "", dir: 1, sel: -1 };
   var view = new Int32Array(N), nView = 0, hay = null;
@@ -32,6 +32,8 @@
     return new Date(D.t0 * 1000 + ms).toISOString().replace("T", " ").slice(0, 19) + "Z";
   }
   function stepOf(i) { return D.steps[C.s[i]]; }
+  // A loop's item: its step's id with the item's label, as the console shows it (`step[label]`).
+  function taskName(i) { var it = C.it ? C.it[i] : -1; return stepOf(i).id + (it >= 0 ? "[" + D.items[it] + "]" : ""); }
   var INTERNED = ["c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r"], STRS = [], DET = null;
   // The details block follows this script: it is read once the whole document is parsed.
   function detailsReady() {
@@ -63,7 +65,7 @@
     hay = new Array(N);
     for (var i = 0; i < N; i++) {
       var d = det(i), st = stepOf(i);
-      hay[i] = [D.hosts[C.h[i]], st.id, st.name, ST[C.st[i]], d.m, d.hi, d.c, d.r, d.o, d.ot, d.e, d.et, d.df]
+      hay[i] = [D.hosts[C.h[i]], taskName(i), st.name, ST[C.st[i]], d.m, d.hi, d.c, d.r, d.o, d.ot, d.e, d.et, d.df]
         .filter(Boolean).join("\n").toLowerCase();
     }
     return hay;
@@ -101,7 +103,7 @@
   // --- filters UI -------------------------------------------------------------------------------
   var filters = (function () {
     var box = document.getElementById("filters"), chips = [], counts = new Array(ST.length).fill(0);
-    for (var i = 0; i < N; i++) counts[C.st[i]]++;
+    for (var i = 0; i < N; i++) if (!(C.f && C.f[i] & F_LOOP)) counts[C.st[i]]++;   // as the outcome totals count
     ST.forEach(function (k, code) {
       if (!counts[code]) return;
       var b = el("button", "chip st-" + k, label(code) + " " + counts[code]);
@@ -184,7 +186,7 @@
       row.classList.toggle("mismatch", (C.f ? C.f[i] & F_MISMATCH : 0) !== 0);
       var st = stepOf(i), f = C.f ? C.f[i] : 0, d = det(i);
       row.appendChild(el("span", null, D.hosts[C.h[i]]));
-      var sc = el("span", null, (f & F_RESCUE ? "↺ " : "") + st.id); sc.title = st.name + (f & F_RESCUE ? " (on_failure)" : "");
+      var sc = el("span", null, (f & F_RESCUE ? "↺ " : "") + taskName(i)); sc.title = st.name + (f & F_RESCUE ? " (on_failure)" : "");
       row.appendChild(sc);
       var ss = el("span"); ss.appendChild(pill(C.st[i]));
       if (f & F_IGNORED) ss.appendChild(document.createTextNode(" ignored"));
@@ -281,13 +283,13 @@
     h.appendChild(pill(C.st[i]));
     box.appendChild(h);
     if (PLAN) {
-      kv(box, [["step", st.id], ["action", d.a], ["read only", d.ro ? "yes: runs for real in the dry run" : null]]);
+      kv(box, [["step", taskName(i)], ["action", d.a], ["read only", d.ro ? "yes: runs for real in the dry run" : null]]);
       if (d.r) { var rb = el("div", "box"); rb.appendChild(el("b", null, "why: ")); rb.appendChild(document.createTextNode(d.r)); box.appendChild(rb); }
       if (d.c) { box.appendChild(el("h4", null, "command")); box.appendChild(pre("out cmdline", d.c)); }
       if (d.df) diff(box, d.df);
       return;
     }
-    kv(box, [["step", st.id + (f & F_RESCUE ? " (on_failure)" : "")], ["action", d.a], ["exit status", d.rc],
+    kv(box, [["step", taskName(i) + (f & F_RESCUE ? " (on_failure)" : "")], ["action", d.a], ["exit status", d.rc],
              ["attempts", C.a[i]], ["started", fmtAt(C.b[i])], ["duration", fmtDur(C.d[i])],
              ["ignored", f & F_IGNORED ? "failed, but ignore_errors let the host go on" : null],
              ["from run", d.fr ? d.fr + " (done by an earlier run, not run again)" : null]]);
