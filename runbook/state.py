@@ -248,6 +248,8 @@ class RunState(Observer):
             self.sync()
             self._journal.close()
             self._journal = None
+            # The final snapshot, on disk now, holds every task: the journal would only keep each output twice.
+            journal_path(self.dir, run.run_id).unlink(missing_ok=True)
 
     def _flush(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -48,6 +48,8 @@ def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pyte
     assert doc["details"] == {"note": "uses ***"}
     first = result("a", "one", Status.CHANGED, stdout=f"token {SECRET}\n")
     state.task_finished(run, first)     # the first flush after run_started may be throttled; run_finished forces it
+    journal = path.with_suffix(".journal")
+    assert SECRET not in journal.read_text() and '"finished"' in journal.read_text()
     final = RunResult(run.run_id, "run", ["a", "b"], [first, result("b", "one", Status.DEFERRED)], 1.0, 3.0,
                       stop_reason="maintenance window closed")
     state.run_finished(run, final)
@@ -56,9 +58,9 @@ def test_observer_writes_state_as_tasks_finish(tmp_path: Path, monkeypatch: pyte
     assert doc["tasks"][task_key("one", "a")]["stdout"] == "token ***\n"
     assert doc["tasks"]["one@b"]["status"] == "deferred"
     assert SECRET not in path.read_text()
-    journal = path.with_suffix(".journal")
-    assert SECRET not in journal.read_text() and '"finished"' in journal.read_text()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([path.name, journal.name])   # no temp files
+    # The final snapshot holds every task: the journal goes (no output kept twice), and no temp file is left.
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [path.name]
+    assert load_state(tmp_path / "runs", run.run_id)["tasks"] == doc["tasks"]
 
 
 def test_snapshots_during_a_run_take_a_bounded_share_of_its_time(tmp_path: Path) -> None:
