@@ -8,13 +8,15 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from runbook.errors import EXIT_INVALID, Location, ValidationError
+from runbook.errors import EXIT_INVALID, Location, RunbookError, ValidationError
 
 DEFAULT_DB = ".runbook/serve.db"
 DEFAULT_LISTEN = "127.0.0.1:9095"
@@ -129,12 +131,14 @@ def serve(rules_path: str, inventory: tuple[str, ...], listen: str, token_file: 
                    + (f"; signed hooks: {', '.join(sorted(loaded['hooks']))}" if loaded["hooks"] else ""))
         return
     sys.exit(_run_server(loaded, host, port, db, audit_log, concurrency, max_body, host_key_checking, known_hosts,
-                         tls_cert, tls_key, shutdown_timeout, quiet))
+                         tls_cert, tls_key, shutdown_timeout, quiet,
+                         reload=lambda: _load(rules_path, inventory, token_file, insecure_no_auth)))
 
 
 def _run_server(loaded: dict[str, Any], host: str, port: int, db: str, audit_log: str | None, concurrency: int | None,
                 max_body: int, host_key_checking: str | None, known_hosts: str | None, tls_cert: str | None,
-                tls_key: str | None, shutdown_timeout: float, quiet: bool) -> int:
+                tls_key: str | None, shutdown_timeout: float, quiet: bool,
+                reload: Callable[[], dict[str, Any]] | None = None) -> int:
     import uvicorn
 
     from runbook.serve.app import ServeConfig, Server, create_app
@@ -150,12 +154,37 @@ def _run_server(loaded: dict[str, Any], host: str, port: int, db: str, audit_log
     # re-raise is a no-op and the process exits 0 after a clean, checkpointed stop.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, _reloader(server, reload))
     scheme = "https" if tls_cert else "http"
     shown = f"[{host}]" if ":" in host else host
     _echo_err(f"runbook serve: listening on {scheme}://{shown}:{sock.getsockname()[1]} — {len(config.rules.rules)} rule(s), "
               f"{len(config.inventory.hosts)} host(s), auth: {'token' if config.token else 'NONE'}, queue {config.db}")
     uv.run(sockets=[sock])
     return 0 if uv.started else EXIT_INVALID
+
+
+def _reloader(server: Any, load: Callable[[], dict[str, Any]]) -> Callable[..., None]:
+    """A SIGHUP handler: read and check the rules, inventory and credentials again, off the event loop.
+
+    All or nothing: a file that does not check leaves the server on what it had, and says why.
+    """
+    lock = threading.Lock()
+
+    def reload_now() -> None:
+        with lock:   # two signals in a row: one reload after the other, never interleaved
+            try:
+                loaded = load()
+            except RunbookError as exc:
+                server.rec.event("serve.reload_failed", error=str(exc), kept=str(server.config.rules.path))
+                _echo_err(f"runbook serve: reload refused, still serving the previous rules and inventory:\n{exc}")
+                return
+            except Exception as exc:   # a bug in loading must not end the server either
+                server.rec.event("serve.reload_failed", error=f"{type(exc).__name__}: {exc}")
+                return
+            server.reload(loaded["rules"], loaded["inventory"], loaded["token"], loaded["hooks"])
+
+    return lambda *_: threading.Thread(target=reload_now, name="runbook-serve-reload", daemon=True).start()
 
 
 # --- approvals ---------------------------------------------------------------------------------

@@ -145,3 +145,48 @@ def test_the_shipped_sample_rules_validate_and_check(capsys: pytest.CaptureFixtu
     [alert] = alerts_from_alertmanager(AMPayload.model_validate(json.loads((sample / "alert-example.json").read_text())))
     routed = route(alert, load_rules(sample / "rules.yml"), Inventory.load(REPO / "inventory" / "local.yml"))
     assert [(j.rule, j.host, j.vars) for j in routed.jobs] == [("disk-full", "localhost", {"threshold_pct": 85})]
+
+
+def test_sighup_reloads_rules_inventory_and_token_all_or_nothing(site) -> None:
+    """`systemctl reload`: SIGHUP reads the rules, inventory and token file again; a file that does not check
+    leaves the server on what it had (and says why), and nothing is half-taken."""
+    site.write_rules([{"name": "disk", "playbook": "fix.yml", "match": {"alertname": "DiskFull"}}])
+    token = site.root / "token"
+    token.write_text("first-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    sp = start_serve(site, "--token-file", str(token))
+    first, second = ({"Authorization": f"Bearer {t}-0123456789abcdef"} for t in ("first-token", "second-token"))
+    trail = site.root / ".runbook" / "audit.jsonl"
+
+    def send(alert: str, headers: dict[str, str], instance: str = "web01:9100") -> int:
+        return httpx.post(sp.url + "/alertmanager", json=am_payload(am_alert(alert, instance)), headers=headers,
+                          timeout=10).status_code
+
+    def events(name: str) -> list[dict]:
+        return [r for r in records(trail) if r["event"] == name]
+
+    try:
+        assert send("MemoryHigh", first) == 200
+        wait_for(lambda: any(e.get("alertname") == "MemoryHigh" for e in events("alert.ignored")), 20, "no rule for it")
+        site.write_rules([{"name": "disk", "playbook": "fix.yml", "match": {"alertname": "DiskFull"}},
+                          {"name": "memory", "playbook": "verify.yml", "match": {"alertname": "MemoryHigh"}}])
+        token.write_text("second-token-0123456789abcdef\n")
+        sp.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: events("serve.reloaded"), 20, "the reload")
+        assert events("serve.reloaded")[0]["rules_count"] == 2
+        assert send("MemoryHigh", first) == 401                      # the old token is gone with the reload
+        assert send("MemoryHigh", second, "web02:9100") == 200
+        wait_for(lambda: site.tags("web02") == ["verify"], 30, "the new rule's playbook")
+        # A broken rules file: refused whole, the server keeps the rules and token it has.
+        site.write_rules("rules:\n  - name: disk\n    playbook: nope.yml\n    bogus: 1\n")
+        token.write_text("third-token-0123456789abcdef\n")
+        sp.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: events("serve.reload_failed"), 20, "the refused reload")
+        assert "rules.yml" in events("serve.reload_failed")[0]["error"]
+        assert "reload refused, still serving the previous rules" in sp.output()
+        assert send("MemoryHigh", second, "db01:9100") == 200
+        wait_for(lambda: site.tags("db01") == ["verify"], 30, "the kept rule's playbook")
+        assert sp.proc.poll() is None
+    finally:
+        assert stop_serve(sp) == 0, sp.output()
+    assert main(["audit", "verify", "--audit-log", str(trail)]) == 0

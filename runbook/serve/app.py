@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,22 @@ class Server:
         self.worker.start()
         self.accepting = True
 
+    def reload(self, rules: RuleSet, inventory: bridge.Inventory, token: str | None, hooks: dict[str, HookAuth]) -> None:
+        """Take a new rules file, inventory and credentials, checked by the caller, for what is routed from now on.
+
+        Jobs already queued keep their playbook and host; a job whose rule is gone ends as an error.
+        The number of remediations at once stays (its thread pool is sized at start).
+        """
+        self.config = dataclasses.replace(self.config, rules=rules, inventory=inventory, token=token, hooks=hooks)
+        self.settings.inventory = inventory
+        self.worker.rules = rules
+        wanted = self.config.concurrency or rules.concurrency
+        self.rec.event("serve.reloaded", rules=str(rules.path), rules_count=len(rules.rules), inventory=inventory.source,
+                       hosts=len(inventory.hosts), auth="token" if token else "none (--insecure-no-auth)",
+                       hooks=sorted(rules.hook_names),
+                       **({"concurrency_kept": self.worker.concurrency} if wanted != self.worker.concurrency else {}))
+        self.worker.wake()   # alerts that matched no rule before are not routed again; new ones see the new rules
+
     def stop(self) -> None:
         """Stop accepting, let running remediations finish or checkpoint, then close."""
         self.accepting = False
@@ -141,7 +158,11 @@ class Api:
 
     def __init__(self, server: Server):
         self.server = server
-        self.cfg = server.config
+
+    @property
+    def cfg(self) -> ServeConfig:
+        """The server's configuration now (a reload replaces it whole: token, hooks and rules change together)."""
+        return self.server.config
 
     def authorize(self, request: Request) -> None:
         """Refuse (401) unless the request carries the server token; --insecure-no-auth lets everything in."""
