@@ -537,6 +537,7 @@ def apply(plan_file: str, allow_drift: bool, max_age: str, yes: bool, sign_key: 
     request = _request(kw, "apply", assume_yes=yes, interactive=sys.stdin.isatty(), ask=_ask,
                        plan_hash=plan_hash(doc), predictions=saved_predictions(doc), allow_drift=allow_drift)
     request.extra_vars = extra
+    request.details["plan_file"] = str(Path(plan_file).resolve())   # `runbook report` finds the plan by it
     inventory = list(kw["inventory"]) if kw["inventory"] else reusable_sources(doc["inventory"]["source"])
     prepared = prepare(reviewed_playbook(doc, plan_file), inventory, request)
     drifted = drift_between(doc, prepared, extra, key=key)

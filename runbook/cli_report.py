@@ -103,7 +103,7 @@ def report(run_id: str, out: str | None, audit_log: str | None, state_dir: str |
     state = read_json(state_path, "run state") if state_path is not None else None
     if state is not None and not isinstance(state, dict):
         raise ValidationError("run state is not a JSON object", location=None if state_path is None else _loc(state_path))
-    plan = load_plan(plan_file, max_age=float("inf")) if plan_file else None
+    plan = load_plan(plan_file, max_age=float("inf")) if plan_file else _applied_plan(state, records)
     rep = run_report_from_files(state, records, run_id=full, audit_path=audit if audit.exists() else None,
                                 state_dir=directory, state_path=state_path, plan=plan)
     if plan is not None and rep.header.plan_hash != plan.get("hash"):
@@ -116,6 +116,24 @@ def report(run_id: str, out: str | None, audit_log: str | None, state_dir: str |
     target = out or f"report-{full}.html"
     write_html(text, target)
     _say(f"report: {target} ({len(rep.tasks)} tasks on {len(rep.hosts)} hosts, run {full})")
+
+
+def _applied_plan(state: dict[str, Any] | None, records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The plan an apply run recorded it applied (`details.plan_file`), if it is still there, unchanged."""
+    from runbook.errors import RunbookError
+    from runbook.plan import load_plan
+
+    started = next((r for r in records if r.get("event") == "run.started"), None) or {}
+    doc = state if state is not None else started
+    details = doc.get("details")
+    path = details.get("plan_file") if isinstance(details, dict) else None
+    if doc.get("mode") != "apply" or not isinstance(path, str) or not Path(path).is_file():
+        return None
+    try:
+        plan = load_plan(path, max_age=float("inf"))
+    except RunbookError:
+        return None   # unreadable now: the report says the plan is not attached, as without one
+    return plan if plan.get("hash") == doc.get("plan_hash") else None   # replaced since: not the one applied
 
 
 def _loc(path: Path):

@@ -130,6 +130,14 @@ def test_plan_page_apply_report_and_prediction_against_outcome(work: Path, capsy
     assert run("report", applied["run_id"], "--plan", "other.json", "-o", "x.html") == 4
     assert "is not the plan run" in capsys.readouterr().err
     assert not (work / "x.html").exists()
+    # Without --plan, the report finds the plan the run recorded it applied, as long as it is unchanged.
+    assert run("report", applied["run_id"], "-o", "found.html") == 0
+    assert payload(work / "found.html")["predicted"] is True
+    assert "the reviewed plan is not attached" not in (work / "found.html").read_text()
+    (work / "plan.json").write_text((work / "other.json").read_text())   # replaced by another plan
+    assert run("report", applied["run_id"], "-o", "replaced.html") == 0
+    assert payload(work / "replaced.html")["predicted"] is False
+    assert "the reviewed plan is not attached" in (work / "replaced.html").read_text()
 
 
 def test_resume_report_marks_what_an_earlier_run_did(work: Path) -> None:
