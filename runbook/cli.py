@@ -694,13 +694,49 @@ def audit_show(audit_log: str | None, run_id: str | None, host: str | None, sinc
 @click.option("--audit-log", type=click.Path(dir_okay=False), envvar="RUNBOOK_AUDIT_LOG")
 @click.option("--state-dir", type=click.Path(file_okay=False), help="Run state directory (default: runs/ beside the audit trail).")
 @click.option("-n", "--count", default=20, show_default=True)
-def runs(audit_log: str | None, state_dir: str | None, count: int) -> None:
-    """List recent runs with their status."""
+@click.option("--prune-older-than", "prune", metavar="DURATION",
+              help="Remove the state of runs that started longer ago than this (30d, 720h); never a running one.")
+@click.option("--dry-run", is_flag=True, help="With --prune-older-than: list what would be removed, remove nothing.")
+def runs(audit_log: str | None, state_dir: str | None, count: int, prune: str | None, dry_run: bool) -> None:
+    """List recent runs with their status (or remove old runs' state: --prune-older-than)."""
     from runbook.state import format_runs, list_runs
 
     directory = Path(state_dir) if state_dir else _audit_file(audit_log).parent / "runs"
+    if prune is not None:
+        return _prune_runs(directory, _audit_file(audit_log), prune, dry_run)
+    if dry_run:
+        raise click.UsageError("--dry-run goes with --prune-older-than")
     items = list_runs(directory, count)
     click.echo(format_runs(items) if items else f"no runs in {directory}")
+
+
+def _prune_runs(directory: Path, audit: Path, older_than: str, dry_run: bool) -> None:
+    """Remove (or list) old runs' state; the audit trail records which, and who removed them."""
+    import time
+    from datetime import UTC, datetime
+
+    from runbook.errors import ValidationError
+    from runbook.model import parse_duration
+    from runbook.state import prune_runs
+
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise ValidationError(f"--prune-older-than: {exc}", hint="for example 30d or 720h") from None
+    before = time.time() - age
+    gone = prune_runs(directory, before, dry_run=True)
+    if gone and not dry_run:
+        from runbook.audit import AuditTrail, operator_name
+
+        # Recorded first: a removal the trail cannot record does not happen.
+        AuditTrail(audit).append(f"prune-{os.getpid()}-{os.urandom(3).hex()}", "runs.pruned",
+                                 {"operator": operator_name(None), "state_dir": str(directory.resolve()),
+                                  "before": before, "count": len(gone), "runs": gone}, sync=True)
+        gone = prune_runs(directory, before, only=gone)
+    cutoff = datetime.fromtimestamp(before, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(gone)} run(s) started before {cutoff} UTC from {directory}"
+               + (":\n  " + "\n  ".join(gone) if gone else ""))
 
 
 @cli.command()

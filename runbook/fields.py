@@ -12,11 +12,11 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
                       field_validator)
 from pydantic_core import PydanticCustomError
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?!s))?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*(?:(\d+)\s*ms)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?!s))?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*(?:(\d+)\s*ms)?\s*$")
 
 
 def parse_duration(value: Any) -> float:
-    """Parse `30s`, `5m`, `2h`, `1h30m`, `250ms` or a number of seconds into seconds."""
+    """Parse `30s`, `5m`, `2h`, `1h30m`, `250ms`, `30d` or a number of seconds into seconds."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 5m or 2h, got a boolean")
     if isinstance(value, (int, float)):
@@ -29,8 +29,8 @@ def parse_duration(value: Any) -> float:
             m = _DURATION_RE.match(text)
             if not m or not any(m.groups()):
                 raise ValueError(f"invalid duration {value!r}: expected a number with a unit, like 30s, 5m, 2h or 1h30m")
-            h, mi, s, ms = m.groups()
-            seconds = float(h or 0) * 3600 + float(mi or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
+            d, h, mi, s, ms = m.groups()
+            seconds = float(d or 0) * 86400 + float(h or 0) * 3600 + float(mi or 0) * 60 + float(s or 0) + float(ms or 0) / 1000
     else:
         raise ValueError(f"invalid duration {value!r}: expected a number with a unit, like 30s, 5m or 2h")
     if not math.isfinite(seconds):
@@ -45,7 +45,7 @@ def _format_duration(seconds: float) -> str:
 
 
 # What editors see in the JSON Schema: the text forms the validators accept, not the parsed result.
-_DURATION_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*(\d+(\.\d+)?\s*(h|m|s|ms)?\s*)+$")]
+_DURATION_TEXT = Annotated[str, StringConstraints(pattern=r"^\s*(\d+(\.\d+)?\s*(d|h|m|s|ms)?\s*)+$")]
 Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=Annotated[float, Field(ge=0)] | _DURATION_TEXT),
                      PlainSerializer(_format_duration, return_type=str)]
 

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
@@ -351,6 +351,42 @@ def list_runs(directory: str | os.PathLike, limit: int = 20) -> list[dict[str, A
                     "playbook": doc.get("playbook_name"), "operator": doc.get("operator"),
                     "started_at": doc.get("started_at"), "hosts": len(doc.get("hosts", [])), "counts": counts})
     return out
+
+
+def started_at(run_id: str) -> float | None:
+    """When a run started, read from its id (`20261202T045840Z-...`, UTC), or None for a name that is not one."""
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+
+
+def prune_runs(directory: str | os.PathLike, before: float, *, dry_run: bool = False,
+               only: Collection[str] | None = None) -> list[str]:
+    """Remove the state of the runs that started before `before` (seconds since the epoch) and are not
+    running; their ids, oldest first (`only`: of these ids). By start time, so a kept run keeps every
+    later run (its resumes, the applies of its plan) that resume's and apply's checks read."""
+    d = Path(directory)
+    gone: list[str] = []
+    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+        when = started_at(p.stem)
+        if not RUN_ID.fullmatch(p.stem) or when is None or when >= before or (only is not None and p.stem not in only):
+            continue
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            doc = {}
+        if isinstance(doc, dict) and doc.get("status") == "running":
+            replay_journal(doc, journal_path(d, p.stem))   # a dead run becomes `aborted`; a live one stays running
+            if doc.get("status") == "running":
+                continue   # still running (its lock is held), or on another machine: never removed under it
+        if not dry_run:
+            for path in (journal_path(d, p.stem), lock_path(d, p.stem), p):
+                path.unlink(missing_ok=True)
+        gone.append(p.stem)
+    return gone
 
 
 def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list[dict[str, Any]]:

@@ -27,13 +27,13 @@ def playbook(**kw: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("text, seconds", [
     ("30s", 30), ("5m", 300), ("2h", 7200), ("1h30m", 5400), ("250ms", 0.25), ("1.5s", 1.5), ("0s", 0),
-    ("90", 90), (12, 12), (2.5, 2.5), (" 5m ", 300), ("1h 2m 3s", 3723),
+    ("90", 90), (12, 12), (2.5, 2.5), (" 5m ", 300), ("1h 2m 3s", 3723), ("1d", 86400), ("7d 12h", 648000),
 ])
 def test_durations_parse_to_seconds(text: Any, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("bad", ["", "s", "5x", "five minutes", "-5s", "5m1h", True, None, [], -1, float("inf"), float("nan"), "1d"])
+@pytest.mark.parametrize("bad", ["", "s", "5x", "five minutes", "-5s", "5m1h", True, None, [], -1, float("inf"), float("nan"), "1h1d", "1w"])
 def test_invalid_durations_are_refused(bad: Any) -> None:
     with pytest.raises(ValueError, match="duration|boolean"):
         parse_duration(bad)

@@ -219,3 +219,36 @@ def test_a_run_still_running_is_not_resumed_beside_itself(tmp_path: Path) -> Non
             proc.kill()
     for n in "abc":   # every task ran once: by the run, not also by a resume beside it
         assert (tmp_path / n / "count").read_text() == "ran\n" and (tmp_path / n / "wait").read_text() == "waited\n"
+
+
+def test_runs_prune_removes_old_ended_runs_records_it_and_never_a_running_one(tmp_path: Path) -> None:
+    inv, pb, go = _setup(tmp_path)
+    env = {"RUNBOOK_AUDIT_LOG": str(tmp_path / "audit.jsonl"), "RUNBOOK_OPERATOR": "pruner"}
+    pb.write_text(yaml.safe_dump({"runbook": "old", "steps": [{"name": "count", "shell": "true"}]}))
+    assert cli("run", str(pb), "-i", str(inv), env=env).returncode == 0
+    runs = tmp_path / "runs"
+    [fresh] = [p.stem for p in runs.glob("*.json")]
+    # Two runs of last month, as their state files would be (run ids carry their UTC start): one ended,
+    # one still running (its lock held here), and a file that is no run of ours.
+    doc = json.loads((runs / f"{fresh}.json").read_text())
+    ended, live = "20261101T000000Z-aaaaaa", "20261101T000001Z-bbbbbb"
+    for run_id, status in ((ended, "ok"), (live, "running")):
+        (runs / f"{run_id}.json").write_text(json.dumps({**doc, "run_id": run_id, "status": status, "pid": os.getpid()}))
+    (runs / f"{ended}.journal").write_text("")
+    (runs / "notes.json").write_text("{}")
+    from runbook.state import run_lock
+
+    with run_lock(runs, live):
+        dry = cli("runs", "--prune-older-than", "7d", "--dry-run", env=env)
+        assert dry.returncode == 0 and "would remove 1 run(s)" in dry.stdout and ended in dry.stdout
+        assert (runs / f"{ended}.json").exists()
+        out = cli("runs", "--prune-older-than", "7d", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "removed 1 run(s)" in out.stdout and ended in out.stdout and live not in out.stdout
+    assert sorted(p.name for p in runs.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [f"{fresh}.json", f"{live}.json", "notes.json"])
+    [pruned] = [r for r in records(tmp_path / "audit.jsonl") if r["event"] == "runs.pruned"]
+    assert pruned["runs"] == [ended] and pruned["operator"] == "pruner" and pruned["count"] == 1
+    bad = cli("runs", "--prune-older-than", "soon", env=env)
+    assert bad.returncode == 4 and "--prune-older-than" in bad.stderr and "Traceback" not in bad.stderr
+    assert cli("runs", "--dry-run", env=env).returncode == 4
