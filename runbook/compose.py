@@ -10,6 +10,7 @@ structural step: the graph and the scheduler read the groups through `Playbook._
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -164,6 +165,9 @@ def resolve_source(playbook: Playbook, step: Step, path: str) -> Path:
     return resolve_local(playbook, path)
 
 
+_PLAYBOOK_DIR = re.compile(r"^\{\{-?\s*playbook_dir\s*-?\}\}")   # the one leading value the author fixes
+
+
 def confined_source(playbook: Playbook, step: Step, template: str, path: str) -> Path:
     """`path`, rendered from the source path `template`, resolved as resolve_source does if it stays below
     the directory the template writes out before its first placeholder.
@@ -171,18 +175,20 @@ def confined_source(playbook: Playbook, step: Step, template: str, path: str) ->
     Its values may come from inventory, `-e` or an alert's labels: `files/{{ app }}.conf` with
     `app=../../../etc/shadow` must not send the control machine's files to a host. A template that
     starts with a placeholder (`{{ backup_dir }}/x.tar`) hands the whole location to its value, as
-    its author chose. Lexical (`..`, absolute values): a symbolic link the author put there still works.
+    its author chose; a leading `{{ playbook_dir }}` counts as written (it is the playbook's directory).
+    Lexical (`..`, absolute values): a symbolic link the author put there still works.
     """
     from runbook.errors import RunbookError
 
     found = resolve_source(playbook, step, path)
     if playbook._shipped.get((step.step_id, path)) is not None:
         return found   # the controller resolved and checked it before sending it
+    base = Path(playbook._source.file).resolve().parent if playbook._source is not None else Path.cwd()
+    template = _PLAYBOOK_DIR.sub(lambda _: str(base), template, count=1)
     written = template[:template.index("{")] if "{" in template else template
     written = written[:written.rfind("/") + 1]
     if not written and template.startswith("{"):
         return found
-    base = Path(playbook._source.file).resolve().parent if playbook._source is not None else Path.cwd()
     prefix = Path(os.path.expanduser(written))
     bases = [prefix] if prefix.is_absolute() else [Path(d).absolute() for d in search_dirs(step)] + [base]
     roots = [Path(os.path.normpath(b / prefix)) for b in bases]

@@ -542,6 +542,9 @@ def test_resume_refuses_a_role_file_changed_since_the_run(tmp_path: Path, local_
     ("/srv/shared/{{ app }}", "/srv/shared/../../etc/shadow", False),
     ("~/keys/{{ app }}", "~/keys/../.ssh/id_ed25519", False),
     ("{{ backup_dir }}/backup.tar.gz", "/var/backups/x/backup.tar.gz", True),   # the value is the whole location
+    ("{{ playbook_dir }}/files/{{ n }}", f"{FIXTURES}/site/files/a", True),       # playbook_dir is the author's
+    ("{{ playbook_dir }}/files/{{ n }}", f"{FIXTURES}/site/files/../site.yml", False),
+    ("{{playbook_dir}}/{{ n }}", "/etc/shadow", False),
     ("motd{{ suffix }}", "motd", True),                                   # the role's files/ is searched first
 ])
 def test_a_value_in_a_source_path_picks_a_file_below_what_is_written_before_it(
