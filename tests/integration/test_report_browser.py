@@ -289,6 +289,16 @@ def test_loop_items_show_as_rows_of_their_step(browser: Any, tmp_path: Path, mon
     assert page.locator("#filters button[data-status=failed]").inner_text().endswith(" 1")
     page.locator("#table .row").nth(2).click()
     assert "each[bad]" in page.locator("#detail").inner_text()
+    # Along h0's timeline row (axis 20 px, one 22 px row): the items' bars, not the loop's span over them.
+    page.locator("#timeline-box canvas").scroll_into_view_if_needed()
+    box = page.locator("#timeline-box canvas").bounding_box()
+    tips = set()
+    for x in range(int(box["x"] + 150), int(box["x"] + box["width"]) - 2, 2):
+        page.mouse.move(x, box["y"] + 20 + 11)
+        tip = page.locator("#timeline-box .tip")
+        if tip.is_visible():
+            tips.add(tip.inner_text().split("\n")[0])
+    assert {"h0 · each[one]", "h0 · each[bad]", "h0 · after"} <= tips and "h0 · each" not in tips, tips
     assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
     w.assert_clean()
     close(w)

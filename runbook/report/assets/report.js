@@ -33,6 +33,8 @@
   }
   function stepOf(i) { return D.steps[C.s[i]]; }
   // A loop's item: its step's id with the item's label, as the console shows it (`step[label]`).
+  // A bar on the timeline: a task this run started, not a loop's own span over its items' bars.
+  function onTimeline(i) { return C.b[i] >= 0 && !(C.f && C.f[i] & F_LOOP); }
   function taskName(i) { var it = C.it ? C.it[i] : -1; return stepOf(i).id + (it >= 0 ? "[" + D.items[it] + "]" : ""); }
   var INTERNED = ["c", "m", "hi", "o", "ot", "e", "et", "df", "pr", "r"], STRS = [], DET = null;
   // The details block follows this script: it is read once the whole document is parsed.
@@ -320,7 +322,7 @@
     var css = getComputedStyle(document.documentElement);
     var colour = ST.map(function (k) { return css.getPropertyValue("--st-" + k).trim() || "#888"; });
     var used = new Array(ST.length).fill(0);
-    for (var i = 0; i < N; i++) if (C.b[i] >= 0) used[C.st[i]]++;
+    for (var i = 0; i < N; i++) if (onTimeline(i)) used[C.st[i]]++;
     ST.forEach(function (k, code) {
       if (!used[code]) return;
       var it = el("span"), sw = el("i"); sw.style.background = colour[code];
@@ -328,7 +330,7 @@
     });
     var nH = D.hosts.length, byHost = [];
     for (var h = 0; h < nH; h++) byHost.push([]);
-    for (var j = 0; j < N; j++) if (C.b[j] >= 0) byHost[C.h[j]].push(j);
+    for (var j = 0; j < N; j++) if (onTimeline(j)) byHost[C.h[j]].push(j);
     var geo = null, counts = null, marked = -1;
     var AXIS = 20;
     function draw() {
@@ -373,7 +375,7 @@
     function perHost(ctx) {
       var g = geo, problems = [];
       for (var i = 0; i < N; i++) {
-        if (C.b[i] < 0) continue;
+        if (!onTimeline(i)) continue;
         var s = ST[C.st[i]];
         if (s === "failed" || s === "drift" || s === "unreachable") { problems.push(i); continue; }
         bar(ctx, i);
@@ -389,7 +391,7 @@
       var g = geo, nS = ST.length, PW = Math.max(1, Math.floor(g.PW)), width = PW + 1;
       counts = new Int32Array(g.rows * nS * width);
       for (var i = 0; i < N; i++) {
-        if (C.b[i] < 0) continue;
+        if (!onTimeline(i)) continue;
         var x0 = Math.min(PW - 1, Math.floor(C.b[i] * g.scale)), x1 = Math.min(PW, Math.max(x0 + 1, Math.ceil((C.b[i] + C.d[i]) * g.scale)));
         var base = ((Math.floor(C.h[i] / g.G)) * nS + C.st[i]) * width;
         counts[base + x0]++; counts[base + x1]--;
@@ -432,7 +434,7 @@
       if (geo.per) {
         var i = taskAt(p);
         if (i < 0) { tip.hidden = true; return; }
-        text = D.hosts[C.h[i]] + " · " + stepOf(i).id + "\n" + label(C.st[i]) + " · +" + fmtDur(C.b[i]) + " · " + fmtDur(C.d[i]);
+        text = D.hosts[C.h[i]] + " · " + taskName(i) + "\n" + label(C.st[i]) + " · +" + fmtDur(C.b[i]) + " · " + fmtDur(C.d[i]);
       } else {
         var parts = [], nS = ST.length, width = Math.floor(geo.PW) + 1;
         for (var s = 0; s < nS; s++) { var n = counts ? counts[(p.r * nS + s) * width + Math.max(0, p.px)] : 0; if (n > 0) parts.push(n + " " + label(s)); }
