@@ -717,14 +717,14 @@ def _prune_runs(directory: Path, audit: Path, older_than: str, dry_run: bool) ->
 
     from runbook.errors import ValidationError
     from runbook.model import parse_duration
-    from runbook.state import prune_runs
+    from runbook.state import prunable_runs, remove_runs
 
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise ValidationError(f"--prune-older-than: {exc}", hint="for example 30d or 720h") from None
     before = time.time() - age
-    gone = prune_runs(directory, before, dry_run=True)
+    gone = prunable_runs(directory, before)
     if gone and not dry_run:
         from runbook.audit import AuditTrail, operator_name
 
@@ -732,7 +732,7 @@ def _prune_runs(directory: Path, audit: Path, older_than: str, dry_run: bool) ->
         AuditTrail(audit).append(f"prune-{os.getpid()}-{os.urandom(3).hex()}", "runs.pruned",
                                  {"operator": operator_name(None), "state_dir": str(directory.resolve()),
                                   "before": before, "count": len(gone), "runs": gone}, sync=True)
-        gone = prune_runs(directory, before, only=gone)
+        remove_runs(directory, gone)
     cutoff = datetime.fromtimestamp(before, UTC).strftime("%Y-%m-%d %H:%M:%S")
     verb = "would remove" if dry_run else "removed"
     click.echo(f"{verb} {len(gone)} run(s) started before {cutoff} UTC from {directory}"
@@ -762,12 +762,12 @@ def resume(run_id: str, force: bool, rerun_in_flight: bool, state_dir: str | Non
     from runbook.errors import DriftError
     from runbook.runner import RunRequest, execute, prepare
     from runbook.state import reusable_sources
-    from runbook.state import load_state, resumable
+    from runbook.state import LATEST, load_state, resumable
 
     _check_window_flags(kw)
     directory = Path(state_dir) if state_dir else _audit_file(kw["audit_log"]).parent / "runs"
     doc = load_state(directory, run_id)
-    if doc["run_id"] != run_id and run_id == "latest":   # say which one: the newest may not be the one meant
+    if run_id == LATEST:   # say which one: the newest may not be the one meant
         _echo_err(f"resuming {doc['run_id']} (the newest run in {directory})")
     live = _still_running(doc, force)   # before the in-flight question: a live run's tasks are not unknown
     _confirm_in_flight(doc, rerun_in_flight)

@@ -216,10 +216,11 @@ class EventStream:
                 continue
             hook, args = item
             for obs in self.best_effort:
-                if not hasattr(obs, hook):
+                method = getattr(obs, hook, None)
+                if method is None:
                     continue   # an observer written before this hook existed
                 try:
-                    getattr(obs, hook)(*args)
+                    method(*args)
                 except Exception as exc:   # best effort: report once, the run goes on
                     if id(obs) not in self._reported:
                         self._reported.add(id(obs))

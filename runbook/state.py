@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 import socket
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from runbook.audit import Redactor
@@ -363,16 +363,16 @@ def started_at(run_id: str) -> float | None:
         return None
 
 
-def prune_runs(directory: str | os.PathLike, before: float, *, dry_run: bool = False,
-               only: Collection[str] | None = None) -> list[str]:
-    """Remove the state of the runs that started before `before` (seconds since the epoch) and are not
-    running; their ids, oldest first (`only`: of these ids). By start time, so a kept run keeps every
-    later run (its resumes, the applies of its plan) that resume's and apply's checks read."""
+def prunable_runs(directory: str | os.PathLike, before: float) -> list[str]:
+    """The runs that started before `before` (seconds since the epoch) and are not running, oldest first.
+
+    By start time, so a kept run keeps every later run (its resumes, the applies of its plan) that
+    resume's and apply's checks read."""
     d = Path(directory)
-    gone: list[str] = []
+    out: list[str] = []
     for p in sorted(d.glob("*.json")) if d.is_dir() else []:
         when = started_at(p.stem)
-        if not RUN_ID.fullmatch(p.stem) or when is None or when >= before or (only is not None and p.stem not in only):
+        if not RUN_ID.fullmatch(p.stem) or when is None or when >= before:
             continue
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
@@ -382,11 +382,16 @@ def prune_runs(directory: str | os.PathLike, before: float, *, dry_run: bool = F
             replay_journal(doc, journal_path(d, p.stem))   # a dead run becomes `aborted`; a live one stays running
             if doc.get("status") == "running":
                 continue   # still running (its lock is held), or on another machine: never removed under it
-        if not dry_run:
-            for path in (journal_path(d, p.stem), lock_path(d, p.stem), p):
-                path.unlink(missing_ok=True)
-        gone.append(p.stem)
-    return gone
+        out.append(p.stem)
+    return out
+
+
+def remove_runs(directory: str | os.PathLike, run_ids: list[str]) -> None:
+    """Remove these runs' state: snapshot, journal and lock."""
+    d = Path(directory)
+    for run_id in run_ids:
+        for path in (journal_path(d, run_id), lock_path(d, run_id), d / f"{run_id}.json"):
+            path.unlink(missing_ok=True)
 
 
 def applies_of(directory: str | os.PathLike, plan_hash: str, after: str) -> list[dict[str, Any]]:

@@ -67,9 +67,12 @@ def find_state(directory: Path, run_id: str) -> Path | None:
     """The state file of a run id, a unique prefix of one, or `latest`; None when there is none."""
     if not directory.is_dir():
         return None
+    from runbook.state import LATEST, latest_run   # not at the top: the state module brings the graph's networkx
+
+    if run_id == LATEST:
+        newest = latest_run(directory)
+        return directory / f"{newest}.json" if newest else None
     files = sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
-    if run_id == "latest":
-        return files[-1] if files else None
     check_run_id(run_id)
     exact = directory / f"{run_id}.json"
     if exact.is_file():
