@@ -201,6 +201,21 @@ def test_report_from_the_audit_trail_alone() -> None:
     assert any("no run-state file" in n for n in rep.header.notes)
 
 
+def test_block_rescued_records_of_the_wrong_shape_mark_nothing() -> None:
+    """Only a well-formed `block.rescued` record naming a failed task of its host marks it rescued."""
+    records = [{"event": "run.started", "run_id": "R3", "mode": "run", "playbook_name": "pb", "hosts": ["a", "b"]},
+               {"event": "task.finished", "run_id": "R3", **_task("a", "one", "failed")},
+               {"event": "task.finished", "run_id": "R3", **_task("b", "one", "failed")},
+               {"event": "task.finished", "run_id": "R3", **_task("a", "two", "ok")},
+               {"event": "block.rescued", "run_id": "R3", "host": "a", "block": "g", "steps": ["one", "two"]},
+               {"event": "block.rescued", "run_id": "R3", "host": "b", "block": "g", "steps": "one"},
+               {"event": "block.rescued", "run_id": "R3", "block": "g", "steps": [{"x": 1}, None]},
+               {"event": "run.finished", "run_id": "R3", "exit_code": 0}]
+    rep = data.run_report_from_files(None, records, run_id="R3", audit_path=None, state_dir=None)
+    assert {(t.host, t.step_id): t.outcome for t in rep.tasks} == {("a", "one"): "rescued", ("b", "one"): "failed",
+                                                                    ("a", "two"): "ok"}
+
+
 def test_unknown_run_is_a_clear_error() -> None:
     with pytest.raises(ValidationError, match="no run `R9`"):
         data.run_report_from_files(None, [], run_id="R9", audit_path=None, state_dir=None)

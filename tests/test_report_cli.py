@@ -134,6 +134,14 @@ def test_plan_page_apply_report_and_prediction_against_outcome(work: Path, capsy
     assert run("report", applied["run_id"], "-o", "found.html") == 0
     assert payload(work / "found.html")["predicted"] is True
     assert "the reviewed plan is not attached" not in (work / "found.html").read_text()
+    # A state whose plan_file names something that is no plan (edited, or hostile): no plan, no error.
+    (state_file,) = [p for p in (work / "trail" / "runs").glob("*.json") if applied["run_id"] in p.name]
+    saved = json.loads(state_file.read_text())
+    for target in (str(work / "inv.yml"), "/etc/shadow", str(work / "nope" / ".." / ".." / "x")):
+        state_file.write_text(json.dumps({**saved, "details": {**saved["details"], "plan_file": target}}))
+        assert run("report", applied["run_id"], "-o", "hostile.html") == 0
+        assert payload(work / "hostile.html")["predicted"] is False
+    state_file.write_text(json.dumps(saved))
     (work / "plan.json").write_text((work / "other.json").read_text())   # replaced by another plan
     assert run("report", applied["run_id"], "-o", "replaced.html") == 0
     assert payload(work / "replaced.html")["predicted"] is False
