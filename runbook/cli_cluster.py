@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
+
 import click
 
 from runbook.cluster.address import ZONE_RESOURCE, check_zone, parse_cluster
 from runbook.cluster.settings import dask_environment
+from runbook.cluster.stopping import DEFAULT_GRACE, GRACE_VAR
 
 
 def worker_argv(scheduler: str, zone: str | None, nthreads: int, name: str | None, nanny: bool,
@@ -47,4 +50,9 @@ def worker(scheduler: str, zone: str | None, nthreads: int, name: str | None, na
     argv = worker_argv(scheduler, zone, nthreads, name, nanny, tls)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], argv, dask_environment(os.environ))   # runbook's Dask settings, unless env sets them
+    os.execve(argv[0], argv, worker_environment(os.environ))
+
+
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the process `runbook worker` becomes: runbook's Dask settings and its exit grace, unless env sets them."""
+    return {GRACE_VAR: f"{DEFAULT_GRACE:g}", **dask_environment(env)}

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from runbook.cluster import channel
+from runbook.cluster import channel, stopping
 from runbook.connections import Connection, ConnectOptions, connect, quiet_close
 from runbook.connections.hostkeys import HostKeyPolicy
 from runbook.cluster.sources import install_sources
@@ -358,10 +358,11 @@ class RunSession:
             self._later(self._run_one, work, order)
 
     def _run_one(self, work: WorkerRun, order: TaskOrder) -> None:
-        try:
-            self._push(work.run(order))
-        except Exception as exc:   # the runner itself reports task failures: this is a bug, said as such
-            self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
+        with stopping.RUNNING.task():   # a stopping `runbook worker` lets it finish
+            try:
+                self._push(work.run(order))
+            except Exception as exc:   # the runner itself reports task failures: this is a bug, said as such
+                self._push(TaskError(order.task_id, f"{type(exc).__name__}: {exc}"))
 
     async def events(self, wait: float = 1.0) -> list[ChannelItem]:
         """The next batch for the channel: events and outcomes since the last, in order, waiting up to `wait` s for one.
@@ -416,3 +417,8 @@ def dask_setup(worker: Any) -> None:
     import runbook.connections.ssh  # noqa: F401  (paramiko and Fabric too: a run's first connects need not wait)
 
     channel.install(worker)
+
+
+def dask_teardown(worker: Any) -> None:
+    """Preload hook, run as the worker begins to close: under `runbook worker`, the process then ends (stopping.py)."""
+    stopping.arm(os.environ)

@@ -50,15 +50,21 @@ class Cluster:
     workers: dict[str, subprocess.Popen[bytes]]
 
     def stop(self) -> None:
-        for proc in [*self.workers.values(), self.scheduler]:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in [*self.workers.values(), self.scheduler]:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # Workers first: a worker whose scheduler is already gone spends its close retrying to reach it.
+        _terminate(list(self.workers.values()))
+        _terminate([self.scheduler])
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_workers(address: str, names: set[str], procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
