@@ -98,16 +98,10 @@ class ClusterProcs:
         return {"scheduler": times[0].user + times[0].system, "workers": sum(t.user + t.system for t in times[1:])}
 
     def stop(self) -> None:
-        # The workers first, then the scheduler: a worker whose scheduler is gone retries it while closing.
-        for group in (self.procs[1:], self.procs[:1]):
-            for p in group:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-            for p in group:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        from tests.helpers import stop_processes
+
+        stop_processes(self.procs[1:])   # the workers first: a close crossing the scheduler's can hang
+        stop_processes(self.procs[:1])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

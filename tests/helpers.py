@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,20 @@ def cli_env(**extra: str) -> dict[str, str]:
     out["PYTHONPATH"] = str(REPO)
     out.update(extra)
     return out
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 10.0) -> None:
+    """SIGTERM each process still running (continued first, in case it is stopped), then SIGKILL what outlives `timeout`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,

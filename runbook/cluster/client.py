@@ -77,8 +77,7 @@ def open_client(spec: ClusterSpec, threads_per_worker: int = 1) -> Iterator[Any]
         quiet.setLevel(level)
 
 
-@contextlib.contextmanager
-def _dask_defaults_parsed_by_libyaml() -> Iterator[None]:
+def _dask_defaults_parsed_by_libyaml() -> contextlib.AbstractContextManager[None]:
     """While Dask is first imported, `yaml.safe_load` is libyaml's safe loader (same data, no positions).
 
     Importing `distributed` parses its bundled defaults (15 KB of YAML) with PyYAML's pure-Python
@@ -87,18 +86,11 @@ def _dask_defaults_parsed_by_libyaml() -> Iterator[None]:
     import yaml
 
     if "distributed" in sys.modules or not getattr(yaml, "__with_libyaml__", False):
-        yield
-        return
-    pure = yaml.safe_load
-    yaml.safe_load = lambda stream: yaml.load(stream, Loader=yaml.CSafeLoader)
-    try:
-        yield
-    finally:
-        yaml.safe_load = pure
+        return contextlib.nullcontext()
+    return _patched(yaml, "safe_load", lambda stream: yaml.load(stream, Loader=yaml.CSafeLoader))
 
 
-@contextlib.contextmanager
-def _nanny_polls_often() -> Iterator[None]:
+def _nanny_polls_often() -> contextlib.AbstractContextManager[None]:
     """While `local:N` starts, each nanny looks for its worker's "started" message every 5 ms, not every 50.
 
     The workers are up in about 0.2 s; Dask's 50 ms poll adds 25 ms on average to each start.
@@ -107,14 +99,19 @@ def _nanny_polls_often() -> Iterator[None]:
     from distributed.nanny import WorkerProcess
 
     if not hasattr(WorkerProcess, "_init_msg_interval"):
-        yield
-        return
-    usual = WorkerProcess._init_msg_interval
-    WorkerProcess._init_msg_interval = NANNY_POLL
+        return contextlib.nullcontext()
+    return _patched(WorkerProcess, "_init_msg_interval", NANNY_POLL)
+
+
+@contextlib.contextmanager
+def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` is `value` inside the block, and what it was again after it."""
+    usual = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        WorkerProcess._init_msg_interval = usual
+        setattr(owner, name, usual)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import cli, cli_env, records
+from tests.helpers import cli, cli_env, records, stop_processes
 from tests.sshd import SSHHost, free_port, write_inventory, write_known_hosts
 
 pytestmark = pytest.mark.ssh
@@ -50,21 +50,9 @@ class Cluster:
     workers: dict[str, subprocess.Popen[bytes]]
 
     def stop(self) -> None:
-        # Workers first: a worker whose scheduler is already gone spends its close retrying to reach it.
-        _terminate(list(self.workers.values()))
-        _terminate([self.scheduler])
-
-
-def _terminate(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # Workers first: stopped together, a worker's close can cross its scheduler's and hang (cluster/stopping.py).
+        stop_processes(list(self.workers.values()))
+        stop_processes([self.scheduler])
 
 
 def wait_workers(address: str, names: set[str], procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
