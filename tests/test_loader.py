@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import runbook
 from runbook.errors import PlaybookError, Problem, RunbookError
-from runbook.loader import load_playbook, parse_playbook, parse_yaml, validate_playbook
+from runbook.loader import compose_all, load_playbook, parse_playbook, parse_yaml, validate_playbook
 from runbook.model import Playbook
 
 GOOD = """\
@@ -427,3 +432,50 @@ def test_source_map_locates_keys_and_values() -> None:
     assert str(doc.source.locate(("a", "b", 1))) == "f.yml:2:10"
     assert str(doc.source.locate(("a", "b"), key=True)) == "f.yml:2:3"
     assert str(doc.source.locate(("a", "zzz"))) == "f.yml:2:3"  # nearest located ancestor
+
+
+# --- libyaml composes, PyYAML's parser decides what libyaml rejects ------------------------------------
+
+def _tree(node: Any) -> Any:
+    """A node as comparable data: kind, tag, scalar value, and where it starts (line, column, index: what runbook reads)."""
+    marks = (node.start_mark.line, node.start_mark.column, node.start_mark.index)
+    if isinstance(node, yaml.ScalarNode):
+        return ("scalar", node.tag, node.value, marks)
+    if isinstance(node, yaml.SequenceNode):
+        return ("seq", node.tag, marks, [_tree(n) for n in node.value])
+    return ("map", node.tag, marks, [(_tree(k), _tree(v)) for k, v in node.value])
+
+
+def _composed(text: str, fast: bool) -> Any:
+    try:
+        return [_tree(n) for n in compose_all(text, fast=fast)]
+    except Exception as exc:   # the pure parser's verdict, as the caller would get it
+        return ("error", type(exc).__name__, str(exc))
+
+
+_EDGES = ["k: v\n", "\ufeffk: v\n", "k:\tv\n", "%YAML 1.2\n---\nk: v\n", "k: v\x85l: w\n", "k: v\r\nl: w\r\n",
+          "a: &x {b: 1}\nc:\n  <<: *x\n  d: 2\n", "é€😀: \"é€😀\"\n- x\n", "k: 'it''s'\nl: \"\\u00e9\\t\"\n",
+          "? [a, b]\n: c\n", "k: |\n  one\n   two\n", "k: >-\n  one\n  two\n", "---\na: 1\n---\nb: 2\n",
+          "x" * 1100 + ": v\n", "[" * 150 + "]" * 150, "[" * 1500 + "]" * 1500,
+          "".join("  " * i + "a:\n" for i in range(1200)) + "  " * 1200 + "x\n", "k: !!binary aGk=\n",
+          "on: yes\nno: off\nmode: 0644\nn: 1_000\nt: 1:30\n", "k: v\n...\n", "- !custom x\n", "\x07k: v\n"]
+
+
+@pytest.mark.parametrize("text", _EDGES)
+def test_libyaml_composes_what_pyyaml_composes_or_leaves_it_to_pyyaml(text: str) -> None:
+    assert _composed(text, fast=True) == _composed(text, fast=False)
+
+
+_YAMLISH = st.lists(st.sampled_from(["a:", "b: 1", "- ", "  ", "\n", "\t", "{", "}", "[", "]", ",", ":", "&a ", "*a",
+                                     "<<: ", "!!int ", "!!str ", "? ", "|", ">", "'", '"', "#", "---\n", "...\n",
+                                     "é", "😀", "\r\n", "\x85", "%", "@", "`", "0644", "yes", "~", "\ufeff"]),
+                    max_size=40).map("".join)
+
+
+@settings(max_examples=int(os.environ.get("RB_YAML_EXAMPLES", "600")), deadline=None, database=None)
+@given(st.one_of(_YAMLISH, st.text(max_size=120)))
+def test_what_pyyaml_accepts_libyaml_composes_alike_and_what_libyaml_rejects_pyyaml_decides(text: str) -> None:
+    fast, pure = _composed(text, fast=True), _composed(text, fast=False)
+    if not isinstance(pure, tuple) or isinstance(fast, tuple):   # a tuple: that parser's error
+        assert fast == pure
+    # else: libyaml read what PyYAML refuses (say `|#`): the document is taken, as libyaml reads it
