@@ -71,16 +71,16 @@ def test_runbook_worker_sets_its_grace_and_the_operators_value_wins() -> None:
     assert worker_environment({GRACE_VAR: "30"})[GRACE_VAR] == "30"
 
 
-def _worker(address: str, name: str, tmp_path: Path, **env: str) -> subprocess.Popen[bytes]:
-    """The process `runbook worker` becomes, with the stubborn preload added."""
+def _worker(address: str, name: str, tmp_path: Path, grace: str | None) -> subprocess.Popen[bytes]:
+    """The process `runbook worker` becomes, with the stubborn preload added; `grace` None: not armed."""
     (tmp_path / "stubborn_preload.py").write_text(STUBBORN)
     argv = [*worker_argv(address, None, 1, name, False), "--preload", "stubborn_preload"]
-    base = cli_env(PYTHONPATH=f"{cli_env()['PYTHONPATH']}:{tmp_path}")
-    base.pop(GRACE_VAR, None)
-    full = {**worker_environment(base), **env}
-    if not env.get(GRACE_VAR):
-        full.pop(GRACE_VAR)
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full)
+    env = worker_environment(cli_env(PYTHONPATH=f"{cli_env()['PYTHONPATH']}:{tmp_path}"))
+    if grace is None:
+        del env[GRACE_VAR]
+    else:
+        env[GRACE_VAR] = grace
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
 def _joined(address: str, procs: list[subprocess.Popen[bytes]]) -> None:
@@ -101,8 +101,8 @@ def test_a_worker_whose_dask_close_hangs_still_exits_after_its_grace(tmp_path: P
                                  stderr=subprocess.DEVNULL, env=cli_env())
     procs = [scheduler]
     try:
-        hangs = _worker(address, "hangs", tmp_path)
-        watched = _worker(address, "watched", tmp_path, **{GRACE_VAR: "1"})
+        hangs = _worker(address, "hangs", tmp_path, grace=None)
+        watched = _worker(address, "watched", tmp_path, grace="1")
         procs += [hangs, watched]
         _joined(address, [hangs, watched])
         hangs.send_signal(signal.SIGTERM)
