@@ -132,8 +132,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 out["runs"].append(compare(count, args, env, work, playbook, inventory, known, spec, cluster,
                                            ways=args.ways))
                 progress(out["runs"][-1])
-            out["latency"] = latency(args, env, work, hosts[0], known, cluster)
-            progress({"latency": out["latency"]})
+            if args.latency_steps > 0:
+                out["latency"] = latency(args, env, work, hosts[0], known, cluster)
+                progress({"latency": out["latency"]})
             if args.scale:
                 inventory = alias_inventory(work / f"inv-scale-{args.scale}.yml", hosts, args.scale)
                 try:
@@ -300,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", default="30,100", help="host counts (default 30,100)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--latency-steps", type=int, default=60, help="steps of the 1-host latency run (and a sixth of it)")
+    p.add_argument("--latency-steps", type=int, default=60,
+                   help="steps of the 1-host latency run (and a sixth of it); 0: no latency run")
     p.add_argument("--scale", type=int, default=0, help="also one run of this many hosts (names over the sshd servers)")
     p.add_argument("--ways", default=",".join(WAYS),
                    help=f"the ways compared at each host count, in_process first (default {','.join(WAYS)})")
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     args.ways = tuple(w.strip() for w in args.ways.split(",") if w.strip())
     if args.ways[:1] != ("in_process",) or not set(args.ways) <= set(WAYS):
         p.error(f"--ways: in_process first, then any of {', '.join(WAYS[1:])}")
+    if 0 < args.latency_steps < 6 or args.latency_steps < 0:
+        p.error("--latency-steps: 0 (no latency run) or at least 6 (the short run is a sixth of it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still stop the sshd hosts and the cluster
     figures = run(args)
     print(table(figures))
