@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args.ways = tuple(w.strip() for w in args.ways.split(",") if w.strip())
     if args.ways[:1] != ("in_process",) or not set(args.ways) <= set(WAYS):
         p.error(f"--ways: in_process first, then any of {', '.join(WAYS[1:])}")
-    if 0 < args.latency_steps < 6 or args.latency_steps < 0:
+    if args.latency_steps != 0 and args.latency_steps < 6:
         p.error("--latency-steps: 0 (no latency run) or at least 6 (the short run is a sixth of it)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # stopped: still stop the sshd hosts and the cluster
     figures = run(args)
